@@ -1,0 +1,42 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let optimize: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
+
+let package = Package(
+    name: "vmm",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "vmm", targets: ["vmm"]),
+        .library(name: "GuestMemory", targets: ["GuestMemory"]),
+        .library(name: "Stage2", targets: ["Stage2"]),
+        .library(name: "Workload", targets: ["Workload"]),
+        .library(name: "SoftBackend", targets: ["SoftBackend"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // Only what Swift cannot reach: syscall wrappers that glibc does not export to Swift.
+        .target(name: "CVMMSys"),
+        .target(name: "GuestMemory", dependencies: ["CVMMSys"], swiftSettings: optimize),
+        .target(name: "Stage2", dependencies: ["GuestMemory"], swiftSettings: optimize),
+        .target(name: "Workload", dependencies: ["GuestMemory"], swiftSettings: optimize),
+        .target(name: "SoftBackend", dependencies: ["GuestMemory", "Stage2", "Workload"], swiftSettings: optimize),
+        .executableTarget(
+            name: "vmm",
+            dependencies: [
+                "GuestMemory", "Stage2", "Workload", "SoftBackend",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: optimize
+        ),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "Stage2Tests", dependencies: ["GuestMemory", "Stage2"]),
+        .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
+        .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend"]),
+    ],
+    // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,
+    // locks, TLB shootdown); strict sendability checking of Mutex-protected raw pointers adds noise, not safety.
+    swiftLanguageModes: [.v5]
+)

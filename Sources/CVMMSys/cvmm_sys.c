@@ -1,0 +1,1 @@
+// Header-only module; this file exists so SwiftPM builds the target.

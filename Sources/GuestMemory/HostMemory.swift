@@ -1,0 +1,138 @@
+import CVMMSys
+import Foundation
+import Glibc
+
+/// How a memslot's host memory is obtained.
+public enum Backing: String, Sendable, CaseIterable, CustomStringConvertible {
+    /// Anonymous private memory in 4 KiB pages (MADV_NOHUGEPAGE).
+    case pages4K = "4k"
+    /// Anonymous private memory, 2 MiB aligned, MADV_HUGEPAGE: the kernel may back it with 2 MiB THPs.
+    case thp
+    /// hugetlbfs 2 MiB pages (MAP_HUGETLB); needs pages reserved in /proc/sys/vm/nr_hugepages.
+    case hugetlb2M = "hugetlb"
+    /// hugetlbfs 1 GiB pages (MAP_HUGETLB | MAP_HUGE_1GB).
+    case hugetlb1G = "hugetlb1g"
+    /// A shared memfd mapping, so another process or a snapshot can map the same memory.
+    case memfd
+
+    /// The largest page the host promises for this backing: the stage-2 never maps larger than this.
+    public var hostPageSize: PageSize {
+        switch self {
+        case .pages4K, .memfd: return .size4K
+        case .thp, .hugetlb2M: return .size2M
+        case .hugetlb1G: return .size1G
+        }
+    }
+
+    public var description: String { rawValue }
+}
+
+/// One contiguous host mapping backing guest memory. Unmapped (and its memfd closed) on deinit.
+public final class HostMemory: @unchecked Sendable {
+    public let base: HVA
+    public let size: UInt64
+    public let backing: Backing
+    /// The memfd behind a `.memfd` mapping, -1 otherwise.
+    public let fd: Int32
+    private let mappedBase: UnsafeMutableRawPointer
+    private let mappedSize: Int
+
+    public var range: HVARange { HVARange(start: base, size: size) }
+    public var pointer: UnsafeMutableRawPointer { base.pointer }
+
+    /// Maps `size` bytes with `backing`. `alignment` (a power of two) raises the start alignment beyond
+    /// what the backing needs, e.g. 1 GiB so a 4k or thp range can be mapped by 1 GiB stage-2 blocks.
+    public init(size: UInt64, backing: Backing, alignment: UInt64 = 0) throws(GuestMemoryError) {
+        guard size > 0 else { throw .zeroSize }
+        guard size % PageSize.bytes4K == 0 else { throw .unalignedSize(size, alignment: PageSize.bytes4K) }
+        self.size = size
+        self.backing = backing
+        var fd: Int32 = -1
+        switch backing {
+        case .pages4K, .thp:
+            // THP: start on a 2 MiB boundary, else the kernel cannot place PMD-sized pages and the
+            // stage-2 cannot use 2 MiB blocks congruent with them.
+            let align = max(alignment, backing == .thp ? PageSize.bytes2M : PageSize.bytes4K)
+            let a = try Self.mapAligned(size, align)
+            let advice = backing == .thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE
+            if madvise(a, Int(size), advice) != 0 {
+                let e = errno
+                munmap(a, Int(size))
+                throw .systemCall(backing == .thp ? "madvise(MADV_HUGEPAGE)" : "madvise(MADV_NOHUGEPAGE)", errno: e)
+            }
+            (mappedBase, mappedSize, base) = (a, Int(size), HVA(a))
+        case .hugetlb2M, .hugetlb1G:
+            let ps = backing.hostPageSize.bytes
+            guard size % ps == 0 else { throw .hugePageSizeMismatch(size: size, pageSize: ps) }
+            let sizeFlag: Int32 = (backing == .hugetlb1G ? 30 : 21) << MAP_HUGE_SHIFT
+            do {
+                let p = try Self.map(size, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | sizeFlag, -1)
+                (mappedBase, mappedSize, base) = (p, Int(size), HVA(p))
+            } catch .systemCall(_, let e) where e == ENOMEM || e == EINVAL {
+                let sysctl = backing == .hugetlb1G
+                    ? "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
+                    : "/proc/sys/vm/nr_hugepages"
+                throw .hugePagesNotReserved(pageSize: ps, requested: size, sysctl: sysctl)
+            }
+        case .memfd:
+            fd = cvmm_memfd_create("vmm-guest", UInt32(MFD_CLOEXEC))
+            guard fd >= 0 else { throw .systemCall("memfd_create", errno: errno) }
+            guard ftruncate(fd, off_t(size)) == 0 else {
+                let e = errno
+                close(fd)
+                throw .systemCall("ftruncate(memfd, \(size))", errno: e)
+            }
+            do {
+                let p = try Self.map(size, MAP_SHARED, fd)
+                (mappedBase, mappedSize, base) = (p, Int(size), HVA(p))
+            } catch {
+                close(fd)
+                throw error
+            }
+        }
+        self.fd = fd
+    }
+
+    deinit {
+        munmap(mappedBase, mappedSize)
+        if fd >= 0 { close(fd) }
+    }
+
+    private static func map(_ size: UInt64, _ flags: Int32, _ fd: Int32) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags, fd, 0)
+        guard let p, p != MAP_FAILED else { throw .systemCall("mmap(\(formatBytes(size)))", errno: errno) }
+        return p
+    }
+
+    /// Anonymous private memory starting at a multiple of `align`: over-map by `align` and trim.
+    private static func mapAligned(_ size: UInt64, _ align: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        let total = Int(size + align)
+        let p = try map(UInt64(total), MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1)
+        let raw = UInt64(UInt(bitPattern: p))
+        let head = Int(((raw + align - 1) & ~(align - 1)) - raw)
+        if head > 0 { munmap(p, head) }
+        let tail = total - head - Int(size)
+        if tail > 0 { munmap(p + head + Int(size), tail) }
+        return p + head
+    }
+
+    /// Drops the host pages of a range (the memory reads back as zeros). The caller must first have
+    /// invalidated every stage-2 mapping of the range (see Stage2MMU.discard).
+    public func discard(offset: UInt64, length: UInt64) throws(GuestMemoryError) {
+        precondition(offset + length <= size, "discard beyond the mapping")
+        // A shared memfd keeps its pages in the file: MADV_REMOVE punches the hole there too.
+        let advice = backing == .memfd ? MADV_REMOVE : MADV_DONTNEED
+        guard madvise(pointer + Int(offset), Int(length), advice) == 0 else {
+            throw .systemCall(advice == MADV_REMOVE ? "madvise(MADV_REMOVE)" : "madvise(MADV_DONTNEED)", errno: errno)
+        }
+    }
+
+    /// Faults in every host page of a range for writing (MADV_POPULATE_WRITE), so later measurements
+    /// do not include the host's own first-touch faults.
+    public func populate(offset: UInt64 = 0, length: UInt64? = nil) throws(GuestMemoryError) {
+        let len = length ?? (size - offset)
+        guard madvise(pointer + Int(offset), Int(len), MADV_POPULATE_WRITE) == 0 else {
+            throw .systemCall("madvise(MADV_POPULATE_WRITE)", errno: errno)
+        }
+    }
+}

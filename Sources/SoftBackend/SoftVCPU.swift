@@ -1,0 +1,208 @@
+import GuestMemory
+import Stage2
+import Workload
+
+/// Why a vCPU left guest mode for the VMM.
+public enum VCPUExit: Equatable, Sendable, CustomStringConvertible {
+    /// An access to a guest-physical address no memslot holds (device emulation). `value` is set for writes.
+    case mmio(GPA, AccessKind, size: Int, value: UInt64?)
+    /// A write to a read-only memslot.
+    case readOnlyWrite(GPA, slot: Int, size: Int, value: UInt64)
+    /// A permission fault the MMU could not resolve.
+    case permission(GPA, AccessKind, Descriptor)
+
+    public var description: String {
+        switch self {
+        case let .mmio(g, a, s, v): return "MMIO \(a) of \(s) bytes at \(g)" + (v.map { " value 0x" + String($0, radix: 16) } ?? "")
+        case let .readOnlyWrite(g, slot, s, _): return "write of \(s) bytes to read-only slot \(slot) at \(g)"
+        case let .permission(g, a, d): return "permission fault: \(a) at \(g) (leaf \(d))"
+        }
+    }
+}
+
+/// The VMM's side of an exit: returns the value a read sees (ignored for writes).
+public typealias ExitHandler = @Sendable (VCPUExit) -> UInt64
+
+/// A software vCPU: every guest load and store goes TLB -> hardware walk -> stage-2 fault, and lands
+/// in real host memory. Its methods run on the vCPU's own thread, between `enterGuest` and `exitGuest`.
+public final class SoftVCPU: @unchecked Sendable {
+    public let index: Int
+    public let mmu: Stage2MMU
+    public let tlb = SoftTLB()
+    public var cache: TableCache
+    public var stats = VCPUStats()
+    /// Handles exits; by default reads from unclaimed addresses return all ones and writes are dropped.
+    public var exitHandler: ExitHandler = { _ in ~0 }
+    /// The last exit taken, for tests and reports.
+    public private(set) var lastExit: VCPUExit?
+
+    public init(index: Int, mmu: Stage2MMU) {
+        self.index = index
+        self.mmu = mmu
+        self.cache = TableCache(allocator: mmu.allocator)
+        mmu.tlbs.register(tlb)
+    }
+
+    deinit {
+        mmu.tlbs.unregister(tlb)
+        cache.drain()
+    }
+
+    public func enterGuest() { tlb.enterGuest() }
+    public func exitGuest() {
+        tlb.exitGuest()
+        stats.tlbFlushes = tlb.flushes
+        stats.tlbEntriesDropped = tlb.entriesDropped
+    }
+
+    /// Guest load of `size` bytes (1, 2, 4 or 8) at `gpa`.
+    @inlinable @inline(__always)
+    public func load(_ gpa: GPA, size: Int = 8) -> UInt64 {
+        stats.accesses &+= 1
+        if let p = tlb.lookup(gpa, Descriptor.read) {
+            stats.tlbHits &+= 1
+            return Self.read(p, size)
+        }
+        guard let p = slowPath(gpa, .read) else {
+            return exit(gpa, .read, size: size, value: 0)
+        }
+        return Self.read(p, size)
+    }
+
+    /// Guest store of the low `size` bytes of `value` at `gpa`.
+    @inlinable @inline(__always)
+    public func store(_ gpa: GPA, _ value: UInt64, size: Int = 8) {
+        stats.accesses &+= 1
+        stats.writes &+= 1
+        if let p = tlb.lookup(gpa, Descriptor.write) {
+            stats.tlbHits &+= 1
+            Self.write(p, value, size)
+            return
+        }
+        guard let p = slowPath(gpa, .write) else {
+            _ = exit(gpa, .write, size: size, value: value)
+            return
+        }
+        Self.write(p, value, size)
+    }
+
+    @inlinable @inline(__always)
+    static func read(_ p: UnsafeMutableRawPointer, _ size: Int) -> UInt64 {
+        switch size {
+        case 8: return p.load(as: UInt64.self)
+        case 4: return UInt64(p.load(as: UInt32.self))
+        case 2: return UInt64(p.load(as: UInt16.self))
+        default: return UInt64(p.load(as: UInt8.self))
+        }
+    }
+
+    @inlinable @inline(__always)
+    static func write(_ p: UnsafeMutableRawPointer, _ v: UInt64, _ size: Int) {
+        switch size {
+        case 8: p.storeBytes(of: v, as: UInt64.self)
+        case 4: p.storeBytes(of: UInt32(truncatingIfNeeded: v), as: UInt32.self)
+        case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: v), as: UInt16.self)
+        default: p.storeBytes(of: UInt8(truncatingIfNeeded: v), as: UInt8.self)
+        }
+    }
+
+    /// TLB miss: walk, fill the TLB, or take the fault outside guest mode and try again.
+    /// Returns nil when the access must exit to the VMM (the exit is in `pendingExit`).
+    @usableFromInline @inline(never)
+    func slowPath(_ gpa: GPA, _ access: AccessKind) -> UnsafeMutableRawPointer? {
+        let required = access.required.rawValue
+        while true {
+            stats.walks &+= 1
+            if let t = mmu.translate(gpa), t.leaf.raw & required == required {
+                if !t.leaf.has(Descriptor.accessFlag) {
+                    _ = t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.accessFlag))
+                }
+                let host = t.hostPage(for: gpa)
+                tlb.insert(gpa.gfn, host: host, permissions: t.leaf.permissions)
+                return (host + gpa.pageOffset).pointer
+            }
+            stats.faults &+= 1
+            tlb.exitGuest()
+            let outcome = mmu.handleFault(gpa, access, cache: &cache)
+            tlb.enterGuest()
+            switch outcome {
+            case let .mapped(size): stats.mapped[size.rawValue] &+= 1
+            case .retry: break
+            case let .mmio(g, a): pendingExit = .mmio(g, a, size: 0, value: nil); return nil
+            case let .readOnlyWrite(g, slot): pendingExit = .readOnlyWrite(g, slot: slot, size: 0, value: 0); return nil
+            case let .permission(g, a, d): pendingExit = .permission(g, a, d); return nil
+            }
+        }
+    }
+
+    @usableFromInline var pendingExit: VCPUExit?
+
+    /// Leaves guest mode to let the VMM handle the access, then returns what a read sees.
+    @usableFromInline @inline(never)
+    func exit(_ gpa: GPA, _ access: AccessKind, size: Int, value: UInt64) -> UInt64 {
+        var e = pendingExit ?? .mmio(gpa, access, size: size, value: nil)
+        switch e {
+        case .mmio: e = .mmio(gpa, access, size: size, value: access == .write ? value : nil); stats.mmioExits &+= 1
+        case let .readOnlyWrite(_, slot, _, _): e = .readOnlyWrite(gpa, slot: slot, size: size, value: value); stats.readOnlyExits &+= 1
+        case .permission: stats.permissionExits &+= 1
+        }
+        pendingExit = nil
+        lastExit = e
+        tlb.exitGuest()
+        let v = exitHandler(e)
+        tlb.enterGuest()
+        return v
+    }
+
+    /// Runs `workload` until it ends or `control` stops it. Stores write a per-vCPU sequence number
+    /// (`index << 48 | n`), so a test can tell which store landed last.
+    public func run(_ workload: WorkloadSpec, control: RunControl) {
+        var gen = WorkloadGenerator(spec: workload, vcpu: index)
+        let size = workload.accessSize
+        let start = monotonicNanos()
+        var deadline = UInt64.max
+        var limit = UInt64.max
+        switch workload.stop {
+        case let .count(n): limit = n
+        case let .duration(s): deadline = start &+ UInt64(s * 1e9)
+        }
+        let batch: UInt64 = 256
+        var done: UInt64 = 0
+        var seq = UInt64(index) << 48
+        let nanosPerAccess = workload.rate.map { 1e9 / Double($0) }
+        enterGuest()
+        while done < limit {
+            let n = min(batch, limit - done)
+            for _ in 0..<n {
+                let a = gen.next()
+                if a.isWrite {
+                    seq &+= 1
+                    store(a.gpa, seq, size: size)
+                } else {
+                    _ = load(a.gpa, size: size)
+                }
+                tlb.safePoint()
+            }
+            done &+= n
+            if control.stopRequested { break }
+            if control.pauseRequested {
+                exitGuest()
+                control.parkWhilePaused()
+                stats.pauses &+= 1
+                enterGuest()
+            }
+            let now = monotonicNanos()
+            if now >= deadline { break }
+            if let nanosPerAccess {
+                let due = start &+ UInt64(Double(done) * nanosPerAccess)
+                if due > now {
+                    exitGuest()
+                    control.sleep(nanoseconds: min(due - now, deadline &- now))
+                    enterGuest()
+                }
+            }
+        }
+        exitGuest()
+        stats.nanoseconds = monotonicNanos() - start
+    }
+}

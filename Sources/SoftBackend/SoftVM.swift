@@ -1,0 +1,107 @@
+import Foundation
+import GuestMemory
+import Stage2
+import Workload
+
+public enum SoftVMError: Error, CustomStringConvertible {
+    case memory(GuestMemoryError)
+    case workload(String)
+    case alreadyRunning
+    case notRunning
+    case timeout(String)
+
+    public var description: String {
+        switch self {
+        case let .memory(e): return e.description
+        case let .workload(why): return "workload: \(why)"
+        case .alreadyRunning: return "the vCPUs are already running: stop or wait for them first"
+        case .notRunning: return "the vCPUs are not running"
+        case let .timeout(what): return "timed out: \(what)"
+        }
+    }
+}
+
+/// A VM on the soft backend: guest memory in memslots, our stage-2 MMU, and software vCPU threads.
+public final class SoftVM: @unchecked Sendable {
+    public let mmu: Stage2MMU
+    public let vcpus: [SoftVCPU]
+    private var control: RunControl?
+    private var threads: [Thread] = []
+
+    public init(vcpus: Int, ipaBits: Int = 48) {
+        precondition(vcpus >= 1 && vcpus <= 256, "1 to 256 vCPUs")
+        let mmu = Stage2MMU(ipaBits: ipaBits)
+        self.mmu = mmu
+        self.vcpus = (0..<vcpus).map { SoftVCPU(index: $0, mmu: mmu) }
+    }
+
+    /// Creates host memory of `size` with `backing` and adds it as a memslot at `gpa`.
+    @discardableResult
+    public func addMemory(slot: Int, gpa: GPA, size: UInt64, backing: Backing,
+                          flags: MemslotFlags = []) throws(GuestMemoryError) -> HostMemory {
+        let memory = try HostMemory(size: size, backing: backing)
+        try mmu.addSlot(id: slot, gpa: gpa, size: size, memory: memory, flags: flags)
+        return memory
+    }
+
+    public var isRunning: Bool { control != nil }
+
+    /// Starts one thread per vCPU running `workload`.
+    public func start(_ workload: WorkloadSpec) throws(SoftVMError) {
+        guard control == nil else { throw .alreadyRunning }
+        if let p = workload.problem() { throw .workload(p) }
+        let c = RunControl(vcpus: vcpus.count)
+        control = c
+        threads = vcpus.map { v in
+            let t = Thread {
+                v.run(workload, control: c)
+                c.vcpuFinished()
+            }
+            t.name = "vcpu\(v.index)"
+            t.stackSize = 1 << 20
+            return t
+        }
+        threads.forEach { $0.start() }
+    }
+
+    /// Pauses every vCPU at its next safe point.
+    public func pause(timeout: Double = 10) throws(SoftVMError) {
+        guard let c = control else { throw .notRunning }
+        guard c.pauseAll(timeout: timeout) else { throw .timeout("pausing \(vcpus.count) vCPUs within \(timeout) s") }
+    }
+
+    public func resume() throws(SoftVMError) {
+        guard let c = control else { throw .notRunning }
+        c.resumeAll()
+    }
+
+    /// Waits for the workload to end on every vCPU and returns their statistics.
+    public func wait(timeout: Double) throws(SoftVMError) -> [VCPUStats] {
+        guard let c = control else { throw .notRunning }
+        guard c.waitFinished(timeout: timeout) else {
+            throw .timeout("vCPUs still running after \(timeout) s; stop them with stop()")
+        }
+        control = nil
+        threads = []
+        return vcpus.map(\.stats)
+    }
+
+    /// Asks the vCPUs to stop and waits for them.
+    @discardableResult
+    public func stop(timeout: Double = 10) throws(SoftVMError) -> [VCPUStats] {
+        guard let c = control else { throw .notRunning }
+        c.stopAll()
+        return try wait(timeout: timeout)
+    }
+
+    /// Runs `workload` to completion.
+    public func run(_ workload: WorkloadSpec, timeout: Double) throws(SoftVMError) -> [VCPUStats] {
+        try start(workload)
+        do {
+            return try wait(timeout: timeout)
+        } catch {
+            _ = try? stop()
+            throw error
+        }
+    }
+}

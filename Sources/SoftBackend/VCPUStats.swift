@@ -1,0 +1,36 @@
+/// Per-vCPU counters. Owned by the vCPU thread; read once the vCPU is paused or finished.
+public struct VCPUStats: Sendable, Equatable {
+    public var accesses: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var tlbHits: UInt64 = 0
+    /// Hardware walks after a TLB miss.
+    public var walks: UInt64 = 0
+    /// Stage-2 faults taken (translation or permission).
+    public var faults: UInt64 = 0
+    /// Faults that installed a leaf, by size (4K, 2M, 1G).
+    public var mapped: [UInt64] = [0, 0, 0]
+    /// Exits to the VMM: MMIO, write to a read-only slot, unresolved permission fault.
+    public var mmioExits: UInt64 = 0
+    public var readOnlyExits: UInt64 = 0
+    public var permissionExits: UInt64 = 0
+    /// TLB flushes this vCPU applied, and entries they dropped.
+    public var tlbFlushes: UInt64 = 0
+    public var tlbEntriesDropped: UInt64 = 0
+    public var pauses: UInt64 = 0
+    public var nanoseconds: UInt64 = 0
+
+    public init() {}
+
+    public var exits: UInt64 { mmioExits + readOnlyExits + permissionExits }
+
+    public static func + (a: VCPUStats, b: VCPUStats) -> VCPUStats {
+        var s = a
+        s.accesses += b.accesses; s.writes += b.writes; s.tlbHits += b.tlbHits; s.walks += b.walks
+        s.faults += b.faults
+        for i in 0..<3 { s.mapped[i] += b.mapped[i] }
+        s.mmioExits += b.mmioExits; s.readOnlyExits += b.readOnlyExits; s.permissionExits += b.permissionExits
+        s.tlbFlushes += b.tlbFlushes; s.tlbEntriesDropped += b.tlbEntriesDropped; s.pauses += b.pauses
+        s.nanoseconds = max(s.nanoseconds, b.nanoseconds)
+        return s
+    }
+}

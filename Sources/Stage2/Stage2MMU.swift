@@ -1,0 +1,361 @@
+import GuestMemory
+import Synchronization
+
+/// What a vCPU's hardware walk found for an address.
+@frozen
+public struct Translation {
+    public let leaf: Descriptor
+    public let level: Int
+    public let entry: DescriptorPointer
+    @inlinable @inline(__always) public init(leaf: Descriptor, level: Int, entry: DescriptorPointer) {
+        self.leaf = leaf
+        self.level = level
+        self.entry = entry
+    }
+    /// Host address of the 4 KiB page containing the guest address.
+    @inlinable @inline(__always) public func hostPage(for gpa: GPA) -> HVA {
+        let size = Stage2Geometry.entrySize(level)
+        return leaf.output + ((gpa.raw & (size - 1)) & ~0xFFF)
+    }
+}
+
+/// How a stage-2 fault was resolved.
+public enum FaultOutcome: Equatable, Sendable, CustomStringConvertible {
+    /// A leaf of this size now maps the address: retry the access.
+    case mapped(PageSize)
+    /// Nothing to install (another vCPU won, a break-before-make or an invalidation was in flight,
+    /// or the fault was spurious): retry the access.
+    case retry
+    /// No memslot holds the address: exit to the VMM for device emulation. The host was not touched.
+    case mmio(GPA, AccessKind)
+    /// A write to a read-only memslot: exit to the VMM.
+    case readOnlyWrite(GPA, slot: Int)
+    /// A permission the slot does not grant and nothing here can resolve: exit to the VMM.
+    case permission(GPA, AccessKind, Descriptor)
+
+    public var description: String {
+        switch self {
+        case let .mapped(s): return "mapped \(s)"
+        case .retry: return "retry"
+        case let .mmio(g, a): return "MMIO \(a) at \(g)"
+        case let .readOnlyWrite(g, s): return "write to read-only slot \(s) at \(g)"
+        case let .permission(g, a, d): return "permission fault: \(a) at \(g), leaf \(d)"
+        }
+    }
+}
+
+/// The stage-2 MMU of one VM: the memslot map, the guest-physical -> host table, the TLBs that cache
+/// it, and the MMU-notifier state. Every operation on the table is a visitor on the one walker.
+public final class Stage2MMU: @unchecked Sendable {
+    public let ipaBits: Int
+    public let startLevel: Int
+    public let root: DescriptorTable
+    public let allocator: TableAllocator
+    public let tlbs = TLBDomain()
+    public let lock = MMULock()
+    let retired = RetireList()
+    public var bbm: BreakBeforeMake { BreakBeforeMake(tlbs: tlbs, retired: retired) }
+
+    /// Guarded by `lock`: read under shared, written under exclusive.
+    private var slotTable: MemslotTable
+    // MMU-notifier state: the sequence is read before a fault takes the lock and re-checked under it.
+    private let invalidateSeq = Atomic<UInt64>(0)
+    private var invalidatesInProgress = 0
+    private var invalidateRange = HVARange(start: HVA(.max), end: HVA(0))
+
+    /// Test hook run by the fault path between reading the invalidation sequence and taking the lock.
+    public var faultWindowHook: (@Sendable () -> Void)?
+
+    public init(ipaBits: Int = 48, maxSlots: Int = MemslotTable.defaultMaxSlots, allocator: TableAllocator = TableAllocator()) {
+        self.ipaBits = ipaBits
+        self.startLevel = Stage2Geometry.startLevel(ipaBits: ipaBits)
+        self.allocator = allocator
+        self.root = allocator.allocate()
+        self.slotTable = MemslotTable(ipaBits: ipaBits, maxSlots: maxSlots)
+    }
+
+    deinit {
+        lock.lockExclusive()
+        _ = unmapLocked(GPARange(start: GPA(0), end: GPA(1 << UInt64(ipaBits))))
+        allocator.free([root] + retired.take())
+        lock.unlock()
+    }
+
+    // MARK: Memslots
+
+    public var memslots: MemslotTable { lock.shared { slotTable } }
+
+    @discardableResult
+    public func addSlot(id: Int, gpa: GPA, size: UInt64, memory: HostMemory, memoryOffset: UInt64 = 0,
+                        flags: MemslotFlags = []) throws(GuestMemoryError) -> Memslot {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        return try slotTable.add(id: id, gpa: gpa, size: size, memory: memory, memoryOffset: memoryOffset, flags: flags)
+    }
+
+    /// Deletes a slot: its range is unmapped and flushed before this returns, so no vCPU can reach it.
+    public func deleteSlot(id: Int) throws(GuestMemoryError) {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        let old = try slotTable.delete(id: id)
+        _ = unmapLocked(old.gpaRange)
+    }
+
+    /// Moves a slot to a new guest-physical base; the old range is unmapped first.
+    public func moveSlot(id: Int, to gpa: GPA) throws(GuestMemoryError) {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        let old = try slotTable.move(id: id, to: gpa)
+        _ = unmapLocked(old.gpaRange)
+    }
+
+    /// Sets a slot's flags. Making a slot read-only write-protects its mappings before returning.
+    public func setSlotFlags(id: Int, _ flags: MemslotFlags) throws(GuestMemoryError) {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        let old = try slotTable.setFlags(id: id, flags)
+        if flags.contains(.readOnly) && !old.flags.contains(.readOnly) {
+            var v = ProtectVisitor(clear: Descriptor.write | Descriptor.dbm)
+            _ = walk(old.gpaRange, shared: false, &v)
+            flush(v.touched)
+        }
+        if flags.contains(.dirtyLogging) != old.flags.contains(.dirtyLogging) {
+            // Logging slots are mapped at 4 KiB (see mappingSize); drop blocks so they fault back small.
+            var v = UnmapVisitor(ops: bbm)
+            _ = walk(old.gpaRange, shared: false, &v)
+            flush(v.touched)
+            reclaim()
+        }
+    }
+
+    // MARK: Walks
+
+    /// Runs a visitor over `range`. The caller holds `lock` (shared for a shared walk).
+    @inlinable @discardableResult
+    public func walk<V: Stage2Visitor>(_ range: GPARange, shared: Bool, _ visitor: inout V) -> Bool {
+        walkStage2(root: root, startLevel: startLevel, range: range, shared: shared, &visitor)
+    }
+
+    /// Shoots down a touched range from every vCPU TLB.
+    public func flush(_ touched: TouchedRange) {
+        if let r = touched.range { tlbs.shootdown(r) }
+    }
+
+    /// Frees retired tables. Only under the exclusive lock, after a shootdown.
+    func reclaim() {
+        allocator.free(retired.take())
+    }
+
+    /// Maps `range` to host memory starting at `output` with leaves of `size` (exclusive).
+    public func map(_ range: GPARange, to output: HVA, size: PageSize, permissions: Permissions,
+                    cache: inout TableCache) {
+        precondition(range.start.isAligned(to: size.bytes) && range.size % size.bytes == 0 && output.isAligned(to: size.bytes),
+                     "map: range and output must be aligned to the leaf size")
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        var v = MapVisitor(start: range.start, output: output, size: size,
+                           attributes: permissions.rawValue | Descriptor.accessFlag, ops: bbm, cache: cache)
+        _ = walk(range, shared: false, &v)
+        cache = v.cache
+        reclaim()
+    }
+
+    /// Unmaps `range` (whole blocks where a block overlaps it), frees empty tables, flushes TLBs.
+    @discardableResult
+    public func unmap(_ range: GPARange) -> Int {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        return unmapLocked(range)
+    }
+
+    private func unmapLocked(_ range: GPARange) -> Int {
+        var v = UnmapVisitor(ops: bbm)
+        _ = walk(range, shared: false, &v)
+        flush(v.touched)
+        reclaim()
+        return v.leavesCleared
+    }
+
+    /// Sets and clears attribute bits on every leaf in `range`, flushing TLBs if anything was removed.
+    /// `shared` runs it concurrently with faults (compare-and-swap updates).
+    @discardableResult
+    public func protect(_ range: GPARange, set: UInt64 = 0, clear: UInt64 = 0, shared: Bool = false) -> Int {
+        shared ? lock.lockShared() : lock.lockExclusive()
+        defer { lock.unlock() }
+        var v = ProtectVisitor(set: set, clear: clear)
+        _ = walk(range, shared: shared, &v)
+        if clear != 0 { flush(v.touched) }
+        return v.leavesChanged
+    }
+
+    /// Splits every block in `range` down to `size` leaves.
+    @discardableResult
+    public func split(_ range: GPARange, to size: PageSize, cache: inout TableCache, shared: Bool = false) -> Int {
+        shared ? lock.lockShared() : lock.lockExclusive()
+        defer { lock.unlock() }
+        var v = SplitVisitor(to: size, ops: bbm, cache: cache)
+        _ = walk(range, shared: shared, &v)
+        cache = v.cache
+        return v.blocksSplit
+    }
+
+    /// Collapses full, contiguous tables in `range` back to blocks of at most `maxSize`.
+    @discardableResult
+    public func collapse(_ range: GPARange, maxSize: PageSize = .size1G) -> Int {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        var v = CollapseVisitor(range: range, maxSize: maxSize, ops: bbm)
+        _ = walk(range, shared: false, &v)
+        reclaim()
+        return v.collapsed
+    }
+
+    /// Test-and-clear of the access flag over `range`; returns how many leaves were young.
+    public func testAndClearYoung(_ range: GPARange) -> Int {
+        lock.lockShared()
+        defer { lock.unlock() }
+        var v = AccessFlagVisitor()
+        _ = walk(range, shared: true, &v)
+        return v.young
+    }
+
+    /// The leaf mapping `gpa`, found by the software walker.
+    public func leaf(at gpa: GPA) -> (descriptor: Descriptor, size: PageSize)? {
+        lock.lockShared()
+        defer { lock.unlock() }
+        var v = LeafLookupVisitor()
+        _ = walk(GPARange(start: gpa, size: 1), shared: true, &v)
+        guard let d = v.leaf, let s = PageSize(level: v.level) else { return nil }
+        return (d, s)
+    }
+
+    /// Tables and leaves per level over the whole IPA space.
+    public func census() -> CensusVisitor {
+        lock.lockShared()
+        defer { lock.unlock() }
+        var v = CensusVisitor()
+        _ = walk(GPARange(start: GPA(0), end: GPA(1 << UInt64(ipaBits))), shared: true, &v)
+        return v
+    }
+
+    // MARK: The vCPU's hardware walk
+
+    /// The table walk a vCPU's MMU performs on a TLB miss: a lock-free descent that reads each level
+    /// once. It is not a software operation on the table, so it is not a walker visitor; tables it
+    /// may be reading are freed only after every vCPU has passed a safe point.
+    @inlinable @inline(__always)
+    public func translate(_ gpa: GPA) -> Translation? {
+        guard gpa.raw >> UInt64(ipaBits) == 0 else { return nil }
+        var table = root
+        var level = startLevel
+        while true {
+            let e = table.entry(Stage2Geometry.index(gpa.raw, level))
+            let d = e.load()
+            if d.isTable(level: level) {
+                table = d.tablePointer
+                level &+= 1
+                continue
+            }
+            return d.isValid ? Translation(leaf: d, level: level, entry: e) : nil
+        }
+    }
+
+    // MARK: Fault path
+
+    /// Resolves a stage-2 fault at `gpa` (KVM's user_mem_abort for the soft backend). The caller is
+    /// outside guest mode; `cache` is its per-vCPU table reserve, topped up here before the lock.
+    public func handleFault(_ gpa: GPA, _ access: AccessKind, cache: inout TableCache) -> FaultOutcome {
+        let seq = invalidateSeq.load(ordering: .acquiring)
+        cache.topUp(to: 4 - startLevel)
+        faultWindowHook?()
+        lock.lockShared()
+        defer { lock.unlock() }
+
+        guard let slot = slotTable.lookup(gpa) else { return .mmio(gpa, access) }
+        if access == .write && slot.flags.contains(.readOnly) { return .readOnlyWrite(gpa, slot: slot.id) }
+        let hva = slot.hva(for: gpa)
+        // An invalidation of this page began or completed since we started: our view may be stale.
+        if invalidatesInProgress > 0 && invalidateRange.overlaps(HVARange(start: hva, size: 1)) { return .retry }
+        if invalidateSeq.load(ordering: .acquiring) != seq { return .retry }
+
+        let permissions: Permissions = slot.flags.contains(.readOnly) ? [.read, .execute] : .all
+        if let t = translate(gpa) {
+            // Permission fault, or a spurious one: another vCPU already fixed the leaf.
+            if t.leaf.permissions.contains(access.required) { return .retry }
+            // Dirty-logging protection is resolved by the dirty tracker, not here.
+            guard !t.leaf.has(Descriptor.swLogged) else { return .permission(gpa, access, t.leaf) }
+            // The slot grants more than the leaf has (it was made writable again): relax in place.
+            _ = t.entry.compareExchange(t.leaf, t.leaf.setting(permissions.rawValue))
+            return .retry
+        }
+
+        let size = Self.mappingSize(for: gpa, in: slot)
+        let blockStart = gpa.alignedDown(to: size.bytes)
+        var v = MapVisitor(start: blockStart, output: slot.hva(for: blockStart), size: size,
+                           attributes: permissions.rawValue | Descriptor.accessFlag, ops: bbm, cache: cache)
+        walk(GPARange(start: blockStart, size: size.bytes), shared: true, &v)
+        cache = v.cache
+        return .mapped(size)
+    }
+
+    /// The largest leaf that may map `gpa`: no larger than the host backing's page, wholly inside the
+    /// slot, and with guest and host addresses congruent modulo the size (else a block would map the
+    /// wrong host pages: seed 003's force_pte). Logging slots get 4 KiB leaves.
+    public static func mappingSize(for gpa: GPA, in slot: Memslot) -> PageSize {
+        if slot.flags.contains(.dirtyLogging) { return .size4K }
+        var size = slot.backing.hostPageSize
+        while size > .size4K {
+            let start = gpa.alignedDown(to: size.bytes)
+            let fits = start >= slot.gpaRange.start && start + size.bytes <= slot.gpaRange.end
+            let congruent = (slot.hvaStart.raw &- slot.gpaRange.start.raw) & (size.bytes - 1) == 0
+            if fits && congruent { return size }
+            size = PageSize(rawValue: size.rawValue - 1)!
+        }
+        return .size4K
+    }
+
+    // MARK: MMU notifier
+
+    /// Host memory in `range` is about to change: unmap every guest mapping of it and make racing
+    /// faults retry until `invalidateRangeEnd`.
+    public func invalidateRangeStart(_ range: HVARange) {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        invalidatesInProgress += 1
+        invalidateRange = invalidatesInProgress == 1 ? range
+            : HVARange(start: min(invalidateRange.start, range.start), end: max(invalidateRange.end, range.end))
+        var touched = TouchedRange()
+        for (_, gpaRange) in slotTable.slots(overlapping: range) {
+            var v = UnmapVisitor(ops: bbm)
+            _ = walk(gpaRange, shared: false, &v)
+            if let r = v.touched.range { touched.add(r) }
+        }
+        flush(touched)
+        reclaim()
+    }
+
+    public func invalidateRangeEnd(_ range: HVARange) {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        invalidateSeq.add(1, ordering: .releasing)
+        invalidatesInProgress -= 1
+        if invalidatesInProgress == 0 { invalidateRange = HVARange(start: HVA(.max), end: HVA(0)) }
+    }
+
+    /// The notifier's sequence count (completed invalidations).
+    public var invalidationSequence: UInt64 { invalidateSeq.load(ordering: .acquiring) }
+
+    /// Discards the host pages behind part of a slot (MADV_DONTNEED, or hole punching for memfd),
+    /// wrapped in an invalidation so no vCPU keeps a mapping of the old pages.
+    public func discard(slot id: Int, offset: UInt64, length: UInt64) throws(GuestMemoryError) {
+        let (slot, memory) = lock.shared { (slotTable.slot(id: id), slotTable.memory(forSlot: id)) }
+        guard let slot, let memory else { throw .noSuchSlot(id) }
+        guard offset % PageSize.bytes4K == 0 else { throw .unalignedSize(offset, alignment: PageSize.bytes4K) }
+        guard length % PageSize.bytes4K == 0, length > 0 else { throw .unalignedSize(length, alignment: PageSize.bytes4K) }
+        guard offset + length <= slot.size else { throw .backingTooSmall(slotSize: offset + length, backingSize: slot.size) }
+        let range = HVARange(start: slot.hvaStart + offset, size: length)
+        invalidateRangeStart(range)
+        defer { invalidateRangeEnd(range) }
+        try memory.discard(offset: slot.hvaStart - memory.base + offset, length: length)
+    }
+}

@@ -1,0 +1,159 @@
+import Glibc
+import GuestMemory
+import Synchronization
+
+/// A 4 KiB stage-2 table: 512 descriptors, each updated atomically in place.
+@frozen
+public struct DescriptorTable: Hashable, @unchecked Sendable {
+    public static let entries = 512
+    public static let bytes = 4096
+
+    public let base: UnsafeMutablePointer<Atomic<UInt64>>
+
+    @inlinable @inline(__always) public init(_ raw: UnsafeMutableRawPointer) {
+        base = raw.assumingMemoryBound(to: Atomic<UInt64>.self)
+    }
+    @inlinable @inline(__always) public var raw: UnsafeMutableRawPointer { UnsafeMutableRawPointer(base) }
+
+    @inlinable @inline(__always) public func entry(_ i: Int) -> DescriptorPointer { DescriptorPointer(base + i) }
+    @inlinable @inline(__always) public func load(_ i: Int) -> Descriptor {
+        Descriptor(raw: base[i].load(ordering: .acquiring))
+    }
+
+    /// True when no entry is valid or locked (the table can be freed).
+    public var isEmpty: Bool {
+        for i in 0..<Self.entries where base[i].load(ordering: .relaxed) != 0 { return false }
+        return true
+    }
+
+    public static func == (a: DescriptorTable, b: DescriptorTable) -> Bool { a.base == b.base }
+    public func hash(into h: inout Hasher) { h.combine(base) }
+}
+
+/// The address of one descriptor. Every update is atomic; shared walks only ever compare-and-swap.
+@frozen
+public struct DescriptorPointer: @unchecked Sendable {
+    public let base: UnsafeMutablePointer<Atomic<UInt64>>
+    @inlinable @inline(__always) public init(_ p: UnsafeMutablePointer<Atomic<UInt64>>) { base = p }
+
+    @inlinable @inline(__always) public func load() -> Descriptor {
+        Descriptor(raw: base.pointee.load(ordering: .acquiring))
+    }
+    @inlinable @inline(__always) public func store(_ d: Descriptor) {
+        base.pointee.store(d.raw, ordering: .releasing)
+    }
+    /// Replaces `expected` with `desired`; false if the entry changed meanwhile (a lost race).
+    @inlinable @inline(__always) public func compareExchange(_ expected: Descriptor, _ desired: Descriptor) -> Bool {
+        base.pointee.compareExchange(expected: expected.raw, desired: desired.raw,
+                                     ordering: .acquiringAndReleasing).exchanged
+    }
+    /// Atomically ORs bits in; returns the previous value.
+    @inlinable @inline(__always) public func setBits(_ bits: UInt64) -> Descriptor {
+        Descriptor(raw: base.pointee.bitwiseOr(bits, ordering: .acquiringAndReleasing).oldValue)
+    }
+}
+
+/// Process-wide pool of zeroed 4 KiB table pages, carved from 2 MiB mmap chunks.
+/// Freed tables are zeroed by the freeing thread, so allocation is a pop.
+public final class TableAllocator: @unchecked Sendable {
+    private struct Pool {
+        var free: [UnsafeMutableRawPointer] = []
+        var chunks: [UnsafeMutableRawPointer] = []
+    }
+    private let pool = Mutex(Pool())
+    private let inUse = Atomic<Int>(0)
+    private let peak = Atomic<Int>(0)
+    static let chunkBytes = 2 << 20
+
+    public init() {}
+
+    deinit {
+        pool.withLock { p in for c in p.chunks { munmap(c, Self.chunkBytes) } }
+    }
+
+    /// Tables currently handed out.
+    public var tablesInUse: Int { inUse.load(ordering: .relaxed) }
+    public var bytesInUse: UInt64 { UInt64(tablesInUse * DescriptorTable.bytes) }
+    public var peakBytes: UInt64 { UInt64(peak.load(ordering: .relaxed) * DescriptorTable.bytes) }
+
+    /// Hands out `count` zeroed tables.
+    public func allocate(_ count: Int, into out: inout [UnsafeMutableRawPointer]) {
+        pool.withLock { p in
+            while p.free.count < count { Self.grow(&p) }
+            out.append(contentsOf: p.free.suffix(count))
+            p.free.removeLast(count)
+        }
+        let now = inUse.add(count, ordering: .relaxed).newValue
+        var old = peak.load(ordering: .relaxed)
+        while now > old {
+            let r = peak.compareExchange(expected: old, desired: now, ordering: .relaxed)
+            if r.exchanged { break }
+            old = r.original
+        }
+    }
+
+    public func allocate() -> DescriptorTable {
+        var out: [UnsafeMutableRawPointer] = []
+        allocate(1, into: &out)
+        return DescriptorTable(out[0])
+    }
+
+    /// Returns tables to the pool. The caller guarantees no walker can still reach them.
+    public func free(_ tables: [DescriptorTable]) {
+        guard !tables.isEmpty else { return }
+        for t in tables { memset(t.raw, 0, DescriptorTable.bytes) }
+        pool.withLock { p in p.free.append(contentsOf: tables.map(\.raw)) }
+        inUse.subtract(tables.count, ordering: .relaxed)
+    }
+
+    private static func grow(_ p: inout Pool) {
+        guard let c = mmap(nil, chunkBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              c != MAP_FAILED else {
+            fatalError("stage-2 table memory: mmap of \(chunkBytes) bytes failed (errno \(errno)); the host is out of memory")
+        }
+        _ = c.bindMemory(to: Atomic<UInt64>.self, capacity: chunkBytes / 8)
+        p.chunks.append(c)
+        for i in stride(from: chunkBytes - DescriptorTable.bytes, through: 0, by: -DescriptorTable.bytes) {
+            p.free.append(c + i)
+        }
+    }
+}
+
+/// A per-thread reserve of tables, topped up before a walk takes the MMU lock (KVM's memory cache),
+/// so map and split never allocate under the lock. Falls back to the allocator if it runs dry.
+public struct TableCache {
+    public let allocator: TableAllocator
+    private var tables: [UnsafeMutableRawPointer] = []
+    /// Tables taken from the cache (split and map memory), for reporting.
+    public private(set) var used = 0
+
+    public init(allocator: TableAllocator) {
+        self.allocator = allocator
+        tables.reserveCapacity(64)
+    }
+
+    public var available: Int { tables.count }
+
+    public mutating func topUp(to n: Int) {
+        if tables.count < n { allocator.allocate(n - tables.count, into: &tables) }
+    }
+
+    @inline(__always)
+    public mutating func take() -> DescriptorTable {
+        if tables.isEmpty { allocator.allocate(4, into: &tables) }
+        used += 1
+        return DescriptorTable(tables.removeLast())
+    }
+
+    /// Puts back a table the walk took but did not install.
+    public mutating func giveBack(_ t: DescriptorTable) {
+        used -= 1
+        tables.append(t.raw)
+    }
+
+    /// Returns every cached table to the allocator.
+    public mutating func drain() {
+        allocator.free(tables.map { DescriptorTable($0) })
+        tables.removeAll(keepingCapacity: true)
+    }
+}

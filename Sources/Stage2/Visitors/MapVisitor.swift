@@ -1,0 +1,81 @@
+import GuestMemory
+
+/// Installs leaves of one size mapping a guest range to a contiguous host range.
+///
+/// On the way down it creates missing tables (from the walker's table cache). Where a block already
+/// maps part of the range at a higher level, or a table sits where the new block goes, the old entry is
+/// replaced by break-before-make. A valid leaf with the same output only has its attributes updated.
+public struct MapVisitor: Stage2Visitor {
+    public let start: GPA
+    public let output: HVA
+    public let level: Int
+    public let attributes: UInt64
+    @usableFromInline let ops: BreakBeforeMake
+    public var cache: TableCache
+    /// Leaves written and tables created, for the caller.
+    public private(set) var leavesInstalled = 0
+    public private(set) var tablesCreated = 0
+
+    public init(start: GPA, output: HVA, size: PageSize, attributes: UInt64, ops: BreakBeforeMake, cache: TableCache) {
+        self.start = start
+        self.output = output
+        self.level = size.level
+        self.attributes = attributes
+        self.ops = ops
+        self.cache = cache
+    }
+
+    public var visitPoints: VisitPoints { [.leaf, .tablePre] }
+
+    /// A table where our block goes: replace the whole subtree (this is how a fault re-collapses
+    /// a range to a block once splitting is no longer needed).
+    public mutating func visitTablePre(_ ctx: VisitContext) -> VisitResult {
+        guard ctx.level == level else { return .proceed }
+        let new = leafFor(ctx)
+        guard ops.breakEntry(ctx) else { return .retry }
+        ops.retireSubtree(ctx.old.tablePointer, level: ctx.level + 1)
+        ops.make(ctx, new)
+        leavesInstalled += 1
+        return .proceed
+    }
+
+    public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
+        let old = ctx.old
+        if old.isLocked { return .retry }
+        if ctx.level == level {
+            let new = leafFor(ctx)
+            if old == new { return .proceed }
+            if !old.isValid {
+                guard ctx.update(new) else { return .retry }
+            } else if old.output == new.output {
+                // Same page, new attributes: no break needed (a permission change is atomic).
+                // Keep the access flag a vCPU may have set.
+                let merged = new.setting(old.raw & Descriptor.accessFlag)
+                guard ctx.update(merged) else { return .retry }
+            } else {
+                guard ops.breakEntry(ctx) else { return .retry }
+                ops.make(ctx, new)
+            }
+            leavesInstalled += 1
+            return .proceed
+        }
+        // Above the target level: we need a table here.
+        let table = cache.take()
+        if old.isValid {
+            // A larger block covers the range: break it and start an empty table; the rest of the
+            // block's pages fault back in on demand.
+            guard ops.breakEntry(ctx) else { cache.giveBack(table); return .retry }
+            ops.make(ctx, .table(table.raw))
+        } else if !ctx.update(.table(table.raw)) {
+            cache.giveBack(table)
+            return .retry
+        }
+        tablesCreated += 1
+        return .proceed
+    }
+
+    @inline(__always)
+    func leafFor(_ ctx: VisitContext) -> Descriptor {
+        .leaf(output + (ctx.addr - start), level: level, attributes: attributes)
+    }
+}

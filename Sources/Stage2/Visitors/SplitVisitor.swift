@@ -1,0 +1,88 @@
+import GuestMemory
+
+/// Splits every block overlapping the range down to leaves of `target` size, keeping each translation
+/// and its attributes. The new table is filled off to the side, then swapped in by break-before-make;
+/// the walker then descends into it, so a 1 GiB block splits all the way to 4 KiB in one walk.
+public struct SplitVisitor: Stage2Visitor {
+    public let target: Int
+    @usableFromInline let ops: BreakBeforeMake
+    public var cache: TableCache
+    public private(set) var blocksSplit = 0
+
+    public init(to size: PageSize, ops: BreakBeforeMake, cache: TableCache) {
+        self.target = size.level
+        self.ops = ops
+        self.cache = cache
+    }
+
+    public var visitPoints: VisitPoints { .leaf }
+
+    public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
+        let old = ctx.old
+        if old.isLocked { return .retry }
+        guard old.isValid, ctx.level < target else { return .proceed }
+        let table = cache.take()
+        let childLevel = ctx.level + 1
+        let childSize = Stage2Geometry.entrySize(childLevel)
+        let attributes = (old.raw & Descriptor.attributeMask) | Descriptor.swSplit
+        var out = old.output
+        for i in 0..<DescriptorTable.entries {
+            table.entry(i).store(.leaf(out, level: childLevel, attributes: attributes))
+            out = out + childSize
+        }
+        guard ops.breakEntry(ctx) else {
+            for i in 0..<DescriptorTable.entries { table.entry(i).store(.invalid) }
+            cache.giveBack(table)
+            return .retry
+        }
+        ops.make(ctx, .table(table.raw))
+        blocksSplit += 1
+        return .proceed
+    }
+}
+
+/// Collapses tables whose 512 leaves map one contiguous, block-aligned host range with the same
+/// permissions back into a single block (bottom-up, so 4 KiB pages can become 2 MiB blocks and then
+/// a 1 GiB block in one walk). Only tables wholly inside the range and at block levels are considered;
+/// `maxSize` caps the block size (the host backing's page size).
+public struct CollapseVisitor: Stage2Visitor {
+    public let range: GPARange
+    public let maxLevel: Int
+    @usableFromInline let ops: BreakBeforeMake
+    public private(set) var collapsed = 0
+
+    public init(range: GPARange, maxSize: PageSize, ops: BreakBeforeMake) {
+        self.range = range
+        self.maxLevel = maxSize.level
+        self.ops = ops
+    }
+
+    public var visitPoints: VisitPoints { .tablePost }
+
+    public mutating func visitTablePost(_ ctx: VisitContext) -> VisitResult {
+        guard ctx.level >= maxLevel, ctx.level >= 1, ctx.old.isTable(level: ctx.level),
+              ctx.addr >= range.start, ctx.addr + ctx.size <= range.end else { return .proceed }
+        let child = ctx.old.tablePointer
+        let childLevel = ctx.level + 1
+        let childSize = Stage2Geometry.entrySize(childLevel)
+        let first = child.load(0)
+        guard first.isLeaf(level: childLevel), first.output.isAligned(to: ctx.size) else { return .proceed }
+        // Attributes that must agree; the access flag and software bookkeeping may differ.
+        let mustMatch = Descriptor.read | Descriptor.write | Descriptor.execute | Descriptor.dbm | Descriptor.swLogged
+        var anyYoung = false
+        for i in 0..<DescriptorTable.entries {
+            let d = child.load(i)
+            guard d.isLeaf(level: childLevel),
+                  d.output == first.output + UInt64(i) * childSize,
+                  d.raw & mustMatch == first.raw & mustMatch else { return .proceed }
+            anyYoung = anyYoung || d.has(Descriptor.accessFlag)
+        }
+        var attributes = first.raw & mustMatch
+        if anyYoung { attributes |= Descriptor.accessFlag }
+        guard ops.breakEntry(ctx) else { return .retry }
+        ops.retireSubtree(child, level: childLevel)
+        ops.make(ctx, .leaf(first.output, level: ctx.level, attributes: attributes))
+        collapsed += 1
+        return .proceed
+    }
+}

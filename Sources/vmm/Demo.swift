@@ -1,0 +1,58 @@
+import ArgumentParser
+import Foundation
+import GuestMemory
+import SoftBackend
+import Stage2
+import Workload
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a workload on the soft backend, disturb it (pause, discard memory), and report."
+    )
+
+    @Option(help: "Guest memory size.")
+    var memory: ByteSize = ByteSize(argument: "512M")!
+    @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
+    var backing: Backing = .thp
+    @Option(help: "Number of vCPUs.")
+    var vcpus: Int = 2
+    @Option(help: "Seconds to run.")
+    var duration: Seconds = Seconds(argument: "2s")!
+    @Flag(help: "Print one JSON line with the results last.")
+    var json = false
+
+    func run() throws {
+        let vm = SoftVM(vcpus: vcpus)
+        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: memory.bytes, backing: backing)
+        let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), base: GPA(0), workingSet: memory.bytes,
+                                writeFraction: 0.3, accessSize: 8, seed: 42, stop: .duration(duration.value))
+        print("== soft VM: \(vcpus) vCPUs, \(formatBytes(memory.bytes)) of \(backing)-backed guest memory at \(GPA(0))")
+        print("== workload: \(spec)")
+        try vm.start(spec)
+
+        Thread.sleep(forTimeInterval: duration.value / 2)
+        let t0 = monotonicNanos()
+        try vm.pause()
+        let pausedMicros = Double(monotonicNanos() - t0) / 1e3
+        let before = vm.mmu.census()
+        // Give back the top quarter of guest memory to the host, as a balloon would: an MMU-notifier
+        // invalidation unmaps it and shoots it out of every TLB first.
+        let quarter = memory.bytes / 4 & ~(PageSize.bytes2M - 1)
+        let shootdowns0 = vm.mmu.tlbs.shootdowns
+        try vm.mmu.discard(slot: 0, offset: memory.bytes - quarter, length: quarter)
+        let after = vm.mmu.census()
+        print(String(format: "== midway: paused %d vCPUs in %.0f µs; discarded the top %@ (invalidation: %d -> %d 2M and %d -> %d 4K leaves, %d shootdown)",
+                     vcpus, pausedMicros, formatBytes(quarter), before.leaves[2], after.leaves[2],
+                     before.leaves[3], after.leaves[3], Int(vm.mmu.tlbs.shootdowns - shootdowns0)))
+        try vm.resume()
+
+        let stats = try vm.wait(timeout: duration.value * 2 + 30)
+        let report = RunReport(stats: stats, census: vm.mmu.census(), backing: mem.report(),
+                               shootdowns: vm.mmu.tlbs.shootdowns)
+        report.printRows()
+        let t = report.total
+        print(String(format: "== done: %@ guest accesses (%.1f%% TLB hits), %llu stage-2 faults, %llu walks; the discarded quarter faulted back in on demand.",
+                     compact(Double(t.accesses)), Double(t.tlbHits) / Double(max(t.accesses, 1)) * 100, t.faults, t.walks))
+        if json { print(report.json(spec: spec, backend: "soft")) }
+    }
+}

@@ -1,0 +1,52 @@
+import Foundation
+import ArgumentParser
+import GuestMemory
+import Workload
+
+extension Backing: ExpressibleByArgument {}
+
+/// A size like 1G, 256M, 4096.
+struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
+    let bytes: UInt64
+    init?(argument: String) {
+        guard let b = parseByteCount(argument), b > 0 else { return nil }
+        bytes = b
+    }
+    var description: String { formatBytes(bytes) }
+}
+
+/// A duration like 2s, 500ms.
+struct Seconds: ExpressibleByArgument {
+    let value: Double
+    init?(argument: String) {
+        guard let v = parseDuration(argument), v > 0 else { return nil }
+        value = v
+    }
+}
+
+/// Formats a rate or count compactly: 1234567 -> "1.23M".
+func compact(_ v: Double) -> String {
+    switch v {
+    case 1e9...: return String(format: "%.2fG", v / 1e9)
+    case 1e6...: return String(format: "%.2fM", v / 1e6)
+    case 1e3...: return String(format: "%.1fk", v / 1e3)
+    default: return String(format: "%.0f", v)
+    }
+}
+
+/// One JSON object on one line, keys in the order given.
+func jsonLine(_ fields: [(String, Any)]) -> String {
+    func encode(_ v: Any) -> String {
+        switch v {
+        case let s as String: return "\"" + s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"") + "\""
+        case let d as Double: return d.isFinite ? String(format: "%.3f", d) : "null"
+        case let b as Bool: return b ? "true" : "false"
+        case let i as Int: return String(i)
+        case let u as UInt64: return String(u)
+        case let a as [Any]: return "[" + a.map(encode).joined(separator: ",") + "]"
+        case let o as [(String, Any)]: return jsonLine(o)
+        default: return "\"\(v)\""
+        }
+    }
+    return "{" + fields.map { "\"\($0.0)\":" + encode($0.1) }.joined(separator: ",") + "}"
+}
