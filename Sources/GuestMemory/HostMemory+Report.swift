@@ -1,4 +1,21 @@
 import Foundation
+import Glibc
+
+/// Reads a /proc file. They report size 0, so read until EOF rather than trusting the size.
+func readProcFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { break }
+        bytes.append(contentsOf: chunk[0..<n])
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
 
 /// How the kernel really backs a host mapping, read from /proc/self/smaps.
 public struct BackingReport: Sendable, CustomStringConvertible {
@@ -37,7 +54,7 @@ extension HostMemory {
     public func report() -> BackingReport {
         var r = BackingReport(backing: backing, size: size, rss: 0, hugeTransparent: 0, hugetlb: 0,
                               kernelPageSize: PageSize.bytes4K, thpEligible: false)
-        guard let text = try? String(contentsOfFile: "/proc/self/smaps", encoding: .utf8) else { return r }
+        guard let text = readProcFile("/proc/self/smaps") else { return r }
         var inside = false
         for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
             if let dash = line.firstIndex(of: "-"), line.first?.isHexDigit == true,

@@ -36,7 +36,7 @@ public struct Descriptor: Hashable, Sendable, CustomStringConvertible {
     public static let swLocked: UInt64 = 1 << 58
     public static let addressMask: UInt64 = 0x0000_FFFF_FFFF_F000
     /// Attribute bits a leaf carries; a split copies them to every smaller leaf.
-    public static let attributeMask: UInt64 = read | write | accessFlag | dbm | execute | swLogged | swDirty
+    public static let attributeMask: UInt64 = read | write | accessFlag | dbm | execute | swLogged | swDirty | swSplit
 
     public static let invalid = Descriptor(raw: 0)
     /// The marker a shared walk installs while it breaks an entry: invalid to the vCPUs, "busy" to walkers.

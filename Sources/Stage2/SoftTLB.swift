@@ -8,7 +8,7 @@ import Synchronization
 public struct TLBEntry {
     /// gfn + 1; 0 marks an empty entry.
     public var tag: UInt64
-    /// Host address of the 4 KiB page, OR'd with the permission bits (which sit below bit 12).
+    /// Host address of the 4 KiB page, OR'd with the TLB permission bits (below bit 12, see `SoftTLB.bits`).
     public var hostAndPermissions: UInt64
     @inlinable @inline(__always) public init(tag: UInt64, hostAndPermissions: UInt64) {
         self.tag = tag
@@ -44,7 +44,14 @@ public final class SoftTLB: @unchecked Sendable {
 
     deinit { entries.deallocate() }
 
-    /// The host address for `gpa` if a cached entry allows `required`; nil on a miss.
+    /// Permissions as kept in an entry's low 12 bits: R and W at their descriptor positions (6, 7),
+    /// X moved down from bit 53 to bit 8. A lookup's `required` uses the same encoding.
+    @inlinable @inline(__always)
+    public static func bits(_ p: Permissions) -> UInt64 {
+        (p.rawValue & (Descriptor.read | Descriptor.write)) | ((p.rawValue & Descriptor.execute) >> 45)
+    }
+
+    /// The host address for `gpa` if a cached entry allows `required` (see `bits`); nil on a miss.
     @inlinable @inline(__always)
     public func lookup(_ gpa: GPA, _ required: UInt64) -> UnsafeMutableRawPointer? {
         let gfn = gpa.raw >> 12
@@ -56,7 +63,7 @@ public final class SoftTLB: @unchecked Sendable {
     @inlinable @inline(__always)
     public func insert(_ gfn: GFN, host: HVA, permissions: Permissions) {
         entries[Int(truncatingIfNeeded: gfn.raw & Self.mask)] =
-            TLBEntry(tag: gfn.raw &+ 1, hostAndPermissions: (host.raw & ~0xFFF) | permissions.rawValue)
+            TLBEntry(tag: gfn.raw &+ 1, hostAndPermissions: (host.raw & ~0xFFF) | Self.bits(permissions))
     }
 
     /// Safe point: apply any flush posted since the last one. Cheap when there is none.
@@ -140,6 +147,10 @@ public final class TLBDomain: @unchecked Sendable {
 
     /// Invalidates `range` in every vCPU TLB and returns once none can use an old entry for it.
     public func shootdown(_ range: GPARange) {
+        #if VMM_UNSAFE_NO_SHOOTDOWN
+        // Test-only build setting: shows the stale-translation tests fail without the shootdown.
+        return
+        #endif
         let gfnStart = range.start.raw >> 12
         let gfnEnd = (range.end.raw + 0xFFF) >> 12
         let tlbs = members.withLock { $0 }

@@ -49,7 +49,13 @@ public struct VisitContext {
 
     /// Replaces `old` with `new`: a store in an exclusive walk, a compare-and-swap in a shared one.
     @inlinable @inline(__always) public func update(_ new: Descriptor) -> Bool {
+        #if VMM_UNSAFE_NO_CAS
+        // Test-only build setting: a blind store, to show the lost-update tests fail without CAS.
+        entry.store(new)
+        return true
+        #else
         if shared { return entry.compareExchange(old, new) }
+        #endif
         entry.store(new)
         return true
     }

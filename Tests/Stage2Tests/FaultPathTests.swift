@@ -1,0 +1,167 @@
+import Synchronization
+import Testing
+@testable import GuestMemory
+@testable import Stage2
+
+@Suite struct FaultPathTests {
+    @Test func alignedTHPSlotGetsBlocksAndMisalignedGets4K() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 8 << 20, backing: .thp)
+        // Slot 0: GPA and HVA both 2 MiB aligned. Slot 1: the host side starts 4 KiB into a 2 MiB page.
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
+        try mmu.addSlot(id: 1, gpa: GPA(1 << 30), size: 2 << 20, memory: mem, memoryOffset: (4 << 20) + 4096)
+        #expect(mmu.handleFault(GPA(0x12_3456), .write, cache: &cache) == .mapped(.size2M))
+        #expect(mmu.leaf(at: GPA(0x1F_F000))?.size == .size2M)
+        #expect(mmu.translate(GPA(0x12_3456))?.hostPage(for: GPA(0x12_3456)) == mem.base + 0x12_3000)
+        #expect(mmu.handleFault(GPA((1 << 30) + 0x5000), .write, cache: &cache) == .mapped(.size4K))
+        #expect(mmu.translate(GPA((1 << 30) + 0x5000))?.hostPage(for: GPA((1 << 30) + 0x5000))
+                == mem.base + (4 << 20) + 4096 + 0x5000)
+        cache.drain()
+    }
+
+    @Test func mappingSizeRespectsBackingSlotBoundsAndCongruence() {
+        func slot(_ gpa: UInt64, _ size: UInt64, _ hva: UInt64, _ b: Backing, _ f: MemslotFlags = []) -> Memslot {
+            Memslot(id: 0, gpaRange: GPARange(start: GPA(gpa), size: size), hvaStart: HVA(hva), backing: b, flags: f)
+        }
+        let g = UInt64(1 << 30)
+        #expect(Stage2MMU.mappingSize(for: GPA(g + 5), in: slot(g, 2 * g, 4 * g, .hugetlb1G)) == .size1G)
+        // 1G backing but the slot ends 2M into the second gigabyte: 2M there.
+        #expect(Stage2MMU.mappingSize(for: GPA(2 * g + 5), in: slot(g, g + (2 << 20), 4 * g, .hugetlb1G)) == .size2M)
+        // GPA and HVA congruent modulo 2M but not 1G: 2M.
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g + (2 << 20), .hugetlb1G)) == .size2M)
+        // Not congruent modulo 2M: force 4K.
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g + 4096, .thp)) == .size4K)
+        // The backing caps the size.
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .pages4K)) == .size4K)
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .thp)) == .size2M)
+        // A slot smaller than a block, or a page in the slot's unaligned tail: 4K.
+        #expect(Stage2MMU.mappingSize(for: GPA(g + (2 << 20)), in: slot(g, (3 << 20), 4 * g, .thp)) == .size4K)
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, (3 << 20), 4 * g, .thp)) == .size2M)
+        // Dirty logging maps 4K.
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .hugetlb1G, .dirtyLogging)) == .size4K)
+    }
+
+    @Test func outsideEverySlotIsAnMMIOExitAndMapsNothing() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 1 << 20, backing: .pages4K)
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 1 << 20, memory: mem)
+        #expect(mmu.handleFault(GPA(1 << 20), .read, cache: &cache) == .mmio(GPA(1 << 20), .read))
+        #expect(mmu.handleFault(GPA(0xFEE0_0000), .write, cache: &cache) == .mmio(GPA(0xFEE0_0000), .write))
+        #expect(mmu.census().leaves == [0, 0, 0, 0])
+        cache.drain()
+    }
+
+    @Test func readOnlySlot() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 1 << 20, backing: .pages4K)
+        try mmu.addSlot(id: 3, gpa: GPA(0), size: 1 << 20, memory: mem, flags: .readOnly)
+        #expect(mmu.handleFault(GPA(0x2000), .write, cache: &cache) == .readOnlyWrite(GPA(0x2000), slot: 3))
+        #expect(mmu.handleFault(GPA(0x2000), .read, cache: &cache) == .mapped(.size4K))
+        #expect(mmu.translate(GPA(0x2000))?.leaf.permissions == [.read, .execute])
+        // A write to the read-only leaf still exits.
+        #expect(mmu.handleFault(GPA(0x2000), .write, cache: &cache) == .readOnlyWrite(GPA(0x2000), slot: 3))
+        // Made writable, the permission fault relaxes the leaf in place.
+        try mmu.setSlotFlags(id: 3, [])
+        #expect(mmu.handleFault(GPA(0x2000), .write, cache: &cache) == .retry)
+        #expect(mmu.translate(GPA(0x2000))?.leaf.permissions == .all)
+        // And read-only again write-protects the existing leaf at once.
+        try mmu.setSlotFlags(id: 3, .readOnly)
+        #expect(mmu.translate(GPA(0x2000))?.leaf.permissions == [.read, .execute])
+        cache.drain()
+    }
+
+    @Test func deleteAndMoveUnmap() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 4 << 20, backing: .thp)
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
+        #expect(mmu.handleFault(GPA(0x1000), .read, cache: &cache) == .mapped(.size2M))
+        try mmu.moveSlot(id: 0, to: GPA(1 << 30))
+        #expect(mmu.translate(GPA(0x1000)) == nil)
+        #expect(mmu.handleFault(GPA(0x1000), .read, cache: &cache) == .mmio(GPA(0x1000), .read))
+        #expect(mmu.handleFault(GPA((1 << 30) + 0x1000), .read, cache: &cache) == .mapped(.size2M))
+        #expect(mmu.translate(GPA((1 << 30) + 0x1000))?.hostPage(for: GPA((1 << 30) + 0x1000)) == mem.base + 0x1000)
+        try mmu.deleteSlot(id: 0)
+        #expect(mmu.translate(GPA((1 << 30) + 0x1000)) == nil)
+        #expect(mmu.census().tableBytes == 4096, "only the root remains")
+        #expect(throws: GuestMemoryError.noSuchSlot(0)) { try mmu.deleteSlot(id: 0) }
+        cache.drain()
+    }
+
+    @Test func dirtyLoggingDropsBlocksAndMaps4K() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 4 << 20, backing: .thp)
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
+        #expect(mmu.handleFault(GPA(0), .write, cache: &cache) == .mapped(.size2M))
+        try mmu.setSlotFlags(id: 0, .dirtyLogging)
+        #expect(mmu.translate(GPA(0)) == nil)
+        #expect(mmu.handleFault(GPA(0), .write, cache: &cache) == .mapped(.size4K))
+        // Logging off: a later fault collapses the range back to a block by break-before-make.
+        try mmu.setSlotFlags(id: 0, [])
+        #expect(mmu.handleFault(GPA(0x20_0000), .write, cache: &cache) == .mapped(.size2M))
+        #expect(mmu.handleFault(GPA(0x1000), .write, cache: &cache) == .mapped(.size2M))
+        #expect(mmu.leaf(at: GPA(0))?.size == .size2M)
+        cache.drain()
+    }
+
+    @Test func faultRacingAnInvalidationRetriesAndInstallsNothingStale() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
+        // An invalidation that begins and ends inside the fault's window (after it read the sequence).
+        let range = HVARange(start: mem.base, size: 4 << 20)
+        let fired = Atomic<Int>(0)
+        mmu.faultWindowHook = { [unowned mmu] in
+            if fired.add(1, ordering: .relaxed).newValue == 1 {
+                mmu.invalidateRangeStart(range)
+                mmu.invalidateRangeEnd(range)
+            }
+        }
+        #expect(mmu.handleFault(GPA(0x3000), .write, cache: &cache) == .retry)
+        #expect(mmu.translate(GPA(0x3000)) == nil, "a fault that raced an invalidation must not install")
+        #expect(mmu.handleFault(GPA(0x3000), .write, cache: &cache) == .mapped(.size4K))
+        mmu.faultWindowHook = nil
+
+        // While an invalidation is in progress, faults on its range retry; elsewhere they proceed.
+        let part = HVARange(start: mem.base, size: 1 << 20)
+        mmu.invalidateRangeStart(part)
+        #expect(mmu.translate(GPA(0x3000)) == nil, "invalidation start unmaps the range")
+        #expect(mmu.handleFault(GPA(0x3000), .read, cache: &cache) == .retry)
+        #expect(mmu.handleFault(GPA(0x20_0000), .read, cache: &cache) == .mapped(.size4K))
+        mmu.invalidateRangeEnd(part)
+        #expect(mmu.handleFault(GPA(0x3000), .read, cache: &cache) == .mapped(.size4K))
+        #expect(mmu.invalidationSequence == 2)
+        cache.drain()
+    }
+
+    @Test func discardUnmapsAndZeroes() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 4 << 20, backing: .thp)
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
+        #expect(mmu.handleFault(GPA(0x20_0000), .write, cache: &cache) == .mapped(.size2M))
+        mem.pointer.storeBytes(of: 99, toByteOffset: 0x20_1000, as: UInt64.self)
+        try mmu.discard(slot: 0, offset: 0x20_1000, length: 4096)
+        #expect(mmu.translate(GPA(0x20_0000)) == nil, "the whole block over the discarded page is unmapped")
+        #expect(mem.pointer.load(fromByteOffset: 0x20_1000, as: UInt64.self) == 0)
+        #expect(throws: GuestMemoryError.self) { try mmu.discard(slot: 0, offset: 4 << 20, length: 4096) }
+        #expect(throws: GuestMemoryError.noSuchSlot(5)) { try mmu.discard(slot: 5, offset: 0, length: 4096) }
+        cache.drain()
+    }
+
+    @Test func ipa39RejectsHighAddresses() throws {
+        let mmu = Stage2MMU(ipaBits: 39)
+        let mem = try HostMemory(size: 1 << 20, backing: .pages4K)
+        #expect(throws: GuestMemoryError.self) { try mmu.addSlot(id: 0, gpa: GPA(1 << 39), size: 1 << 20, memory: mem) }
+        try mmu.addSlot(id: 0, gpa: GPA((1 << 39) - (1 << 20)), size: 1 << 20, memory: mem)
+        var cache = TableCache(allocator: mmu.allocator)
+        #expect(mmu.handleFault(GPA((1 << 39) - 8), .write, cache: &cache) == .mapped(.size4K))
+        #expect(mmu.translate(GPA(1 << 39)) == nil)
+        cache.drain()
+    }
+}
