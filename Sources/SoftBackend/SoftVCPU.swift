@@ -111,6 +111,10 @@ public final class SoftVCPU: @unchecked Sendable {
     @usableFromInline @inline(never)
     func slowPath(_ gpa: GPA, _ access: AccessKind) -> UnsafeMutableRawPointer? {
         let required = access.required.rawValue
+        if let p = tlb.lookupBlock(gpa, SoftTLB.bits(access.required)) {
+            stats.blockTLBHits &+= 1
+            return p
+        }
         while true {
             stats.walks &+= 1
             if let t = mmu.translate(gpa), t.leaf.raw & required == required {
@@ -118,7 +122,11 @@ public final class SoftVCPU: @unchecked Sendable {
                     _ = t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.accessFlag))
                 }
                 let host = t.hostPage(for: gpa)
-                tlb.insert(gpa.gfn, host: host, permissions: t.leaf.permissions)
+                if t.level < 3 {
+                    tlb.insertBlock(gpa, host: host, permissions: t.leaf.permissions)
+                } else {
+                    tlb.insert(gpa.gfn, host: host, permissions: t.leaf.permissions)
+                }
                 return (host + gpa.pageOffset).pointer
             }
             stats.faults &+= 1

@@ -2,7 +2,9 @@
 public struct VCPUStats: Sendable, Equatable {
     public var accesses: UInt64 = 0
     public var writes: UInt64 = 0
+    /// Hits in the 4 KiB TLB, and in the 2 MiB block TLB behind it.
     public var tlbHits: UInt64 = 0
+    public var blockTLBHits: UInt64 = 0
     /// Hardware walks after a TLB miss.
     public var walks: UInt64 = 0
     /// Stage-2 faults taken (translation or permission).
@@ -25,7 +27,7 @@ public struct VCPUStats: Sendable, Equatable {
 
     public static func + (a: VCPUStats, b: VCPUStats) -> VCPUStats {
         var s = a
-        s.accesses += b.accesses; s.writes += b.writes; s.tlbHits += b.tlbHits; s.walks += b.walks
+        s.accesses += b.accesses; s.writes += b.writes; s.tlbHits += b.tlbHits; s.blockTLBHits += b.blockTLBHits; s.walks += b.walks
         s.faults += b.faults
         for i in 0..<3 { s.mapped[i] += b.mapped[i] }
         s.mmioExits += b.mmioExits; s.readOnlyExits += b.readOnlyExits; s.permissionExits += b.permissionExits

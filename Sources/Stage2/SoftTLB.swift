@@ -16,7 +16,10 @@ public struct TLBEntry {
     }
 }
 
-/// A per-vCPU software TLB: direct-mapped, owned and touched only by its vCPU thread.
+/// A per-vCPU software TLB: two direct-mapped arrays, owned and touched only by its vCPU thread.
+/// The first caches 4 KiB frames and is probed inline on every access; the second caches 2 MiB
+/// regions of block mappings (2M blocks, and 1G blocks in 2M pieces), probed on a first-level miss,
+/// as CPUs keep a separate TLB for large pages.
 ///
 /// Other threads never write the entries. They post a flush request (a range) into the mailbox and
 /// wait for the vCPU to acknowledge it at its next safe point, or find it outside guest mode, in which
@@ -25,6 +28,9 @@ public final class SoftTLB: @unchecked Sendable {
     public static let entryCount = 4096
     @usableFromInline let entries: UnsafeMutablePointer<TLBEntry>
     @usableFromInline static let mask = UInt64(entryCount - 1)
+    public static let blockEntryCount = 512
+    @usableFromInline let blocks: UnsafeMutablePointer<TLBEntry>
+    @usableFromInline static let blockMask = UInt64(blockEntryCount - 1)
 
     // Mailbox.
     @usableFromInline let requestSeq = Atomic<UInt64>(0)
@@ -40,9 +46,14 @@ public final class SoftTLB: @unchecked Sendable {
     public init() {
         entries = .allocate(capacity: Self.entryCount)
         entries.initialize(repeating: TLBEntry(tag: 0, hostAndPermissions: 0), count: Self.entryCount)
+        blocks = .allocate(capacity: Self.blockEntryCount)
+        blocks.initialize(repeating: TLBEntry(tag: 0, hostAndPermissions: 0), count: Self.blockEntryCount)
     }
 
-    deinit { entries.deallocate() }
+    deinit {
+        entries.deallocate()
+        blocks.deallocate()
+    }
 
     /// Permissions as kept in an entry's low 12 bits: R and W at their descriptor positions (6, 7),
     /// X moved down from bit 53 to bit 8. A lookup's `required` uses the same encoding.
@@ -64,6 +75,23 @@ public final class SoftTLB: @unchecked Sendable {
     public func insert(_ gfn: GFN, host: HVA, permissions: Permissions) {
         entries[Int(truncatingIfNeeded: gfn.raw & Self.mask)] =
             TLBEntry(tag: gfn.raw &+ 1, hostAndPermissions: (host.raw & ~0xFFF) | Self.bits(permissions))
+    }
+
+    /// Second level: the host address for `gpa` from the 2 MiB block array; nil on a miss.
+    @inlinable @inline(__always)
+    public func lookupBlock(_ gpa: GPA, _ required: UInt64) -> UnsafeMutableRawPointer? {
+        let region = gpa.raw >> 21
+        let e = blocks[Int(truncatingIfNeeded: region & Self.blockMask)]
+        guard e.tag == region &+ 1, e.hostAndPermissions & required == required else { return nil }
+        return UnsafeMutableRawPointer(bitPattern: UInt(truncatingIfNeeded: (e.hostAndPermissions & ~0xFFF) | (gpa.raw & 0x1F_FFFF)))
+    }
+
+    /// Caches the 2 MiB region of a block mapping containing `gpa`, whose host address is `host`.
+    @inlinable @inline(__always)
+    public func insertBlock(_ gpa: GPA, host: HVA, permissions: Permissions) {
+        let region = gpa.raw >> 21
+        blocks[Int(truncatingIfNeeded: region & Self.blockMask)] =
+            TLBEntry(tag: region &+ 1, hostAndPermissions: (host.raw & ~0x1F_FFFF) | Self.bits(permissions))
     }
 
     /// Safe point: apply any flush posted since the last one. Cheap when there is none.
@@ -95,22 +123,31 @@ public final class SoftTLB: @unchecked Sendable {
         ackSeq.store(seq, ordering: .releasing)
     }
 
-    /// Drops the entries for frames [start, end), by probing each when the range is small.
+    /// Drops the entries for frames [start, end) from both arrays, probing each index when the range
+    /// is small and sweeping the array otherwise.
     func flush(gfnStart: UInt64, gfnEnd: UInt64) {
         flushes &+= 1
-        if gfnEnd - gfnStart <= UInt64(Self.entryCount / 4) {
-            var g = gfnStart
-            while g < gfnEnd {
-                let i = Int(truncatingIfNeeded: g & Self.mask)
-                if entries[i].tag == g &+ 1 { entries[i].tag = 0; entriesDropped &+= 1 }
-                g &+= 1
+        entriesDropped &+= Self.drop(entries, Self.entryCount, from: gfnStart, to: gfnEnd)
+        entriesDropped &+= Self.drop(blocks, Self.blockEntryCount, from: gfnStart >> 9, to: (gfnEnd + 511) >> 9)
+    }
+
+    private static func drop(_ array: UnsafeMutablePointer<TLBEntry>, _ count: Int, from start: UInt64, to end: UInt64) -> UInt64 {
+        var dropped: UInt64 = 0
+        let mask = UInt64(count - 1)
+        if end &- start <= UInt64(count / 4) {
+            var k = start
+            while k < end {
+                let i = Int(truncatingIfNeeded: k & mask)
+                if array[i].tag == k &+ 1 { array[i].tag = 0; dropped &+= 1 }
+                k &+= 1
             }
         } else {
-            for i in 0..<Self.entryCount where entries[i].tag != 0 {
-                entries[i].tag = 0
-                entriesDropped &+= 1
+            for i in 0..<count where array[i].tag != 0 {
+                let k = array[i].tag &- 1
+                if k >= start && k < end { array[i].tag = 0; dropped &+= 1 }
             }
         }
+        return dropped
     }
 
     /// Posts a flush of [gfnStart, gfnEnd) and returns the sequence number to wait for.

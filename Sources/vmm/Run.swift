@@ -22,6 +22,8 @@ struct Run: ParsableCommand {
     var workload: String = ""
     @Option(help: "How long to run (e.g. 2s); overrides count= in the workload.")
     var duration: Seconds?
+    @Flag(help: "Fault in all host memory before the run (MADV_POPULATE_WRITE), as -mem-prealloc does.")
+    var prealloc = false
     @Flag(help: "Print one JSON line with the results last.")
     var json = false
 
@@ -37,6 +39,7 @@ struct Run: ParsableCommand {
         if let duration { spec.stop = .duration(duration.value) }
         let vm = SoftVM(vcpus: vcpus)
         let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: memory.bytes, backing: backing)
+        if prealloc { try mem.populate() }
         print("soft VM: \(vcpus) vCPUs, \(formatBytes(memory.bytes)) \(backing) memory")
         print("workload: \(spec)")
         let stats = try vm.run(spec, timeout: runTimeout(spec))
@@ -89,7 +92,7 @@ struct RunReport {
 
     private func row(_ name: String, _ s: VCPUStats) -> String {
         let secs = Double(max(s.nanoseconds, 1)) / 1e9
-        let hit = s.accesses == 0 ? 0 : Double(s.tlbHits) / Double(s.accesses) * 100
+        let hit = s.accesses == 0 ? 0 : Double(s.tlbHits + s.blockTLBHits) / Double(s.accesses) * 100
         let cols: [String] = [
             name.padding(toLength: 4, withPad: " ", startingAt: 0),
             compact(Double(s.accesses)).leftPad(10),
@@ -111,7 +114,7 @@ struct RunReport {
         return jsonLine([
             ("command", "run"), ("backend", backend), ("workload", spec.description),
             ("vcpus", stats.count), ("accesses", t.accesses), ("writes", t.writes),
-            ("accesses_per_sec", Double(t.accesses) / secs), ("tlb_hits", t.tlbHits), ("walks", t.walks),
+            ("accesses_per_sec", Double(t.accesses) / secs), ("tlb_hits", t.tlbHits), ("block_tlb_hits", t.blockTLBHits), ("walks", t.walks),
             ("faults", t.faults), ("mapped_4k", t.mapped[0]), ("mapped_2m", t.mapped[1]), ("mapped_1g", t.mapped[2]),
             ("exits", t.exits), ("tlb_flushes", t.tlbFlushes), ("shootdowns", shootdowns),
             ("leaves_4k", census.leaves[3]), ("leaves_2m", census.leaves[2]), ("leaves_1g", census.leaves[1]),
