@@ -1,3 +1,4 @@
+import Glibc
 import GuestMemory
 import Stage2
 import Workload
@@ -10,12 +11,16 @@ public enum VCPUExit: Equatable, Sendable, CustomStringConvertible {
     case readOnlyWrite(GPA, slot: Int, size: Int, value: UInt64)
     /// A permission fault the MMU could not resolve.
     case permission(GPA, AccessKind, Descriptor)
+    /// The access was abandoned because the VM is stopping while its fault kept retrying
+    /// (an invalidation of the page had not ended), as KVM_RUN returns EINTR.
+    case interrupted(GPA, AccessKind)
 
     public var description: String {
         switch self {
         case let .mmio(g, a, s, v): return "MMIO \(a) of \(s) bytes at \(g)" + (v.map { " value 0x" + String($0, radix: 16) } ?? "")
         case let .readOnlyWrite(g, slot, s, _): return "write of \(s) bytes to read-only slot \(slot) at \(g)"
         case let .permission(g, a, d): return "permission fault: \(a) at \(g) (leaf \(d))"
+        case let .interrupted(g, a): return "\(a) at \(g) interrupted: the VM is stopping"
         }
     }
 }
@@ -35,6 +40,8 @@ public final class SoftVCPU: @unchecked Sendable {
     public var exitHandler: ExitHandler = { _ in ~0 }
     /// The last exit taken, for tests and reports.
     public private(set) var lastExit: VCPUExit?
+    /// The run's control while `run` is going: a fault that keeps retrying parks or gives up through it.
+    private var control: RunControl?
 
     public init(index: Int, mmu: Stage2MMU) {
         self.index = index
@@ -110,11 +117,13 @@ public final class SoftVCPU: @unchecked Sendable {
     /// Returns nil when the access must exit to the VMM (the exit is in `pendingExit`).
     @usableFromInline @inline(never)
     func slowPath(_ gpa: GPA, _ access: AccessKind) -> UnsafeMutableRawPointer? {
+        assert(tlb.isInGuest, "guest accesses run between enterGuest() and exitGuest()")
         let required = access.required.rawValue
         if let p = tlb.lookupBlock(gpa, SoftTLB.bits(access.required)) {
             stats.blockTLBHits &+= 1
             return p
         }
+        var retries = 0
         while true {
             stats.walks &+= 1
             if let t = mmu.translate(gpa), t.leaf.raw & required == required {
@@ -130,12 +139,20 @@ public final class SoftVCPU: @unchecked Sendable {
                 return (host + gpa.pageOffset).pointer
             }
             stats.faults &+= 1
+            let wasInGuest = tlb.isInGuest
             tlb.exitGuest()
-            let outcome = mmu.handleFault(gpa, access, cache: &cache)
-            tlb.enterGuest()
-            switch outcome {
+            defer { if wasInGuest { tlb.enterGuest() } }
+            switch mmu.handleFault(gpa, access, cache: &cache) {
             case let .mapped(size): stats.mapped[size.rawValue] &+= 1
-            case .retry: break
+            case .retry:
+                // An invalidation or a break-before-make is in flight: let its owner run, and do not
+                // keep a pause or a stop waiting on us meanwhile.
+                retries += 1
+                if retries > 8 { sched_yield() }
+                if let control, retries & 63 == 0 {
+                    if control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
+                    if control.pauseRequested { control.parkWhilePaused() }
+                }
             case let .mmio(g, a): pendingExit = .mmio(g, a, size: 0, value: nil); return nil
             case let .readOnlyWrite(g, slot): pendingExit = .readOnlyWrite(g, slot: slot, size: 0, value: 0); return nil
             case let .permission(g, a, d): pendingExit = .permission(g, a, d); return nil
@@ -152,14 +169,14 @@ public final class SoftVCPU: @unchecked Sendable {
         switch e {
         case .mmio: e = .mmio(gpa, access, size: size, value: access == .write ? value : nil); stats.mmioExits &+= 1
         case let .readOnlyWrite(_, slot, _, _): e = .readOnlyWrite(gpa, slot: slot, size: size, value: value); stats.readOnlyExits &+= 1
-        case .permission: stats.permissionExits &+= 1
+        case .permission, .interrupted: stats.permissionExits &+= 1
         }
         pendingExit = nil
         lastExit = e
+        let wasInGuest = tlb.isInGuest
         tlb.exitGuest()
-        let v = exitHandler(e)
-        tlb.enterGuest()
-        return v
+        defer { if wasInGuest { tlb.enterGuest() } }
+        return exitHandler(e)
     }
 
     /// Runs `workload` until it ends or `control` stops it. Stores write a per-vCPU sequence number
@@ -178,6 +195,8 @@ public final class SoftVCPU: @unchecked Sendable {
         var done: UInt64 = 0
         var seq = UInt64(index) << 48
         let nanosPerAccess = workload.rate.map { 1e9 / Double($0) }
+        self.control = control
+        defer { self.control = nil }
         enterGuest()
         while done < limit {
             let n = min(batch, limit - done)
@@ -197,6 +216,7 @@ public final class SoftVCPU: @unchecked Sendable {
                 exitGuest()
                 control.parkWhilePaused()
                 stats.pauses &+= 1
+                if control.stopRequested { break }
                 enterGuest()
             }
             let now = monotonicNanos()

@@ -31,20 +31,10 @@ public struct BreakBeforeMake: @unchecked Sendable {
         ctx.entry.store(new)
     }
 
-    /// Queues `table` and every table below it for freeing once no walker can reach them.
+    /// Queues `table` (at `level`) and everything below it for freeing once no walker can reach them.
+    /// The subtree is collected only then: a shared walker may still be adding to it now.
     public func retireSubtree(_ table: DescriptorTable, level: Int) {
-        var out: [DescriptorTable] = []
-        collect(table, level: level, into: &out)
-        retired.add(out)
-    }
-
-    private func collect(_ t: DescriptorTable, level: Int, into out: inout [DescriptorTable]) {
-        out.append(t)
-        guard level < 3 else { return }
-        for i in 0..<DescriptorTable.entries {
-            let d = t.load(i)
-            if d.isTable(level: level) { collect(d.tablePointer, level: level + 1, into: &out) }
-        }
+        retired.add(table, level: level)
     }
 }
 
@@ -52,9 +42,25 @@ public struct BreakBeforeMake: @unchecked Sendable {
 /// the MMU write lock (no host walker inside) after a TLB shootdown (no vCPU mid-walk): an RCU grace
 /// period whose quiescent states are the vCPUs' safe points.
 public final class RetireList: @unchecked Sendable {
-    private let tables = Mutex<[DescriptorTable]>([])
+    private let tables = Mutex<[(DescriptorTable, Int)]>([])
     public init() {}
-    public func add(_ t: [DescriptorTable]) { tables.withLock { $0.append(contentsOf: t) } }
+    public func add(_ t: DescriptorTable, level: Int) { tables.withLock { $0.append((t, level)) } }
     public var count: Int { tables.withLock { $0.count } }
-    func take() -> [DescriptorTable] { tables.withLock { t in defer { t = [] }; return t } }
+
+    /// Every retired table and the tables below it. Only when no walker can be inside them.
+    func takeSubtrees() -> [DescriptorTable] {
+        let roots = tables.withLock { t in defer { t = [] }; return t }
+        var out: [DescriptorTable] = []
+        for (t, level) in roots { Self.collect(t, level: level, into: &out) }
+        return out
+    }
+
+    private static func collect(_ t: DescriptorTable, level: Int, into out: inout [DescriptorTable]) {
+        out.append(t)
+        guard level < 3 else { return }
+        for i in 0..<DescriptorTable.entries {
+            let d = t.load(i)
+            if d.isTable(level: level) { collect(d.tablePointer, level: level + 1, into: &out) }
+        }
+    }
 }

@@ -106,6 +106,9 @@ public final class SoftTLB: @unchecked Sendable {
         if requestSeq.load(ordering: .sequentiallyConsistent) != seenSeq { serviceFlush() }
     }
 
+    /// Whether the owner is in guest mode (read by the owner thread only).
+    public var isInGuest: Bool { inGuest.load(ordering: .relaxed) }
+
     /// Marks the vCPU as outside guest mode (in a fault, an exit, paused): shootdowns need not wait for it.
     public func exitGuest() {
         inGuest.store(false, ordering: .releasing)

@@ -77,7 +77,7 @@ public final class Stage2MMU: @unchecked Sendable {
     deinit {
         lock.lockExclusive()
         _ = unmapLocked(GPARange(start: GPA(0), end: GPA(1 << UInt64(ipaBits))))
-        allocator.free([root] + retired.take())
+        allocator.free([root] + retired.takeSubtrees())
         lock.unlock()
     }
 
@@ -133,7 +133,9 @@ public final class Stage2MMU: @unchecked Sendable {
     /// Runs a visitor over `range`. The caller holds `lock` (shared for a shared walk).
     @inlinable @discardableResult
     public func walk<V: Stage2Visitor>(_ range: GPARange, shared: Bool, _ visitor: inout V) -> Bool {
-        walkStage2(root: root, startLevel: startLevel, range: range, shared: shared, &visitor)
+        // Past the IPA size the table indices would wrap around to low addresses.
+        let r = range.clamped(to: GPARange(start: GPA(0), end: GPA(1 << UInt64(ipaBits))))
+        return walkStage2(root: root, startLevel: startLevel, range: r, shared: shared, &visitor)
     }
 
     /// Shoots down a touched range from every vCPU TLB.
@@ -143,7 +145,7 @@ public final class Stage2MMU: @unchecked Sendable {
 
     /// Frees retired tables. Only under the exclusive lock, after a shootdown.
     func reclaim() {
-        allocator.free(retired.take())
+        allocator.free(retired.takeSubtrees())
     }
 
     /// Maps `range` to host memory starting at `output` with leaves of `size` (exclusive).
@@ -151,12 +153,14 @@ public final class Stage2MMU: @unchecked Sendable {
                     cache: inout TableCache) {
         precondition(range.start.isAligned(to: size.bytes) && range.size % size.bytes == 0 && output.isAligned(to: size.bytes),
                      "map: range and output must be aligned to the leaf size")
+        precondition(range.end.raw <= 1 << UInt64(ipaBits), "map: range \(range) beyond the \(ipaBits)-bit IPA space")
         lock.lockExclusive()
         defer { lock.unlock() }
         var v = MapVisitor(start: range.start, output: output, size: size,
                            attributes: permissions.rawValue | Descriptor.accessFlag, ops: bbm, cache: cache)
         _ = walk(range, shared: false, &v)
         cache = v.cache
+        flush(v.touched)
         reclaim()
     }
 
@@ -273,11 +277,6 @@ public final class Stage2MMU: @unchecked Sendable {
 
         guard let slot = slotTable.lookup(gpa) else { return .mmio(gpa, access) }
         if access == .write && slot.flags.contains(.readOnly) { return .readOnlyWrite(gpa, slot: slot.id) }
-        let hva = slot.hva(for: gpa)
-        // An invalidation of this page began or completed since we started: our view may be stale.
-        if invalidatesInProgress > 0 && invalidateRange.overlaps(HVARange(start: hva, size: 1)) { return .retry }
-        if invalidateSeq.load(ordering: .acquiring) != seq { return .retry }
-
         let permissions: Permissions = slot.flags.contains(.readOnly) ? [.read, .execute] : .all
         if let t = translate(gpa) {
             // Permission fault, or a spurious one: another vCPU already fixed the leaf.
@@ -291,6 +290,12 @@ public final class Stage2MMU: @unchecked Sendable {
 
         let size = Self.mappingSize(for: gpa, in: slot)
         let blockStart = gpa.alignedDown(to: size.bytes)
+        // An invalidation of any host page the new leaf would map began or completed since we
+        // started: our view may be stale.
+        let hvaRange = HVARange(start: slot.hva(for: blockStart), size: size.bytes)
+        if invalidatesInProgress > 0 && invalidateRange.overlaps(hvaRange) { return .retry }
+        if invalidateSeq.load(ordering: .acquiring) != seq { return .retry }
+
         var v = MapVisitor(start: blockStart, output: slot.hva(for: blockStart), size: size,
                            attributes: permissions.rawValue | Descriptor.accessFlag, ops: bbm, cache: cache)
         walk(GPARange(start: blockStart, size: size.bytes), shared: true, &v)

@@ -144,9 +144,11 @@ public func walkStage2<V: Stage2Visitor>(root: DescriptorTable, startLevel: Int,
                 let i = parentIndex[level]
                 let e = table.entry(i)
                 let pbase = (done ? base : addr &- 1) & ~(Stage2Geometry.entrySize(level) - 1)
-                if case .stop = visitor.visitTablePost(VisitContext(entry: e, old: e.load(), addr: GPA(pbase), level: level, shared: shared)) {
-                    return false
+                var post = VisitResult.retry
+                while case .retry = post {
+                    post = visitor.visitTablePost(VisitContext(entry: e, old: e.load(), addr: GPA(pbase), level: level, shared: shared))
                 }
+                if case .stop = post { return false }
             }
         }
         if done || (level == startLevel && Stage2Geometry.index(addr, level) == 0) { return true }

@@ -32,6 +32,7 @@ struct Run: ParsableCommand {
             throw ValidationError("backend '\(backend)' is not available in this build; use --backend soft")
         }
         guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1...64") }
+        guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4 KiB (got \(memory.bytes) bytes)") }
     }
 
     func run() throws {

@@ -1,3 +1,4 @@
+import Foundation
 import Synchronization
 import Testing
 @testable import GuestMemory
@@ -136,6 +137,66 @@ import Testing
         mmu.invalidateRangeEnd(part)
         #expect(mmu.handleFault(GPA(0x3000), .read, cache: &cache) == .mapped(.size4K))
         #expect(mmu.invalidationSequence == 2)
+        cache.drain()
+    }
+
+    /// The in-progress check covers every host page the new leaf would map, not just the faulting one.
+    @Test func blockFaultNextToAnInvalidatedPageWaits() throws {
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let mem = try HostMemory(size: 4 << 20, backing: .thp)
+        try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
+        let page = HVARange(start: mem.base + 0x1000, size: 4096)
+        mmu.invalidateRangeStart(page)
+        #expect(mmu.handleFault(GPA(0x10_0000), .write, cache: &cache) == .retry)
+        #expect(mmu.translate(GPA(0x1000)) == nil, "a 2M block over a page under invalidation must wait")
+        #expect(mmu.handleFault(GPA(0x30_0000), .write, cache: &cache) == .mapped(.size2M))
+        mmu.invalidateRangeEnd(page)
+        #expect(mmu.handleFault(GPA(0x10_0000), .write, cache: &cache) == .mapped(.size2M))
+        cache.drain()
+    }
+
+    /// A fault that finds the page already mapped leaves the leaf alone: it must not undo a write
+    /// protection that happened between its walk and its map.
+    @Test func sharedMapDoesNotRewriteAnExistingLeaf() throws {
+        let (mmu, mem) = try makeMMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .all, cache: &cache)
+        _ = mmu.protect(GPARange(start: GPA(0), size: 4096), set: Descriptor.swLogged, clear: Descriptor.write)
+        var v = MapVisitor(start: GPA(0), output: mem.base, size: .size4K,
+                           attributes: Permissions.all.rawValue | Descriptor.accessFlag, ops: mmu.bbm, cache: cache)
+        mmu.lock.shared { _ = mmu.walk(GPARange(start: GPA(0), size: 4096), shared: true, &v) }
+        cache = v.cache
+        let d = try #require(mmu.translate(GPA(0))).leaf
+        #expect(!d.has(Descriptor.write) && d.has(Descriptor.swLogged))
+        cache.drain()
+    }
+
+    @Test func explicitMapRemovingAPermissionShootsItDown() throws {
+        let (mmu, mem) = try makeMMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        let tlb = SoftTLB()
+        mmu.tlbs.register(tlb)
+        defer { mmu.tlbs.unregister(tlb) }
+        mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .all, cache: &cache)
+        tlb.enterGuest()
+        tlb.insert(GFN(0), host: mem.base, permissions: .all)
+        let stop = Thread_spawn { tlb.safePoint() }
+        mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .read, cache: &cache)
+        stop()
+        #expect(tlb.lookup(GPA(0), Descriptor.write) == nil, "a write permission removed by map must leave the TLB")
+        tlb.exitGuest()
+        cache.drain()
+    }
+
+    @Test func walksStopAtTheIPALimit() throws {
+        let mmu = Stage2MMU(ipaBits: 39)
+        let mem = try HostMemory(size: 1 << 20, backing: .pages4K)
+        var cache = TableCache(allocator: mmu.allocator)
+        mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .all, cache: &cache)
+        #expect(mmu.unmap(GPARange(start: GPA(1 << 39), size: 1 << 20)) == 0)
+        #expect(mmu.protect(GPARange(start: GPA(1 << 39), size: 4096), clear: Descriptor.write) == 0)
+        #expect(mmu.translate(GPA(0))?.leaf.permissions == .all, "GPA 2^39 must not alias GPA 0")
         cache.drain()
     }
 

@@ -15,6 +15,8 @@ public struct MapVisitor: Stage2Visitor {
     /// Leaves written and tables created, for the caller.
     public private(set) var leavesInstalled = 0
     public private(set) var tablesCreated = 0
+    /// Leaves whose permissions were reduced in place: the caller flushes them from the TLBs.
+    public private(set) var touched = TouchedRange()
 
     public init(start: GPA, output: HVA, size: PageSize, attributes: UInt64, ops: BreakBeforeMake, cache: TableCache) {
         self.start = start
@@ -48,10 +50,15 @@ public struct MapVisitor: Stage2Visitor {
             if !old.isValid {
                 guard ctx.update(new) else { return .retry }
             } else if old.output == new.output {
-                // Same page, new attributes: no break needed (a permission change is atomic).
-                // Keep the access flag a vCPU may have set.
+                // Already mapped. A fault (shared walk) leaves it alone: whoever mapped it, or
+                // write-protected it since, decided its attributes, and widening them is the
+                // permission-fault path's job.
+                if ctx.shared { return .proceed }
+                // An explicit map sets the attributes in place (no break needed), keeping the access
+                // flag a vCPU may have set; a removed permission must leave the TLBs.
                 let merged = new.setting(old.raw & Descriptor.accessFlag)
                 guard ctx.update(merged) else { return .retry }
+                if old.permissions.subtracting(merged.permissions) != [] { touched.add(ctx.range) }
             } else {
                 guard ops.breakEntry(ctx) else { return .retry }
                 ops.make(ctx, new)

@@ -69,16 +69,18 @@ public struct CollapseVisitor: Stage2Visitor {
         guard first.isLeaf(level: childLevel), first.output.isAligned(to: ctx.size) else { return .proceed }
         // Attributes that must agree; the access flag and software bookkeeping may differ.
         let mustMatch = Descriptor.read | Descriptor.write | Descriptor.execute | Descriptor.dbm | Descriptor.swLogged
-        var anyYoung = false
+        var anyYoung = false, anyDirty = false
         for i in 0..<DescriptorTable.entries {
             let d = child.load(i)
             guard d.isLeaf(level: childLevel),
                   d.output == first.output + UInt64(i) * childSize,
                   d.raw & mustMatch == first.raw & mustMatch else { return .proceed }
             anyYoung = anyYoung || d.has(Descriptor.accessFlag)
+            anyDirty = anyDirty || d.has(Descriptor.swDirty)
         }
         var attributes = first.raw & mustMatch
         if anyYoung { attributes |= Descriptor.accessFlag }
+        if anyDirty { attributes |= Descriptor.swDirty }
         guard ops.breakEntry(ctx) else { return .retry }
         ops.retireSubtree(child, level: childLevel)
         ops.make(ctx, .leaf(first.output, level: ctx.level, attributes: attributes))

@@ -28,7 +28,7 @@ public struct UnmapVisitor: Stage2Visitor {
         guard ctx.old.isTable(level: ctx.level), child.isEmpty else { return .proceed }
         ctx.entry.store(.invalid)
         touched.add(ctx.range)
-        ops.retired.add([child])
+        ops.retireSubtree(child, level: ctx.level + 1)
         return .proceed
     }
 }
