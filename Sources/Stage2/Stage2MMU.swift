@@ -93,12 +93,14 @@ public final class Stage2MMU: @unchecked Sendable {
         return try slotTable.add(id: id, gpa: gpa, size: size, memory: memory, memoryOffset: memoryOffset, flags: flags)
     }
 
-    /// Deletes a slot: its range is unmapped and flushed before this returns, so no vCPU can reach it.
+    /// Deletes a slot: its range is unmapped and flushed before this returns, so no vCPU can reach it,
+    /// and the notifier sequence moves on, so a fault that began before cannot install from it.
     public func deleteSlot(id: Int) throws(GuestMemoryError) {
         lock.lockExclusive()
         defer { lock.unlock() }
         let old = try slotTable.delete(id: id)
         _ = unmapLocked(old.gpaRange)
+        invalidateSeq.add(1, ordering: .releasing)
     }
 
     /// Moves a slot to a new guest-physical base; the old range is unmapped first.
@@ -107,6 +109,7 @@ public final class Stage2MMU: @unchecked Sendable {
         defer { lock.unlock() }
         let old = try slotTable.move(id: id, to: gpa)
         _ = unmapLocked(old.gpaRange)
+        invalidateSeq.add(1, ordering: .releasing)
     }
 
     /// Sets a slot's flags. Making a slot read-only write-protects its mappings before returning.

@@ -10,18 +10,14 @@ struct Demo: ParsableCommand {
         abstract: "Run a workload on the soft backend, disturb it (pause, discard memory), and report."
     )
 
-    @Option(help: "Guest memory size.")
-    var memory: ByteSize = ByteSize(argument: "512M")!
-    @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
-    var backing: Backing = .thp
-    @Option(help: "Number of vCPUs.")
-    var vcpus: Int = 2
+    @OptionGroup var guest: GuestOptions
     @Option(help: "Seconds to run.")
     var duration: Seconds = Seconds(argument: "2s")!
     @Flag(help: "Print one JSON line with the results last.")
     var json = false
 
     func run() throws {
+        let (memory, backing, vcpus) = (guest.memory, guest.backing, guest.vcpus)
         let vm = SoftVM(vcpus: vcpus)
         let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: memory.bytes, backing: backing)
         // Preallocate, so the run shows the MMU rather than the host's own first-touch faults

@@ -5,6 +5,21 @@ import Workload
 
 extension Backing: ExpressibleByArgument {}
 
+/// The guest every running command builds: memory, its backing, vCPUs.
+struct GuestOptions: ParsableArguments {
+    @Option(help: "Guest memory size (e.g. 256M, 1G).")
+    var memory: ByteSize = ByteSize(argument: "512M")!
+    @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
+    var backing: Backing = .thp
+    @Option(help: "Number of vCPUs (1-64).")
+    var vcpus: Int = 2
+
+    func validate() throws {
+        guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1...64") }
+        guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4 KiB (got \(memory.bytes) bytes)") }
+    }
+}
+
 /// A size like 1G, 256M, 4096.
 struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
     let bytes: UInt64

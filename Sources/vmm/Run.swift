@@ -12,12 +12,7 @@ struct Run: ParsableCommand {
 
     @Option(help: "Backend: soft (our MMU and software vCPUs).")
     var backend: String = "soft"
-    @Option(help: "Guest memory size (e.g. 256M, 1G).")
-    var memory: ByteSize = ByteSize(argument: "256M")!
-    @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
-    var backing: Backing = .thp
-    @Option(help: "Number of vCPUs.")
-    var vcpus: Int = 2
+    @OptionGroup var guest: GuestOptions
     @Option(help: "Workload spec, e.g. pattern=zipf:0.99,ws=128M,write=0.3,size=8,seed=7 (ws defaults to all memory).")
     var workload: String = ""
     @Option(help: "How long to run (e.g. 2s); overrides count= in the workload.")
@@ -31,17 +26,15 @@ struct Run: ParsableCommand {
         guard backend == "soft" else {
             throw ValidationError("backend '\(backend)' is not available in this build; use --backend soft")
         }
-        guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1...64") }
-        guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4 KiB (got \(memory.bytes) bytes)") }
     }
 
     func run() throws {
-        var spec = try parseWorkload(workload, memory: memory.bytes)
+        var spec = try parseWorkload(workload, memory: guest.memory.bytes)
         if let duration { spec.stop = .duration(duration.value) }
-        let vm = SoftVM(vcpus: vcpus)
-        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: memory.bytes, backing: backing)
+        let vm = SoftVM(vcpus: guest.vcpus)
+        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: guest.memory.bytes, backing: guest.backing)
         if prealloc { try mem.populate() }
-        print("soft VM: \(vcpus) vCPUs, \(formatBytes(memory.bytes)) \(backing) memory")
+        print("soft VM: \(guest.vcpus) vCPUs, \(guest.memory) \(guest.backing) memory")
         print("workload: \(spec)")
         let stats = try vm.run(spec, timeout: runTimeout(spec))
         let report = RunReport(stats: stats, census: vm.mmu.census(), backing: mem.report(),
