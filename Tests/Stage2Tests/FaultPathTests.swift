@@ -21,6 +21,28 @@ import Testing
         cache.drain()
     }
 
+    /// hugetlb backings map blocks of their page size. Needs pages reserved in
+    /// /proc/sys/vm/nr_hugepages (.ci/run reserves some); without them this says so loudly.
+    @Test(arguments: [Backing.hugetlb2M, .hugetlb1G])
+    func hugetlbSlotsGetBlocksOfTheirPageSize(backing: Backing) throws {
+        let size = backing.hostPageSize.bytes * 2
+        let memory: HostMemory
+        do {
+            memory = try HostMemory(size: size, backing: backing)
+        } catch {
+            print("SKIPPED hugetlb fault-path test for \(backing): \(error)")
+            return
+        }
+        let mmu = Stage2MMU()
+        var cache = TableCache(allocator: mmu.allocator)
+        try mmu.addSlot(id: 0, gpa: GPA(4 << 30), size: size, memory: memory)
+        let gpa = GPA((4 << 30) + backing.hostPageSize.bytes + 0x5123)
+        #expect(mmu.handleFault(gpa, .write, cache: &cache) == .mapped(backing.hostPageSize))
+        #expect(mmu.translate(gpa)?.hostPage(for: gpa) == memory.base + backing.hostPageSize.bytes + 0x5000)
+        #expect(memory.report().hugetlb > 0 || memory.report().kernelPageSize == backing.hostPageSize.bytes)
+        cache.drain()
+    }
+
     @Test func mappingSizeRespectsBackingSlotBoundsAndCongruence() {
         func slot(_ gpa: UInt64, _ size: UInt64, _ hva: UInt64, _ b: Backing, _ f: MemslotFlags = []) -> Memslot {
             Memslot(id: 0, gpaRange: GPARange(start: GPA(gpa), size: size), hvaStart: HVA(hva), backing: b, flags: f)
