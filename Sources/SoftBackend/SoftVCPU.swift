@@ -169,7 +169,8 @@ public final class SoftVCPU: @unchecked Sendable {
         switch e {
         case .mmio: e = .mmio(gpa, access, size: size, value: access == .write ? value : nil); stats.mmioExits &+= 1
         case let .readOnlyWrite(_, slot, _, _): e = .readOnlyWrite(gpa, slot: slot, size: size, value: value); stats.readOnlyExits &+= 1
-        case .permission, .interrupted: stats.permissionExits &+= 1
+        case .permission: stats.permissionExits &+= 1
+        case .interrupted: stats.interruptedExits &+= 1
         }
         pendingExit = nil
         lastExit = e

@@ -11,10 +11,12 @@ public struct VCPUStats: Sendable, Equatable {
     public var faults: UInt64 = 0
     /// Faults that installed a leaf, by size (4K, 2M, 1G).
     public var mapped: [UInt64] = [0, 0, 0]
-    /// Exits to the VMM: MMIO, write to a read-only slot, unresolved permission fault.
+    /// Exits to the VMM: MMIO, write to a read-only slot, unresolved permission fault, and an access
+    /// abandoned because the VM stopped while its fault was retrying.
     public var mmioExits: UInt64 = 0
     public var readOnlyExits: UInt64 = 0
     public var permissionExits: UInt64 = 0
+    public var interruptedExits: UInt64 = 0
     /// TLB flushes this vCPU applied, and entries they dropped.
     public var tlbFlushes: UInt64 = 0
     public var tlbEntriesDropped: UInt64 = 0
@@ -23,14 +25,14 @@ public struct VCPUStats: Sendable, Equatable {
 
     public init() {}
 
-    public var exits: UInt64 { mmioExits + readOnlyExits + permissionExits }
+    public var exits: UInt64 { mmioExits + readOnlyExits + permissionExits + interruptedExits }
 
     public static func + (a: VCPUStats, b: VCPUStats) -> VCPUStats {
         var s = a
         s.accesses += b.accesses; s.writes += b.writes; s.tlbHits += b.tlbHits; s.blockTLBHits += b.blockTLBHits; s.walks += b.walks
         s.faults += b.faults
         for i in 0..<3 { s.mapped[i] += b.mapped[i] }
-        s.mmioExits += b.mmioExits; s.readOnlyExits += b.readOnlyExits; s.permissionExits += b.permissionExits
+        s.mmioExits += b.mmioExits; s.readOnlyExits += b.readOnlyExits; s.permissionExits += b.permissionExits; s.interruptedExits += b.interruptedExits
         s.tlbFlushes += b.tlbFlushes; s.tlbEntriesDropped += b.tlbEntriesDropped; s.pauses += b.pauses
         s.nanoseconds = max(s.nanoseconds, b.nanoseconds)
         return s

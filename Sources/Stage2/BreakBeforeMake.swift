@@ -45,7 +45,6 @@ public final class RetireList: @unchecked Sendable {
     private let tables = Mutex<[(DescriptorTable, Int)]>([])
     public init() {}
     public func add(_ t: DescriptorTable, level: Int) { tables.withLock { $0.append((t, level)) } }
-    public var count: Int { tables.withLock { $0.count } }
 
     /// Every retired table and the tables below it. Only when no walker can be inside them.
     func takeSubtrees() -> [DescriptorTable] {

@@ -62,7 +62,6 @@ public final class TableAllocator: @unchecked Sendable {
     }
     private let pool = Mutex(Pool())
     private let inUse = Atomic<Int>(0)
-    private let peak = Atomic<Int>(0)
     static let chunkBytes = 2 << 20
 
     public init() {}
@@ -74,7 +73,6 @@ public final class TableAllocator: @unchecked Sendable {
     /// Tables currently handed out.
     public var tablesInUse: Int { inUse.load(ordering: .relaxed) }
     public var bytesInUse: UInt64 { UInt64(tablesInUse * DescriptorTable.bytes) }
-    public var peakBytes: UInt64 { UInt64(peak.load(ordering: .relaxed) * DescriptorTable.bytes) }
 
     /// Hands out `count` zeroed tables.
     public func allocate(_ count: Int, into out: inout [UnsafeMutableRawPointer]) {
@@ -83,13 +81,7 @@ public final class TableAllocator: @unchecked Sendable {
             out.append(contentsOf: p.free.suffix(count))
             p.free.removeLast(count)
         }
-        let now = inUse.add(count, ordering: .relaxed).newValue
-        var old = peak.load(ordering: .relaxed)
-        while now > old {
-            let r = peak.compareExchange(expected: old, desired: now, ordering: .relaxed)
-            if r.exchanged { break }
-            old = r.original
-        }
+        inUse.add(count, ordering: .relaxed)
     }
 
     public func allocate() -> DescriptorTable {
@@ -131,8 +123,6 @@ public struct TableCache {
         self.allocator = allocator
         tables.reserveCapacity(64)
     }
-
-    public var available: Int { tables.count }
 
     public mutating func topUp(to n: Int) {
         if tables.count < n { allocator.allocate(n - tables.count, into: &tables) }

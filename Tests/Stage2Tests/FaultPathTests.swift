@@ -203,7 +203,7 @@ import Testing
         mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .all, cache: &cache)
         tlb.enterGuest()
         tlb.insert(GFN(0), host: mem.base, permissions: .all)
-        let stop = Thread_spawn { tlb.safePoint() }
+        let stop = repeatInBackground { tlb.safePoint() }
         mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .read, cache: &cache)
         stop()
         #expect(tlb.lookup(GPA(0), Descriptor.write) == nil, "a write permission removed by map must leave the TLB")

@@ -130,7 +130,7 @@ import Testing
         tlb.enterGuest()
         // Remap one 4K page elsewhere: the block is broken (with a shootdown), a table replaces it.
         let shootdowns = mmu.tlbs.shootdowns
-        let done = Thread_spawn { tlb.safePoint() }
+        let done = repeatInBackground { tlb.safePoint() }
         mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base + (4 << 20), size: .size4K, permissions: .all, cache: &cache)
         done()
         tlb.safePoint()
@@ -145,7 +145,7 @@ import Testing
 
 /// Keeps calling `body` on another thread until the returned function is called (so a vCPU keeps
 /// reaching safe points while the test thread waits for a shootdown).
-func Thread_spawn(_ body: @escaping @Sendable () -> Void) -> () -> Void {
+func repeatInBackground(_ body: @escaping @Sendable () -> Void) -> () -> Void {
     final class Flag: @unchecked Sendable {
         let stop = Atomic<Bool>(false)
         let done = NSCondition()
