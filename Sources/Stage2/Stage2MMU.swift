@@ -122,8 +122,10 @@ public final class Stage2MMU: @unchecked Sendable {
             _ = walk(old.gpaRange, shared: false, &v)
             flush(v.touched)
         }
-        if flags.contains(.dirtyLogging) != old.flags.contains(.dirtyLogging) {
-            // Logging slots are mapped at 4 KiB (see mappingSize); drop blocks so they fault back small.
+        if flags.contains(.dirtyLogging) && !old.flags.contains(.dirtyLogging) {
+            // Logging slots are mapped at 4 KiB (see mappingSize); drop the mappings so they fault
+            // back small. When logging stops, later faults re-form blocks (MapVisitor replaces a
+            // table where a block now fits).
             var v = UnmapVisitor(ops: bbm)
             _ = walk(old.gpaRange, shared: false, &v)
             flush(v.touched)
