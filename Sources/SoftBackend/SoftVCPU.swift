@@ -11,6 +11,8 @@ public enum VCPUExit: Equatable, Sendable, CustomStringConvertible {
     case readOnlyWrite(GPA, slot: Int, size: Int, value: UInt64)
     /// A permission fault the MMU could not resolve.
     case permission(GPA, AccessKind, Descriptor)
+    /// The vCPU's dirty ring is full; it waits for the VMM to harvest and reset the rings.
+    case dirtyRingFull
     /// The access was abandoned because the VM is stopping while its fault kept retrying
     /// (an invalidation of the page had not ended), as KVM_RUN returns EINTR.
     case interrupted(GPA, AccessKind)
@@ -21,6 +23,7 @@ public enum VCPUExit: Equatable, Sendable, CustomStringConvertible {
         case let .readOnlyWrite(g, slot, s, _): return "write of \(s) bytes to read-only slot \(slot) at \(g)"
         case let .permission(g, a, d): return "permission fault: \(a) at \(g) (leaf \(d))"
         case let .interrupted(g, a): return "\(a) at \(g) interrupted: the VM is stopping"
+        case .dirtyRingFull: return "dirty ring full"
         }
     }
 }
@@ -34,6 +37,8 @@ public final class SoftVCPU: @unchecked Sendable {
     public let index: Int
     public let mmu: Stage2MMU
     public let tlb = SoftTLB()
+    /// This vCPU's dirty ring (used when a slot logs with the ring strategy).
+    public let ring: DirtyRing
     public var cache: TableCache
     public var stats = VCPUStats()
     /// Handles exits; by default reads from unclaimed addresses return all ones and writes are dropped.
@@ -43,15 +48,18 @@ public final class SoftVCPU: @unchecked Sendable {
     /// The run's control while `run` is going: a fault that keeps retrying parks or gives up through it.
     private var control: RunControl?
 
-    public init(index: Int, mmu: Stage2MMU) {
+    public init(index: Int, mmu: Stage2MMU, ringCapacity: Int = 4096) {
         self.index = index
         self.mmu = mmu
         self.cache = TableCache(allocator: mmu.allocator)
+        self.ring = DirtyRing(capacity: ringCapacity)
         mmu.tlbs.register(tlb)
+        mmu.register(ring)
     }
 
     deinit {
         mmu.tlbs.unregister(tlb)
+        mmu.unregister(ring)
         cache.drain()
     }
 
@@ -126,15 +134,17 @@ public final class SoftVCPU: @unchecked Sendable {
         var retries = 0
         while true {
             stats.walks &+= 1
-            if let t = mmu.translate(gpa), t.leaf.raw & required == required {
+            if let t = mmu.translate(gpa), t.leaf.raw & required == required || dirtyBitModifier(t, access) {
                 if !t.leaf.has(Descriptor.accessFlag) {
                     _ = t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.accessFlag))
                 }
                 let host = t.hostPage(for: gpa)
+                // After a DBM update the leaf (as read) lacks W; the entry we cached now has it.
+                let permissions = access == .write ? t.leaf.permissions.union(.write) : t.leaf.permissions
                 if t.level < 3 {
-                    tlb.insertBlock(gpa, host: host, permissions: t.leaf.permissions)
+                    tlb.insertBlock(gpa, host: host, permissions: permissions)
                 } else {
-                    tlb.insert(gpa.gfn, host: host, permissions: t.leaf.permissions)
+                    tlb.insert(gpa.gfn, host: host, permissions: permissions)
                 }
                 return (host + gpa.pageOffset).pointer
             }
@@ -142,7 +152,7 @@ public final class SoftVCPU: @unchecked Sendable {
             let wasInGuest = tlb.isInGuest
             tlb.exitGuest()
             defer { if wasInGuest { tlb.enterGuest() } }
-            switch mmu.handleFault(gpa, access, cache: &cache) {
+            switch mmu.handleFault(gpa, access, cache: &cache, ring: ring) {
             case let .mapped(size): stats.mapped[size.rawValue] &+= 1
             case .retry:
                 // An invalidation or a break-before-make is in flight: let its owner run, and do not
@@ -156,8 +166,25 @@ public final class SoftVCPU: @unchecked Sendable {
             case let .mmio(g, a): pendingExit = .mmio(g, a, size: 0, value: nil); return nil
             case let .readOnlyWrite(g, slot): pendingExit = .readOnlyWrite(g, slot: slot, size: 0, value: 0); return nil
             case let .permission(g, a, d): pendingExit = .permission(g, a, d); return nil
+            case .dirtyRingFull:
+                // Exit to the VMM (which may harvest and reset), then wait for room.
+                stats.ringFullExits &+= 1
+                lastExit = .dirtyRingFull
+                _ = exitHandler(.dirtyRingFull)
+                while !ring.waitForRoom(timeout: 0.05) {
+                    if let control, control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
+                    if let control, control.pauseRequested { control.parkWhilePaused() }
+                }
             }
         }
+    }
+
+    /// The hardware dirty-bit modifier: a write to a writable-clean (DBM) 4 KiB leaf sets W itself, by
+    /// compare-and-swap, without a fault. True if the leaf is now dirty and writable.
+    @inline(__always)
+    func dirtyBitModifier(_ t: Translation, _ access: AccessKind) -> Bool {
+        guard access == .write, t.leaf.has(Descriptor.dbm), t.leaf.has(Descriptor.read) else { return false }
+        return t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.write | Descriptor.accessFlag))
     }
 
     @usableFromInline var pendingExit: VCPUExit?
@@ -170,7 +197,7 @@ public final class SoftVCPU: @unchecked Sendable {
         case .mmio: e = .mmio(gpa, access, size: size, value: access == .write ? value : nil); stats.mmioExits &+= 1
         case let .readOnlyWrite(_, slot, _, _): e = .readOnlyWrite(gpa, slot: slot, size: size, value: value); stats.readOnlyExits &+= 1
         case .permission: stats.permissionExits &+= 1
-        case .interrupted: stats.interruptedExits &+= 1
+        case .interrupted, .dirtyRingFull: stats.interruptedExits &+= 1
         }
         pendingExit = nil
         lastExit = e

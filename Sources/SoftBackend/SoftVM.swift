@@ -28,11 +28,11 @@ public final class SoftVM: @unchecked Sendable {
     private var control: RunControl?
     private var threads: [Thread] = []
 
-    public init(vcpus: Int, ipaBits: Int = 48) {
+    public init(vcpus: Int, ipaBits: Int = 48, ringCapacity: Int = 4096) {
         precondition(vcpus >= 1 && vcpus <= 256, "1 to 256 vCPUs")
         let mmu = Stage2MMU(ipaBits: ipaBits)
         self.mmu = mmu
-        self.vcpus = (0..<vcpus).map { SoftVCPU(index: $0, mmu: mmu) }
+        self.vcpus = (0..<vcpus).map { SoftVCPU(index: $0, mmu: mmu, ringCapacity: ringCapacity) }
     }
 
     /// Creates host memory of `size` with `backing` and adds it as a memslot at `gpa`.

@@ -17,6 +17,8 @@ public struct VCPUStats: Sendable, Equatable {
     public var readOnlyExits: UInt64 = 0
     public var permissionExits: UInt64 = 0
     public var interruptedExits: UInt64 = 0
+    /// Exits because the dirty ring was full.
+    public var ringFullExits: UInt64 = 0
     /// TLB flushes this vCPU applied, and entries they dropped.
     public var tlbFlushes: UInt64 = 0
     public var tlbEntriesDropped: UInt64 = 0
@@ -25,14 +27,14 @@ public struct VCPUStats: Sendable, Equatable {
 
     public init() {}
 
-    public var exits: UInt64 { mmioExits + readOnlyExits + permissionExits + interruptedExits }
+    public var exits: UInt64 { mmioExits + readOnlyExits + permissionExits + interruptedExits + ringFullExits }
 
     public static func + (a: VCPUStats, b: VCPUStats) -> VCPUStats {
         var s = a
         s.accesses += b.accesses; s.writes += b.writes; s.tlbHits += b.tlbHits; s.blockTLBHits += b.blockTLBHits; s.walks += b.walks
         s.faults += b.faults
         for i in 0..<3 { s.mapped[i] += b.mapped[i] }
-        s.mmioExits += b.mmioExits; s.readOnlyExits += b.readOnlyExits; s.permissionExits += b.permissionExits; s.interruptedExits += b.interruptedExits
+        s.mmioExits += b.mmioExits; s.readOnlyExits += b.readOnlyExits; s.permissionExits += b.permissionExits; s.interruptedExits += b.interruptedExits; s.ringFullExits += b.ringFullExits
         s.tlbFlushes += b.tlbFlushes; s.tlbEntriesDropped += b.tlbEntriesDropped; s.pauses += b.pauses
         s.nanoseconds = max(s.nanoseconds, b.nanoseconds)
         return s

@@ -32,6 +32,8 @@ public enum FaultOutcome: Equatable, Sendable, CustomStringConvertible {
     case readOnlyWrite(GPA, slot: Int)
     /// A permission the slot does not grant and nothing here can resolve: exit to the VMM.
     case permission(GPA, AccessKind, Descriptor)
+    /// The faulting vCPU's dirty ring is full: exit to the VMM and wait for a reset.
+    case dirtyRingFull
 
     public var description: String {
         switch self {
@@ -40,6 +42,7 @@ public enum FaultOutcome: Equatable, Sendable, CustomStringConvertible {
         case let .mmio(g, a): return "MMIO \(a) at \(g)"
         case let .readOnlyWrite(g, s): return "write to read-only slot \(s) at \(g)"
         case let .permission(g, a, d): return "permission fault: \(a) at \(g), leaf \(d)"
+        case .dirtyRingFull: return "dirty ring full"
         }
     }
 }
@@ -57,7 +60,11 @@ public final class Stage2MMU: @unchecked Sendable {
     public var bbm: BreakBeforeMake { BreakBeforeMake(tlbs: tlbs, retired: retired) }
 
     /// Guarded by `lock`: read under shared, written under exclusive.
-    private var slotTable: MemslotTable
+    var slotTable: MemslotTable
+    /// Logging slots, by id. Guarded by `lock`.
+    var dirtyLogs: [Int: SlotDirtyLog] = [:]
+    /// Every vCPU's dirty ring.
+    let rings = Mutex<[DirtyRing]>([])
     // MMU-notifier state: the sequence is read before a fault takes the lock and re-checked under it.
     private let invalidateSeq = Atomic<UInt64>(0)
     private var invalidatesInProgress = 0
@@ -99,6 +106,7 @@ public final class Stage2MMU: @unchecked Sendable {
         lock.lockExclusive()
         defer { lock.unlock() }
         let old = try slotTable.delete(id: id)
+        dirtyLogs[id] = nil
         _ = unmapLocked(old.gpaRange)
         invalidateSeq.add(1, ordering: .releasing)
     }
@@ -107,29 +115,30 @@ public final class Stage2MMU: @unchecked Sendable {
     public func moveSlot(id: Int, to gpa: GPA) throws(GuestMemoryError) {
         lock.lockExclusive()
         defer { lock.unlock() }
+        guard dirtyLogs[id] == nil else { throw .noSuchSlot(id) }
         let old = try slotTable.move(id: id, to: gpa)
         _ = unmapLocked(old.gpaRange)
         invalidateSeq.add(1, ordering: .releasing)
     }
 
     /// Sets a slot's flags. Making a slot read-only write-protects its mappings before returning.
-    public func setSlotFlags(id: Int, _ flags: MemslotFlags) throws(GuestMemoryError) {
+    /// Turning `.dirtyLogging` on or off starts or stops write-protect logging (see enableDirtyLogging
+    /// for the other strategies).
+    public func setSlotFlags(id: Int, _ flags: MemslotFlags) throws(DirtyLogError) {
+        guard let old = lock.shared({ slotTable.slot(id: id) }) else { throw .memory(.noSuchSlot(id)) }
+        if flags.contains(.dirtyLogging) && !old.flags.contains(.dirtyLogging) {
+            try enableDirtyLogging(slot: id, DirtyLogConfig(strategy: .writeProtect))
+        } else if !flags.contains(.dirtyLogging) && old.flags.contains(.dirtyLogging) {
+            try disableDirtyLogging(slot: id)
+        }
         lock.lockExclusive()
         defer { lock.unlock() }
-        let old = try slotTable.setFlags(id: id, flags)
-        if flags.contains(.readOnly) && !old.flags.contains(.readOnly) {
+        let before: Memslot
+        do { before = try slotTable.setFlags(id: id, flags) } catch { throw .memory(error) }
+        if flags.contains(.readOnly) && !before.flags.contains(.readOnly) {
             var v = ProtectVisitor(clear: Descriptor.write | Descriptor.dbm)
-            _ = walk(old.gpaRange, shared: false, &v)
+            _ = walk(before.gpaRange, shared: false, &v)
             flush(v.touched)
-        }
-        if flags.contains(.dirtyLogging) && !old.flags.contains(.dirtyLogging) {
-            // Logging slots are mapped at 4 KiB (see mappingSize); drop the mappings so they fault
-            // back small. When logging stops, later faults re-form blocks (MapVisitor replaces a
-            // table where a block now fits).
-            var v = UnmapVisitor(ops: bbm)
-            _ = walk(old.gpaRange, shared: false, &v)
-            flush(v.touched)
-            reclaim()
         }
     }
 
@@ -177,7 +186,7 @@ public final class Stage2MMU: @unchecked Sendable {
         return unmapLocked(range)
     }
 
-    private func unmapLocked(_ range: GPARange) -> Int {
+    func unmapLocked(_ range: GPARange) -> Int {
         var v = UnmapVisitor(ops: bbm)
         _ = walk(range, shared: false, &v)
         flush(v.touched)
@@ -272,28 +281,31 @@ public final class Stage2MMU: @unchecked Sendable {
     // MARK: Fault path
 
     /// Resolves a stage-2 fault at `gpa` (KVM's user_mem_abort for the soft backend). The caller is
-    /// outside guest mode; `cache` is its per-vCPU table reserve, topped up here before the lock.
-    public func handleFault(_ gpa: GPA, _ access: AccessKind, cache: inout TableCache) -> FaultOutcome {
+    /// outside guest mode; `cache` is its per-vCPU table reserve, topped up here before the lock;
+    /// `ring` is its dirty ring, used when the slot logs with the ring strategy.
+    public func handleFault(_ gpa: GPA, _ access: AccessKind, cache: inout TableCache, ring: DirtyRing? = nil) -> FaultOutcome {
         let seq = invalidateSeq.load(ordering: .acquiring)
-        cache.topUp(to: 4 - startLevel)
+        cache.topUp(to: 5 - startLevel)
         faultWindowHook?()
         lock.lockShared()
         defer { lock.unlock() }
 
         guard let slot = slotTable.lookup(gpa) else { return .mmio(gpa, access) }
         if access == .write && slot.flags.contains(.readOnly) { return .readOnlyWrite(gpa, slot: slot.id) }
+        let log = slot.flags.contains(.dirtyLogging) ? dirtyLogs[slot.id] : nil
         let permissions: Permissions = slot.flags.contains(.readOnly) ? [.read, .execute] : .all
         if let t = translate(gpa) {
             // Permission fault, or a spurious one: another vCPU already fixed the leaf.
             if t.leaf.permissions.contains(access.required) { return .retry }
-            // Dirty-logging protection is resolved by the dirty tracker, not here.
-            guard !t.leaf.has(Descriptor.swLogged) else { return .permission(gpa, access, t.leaf) }
-            // The slot grants more than the leaf has (it was made writable again): relax in place.
-            _ = t.entry.compareExchange(t.leaf, t.leaf.setting(permissions.rawValue))
+            if let log, access == .write { return loggedWrite(gpa, t, log, &cache, ring) }
+            // The slot grants more than the leaf has (made writable again, or logging stopped):
+            // relax in place.
+            guard permissions.contains(access.required) else { return .permission(gpa, access, t.leaf) }
+            _ = t.entry.compareExchange(t.leaf, t.leaf.setting(permissions.rawValue).clearing(Descriptor.swLogged))
             return .retry
         }
 
-        let size = Self.mappingSize(for: gpa, in: slot)
+        let size = Self.mappingSize(for: gpa, in: slot, logging: log?.strategy)
         let blockStart = gpa.alignedDown(to: size.bytes)
         // An invalidation of any host page the new leaf would map began or completed since we
         // started: our view may be stale.
@@ -301,18 +313,67 @@ public final class Stage2MMU: @unchecked Sendable {
         if invalidatesInProgress > 0 && invalidateRange.overlaps(hvaRange) { return .retry }
         if invalidateSeq.load(ordering: .acquiring) != seq { return .retry }
 
+        var attributes = permissions.rawValue | Descriptor.accessFlag
+        var recordAfter = false
+        if let log {
+            let dbmLeaf = log.strategy == .dbm && size == .size4K
+            if access == .write {
+                // A DBM leaf records itself (W set); anything else is recorded once the leaf is in.
+                if dbmLeaf { attributes |= Descriptor.dbm } else { recordAfter = true }
+                if log.strategy == .ring, let ring, ring.isSoftFull { return .dirtyRingFull }
+            } else {
+                attributes = (attributes & ~Descriptor.write) | (dbmLeaf ? Descriptor.dbm : Descriptor.swLogged)
+            }
+        }
         var v = MapVisitor(start: blockStart, output: slot.hva(for: blockStart), size: size,
-                           attributes: permissions.rawValue | Descriptor.accessFlag, ops: bbm, cache: cache)
+                           attributes: attributes, ops: bbm, cache: cache)
         walk(GPARange(start: blockStart, size: size.bytes), shared: true, &v)
         cache = v.cache
+        if recordAfter, let log { record(GPARange(start: blockStart, size: size.bytes), log, ring) }
         return .mapped(size)
+    }
+
+    /// A guest write to a leaf that dirty logging protects. Blocks are split (the written page then
+    /// faults on its own 4 KiB leaf), except under block-granular logging, where the whole block is
+    /// marked and unprotected. A 4 KiB page is marked, then made writable.
+    private func loggedWrite(_ gpa: GPA, _ t: Translation, _ log: SlotDirtyLog, _ cache: inout TableCache,
+                             _ ring: DirtyRing?) -> FaultOutcome {
+        let size = Stage2Geometry.entrySize(t.level)
+        let range = GPARange(start: gpa.alignedDown(to: size), size: size)
+        if t.level < 3 && log.strategy != .blockGranular {
+            let dbm = log.strategy == .dbm
+            var v = SplitVisitor(to: .size4K, ops: bbm, cache: cache,
+                                 leafSet: dbm ? Descriptor.dbm : 0, leafClear: dbm ? Descriptor.swLogged : 0)
+            walk(range, shared: true, &v)
+            cache = v.cache
+            return .retry
+        }
+        if log.strategy == .ring, let ring, ring.isSoftFull { return .dirtyRingFull }
+        // Writable first, then recorded (as KVM's fast page fault): the guest's write comes after
+        // both, and a harvest that takes the record before the leaf turns writable would otherwise
+        // re-protect nothing and lose every later write. A DBM leaf is recorded by its own W bit.
+        guard t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.write).clearing(Descriptor.swLogged)) else { return .retry }
+        if !t.leaf.has(Descriptor.dbm) { record(range, log, ring) }
+        return .retry
+    }
+
+    /// Marks a range of a logging slot dirty: in the faulting vCPU's ring for the ring strategy,
+    /// else in the slot bitmap.
+    private func record(_ range: GPARange, _ log: SlotDirtyLog, _ ring: DirtyRing?) {
+        let first = (range.start - log.slot.gpaRange.start) >> 12
+        if log.strategy == .ring, let ring {
+            for p in first..<(first + (range.size >> 12)) { ring.push(DirtyRingEntry(slot: log.slot.id, page: p)) }
+        } else {
+            log.bitmap.set(first: first, count: range.size >> 12)
+        }
     }
 
     /// The largest leaf that may map `gpa`: no larger than the host backing's page, wholly inside the
     /// slot, and with guest and host addresses congruent modulo the size (else a block would map the
-    /// wrong host pages: seed 003's force_pte). Logging slots get 4 KiB leaves.
-    public static func mappingSize(for gpa: GPA, in slot: Memslot) -> PageSize {
-        if slot.flags.contains(.dirtyLogging) { return .size4K }
+    /// wrong host pages: seed 003's force_pte). Logging slots get 4 KiB leaves, except under
+    /// block-granular logging, which keeps blocks.
+    public static func mappingSize(for gpa: GPA, in slot: Memslot, logging: DirtyStrategy? = nil) -> PageSize {
+        if let logging, logging != .blockGranular { return .size4K }
         var size = slot.backing.hostPageSize
         while size > .size4K {
             let start = gpa.alignedDown(to: size.bytes)

@@ -62,7 +62,9 @@ import Testing
         #expect(Stage2MMU.mappingSize(for: GPA(g + (2 << 20)), in: slot(g, (3 << 20), 4 * g, .thp)) == .size4K)
         #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, (3 << 20), 4 * g, .thp)) == .size2M)
         // Dirty logging maps 4K.
-        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .hugetlb1G, .dirtyLogging)) == .size4K)
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .hugetlb1G), logging: .writeProtect) == .size4K)
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .hugetlb1G), logging: .dbm) == .size4K)
+        #expect(Stage2MMU.mappingSize(for: GPA(g), in: slot(g, g, 4 * g, .hugetlb1G), logging: .blockGranular) == .size1G)
     }
 
     @Test func outsideEverySlotIsAnMMIOExitAndMapsNothing() throws {
@@ -114,20 +116,30 @@ import Testing
         cache.drain()
     }
 
-    @Test func dirtyLoggingDropsBlocksAndMaps4K() throws {
+    @Test func loggingFlagWriteProtectsSplitsOnWriteAndBlocksReturnAfter() throws {
         let mmu = Stage2MMU()
         var cache = TableCache(allocator: mmu.allocator)
         let mem = try HostMemory(size: 4 << 20, backing: .thp)
         try mmu.addSlot(id: 0, gpa: GPA(0), size: 4 << 20, memory: mem)
         #expect(mmu.handleFault(GPA(0), .write, cache: &cache) == .mapped(.size2M))
         try mmu.setSlotFlags(id: 0, .dirtyLogging)
-        #expect(mmu.translate(GPA(0)) == nil)
-        #expect(mmu.handleFault(GPA(0), .write, cache: &cache) == .mapped(.size4K))
-        // Logging off: a later fault collapses the range back to a block by break-before-make.
+        let block = try #require(mmu.translate(GPA(0)))
+        #expect(block.level == 2 && !block.leaf.has(Descriptor.write) && block.leaf.has(Descriptor.swLogged))
+        // The first write splits the block, the second makes the one page writable and dirty.
+        #expect(mmu.handleFault(GPA(0x3000), .write, cache: &cache) == .retry)
+        #expect(mmu.translate(GPA(0x3000))?.level == 3)
+        #expect(mmu.handleFault(GPA(0x3000), .write, cache: &cache) == .retry)
+        #expect(mmu.translate(GPA(0x3000))?.leaf.has(Descriptor.write) == true)
+        #expect(mmu.translate(GPA(0x4000))?.leaf.has(Descriptor.write) == false)
+        var pages: [UInt64] = []
+        forEachSetBit(try mmu.getDirtyLog(slot: 0)) { pages.append($0) }
+        #expect(pages == [3])
+        // New faults while logging map 4K.
+        #expect(mmu.handleFault(GPA(0x20_0000), .read, cache: &cache) == .mapped(.size4K))
+        // Logging off: the small leaves go, and later faults map blocks again.
         try mmu.setSlotFlags(id: 0, [])
-        #expect(mmu.handleFault(GPA(0x20_0000), .write, cache: &cache) == .mapped(.size2M))
         #expect(mmu.handleFault(GPA(0x1000), .write, cache: &cache) == .mapped(.size2M))
-        #expect(mmu.leaf(at: GPA(0))?.size == .size2M)
+        #expect(mmu.handleFault(GPA(0x20_0000), .write, cache: &cache) == .mapped(.size2M))
         cache.drain()
     }
 

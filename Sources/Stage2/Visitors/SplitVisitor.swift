@@ -7,12 +7,17 @@ public struct SplitVisitor: Stage2Visitor {
     public let target: Int
     @usableFromInline let ops: BreakBeforeMake
     public var cache: TableCache
+    /// Attribute bits set and cleared on the target-size leaves (e.g. DBM-clean pages from a logged block).
+    public let leafSet: UInt64
+    public let leafClear: UInt64
     public private(set) var blocksSplit = 0
 
-    public init(to size: PageSize, ops: BreakBeforeMake, cache: TableCache) {
+    public init(to size: PageSize, ops: BreakBeforeMake, cache: TableCache, leafSet: UInt64 = 0, leafClear: UInt64 = 0) {
         self.target = size.level
         self.ops = ops
         self.cache = cache
+        self.leafSet = leafSet
+        self.leafClear = leafClear
     }
 
     public var visitPoints: VisitPoints { .leaf }
@@ -24,7 +29,8 @@ public struct SplitVisitor: Stage2Visitor {
         let table = cache.take()
         let childLevel = ctx.level + 1
         let childSize = Stage2Geometry.entrySize(childLevel)
-        let attributes = (old.raw & Descriptor.attributeMask) | Descriptor.swSplit
+        var attributes = (old.raw & Descriptor.attributeMask) | Descriptor.swSplit
+        if childLevel == target { attributes = (attributes & ~leafClear) | leafSet }
         var out = old.output
         for i in 0..<DescriptorTable.entries {
             table.entry(i).store(.leaf(out, level: childLevel, attributes: attributes))

@@ -1,0 +1,159 @@
+import Foundation
+import GuestMemory
+import Synchronization
+
+/// How a memslot's guest writes are tracked while dirty logging is on.
+public enum DirtyStrategy: String, Sendable, CaseIterable, CustomStringConvertible {
+    /// Leaves write-protected; the first write to a 4 KiB page faults, marks it and makes it writable.
+    /// A write to a protected block splits the block first.
+    case writeProtect = "wp"
+    /// As `writeProtect`, but blocks are split when logging starts (or when a range is cleared).
+    case eagerSplit = "eager-split"
+    /// Blocks stay mapped; a write to a protected block marks all its pages and unprotects it whole.
+    case blockGranular = "block"
+    /// 4 KiB leaves are writable-clean (DBM); the vCPU marks them dirty itself, without a fault.
+    /// The harvest test-and-cleans leaves. Blocks still fault and split.
+    case dbm
+    /// Each vCPU appends newly dirtied pages to its own bounded ring.
+    case ring
+
+    public var description: String { rawValue }
+}
+
+/// Dirty logging options for one slot, as KVM's dirty-log capabilities.
+public struct DirtyLogConfig: Sendable, Equatable {
+    public var strategy: DirtyStrategy
+    /// getDirtyLog does not re-protect; clearDirtyLog re-protects the pages it names.
+    public var manualProtect: Bool
+    /// Enabling reports every page dirty and protects nothing yet (needs manualProtect).
+    public var initiallySet: Bool
+
+    public init(strategy: DirtyStrategy, manualProtect: Bool = false, initiallySet: Bool = false) {
+        self.strategy = strategy
+        self.manualProtect = manualProtect
+        self.initiallySet = initiallySet
+    }
+}
+
+public enum DirtyLogError: Error, Equatable, CustomStringConvertible {
+    case memory(GuestMemoryError)
+    case notLogging(slot: Int)
+    case alreadyLogging(slot: Int)
+    case readOnlySlot(Int)
+    case initiallySetNeedsManualProtect
+    case clearOutOfRange(slot: Int, firstPage: UInt64, pages: UInt64, slotPages: UInt64)
+    case unalignedClear(firstPage: UInt64)
+    case outsideGuestMemory(GPA, length: Int)
+
+    public var description: String {
+        switch self {
+        case let .memory(e): return e.description
+        case let .notLogging(s): return "memslot \(s) is not dirty logging: enable logging first"
+        case let .alreadyLogging(s): return "memslot \(s) is already dirty logging: disable it before changing the strategy"
+        case let .readOnlySlot(s): return "memslot \(s) is read-only: the guest cannot dirty it, so there is nothing to log"
+        case .initiallySetNeedsManualProtect: return "initially-all-set needs manual protect (as KVM_DIRTY_LOG_INITIALLY_SET does)"
+        case let .clearOutOfRange(s, f, n, total):
+            return "clear of pages \(f)..<\(f + n) is outside memslot \(s), which has \(total) pages"
+        case let .unalignedClear(f): return "clear must start at a multiple of 64 pages (got page \(f))"
+        case let .outsideGuestMemory(g, n): return "\(n) bytes at \(g) are not all inside one memslot"
+        }
+    }
+}
+
+/// The dirty state of one logging memslot.
+public final class SlotDirtyLog: @unchecked Sendable {
+    public let slot: Memslot
+    public let config: DirtyLogConfig
+    /// Pages dirtied by faults, by the VMM's own writes, and drained from rings.
+    public let bitmap: DirtyBitmap
+    /// Split tables taken from the cache by eager splitting.
+    public internal(set) var splitTablesUsed = 0
+
+    init(slot: Memslot, config: DirtyLogConfig) {
+        self.slot = slot
+        self.config = config
+        self.bitmap = DirtyBitmap(pages: slot.pageCount)
+    }
+
+    public var strategy: DirtyStrategy { config.strategy }
+}
+
+/// One entry of a dirty ring: a page of a memslot.
+public struct DirtyRingEntry: Hashable, Sendable {
+    public var slot: Int
+    public var page: UInt64
+}
+
+/// A vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING): the vCPU pushes each page it newly dirties; the VMM
+/// harvests entries, then a reset re-protects the harvested pages and frees their room. A full ring
+/// stops the vCPU until a reset frees room.
+public final class DirtyRing: @unchecked Sendable {
+    public let capacity: Int
+    private struct State {
+        var entries: [DirtyRingEntry] = []
+        var harvested = 0
+    }
+    private let state: Mutex<State>
+    private let room = NSCondition()
+    private let fullCount = Atomic<UInt64>(0)
+
+    public init(capacity: Int = 4096) {
+        precondition(capacity > 0)
+        self.capacity = capacity
+        state = Mutex(State())
+    }
+
+    /// Times a push found the ring full.
+    public var fullEvents: UInt64 { fullCount.load(ordering: .relaxed) }
+    public var count: Int { state.withLock { $0.entries.count } }
+
+    /// Full: the vCPU must exit before dirtying another page. Checked before a page is made
+    /// writable; the push after it always succeeds (the ring may run over by a block's pages, as
+    /// KVM's ring has a soft limit below its hard size).
+    var isSoftFull: Bool {
+        let full = state.withLock { $0.entries.count >= capacity }
+        if full { fullCount.add(1, ordering: .relaxed) }
+        return full
+    }
+
+    func push(_ e: DirtyRingEntry) {
+        state.withLock { $0.entries.append(e) }
+    }
+
+    /// Entries pushed since the last harvest.
+    func harvest() -> [DirtyRingEntry] {
+        state.withLock { s in
+            let new = Array(s.entries[s.harvested...])
+            s.harvested = s.entries.count
+            return new
+        }
+    }
+
+    /// Entries harvested and not yet reset.
+    func harvestedEntries() -> [DirtyRingEntry] {
+        state.withLock { Array($0.entries[0..<$0.harvested]) }
+    }
+
+    /// Drops harvested entries (after their pages were re-protected) and wakes a waiting vCPU.
+    func reset() -> Int {
+        let n = state.withLock { s -> Int in
+            let n = s.harvested
+            s.entries.removeFirst(n)
+            s.harvested = 0
+            return n
+        }
+        room.lock(); room.broadcast(); room.unlock()
+        return n
+    }
+
+    /// Waits until the ring has room or `timeout` seconds pass. True if there is room.
+    public func waitForRoom(timeout: Double) -> Bool {
+        let until = Date(timeIntervalSinceNow: timeout)
+        room.lock()
+        defer { room.unlock() }
+        while state.withLock({ $0.entries.count >= capacity }) {
+            if !room.wait(until: until) { return state.withLock { $0.entries.count < capacity } }
+        }
+        return true
+    }
+}

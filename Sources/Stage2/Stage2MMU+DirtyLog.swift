@@ -1,0 +1,219 @@
+import GuestMemory
+
+/// Dirty logging: the same API for every strategy (and, later, for the KVM backend).
+extension Stage2MMU {
+    /// Starts dirty logging on a slot while vCPUs may be running. Unless initially-all-set, every leaf
+    /// is protected (or, for DBM, made writable-clean) and flushed before this returns, so every later
+    /// write is seen; eager split first splits every block, from a pre-filled table cache.
+    public func enableDirtyLogging(slot id: Int, _ config: DirtyLogConfig) throws(DirtyLogError) {
+        if config.initiallySet && !config.manualProtect { throw .initiallySetNeedsManualProtect }
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        guard let slot = slotTable.slot(id: id) else { throw .memory(.noSuchSlot(id)) }
+        guard !slot.flags.contains(.readOnly) else { throw .readOnlySlot(id) }
+        guard dirtyLogs[id] == nil else { throw .alreadyLogging(slot: id) }
+        let logging: Memslot
+        do { _ = try slotTable.setFlags(id: id, slot.flags.union(.dirtyLogging)) } catch { throw .memory(error) }
+        logging = slotTable.slot(id: id)!
+        let log = SlotDirtyLog(slot: logging, config: config)
+        dirtyLogs[id] = log
+        if config.initiallySet {
+            log.bitmap.set(first: 0, count: slot.pageCount)
+            return
+        }
+        if config.strategy == .eagerSplit {
+            log.splitTablesUsed = eagerSplit(slot.gpaRange)
+        }
+        var v = LogProtectVisitor(strategy: config.strategy)
+        _ = walk(slot.gpaRange, shared: false, &v)
+        flush(v.touched)
+    }
+
+    /// Stops dirty logging. Where the backing allows blocks, the slot's small leaves are dropped so
+    /// later faults map blocks again; otherwise leaves just get their write permission back.
+    public func disableDirtyLogging(slot id: Int) throws(DirtyLogError) {
+        lock.lockExclusive()
+        defer { lock.unlock() }
+        guard let log = dirtyLogs[id], let slot = slotTable.slot(id: id) else { throw .notLogging(slot: id) }
+        dirtyLogs[id] = nil
+        do { _ = try slotTable.setFlags(id: id, slot.flags.subtracting(.dirtyLogging)) } catch { throw .memory(error) }
+        if slot.backing.hostPageSize > .size4K {
+            _ = unmapLocked(log.slot.gpaRange)
+        } else {
+            var v = ProtectVisitor(set: Descriptor.write, clear: Descriptor.swLogged | Descriptor.dbm)
+            _ = walk(log.slot.gpaRange, shared: false, &v)
+        }
+    }
+
+    /// The log of a slot, if it is logging.
+    public func dirtyLog(slot id: Int) -> SlotDirtyLog? { lock.shared { dirtyLogs[id] } }
+
+    /// The pages of `slot` dirtied since the last call (bit i of word w = page 64w + i). Without manual
+    /// protect, the reported pages are re-protected and flushed before this returns
+    /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected until clearDirtyLog names the pages.
+    /// Runs concurrently with vCPU faults.
+    public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
+        if let log = dirtyLog(slot: id), log.strategy == .ring { drainRings() }
+        lock.lockShared()
+        defer { lock.unlock() }
+        guard let log = dirtyLogs[id] else { throw .notLogging(slot: id) }
+        var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
+        var touched = TouchedRange()
+        if log.strategy == .dbm {
+            var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, words: out.count, clean: !log.config.manualProtect)
+            _ = walk(log.slot.gpaRange, shared: true, &v)
+            out = v.bitmap
+            if let r = v.touched.range { touched.add(r) }
+        }
+        log.bitmap.harvest(into: &out)
+        if !log.config.manualProtect {
+            protectPages(out, firstPage: 0, of: log, touched: &touched)
+        }
+        flush(touched)
+        return out
+    }
+
+    /// Re-protects exactly the pages named by `bitmap`, whose bit 0 is page `firstPage` of the slot
+    /// (KVM_CLEAR_DIRTY_LOG). Eager split splits the blocks over those pages first, chunk by chunk.
+    public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(DirtyLogError) {
+        guard firstPage % 64 == 0 else { throw .unalignedClear(firstPage: firstPage) }
+        lock.lockShared()
+        defer { lock.unlock() }
+        guard let log = dirtyLogs[id] else { throw .notLogging(slot: id) }
+        let pages = UInt64(bitmap.count) * 64
+        let last = bitmap.lastIndex { $0 != 0 }.map { UInt64($0) * 64 + 64 - UInt64(bitmap[$0].leadingZeroBitCount) } ?? 0
+        guard firstPage + last <= log.slot.pageCount else {
+            throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
+        }
+        var touched = TouchedRange()
+        protectPages(bitmap, firstPage: firstPage, of: log, touched: &touched)
+        flush(touched)
+    }
+
+    /// Re-protects the runs of set bits of `bitmap` (bit 0 = page `firstPage` of the slot) in a shared walk.
+    private func protectPages(_ bitmap: [UInt64], firstPage: UInt64, of log: SlotDirtyLog, touched: inout TouchedRange) {
+        let base = log.slot.gpaRange.start
+        var cache = log.strategy == .eagerSplit ? TableCache(allocator: allocator) : nil
+        forEachRun(bitmap) { start, count in
+            let range = GPARange(start: base + ((firstPage + start) << 12), size: count << 12)
+            if cache != nil {
+                // Split the blocks over this chunk first, so no vCPU splits inside a write fault.
+                let blocks = GPARange(start: range.start.alignedDown(to: PageSize.bytes2M),
+                                      end: GPA((range.end.raw + PageSize.bytes2M - 1) & ~(PageSize.bytes2M - 1)))
+                var s = SplitVisitor(to: .size4K, ops: bbm, cache: cache!)
+                _ = walk(blocks.clamped(to: log.slot.gpaRange), shared: true, &s)
+                cache = s.cache
+            }
+            var v = LogProtectVisitor(strategy: log.strategy)
+            _ = walk(range, shared: true, &v)
+            if let r = v.touched.range { touched.add(r) }
+        }
+        if var c = cache {
+            log.splitTablesUsed += c.used
+            c.drain()
+        }
+    }
+
+    /// Splits every block in `range` to 4 KiB leaves from a cache pre-filled with exactly the tables
+    /// the split needs (counted first). Caller holds the lock exclusively. Returns the tables used.
+    private func eagerSplit(_ range: GPARange) -> Int {
+        var census = CensusVisitor()
+        _ = walk(range, shared: false, &census)
+        let needed = census.leaves[2] + census.leaves[1] * (1 + 512)
+        guard needed > 0 else { return 0 }
+        var cache = TableCache(allocator: allocator)
+        cache.topUp(to: needed)
+        var v = SplitVisitor(to: .size4K, ops: bbm, cache: cache)
+        _ = walk(range, shared: false, &v)
+        cache = v.cache
+        let used = cache.used
+        cache.drain()
+        return used
+    }
+
+    // MARK: Dirty rings
+
+    public func register(_ ring: DirtyRing) { rings.withLock { $0.append(ring) } }
+    public func unregister(_ ring: DirtyRing) { rings.withLock { $0.removeAll { $0 === ring } } }
+
+    /// Collects the entries pushed since the last harvest from every vCPU's ring.
+    public func harvestDirtyRings() -> [DirtyRingEntry] {
+        rings.withLock { $0 }.flatMap { $0.harvest() }
+    }
+
+    /// Re-protects every harvested ring entry's page, flushes, then frees their room in the rings
+    /// (KVM_RESET_DIRTY_RINGS). Returns how many entries were reset.
+    @discardableResult
+    public func resetDirtyRings() -> Int {
+        let all = rings.withLock { $0 }
+        lock.lockShared()
+        var touched = TouchedRange()
+        for ring in all {
+            for e in ring.harvestedEntries() {
+                guard let log = dirtyLogs[e.slot] else { continue }
+                var v = LogProtectVisitor(strategy: log.strategy)
+                _ = walk(GPARange(start: log.slot.gpaRange.start + (e.page << 12), size: 4096), shared: true, &v)
+                if let r = v.touched.range { touched.add(r) }
+            }
+        }
+        flush(touched)
+        lock.unlock()
+        return all.reduce(0) { $0 + $1.reset() }
+    }
+
+    /// For getDirtyLog under the ring strategy: moves every ring entry into its slot's bitmap and
+    /// resets the rings.
+    private func drainRings() {
+        let entries = harvestDirtyRings()
+        lock.shared {
+            for e in entries { dirtyLogs[e.slot]?.bitmap.set(e.page) }
+        }
+        resetDirtyRings()
+    }
+
+    // MARK: The VMM's own accesses
+
+    /// Copies `bytes` into guest memory at `gpa` as the VMM (device emulation, a loader). The write is
+    /// recorded in the slot's dirty log after it lands, so a harvest that sees the bit sees the data.
+    public func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(DirtyLogError) {
+        lock.lockShared()
+        defer { lock.unlock() }
+        guard let slot = slotTable.lookup(gpa), gpa.raw + UInt64(bytes.count) <= slot.gpaRange.end.raw else {
+            throw .outsideGuestMemory(gpa, length: bytes.count)
+        }
+        guard !slot.flags.contains(.readOnly) else { throw .readOnlySlot(slot.id) }
+        slot.hva(for: gpa).pointer.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        if let log = dirtyLogs[slot.id], !bytes.isEmpty {
+            let first = (gpa - slot.gpaRange.start) >> 12
+            let last = (gpa - slot.gpaRange.start + UInt64(bytes.count) - 1) >> 12
+            log.bitmap.set(first: first, count: last - first + 1)
+        }
+    }
+
+    /// Copies guest memory at `gpa` out, as the VMM.
+    public func readGuest(_ gpa: GPA, into buffer: UnsafeMutableRawBufferPointer) throws(DirtyLogError) {
+        lock.lockShared()
+        defer { lock.unlock() }
+        guard let slot = slotTable.lookup(gpa), gpa.raw + UInt64(buffer.count) <= slot.gpaRange.end.raw else {
+            throw .outsideGuestMemory(gpa, length: buffer.count)
+        }
+        buffer.baseAddress!.copyMemory(from: slot.hva(for: gpa).pointer, byteCount: buffer.count)
+    }
+}
+
+/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap.
+@inlinable
+public func forEachRun(_ bitmap: [UInt64], _ body: (UInt64, UInt64) -> Void) {
+    var runStart: UInt64? = nil
+    var previous: UInt64 = 0
+    forEachSetBit(bitmap) { p in
+        if runStart != nil && p == previous + 1 {
+            previous = p
+            return
+        }
+        if let s = runStart { body(s, previous - s + 1) }
+        runStart = p
+        previous = p
+    }
+    if let s = runStart { body(s, previous - s + 1) }
+}

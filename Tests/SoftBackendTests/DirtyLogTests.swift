@@ -1,0 +1,194 @@
+import Foundation
+import Testing
+@testable import GuestMemory
+@testable import SoftBackend
+@testable import Stage2
+
+/// Behaviour of each strategy with one vCPU driven from the test thread.
+@Suite struct DirtyLogTests {
+    /// A VM with one slot at GPA 0, every page mapped by a first pass of writes, vCPU in guest mode.
+    func makeVM(_ backing: Backing, size: UInt64 = 8 << 20) throws -> (SoftVM, SoftVCPU, HostMemory) {
+        let vm = SoftVM(vcpus: 1)
+        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: size, backing: backing)
+        let v = vm.vcpus[0]
+        for p in stride(from: UInt64(0), to: size, by: 4096) { v.write(GPA(p), 1) }
+        return (vm, v, mem)
+    }
+
+    func pages(_ bitmap: [UInt64]) -> [UInt64] {
+        var out: [UInt64] = []
+        forEachSetBit(bitmap) { out.append($0) }
+        return out
+    }
+
+    @Test(arguments: [DirtyStrategy.writeProtect, .eagerSplit, .dbm, .ring])
+    func onlyWrittenPagesAreReported(strategy: DirtyStrategy) throws {
+        let (vm, v, _) = try makeVM(.thp)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: strategy))
+        let written: [UInt64] = [3, 4, 700, 1500]
+        for p in written { v.write(GPA(p << 12 + 8), p) }
+        for p in [10, 900] as [UInt64] { v.read(GPA(p << 12)) }
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == written, "\(strategy)")
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [], "a second harvest reports nothing new")
+        // Re-protected: the next write to a reported page is seen again.
+        v.write(GPA(700 << 12), 1)
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [700])
+        // A write to a protected block split only that block; the others stay 2M (except eager split).
+        let census = vm.mmu.census()
+        if strategy == .eagerSplit {
+            #expect(census.leaves[2] == 0)
+        } else {
+            #expect(census.leaves[2] == 1, "blocks 0, 1 and 2 were written and split, block 3 was not")
+        }
+        try vm.mmu.disableDirtyLogging(slot: 0)
+    }
+
+    @Test func blockGranularKeepsBlocksAndReportsThemWhole() throws {
+        let (vm, v, _) = try makeVM(.thp)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .blockGranular))
+        let faults = v.stats.faults
+        v.write(GPA(0x20_5000), 1)
+        v.write(GPA(0x20_6000), 1)    // same block: no second fault
+        #expect(v.stats.faults == faults + 1)
+        let reported = pages(try vm.mmu.getDirtyLog(slot: 0))
+        #expect(reported == Array(512..<1024), "the whole 2M block, and nothing else")
+        #expect(vm.mmu.census().leaves[2] == 4, "blocks stay mapped")
+        #expect(vm.mmu.translate(GPA(0x20_0000))?.leaf.has(Descriptor.write) == false, "re-protected")
+    }
+
+    @Test func dbmWritesTakeNoFault() throws {
+        let (vm, v, _) = try makeVM(.pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm))
+        let faults = v.stats.faults
+        for p in 0..<100 as Range<UInt64> { v.write(GPA(p << 12), p) }
+        #expect(v.stats.faults == faults, "the vCPU sets the dirty state itself")
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == Array(0..<100))
+        #expect(vm.mmu.translate(GPA(0))?.leaf.has(Descriptor.write) == false, "cleaned by the harvest")
+        #expect(vm.mmu.translate(GPA(0))?.leaf.has(Descriptor.dbm) == true)
+        v.write(GPA(5 << 12), 1)
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [5])
+    }
+
+    @Test func manualProtectReprotectsOnlyWhatIsCleared() throws {
+        let (vm, v, _) = try makeVM(.pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .writeProtect, manualProtect: true))
+        for p in [1, 2, 65, 66] as [UInt64] { v.write(GPA(p << 12), 1) }
+        let log = try vm.mmu.getDirtyLog(slot: 0)
+        #expect(pages(log) == [1, 2, 65, 66])
+        // Not re-protected yet: writing again records nothing new.
+        v.write(GPA(1 << 12), 2)
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [])
+        // Clear only the second word (pages 64...127): 65 and 66 are protected again, 1 and 2 are not.
+        try vm.mmu.clearDirtyLog(slot: 0, firstPage: 64, bitmap: [log[1]])
+        for p in [1, 2, 65, 66] as [UInt64] { v.write(GPA(p << 12), 3) }
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [65, 66])
+        #expect(throws: DirtyLogError.unalignedClear(firstPage: 3)) { try vm.mmu.clearDirtyLog(slot: 0, firstPage: 3, bitmap: [1]) }
+        #expect(throws: DirtyLogError.self) { try vm.mmu.clearDirtyLog(slot: 0, firstPage: 4096, bitmap: [1]) }
+    }
+
+    @Test func initiallySetReportsEverythingAndProtectsNothing() throws {
+        let (vm, v, _) = try makeVM(.pages4K)
+        #expect(throws: DirtyLogError.initiallySetNeedsManualProtect) {
+            try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .writeProtect, initiallySet: true))
+        }
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .writeProtect, manualProtect: true, initiallySet: true))
+        let faults = v.stats.faults
+        v.write(GPA(0x3000), 9)
+        #expect(v.stats.faults == faults, "nothing is protected yet")
+        let all = try vm.mmu.getDirtyLog(slot: 0)
+        #expect(pages(all).count == 2048)
+        try vm.mmu.clearDirtyLog(slot: 0, firstPage: 0, bitmap: all)
+        v.write(GPA(0x3000), 10)
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [3])
+    }
+
+    @Test func eagerSplitUsesThePrefilledCache() throws {
+        let (vm, v, _) = try makeVM(.thp)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .eagerSplit))
+        #expect(vm.mmu.dirtyLog(slot: 0)?.splitTablesUsed == 4)
+        #expect(vm.mmu.census().leaves[2] == 0 && vm.mmu.census().leaves[3] == 2048)
+        let faults = v.stats.faults
+        v.write(GPA(0x40_0000), 1)
+        #expect(v.stats.faults == faults + 1, "one write-protect fault, no split inside it")
+    }
+
+    @Test func ringCollectsPagesAndResetReprotects() throws {
+        let (vm, v, _) = try makeVM(.pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .ring))
+        for p in [7, 8, 9] as [UInt64] { v.write(GPA(p << 12), 1) }
+        v.write(GPA(7 << 12), 2)   // already dirty and writable: no new entry
+        #expect(vm.mmu.harvestDirtyRings().map(\.page) == [7, 8, 9])
+        #expect(vm.mmu.harvestDirtyRings().isEmpty)
+        #expect(vm.mmu.resetDirtyRings() == 3)
+        v.write(GPA(8 << 12), 3)
+        #expect(vm.mmu.harvestDirtyRings() == [DirtyRingEntry(slot: 0, page: 8)])
+    }
+
+    @Test func fullRingStopsTheVCPUUntilReset() throws {
+        let vm = SoftVM(vcpus: 1, ringCapacity: 64)
+        try vm.addMemory(slot: 0, gpa: GPA(0), size: 4 << 20, backing: .pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .ring))
+        let v = vm.vcpus[0]
+        let capacity = v.ring.capacity
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            v.enterGuest()
+            for p in 0..<UInt64(capacity + 10) { v.store(GPA(p << 12), p) }
+            v.exitGuest()
+            done.signal()
+        }.start()
+        #expect(done.wait(timeout: .now() + 0.5) == .timedOut, "the vCPU must wait on a full ring")
+        #expect(v.ring.count == capacity)
+        _ = vm.mmu.harvestDirtyRings()
+        vm.mmu.resetDirtyRings()
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(v.stats.ringFullExits >= 1)
+    }
+
+    @Test func vmmWritesAreRecorded() throws {
+        let (vm, v, mem) = try makeVM(.pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm))
+        let bytes = [UInt8](repeating: 0xAB, count: 5000)
+        try bytes.withUnsafeBytes { try vm.mmu.writeGuest(GPA(0x10_0F00), $0) }
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [0x100, 0x101, 0x102])
+        #expect(mem.pointer.load(fromByteOffset: 0x10_1000, as: UInt8.self) == 0xAB)
+        #expect(throws: DirtyLogError.self) { try bytes.withUnsafeBytes { try vm.mmu.writeGuest(GPA((8 << 20) - 16), $0) } }
+    }
+
+    @Test func disablingLetsBlocksComeBack() throws {
+        let (vm, v, _) = try makeVM(.thp)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .eagerSplit))
+        #expect(vm.mmu.census().leaves[2] == 0)
+        try vm.mmu.disableDirtyLogging(slot: 0)
+        for p in stride(from: UInt64(0), to: 8 << 20, by: 4096) { v.write(GPA(p), 2) }
+        #expect(vm.mmu.census().leaves[2] == 4, "later faults map 2M blocks again")
+        #expect(throws: DirtyLogError.notLogging(slot: 0)) { try vm.mmu.disableDirtyLogging(slot: 0) }
+    }
+
+    @Test func badRequests() throws {
+        let vm = SoftVM(vcpus: 1)
+        try vm.addMemory(slot: 0, gpa: GPA(0), size: 1 << 20, backing: .pages4K, flags: .readOnly)
+        #expect(throws: DirtyLogError.readOnlySlot(0)) { try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm)) }
+        #expect(throws: DirtyLogError.memory(.noSuchSlot(3))) { try vm.mmu.enableDirtyLogging(slot: 3, DirtyLogConfig(strategy: .dbm)) }
+        #expect(throws: DirtyLogError.notLogging(slot: 0)) { _ = try vm.mmu.getDirtyLog(slot: 0) }
+        try vm.addMemory(slot: 1, gpa: GPA(1 << 20), size: 1 << 20, backing: .pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 1, DirtyLogConfig(strategy: .dbm))
+        #expect(throws: DirtyLogError.alreadyLogging(slot: 1)) { try vm.mmu.enableDirtyLogging(slot: 1, DirtyLogConfig(strategy: .ring)) }
+    }
+}
+
+extension SoftVCPU {
+    /// One guest store, entering and leaving guest mode around it, so that the test thread can run
+    /// MMU operations (whose shootdowns wait for vCPUs in guest mode) between accesses.
+    func write(_ gpa: GPA, _ value: UInt64) {
+        enterGuest()
+        store(gpa, value)
+        exitGuest()
+    }
+
+    func read(_ gpa: GPA) {
+        enterGuest()
+        _ = load(gpa)
+        exitGuest()
+    }
+}
