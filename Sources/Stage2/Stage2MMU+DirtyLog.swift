@@ -53,10 +53,12 @@ extension Stage2MMU {
     /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected until clearDirtyLog names the pages.
     /// Runs concurrently with vCPU faults.
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
-        if let log = dirtyLog(slot: id), log.strategy == .ring { drainRings() }
-        lock.lockShared()
+        guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
+        if log.strategy == .ring { drainRings() }
+        let exclusive = Self.reprotectsExclusively(log)
+        exclusive ? lock.lockExclusive() : lock.lockShared()
         defer { lock.unlock() }
-        guard let log = dirtyLogs[id] else { throw .notLogging(slot: id) }
+        guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         var touched = TouchedRange()
         if log.strategy == .dbm {
@@ -67,31 +69,39 @@ extension Stage2MMU {
         }
         log.bitmap.harvest(into: &out)
         if !log.config.manualProtect {
-            protectPages(out, firstPage: 0, of: log, touched: &touched)
+            protectPages(out, firstPage: 0, of: log, shared: !exclusive, touched: &touched)
         }
         flush(touched)
         return out
     }
 
+    /// Re-protecting needs no compare-and-swap when nothing writes descriptors outside the MMU lock:
+    /// true for every strategy but DBM, whose vCPUs set W themselves (only the access-flag hint can
+    /// be overwritten). Exclusive plain stores cost a fraction of a locked compare-and-swap per leaf.
+    static func reprotectsExclusively(_ log: SlotDirtyLog) -> Bool { log.strategy != .dbm }
+
     /// Re-protects exactly the pages named by `bitmap`, whose bit 0 is page `firstPage` of the slot
     /// (KVM_CLEAR_DIRTY_LOG). Eager split splits the blocks over those pages first, chunk by chunk.
     public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(DirtyLogError) {
         guard firstPage % 64 == 0 else { throw .unalignedClear(firstPage: firstPage) }
-        lock.lockShared()
+        guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
+        let exclusive = Self.reprotectsExclusively(log)
+        exclusive ? lock.lockExclusive() : lock.lockShared()
         defer { lock.unlock() }
-        guard let log = dirtyLogs[id] else { throw .notLogging(slot: id) }
+        guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         let pages = UInt64(bitmap.count) * 64
         let last = bitmap.lastIndex { $0 != 0 }.map { UInt64($0) * 64 + 64 - UInt64(bitmap[$0].leadingZeroBitCount) } ?? 0
         guard firstPage + last <= log.slot.pageCount else {
             throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
         }
         var touched = TouchedRange()
-        protectPages(bitmap, firstPage: firstPage, of: log, touched: &touched)
+        protectPages(bitmap, firstPage: firstPage, of: log, shared: !exclusive, touched: &touched)
         flush(touched)
     }
 
-    /// Re-protects the runs of set bits of `bitmap` (bit 0 = page `firstPage` of the slot) in a shared walk.
-    private func protectPages(_ bitmap: [UInt64], firstPage: UInt64, of log: SlotDirtyLog, touched: inout TouchedRange) {
+    /// Re-protects the runs of set bits of `bitmap` (bit 0 = page `firstPage` of the slot).
+    private func protectPages(_ bitmap: [UInt64], firstPage: UInt64, of log: SlotDirtyLog, shared: Bool,
+                              touched: inout TouchedRange) {
         let base = log.slot.gpaRange.start
         var cache = log.strategy == .eagerSplit ? TableCache(allocator: allocator) : nil
         forEachRun(bitmap) { start, count in
@@ -101,11 +111,11 @@ extension Stage2MMU {
                 let blocks = GPARange(start: range.start.alignedDown(to: PageSize.bytes2M),
                                       end: GPA((range.end.raw + PageSize.bytes2M - 1) & ~(PageSize.bytes2M - 1)))
                 var s = SplitVisitor(to: .size4K, ops: bbm, cache: cache!)
-                _ = walk(blocks.clamped(to: log.slot.gpaRange), shared: true, &s)
+                _ = walk(blocks.clamped(to: log.slot.gpaRange), shared: shared, &s)
                 cache = s.cache
             }
             var v = LogProtectVisitor(strategy: log.strategy)
-            _ = walk(range, shared: true, &v)
+            _ = walk(range, shared: shared, &v)
             if let r = v.touched.range { touched.add(r) }
         }
         if var c = cache {
@@ -201,19 +211,29 @@ extension Stage2MMU {
     }
 }
 
-/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap.
+/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap, a word at a
+/// time (an all-dirty GiB is 4096 words and one call, not 262,144).
 @inlinable
 public func forEachRun(_ bitmap: [UInt64], _ body: (UInt64, UInt64) -> Void) {
-    var runStart: UInt64? = nil
-    var previous: UInt64 = 0
-    forEachSetBit(bitmap) { p in
-        if runStart != nil && p == previous + 1 {
-            previous = p
-            return
+    let words = bitmap.count
+    /// The first bit at or after `from` whose value is `set`, or words * 64.
+    func next(_ set: Bool, from: Int) -> Int {
+        var w = from >> 6
+        guard w < words else { return words * 64 }
+        var word = (set ? bitmap[w] : ~bitmap[w]) & (~0 << UInt64(from & 63))
+        while word == 0 {
+            w += 1
+            guard w < words else { return words * 64 }
+            word = set ? bitmap[w] : ~bitmap[w]
         }
-        if let s = runStart { body(s, previous - s + 1) }
-        runStart = p
-        previous = p
+        return w * 64 + word.trailingZeroBitCount
     }
-    if let s = runStart { body(s, previous - s + 1) }
+    var i = 0
+    while true {
+        let start = next(true, from: i)
+        guard start < words * 64 else { return }
+        let end = next(false, from: start)
+        body(UInt64(start), UInt64(end - start))
+        i = end
+    }
 }

@@ -3,13 +3,14 @@ import GuestMemory
 /// When the walker calls a visitor.
 public struct VisitPoints: OptionSet, Sendable {
     public let rawValue: UInt8
-    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    @inlinable public init(rawValue: UInt8) { self.rawValue = rawValue }
+    // Computed, not stored: a stored static goes through a once-initialised accessor on every use.
     /// At every leaf or invalid entry overlapping the range.
-    public static let leaf = VisitPoints(rawValue: 1 << 0)
+    @inlinable public static var leaf: VisitPoints { VisitPoints(rawValue: 1 << 0) }
     /// At a table entry, before descending into it.
-    public static let tablePre = VisitPoints(rawValue: 1 << 1)
+    @inlinable public static var tablePre: VisitPoints { VisitPoints(rawValue: 1 << 1) }
     /// At a table entry, after its whole sub-range has been walked.
-    public static let tablePost = VisitPoints(rawValue: 1 << 2)
+    @inlinable public static var tablePost: VisitPoints { VisitPoints(rawValue: 1 << 2) }
 }
 
 /// What a visitor tells the walker.
@@ -96,6 +97,7 @@ public func walkStage2<V: Stage2Visitor>(root: DescriptorTable, startLevel: Int,
                                          shared: Bool, _ visitor: inout V) -> Bool {
     guard !range.isEmpty else { return true }
     let points = visitor.visitPoints
+    let atLeaf = points.contains(.leaf), atPre = points.contains(.tablePre), atPost = points.contains(.tablePost)
     let end = range.end.raw
     var addr = range.start.raw
     var level = startLevel
@@ -105,42 +107,67 @@ public func walkStage2<V: Stage2Visitor>(root: DescriptorTable, startLevel: Int,
     var parentIndex = InlineArray<4, Int>(repeating: 0)
 
     while true {
-        let idx = Stage2Geometry.index(addr, level)
-        let entry = table.entry(idx)
-        let size = Stage2Geometry.entrySize(level)
-        let base = addr & ~(size - 1)
-        var old = entry.load()
-        var isTable = old.isTable(level: level)
-        var result = VisitResult.proceed
-        if isTable, points.contains(.tablePre) {
-            result = visitor.visitTablePre(VisitContext(entry: entry, old: old, addr: GPA(base), level: level, shared: shared))
-            old = entry.load()
-            isTable = old.isTable(level: level)
-        } else if !isTable, points.contains(.leaf) {
-            result = visitor.visitLeaf(VisitContext(entry: entry, old: old, addr: GPA(base), level: level, shared: shared))
-            old = entry.load()
-            isTable = old.isTable(level: level)
+        // `base` is the start of the last entry handled, `next` the address after it.
+        var base: UInt64
+        var next: UInt64
+        var overflow = false
+        if level == 3 {
+            // A last-level table holds only pages: run through the entries this range covers in a
+            // tight loop, with no table or boundary checks per entry.
+            let stop = min(end, (addr | 0x1F_FFFF) &+ 1)
+            var a = addr
+            if atLeaf {
+                while a < stop {
+                    let e = table.entry(Stage2Geometry.index(a, 3))
+                    switch visitor.visitLeaf(VisitContext(entry: e, old: e.load(), addr: GPA(a & ~0xFFF), level: 3, shared: shared)) {
+                    case .retry: continue
+                    case .stop: return false
+                    case .proceed: a = (a & ~0xFFF) &+ 4096
+                    }
+                }
+            } else {
+                a = ((stop &- 1) & ~0xFFF) &+ 4096
+            }
+            next = a
+            base = a &- 4096
+        } else {
+            let idx = Stage2Geometry.index(addr, level)
+            let entry = table.entry(idx)
+            let size = Stage2Geometry.entrySize(level)
+            base = addr & ~(size - 1)
+            var old = entry.load()
+            var isTable = old.isTable(level: level)
+            var result = VisitResult.proceed
+            if isTable, atPre {
+                result = visitor.visitTablePre(VisitContext(entry: entry, old: old, addr: GPA(base), level: level, shared: shared))
+                old = entry.load()
+                isTable = old.isTable(level: level)
+            } else if !isTable, atLeaf {
+                result = visitor.visitLeaf(VisitContext(entry: entry, old: old, addr: GPA(base), level: level, shared: shared))
+                old = entry.load()
+                isTable = old.isTable(level: level)
+            }
+            switch result {
+            case .stop: return false
+            case .retry: continue
+            case .proceed: break
+            }
+            if isTable {
+                parents[level] = table
+                parentIndex[level] = idx
+                table = old.tablePointer
+                level += 1
+                continue
+            }
+            (next, overflow) = base.addingReportingOverflow(size)
         }
-        switch result {
-        case .stop: return false
-        case .retry: continue
-        case .proceed: break
-        }
-        if isTable {
-            parents[level] = table
-            parentIndex[level] = idx
-            table = old.tablePointer
-            level += 1
-            continue
-        }
-        // Next entry; climb out of every table this step leaves, visiting each on the way up.
-        let (next, overflow) = base.addingReportingOverflow(size)
+        // Climb out of every table this step leaves, visiting each on the way up.
         addr = next
         let done = overflow || next >= end
         while level > startLevel && (done || Stage2Geometry.index(addr, level) == 0) {
             level -= 1
             table = parents[level]
-            if points.contains(.tablePost) {
+            if atPost {
                 let i = parentIndex[level]
                 let e = table.entry(i)
                 let pbase = (done ? base : addr &- 1) & ~(Stage2Geometry.entrySize(level) - 1)

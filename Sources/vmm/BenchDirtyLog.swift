@@ -1,0 +1,184 @@
+import ArgumentParser
+import Foundation
+import GuestMemory
+import SoftBackend
+import Stage2
+
+/// `vmm bench dirty-log`: the KVM selftest dirty_log_perf_test's phases on the soft backend.
+struct BenchDirtyLog: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dirty-log",
+        abstract: "Time enable, dirty pass, get, clear and disable of dirty logging, per strategy, against a no-MMU floor."
+    )
+
+    @Option(help: "Backend: soft.")
+    var backend: String = "soft"
+    @Option(help: "Guest memory (e.g. 1G).")
+    var memory: ByteSize = ByteSize(argument: "1G")!
+    @Option(help: "vCPUs sharing the dirty pass.")
+    var vcpus: Int = 1
+    @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
+    var backing: Backing = .pages4K
+    @Option(help: "wp, eager-split, block, dbm, ring, or all.")
+    var strategy: String = "all"
+    @Option(help: "Iterations per strategy.")
+    var iterations: Int = 5
+    @Flag(help: "Print one JSON line per strategy.")
+    var json = false
+
+    func validate() throws {
+        guard backend == "soft" else { throw ValidationError("backend '\(backend)' is not available in this build; use --backend soft") }
+        guard strategy == "all" || DirtyStrategy(rawValue: strategy) != nil else {
+            throw ValidationError("--strategy is one of \(DirtyStrategy.allCases.map(\.rawValue).joined(separator: ", ")) or all")
+        }
+        guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1...64") }
+        guard iterations >= 1 else { throw ValidationError("--iterations must be at least 1") }
+        guard memory.bytes % (2 << 20) == 0 else { throw ValidationError("--memory must be a multiple of 2 MiB") }
+    }
+
+    func run() throws {
+        let strategies = strategy == "all" ? DirtyStrategy.allCases : [DirtyStrategy(rawValue: strategy)!]
+        let pages = memory.bytes >> 12
+        print("bench dirty-log: soft backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect")
+        for s in strategies {
+            try runStrategy(s, pages: pages)
+        }
+    }
+
+    struct Phases {
+        var populate = 0.0, enable = 0.0, pass = 0.0, get = 0.0, clear = 0.0, disable = 0.0
+        var reported = 0
+        static func + (a: Phases, b: Phases) -> Phases {
+            Phases(populate: a.populate + b.populate, enable: a.enable + b.enable, pass: a.pass + b.pass,
+                   get: a.get + b.get, clear: a.clear + b.clear, disable: a.disable + b.disable,
+                   reported: a.reported + b.reported)
+        }
+    }
+
+    private func runStrategy(_ s: DirtyStrategy, pages: UInt64) throws {
+        let vm = SoftVM(vcpus: vcpus, ringCapacity: 65536)
+        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: memory.bytes, backing: backing)
+        let mmu = vm.mmu
+        // A full ring exits to the VMM, which harvests and resets, as a KVM VMM does on
+        // KVM_EXIT_DIRTY_RING_FULL; those entries count as reported.
+        let ringReported = Counter()
+        for v in vm.vcpus {
+            v.exitHandler = { exit in
+                if case .dirtyRingFull = exit {
+                    ringReported.add(mmu.harvestDirtyRings().count)
+                    mmu.resetDirtyRings()
+                }
+                return ~0
+            }
+        }
+        // Populate: the first guest pass maps every page (and takes the host's first-touch faults).
+        let populate = timeMs { dirtyPass(vm, pages: pages, value: 1) }
+        let floor = floorPass(mem, pages: pages)
+
+        print("")
+        print("strategy \(s):")
+        print("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
+        var total = Phases()
+        for i in 1...iterations {
+            var p = Phases()
+            p.populate = populate
+            p.enable = try timeMs { try mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: s, manualProtect: true)) }
+            ringReported.reset()
+            p.pass = timeMs { dirtyPass(vm, pages: pages, value: UInt64(i + 1)) }
+            var bitmap: [UInt64] = []
+            var entries: [DirtyRingEntry] = []
+            if s == .ring {
+                p.get = timeMs { entries = mmu.harvestDirtyRings() }
+                p.clear = timeMs { mmu.resetDirtyRings() }
+                p.reported = entries.count + ringReported.value
+            } else {
+                p.get = try timeMs { bitmap = try mmu.getDirtyLog(slot: 0) }
+                p.clear = try timeMs { try mmu.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }
+                p.reported = bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
+            }
+            p.disable = try timeMs { try mmu.disableDirtyLogging(slot: 0) }
+            print(row(String(i), p, pages: pages))
+            total = total + p
+            // Map everything again (blocks where the backing allows), untimed, so iterations match.
+            dirtyPass(vm, pages: pages, value: 1)
+        }
+        let n = Double(iterations)
+        let mean = Phases(populate: total.populate / n, enable: total.enable / n, pass: total.pass / n,
+                          get: total.get / n, clear: total.clear / n, disable: total.disable / n,
+                          reported: total.reported / iterations)
+        print(row("mean", mean, pages: pages))
+        let perPage = { (ms: Double) in ms * 1e6 / Double(pages) }
+        print(String(format: "  dirty pass %.1f ns/page vs floor %.1f ns/page (no MMU): +%.1f ns; get+clear %.2f ms per GiB",
+                     perPage(mean.pass), floor, perPage(mean.pass) - floor,
+                     (mean.get + mean.clear) / (Double(memory.bytes) / Double(1 << 30))))
+        if json {
+            print(jsonLine([
+                ("bench", "dirty-log"), ("backend", "soft"), ("strategy", s.rawValue), ("backing", backing.rawValue),
+                ("gib", Double(memory.bytes) / Double(1 << 30)), ("vcpus", vcpus), ("iterations", iterations),
+                ("populate_ms", mean.populate), ("enable_ms", mean.enable), ("dirty_pass_ms", mean.pass),
+                ("get_log_ms", mean.get), ("clear_log_ms", mean.clear), ("disable_ms", mean.disable),
+                ("dirty_pass_ns_per_page", perPage(mean.pass)), ("floor_ns_per_page", floor),
+                ("get_log_ns_per_page", perPage(mean.get)), ("clear_log_ns_per_page", perPage(mean.clear)),
+                ("enable_ns_per_page", perPage(mean.enable)), ("disable_ns_per_page", perPage(mean.disable)),
+                ("pages_written", pages), ("pages_reported", mean.reported),
+                ("split_tables_used", mmu.dirtyLog(slot: 0)?.splitTablesUsed ?? 0),
+            ]))
+        }
+    }
+
+    private func row(_ name: String, _ p: Phases, pages: UInt64) -> String {
+        let f = { (v: Double) in String(format: "%8.2fms", v) }
+        return "  " + name.padding(toLength: 4, withPad: " ", startingAt: 0) + " " + [
+            f(p.populate), f(p.enable), f(p.pass), String(format: "%9.1f", p.pass * 1e6 / Double(pages)),
+            f(p.get), f(p.clear), f(p.disable), String(p.reported).leftPad(10),
+        ].joined(separator: " ")
+    }
+
+    /// Every vCPU writes one word into each page of its share of memory, through the full access path.
+    private func dirtyPass(_ vm: SoftVM, pages: UInt64, value: UInt64) {
+        let share = (pages + UInt64(vcpus) - 1) / UInt64(vcpus)
+        let group = DispatchGroup()
+        for v in vm.vcpus {
+            let first = UInt64(v.index) * share
+            let last = min(pages, first + share)
+            group.enter()
+            let t = Thread {
+                v.enterGuest()
+                var p = first
+                while p < last {
+                    v.store(GPA(p << 12), value)
+                    v.tlb.safePoint()
+                    p += 1
+                }
+                v.exitGuest()
+                group.leave()
+            }
+            t.stackSize = 1 << 20
+            t.start()
+        }
+        group.wait()
+    }
+
+    /// The same pass straight into the host mapping, no MMU: ns per page.
+    private func floorPass(_ mem: HostMemory, pages: UInt64) -> Double {
+        let p = mem.pointer
+        let t0 = monotonicNanos()
+        for i in 0..<Int(pages) { p.storeBytes(of: UInt64(i), toByteOffset: i << 12, as: UInt64.self) }
+        return Double(monotonicNanos() - t0) / Double(pages)
+    }
+}
+
+/// A thread-safe counter for the ring-full handler.
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func add(_ k: Int) { lock.lock(); n += k; lock.unlock() }
+    func reset() { lock.lock(); n = 0; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
+}
+
+func timeMs(_ body: () throws -> Void) rethrows -> Double {
+    let t0 = monotonicNanos()
+    try body()
+    return Double(monotonicNanos() - t0) / 1e6
+}
