@@ -87,59 +87,78 @@ public struct DirtyRingEntry: Hashable, Sendable {
 /// A vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING): the vCPU pushes each page it newly dirties; the VMM
 /// harvests entries, then a reset re-protects the harvested pages and frees their room. A full ring
 /// stops the vCPU until a reset frees room.
+///
+/// One producer (the vCPU, lock-free: it writes the entry, then publishes the index with release
+/// ordering) and consumers serialized by a lock, as KVM's ring shared with user space.
 public final class DirtyRing: @unchecked Sendable {
     public let capacity: Int
-    private struct State {
-        var entries: [DirtyRingEntry] = []
-        var harvested = 0
-    }
-    private let state: Mutex<State>
+    /// The ring may overrun `capacity` by one block's pages: the full check comes before a write is
+    /// allowed, the push after it (KVM's soft limit below the hard size).
+    static let slack = 512
+    private let slots: UnsafeMutablePointer<DirtyRingEntry>
+    private let size: Int
+    private let pushed = Atomic<Int>(0)     // written by the producer only
+    private let freed = Atomic<Int>(0)      // written by reset only
+    private let consumer = Mutex<Int>(0)    // harvested index
     private let room = NSCondition()
     private let fullCount = Atomic<UInt64>(0)
 
     public init(capacity: Int = 4096) {
         precondition(capacity > 0)
         self.capacity = capacity
-        state = Mutex(State())
+        size = capacity + Self.slack
+        slots = .allocate(capacity: size)
+        slots.initialize(repeating: DirtyRingEntry(slot: 0, page: 0), count: size)
     }
 
-    /// Times a push found the ring full.
-    public var fullEvents: UInt64 { fullCount.load(ordering: .relaxed) }
-    public var count: Int { state.withLock { $0.entries.count } }
+    deinit { slots.deallocate() }
 
-    /// Full: the vCPU must exit before dirtying another page. Checked before a page is made
-    /// writable; the push after it always succeeds (the ring may run over by a block's pages, as
-    /// KVM's ring has a soft limit below its hard size).
+    /// Times the vCPU found the ring full.
+    public var fullEvents: UInt64 { fullCount.load(ordering: .relaxed) }
+    /// Entries pushed and not yet reset.
+    public var count: Int { pushed.load(ordering: .acquiring) - freed.load(ordering: .acquiring) }
+
+    /// Full: the vCPU must exit before dirtying another page.
     var isSoftFull: Bool {
-        let full = state.withLock { $0.entries.count >= capacity }
+        let full = count >= capacity
         if full { fullCount.add(1, ordering: .relaxed) }
         return full
     }
 
+    /// Producer only.
+    @inline(__always)
     func push(_ e: DirtyRingEntry) {
-        state.withLock { $0.entries.append(e) }
+        let n = pushed.load(ordering: .relaxed)
+        precondition(n - freed.load(ordering: .acquiring) < size, "dirty ring overran its hard size")
+        slots[n % size] = e
+        pushed.store(n + 1, ordering: .releasing)
     }
 
-    /// Entries pushed since the last harvest.
-    func harvest() -> [DirtyRingEntry] {
-        state.withLock { s in
-            let new = Array(s.entries[s.harvested...])
-            s.harvested = s.entries.count
-            return new
+    /// Appends the entries pushed since the last harvest to `out` (reuse `out` across harvests: on a
+    /// host where first-touching fresh memory is slow, a new large array per harvest costs more than
+    /// the harvest).
+    func harvest(into out: inout [DirtyRingEntry]) -> Int {
+        consumer.withLock { h in
+            let end = pushed.load(ordering: .acquiring)
+            for i in h..<end { out.append(slots[i % size]) }
+            defer { h = end }
+            return end - h
         }
     }
 
-    /// Entries harvested and not yet reset.
-    func harvestedEntries() -> [DirtyRingEntry] {
-        state.withLock { Array($0.entries[0..<$0.harvested]) }
+    /// Calls `body` with every entry harvested and not yet reset.
+    func forEachHarvested(_ body: (DirtyRingEntry) -> Void) {
+        consumer.withLock { h in
+            for i in freed.load(ordering: .relaxed)..<h { body(slots[i % size]) }
+        }
     }
 
-    /// Drops harvested entries (after their pages were re-protected) and wakes a waiting vCPU.
+    /// Frees the room of the harvested entries (their pages re-protected by the caller) and wakes a
+    /// waiting vCPU. Returns how many were freed.
     func reset() -> Int {
-        let n = state.withLock { s -> Int in
-            let n = s.harvested
-            s.entries.removeFirst(n)
-            s.harvested = 0
+        let n = consumer.withLock { h -> Int in
+            let n = h - freed.load(ordering: .relaxed)
+            freed.store(h, ordering: .releasing)
             return n
         }
         room.lock(); room.broadcast(); room.unlock()
@@ -151,8 +170,8 @@ public final class DirtyRing: @unchecked Sendable {
         let until = Date(timeIntervalSinceNow: timeout)
         room.lock()
         defer { room.unlock() }
-        while state.withLock({ $0.entries.count >= capacity }) {
-            if !room.wait(until: until) { return state.withLock { $0.entries.count < capacity } }
+        while count >= capacity {
+            if !room.wait(until: until) { return count < capacity }
         }
         return true
     }

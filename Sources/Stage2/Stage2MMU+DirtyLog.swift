@@ -62,10 +62,11 @@ extension Stage2MMU {
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         var touched = TouchedRange()
         if log.strategy == .dbm {
-            var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, words: out.count, clean: !log.config.manualProtect)
-            _ = walk(log.slot.gpaRange, shared: true, &v)
-            out = v.bitmap
-            if let r = v.touched.range { touched.add(r) }
+            out.withUnsafeMutableBufferPointer { words in
+                var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !log.config.manualProtect)
+                _ = walk(log.slot.gpaRange, shared: true, &v)
+                if let r = v.touched.range { touched.add(r) }
+            }
         }
         log.bitmap.harvest(into: &out)
         if !log.config.manualProtect {
@@ -148,7 +149,15 @@ extension Stage2MMU {
 
     /// Collects the entries pushed since the last harvest from every vCPU's ring.
     public func harvestDirtyRings() -> [DirtyRingEntry] {
-        rings.withLock { $0 }.flatMap { $0.harvest() }
+        var out: [DirtyRingEntry] = []
+        harvestDirtyRings(into: &out)
+        return out
+    }
+
+    /// Appends the entries pushed since the last harvest to `out`; returns how many.
+    @discardableResult
+    public func harvestDirtyRings(into out: inout [DirtyRingEntry]) -> Int {
+        rings.withLock { $0 }.reduce(0) { $0 + $1.harvest(into: &out) }
     }
 
     /// Re-protects every harvested ring entry's page, flushes, then frees their room in the rings
@@ -157,14 +166,26 @@ extension Stage2MMU {
     public func resetDirtyRings() -> Int {
         let all = rings.withLock { $0 }
         lock.lockShared()
-        var touched = TouchedRange()
+        // Gather the entries per slot into a bitmap, so each run of pages is one walk.
+        var bitmaps: [(slot: Int, words: [UInt64])] = []
+        var current = -1
         for ring in all {
-            for e in ring.harvestedEntries() {
-                guard let log = dirtyLogs[e.slot] else { continue }
-                var v = LogProtectVisitor(strategy: log.strategy)
-                _ = walk(GPARange(start: log.slot.gpaRange.start + (e.page << 12), size: 4096), shared: true, &v)
-                if let r = v.touched.range { touched.add(r) }
+            ring.forEachHarvested { e in
+                if current < 0 || bitmaps[current].slot != e.slot {
+                    if let i = bitmaps.firstIndex(where: { $0.slot == e.slot }) {
+                        current = i
+                    } else {
+                        guard let log = dirtyLogs[e.slot] else { return }
+                        bitmaps.append((e.slot, [UInt64](repeating: 0, count: log.bitmap.wordCount)))
+                        current = bitmaps.count - 1
+                    }
+                }
+                bitmaps[current].words[Int(e.page >> 6)] |= 1 << (e.page & 63)
             }
+        }
+        var touched = TouchedRange()
+        for (slot, words) in bitmaps {
+            if let log = dirtyLogs[slot] { protectPages(words, firstPage: 0, of: log, shared: true, touched: &touched) }
         }
         flush(touched)
         lock.unlock()

@@ -33,14 +33,15 @@ public struct LogProtectVisitor: Stage2Visitor {
 public struct DBMHarvestVisitor: Stage2Visitor {
     public let slotStart: GPA
     public let clean: Bool
-    public var bitmap: [UInt64]
+    /// The caller's bitmap words (one bit per page of the slot), OR'd into.
+    public let bitmap: UnsafeMutableBufferPointer<UInt64>
     public private(set) var touched = TouchedRange()
     public private(set) var dirty = 0
 
-    public init(slotStart: GPA, words: Int, clean: Bool) {
+    public init(slotStart: GPA, bitmap: UnsafeMutableBufferPointer<UInt64>, clean: Bool) {
         self.slotStart = slotStart
         self.clean = clean
-        bitmap = [UInt64](repeating: 0, count: words)
+        self.bitmap = bitmap
     }
 
     public var visitPoints: VisitPoints { .leaf }
