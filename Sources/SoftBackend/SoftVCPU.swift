@@ -171,9 +171,10 @@ public final class SoftVCPU: @unchecked Sendable {
                 stats.ringFullExits &+= 1
                 lastExit = .dirtyRingFull
                 _ = exitHandler(.dirtyRingFull)
-                while !ring.waitForRoom(timeout: 0.05) {
-                    if let control, control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
-                    if let control, control.pauseRequested { control.parkWhilePaused() }
+                // Wait a little, then fault again: logging may have stopped meanwhile.
+                if !ring.waitForRoom(timeout: 0.05), let control {
+                    if control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
+                    if control.pauseRequested { control.parkWhilePaused() }
                 }
             }
         }

@@ -40,6 +40,7 @@ public enum DirtyLogError: Error, Equatable, CustomStringConvertible {
     case notLogging(slot: Int)
     case alreadyLogging(slot: Int)
     case readOnlySlot(Int)
+    case loggingSlot(Int)
     case initiallySetNeedsManualProtect
     case clearOutOfRange(slot: Int, firstPage: UInt64, pages: UInt64, slotPages: UInt64)
     case unalignedClear(firstPage: UInt64)
@@ -51,6 +52,7 @@ public enum DirtyLogError: Error, Equatable, CustomStringConvertible {
         case let .notLogging(s): return "memslot \(s) is not dirty logging: enable logging first"
         case let .alreadyLogging(s): return "memslot \(s) is already dirty logging: disable it before changing the strategy"
         case let .readOnlySlot(s): return "memslot \(s) is read-only: the guest cannot dirty it, so there is nothing to log"
+        case let .loggingSlot(s): return "memslot \(s) is dirty logging: stop logging before making it read-only"
         case .initiallySetNeedsManualProtect: return "initially-all-set needs manual protect (as KVM_DIRTY_LOG_INITIALLY_SET does)"
         case let .clearOutOfRange(s, f, n, total):
             return "clear of pages \(f)..<\(f + n) is outside memslot \(s), which has \(total) pages"
@@ -146,20 +148,23 @@ public final class DirtyRing: @unchecked Sendable {
         }
     }
 
-    /// Calls `body` with every entry harvested and not yet reset.
-    func forEachHarvested(_ body: (DirtyRingEntry) -> Void) {
+    /// Calls `body` with every entry harvested and not yet reset; returns the index it stopped at,
+    /// to pass to `reset(upTo:)` (a harvest in between must not be freed unprotected).
+    func forEachHarvested(_ body: (DirtyRingEntry) -> Void) -> Int {
         consumer.withLock { h in
             for i in freed.load(ordering: .relaxed)..<h { body(slots[i % size]) }
+            return h
         }
     }
 
-    /// Frees the room of the harvested entries (their pages re-protected by the caller) and wakes a
-    /// waiting vCPU. Returns how many were freed.
-    func reset() -> Int {
-        let n = consumer.withLock { h -> Int in
-            let n = h - freed.load(ordering: .relaxed)
-            freed.store(h, ordering: .releasing)
-            return n
+    /// Frees the room of the entries before `end` (their pages re-protected by the caller) and wakes
+    /// a waiting vCPU. Returns how many were freed.
+    func reset(upTo end: Int) -> Int {
+        let n = consumer.withLock { _ -> Int in
+            let old = freed.load(ordering: .relaxed)
+            guard end > old else { return 0 }
+            freed.store(end, ordering: .releasing)
+            return end - old
         }
         room.lock(); room.broadcast(); room.unlock()
         return n

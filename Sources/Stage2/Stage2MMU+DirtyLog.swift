@@ -154,10 +154,19 @@ extension Stage2MMU {
         return out
     }
 
-    /// Appends the entries pushed since the last harvest to `out`; returns how many.
+    /// Appends the entries pushed since the last harvest to `out`; returns how many. Pages the VMM
+    /// itself wrote into ring-logged slots come along too (they sit in the slot bitmap, as KVM's
+    /// ring-with-bitmap); they need no re-protecting.
     @discardableResult
     public func harvestDirtyRings(into out: inout [DirtyRingEntry]) -> Int {
-        rings.withLock { $0 }.reduce(0) { $0 + $1.harvest(into: &out) }
+        var n = rings.withLock { $0 }.reduce(0) { $0 + $1.harvest(into: &out) }
+        let logs = lock.shared { dirtyLogs.values.filter { $0.strategy == .ring } }
+        for log in logs where log.bitmap.count > 0 {
+            var words: [UInt64] = []
+            log.bitmap.harvest(into: &words)
+            forEachSetBit(words) { out.append(DirtyRingEntry(slot: log.slot.id, page: $0)); n += 1 }
+        }
+        return n
     }
 
     /// Re-protects every harvested ring entry's page, flushes, then frees their room in the rings
@@ -169,8 +178,9 @@ extension Stage2MMU {
         // Gather the entries per slot into a bitmap, so each run of pages is one walk.
         var bitmaps: [(slot: Int, words: [UInt64])] = []
         var current = -1
+        var ends: [Int] = []
         for ring in all {
-            ring.forEachHarvested { e in
+            ends.append(ring.forEachHarvested { e in
                 if current < 0 || bitmaps[current].slot != e.slot {
                     if let i = bitmaps.firstIndex(where: { $0.slot == e.slot }) {
                         current = i
@@ -181,7 +191,7 @@ extension Stage2MMU {
                     }
                 }
                 bitmaps[current].words[Int(e.page >> 6)] |= 1 << (e.page & 63)
-            }
+            })
         }
         var touched = TouchedRange()
         for (slot, words) in bitmaps {
@@ -189,7 +199,7 @@ extension Stage2MMU {
         }
         flush(touched)
         lock.unlock()
-        return all.reduce(0) { $0 + $1.reset() }
+        return zip(all, ends).reduce(0) { $0 + $1.0.reset(upTo: $1.1) }
     }
 
     /// For getDirtyLog under the ring strategy: moves every ring entry into its slot's bitmap and

@@ -133,6 +133,7 @@ public final class Stage2MMU: @unchecked Sendable {
         }
         lock.lockExclusive()
         defer { lock.unlock() }
+        if flags.contains(.readOnly) && dirtyLogs[id] != nil { throw .loggingSlot(id) }
         let before: Memslot
         do { before = try slotTable.setFlags(id: id, flags) } catch { throw .memory(error) }
         if flags.contains(.readOnly) && !before.flags.contains(.readOnly) {
@@ -191,7 +192,16 @@ public final class Stage2MMU: @unchecked Sendable {
         _ = walk(range, shared: false, &v)
         flush(v.touched)
         reclaim()
+        keepDirty(v.dirtyPages)
         return v.leavesCleared
+    }
+
+    /// Records in their slots' dirty bitmaps the DBM-dirty pages an unmap took away. Exclusive lock.
+    func keepDirty(_ pages: [GPA]) {
+        for gpa in pages {
+            guard let slot = slotTable.lookup(gpa), let log = dirtyLogs[slot.id] else { continue }
+            log.bitmap.set((gpa - slot.gpaRange.start) >> 12)
+        }
     }
 
     /// Sets and clears attribute bits on every leaf in `range`, flushing TLBs if anything was removed.
@@ -222,6 +232,8 @@ public final class Stage2MMU: @unchecked Sendable {
     public func collapse(_ range: GPARange, maxSize: PageSize = .size1G) -> Int {
         lock.lockExclusive()
         defer { lock.unlock() }
+        // Logging slots keep their small leaves: a block would hide per-page dirty state.
+        if dirtyLogs.values.contains(where: { $0.slot.gpaRange.overlaps(range) }) { return 0 }
         var v = CollapseVisitor(range: range, maxSize: maxSize, ops: bbm)
         _ = walk(range, shared: false, &v)
         reclaim()
@@ -301,7 +313,10 @@ public final class Stage2MMU: @unchecked Sendable {
             // The slot grants more than the leaf has (made writable again, or logging stopped):
             // relax in place.
             guard permissions.contains(access.required) else { return .permission(gpa, access, t.leaf) }
-            _ = t.entry.compareExchange(t.leaf, t.leaf.setting(permissions.rawValue).clearing(Descriptor.swLogged))
+            // While logging, write permission comes back only through loggedWrite, which records it.
+            let grant = log == nil ? permissions : permissions.subtracting(.write)
+            let relaxed = t.leaf.setting(grant.rawValue)
+            _ = t.entry.compareExchange(t.leaf, log == nil ? relaxed.clearing(Descriptor.swLogged) : relaxed)
             return .retry
         }
 
@@ -396,13 +411,16 @@ public final class Stage2MMU: @unchecked Sendable {
         invalidateRange = invalidatesInProgress == 1 ? range
             : HVARange(start: min(invalidateRange.start, range.start), end: max(invalidateRange.end, range.end))
         var touched = TouchedRange()
+        var dirty: [GPA] = []
         for (_, gpaRange) in slotTable.slots(overlapping: range) {
             var v = UnmapVisitor(ops: bbm)
             _ = walk(gpaRange, shared: false, &v)
             if let r = v.touched.range { touched.add(r) }
+            dirty += v.dirtyPages
         }
         flush(touched)
         reclaim()
+        keepDirty(dirty)
     }
 
     public func invalidateRangeEnd(_ range: HVARange) {

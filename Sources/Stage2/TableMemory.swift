@@ -47,6 +47,10 @@ public struct DescriptorPointer: @unchecked Sendable {
         base.pointee.compareExchange(expected: expected.raw, desired: desired.raw,
                                      ordering: .acquiringAndReleasing).exchanged
     }
+    /// Atomically replaces the entry; returns what it held (a racing vCPU update is not lost).
+    @inlinable @inline(__always) public func exchange(_ d: Descriptor) -> Descriptor {
+        Descriptor(raw: base.pointee.exchange(d.raw, ordering: .acquiringAndReleasing))
+    }
     /// Atomically ORs bits in; returns the previous value.
     @inlinable @inline(__always) public func setBits(_ bits: UInt64) -> Descriptor {
         Descriptor(raw: base.pointee.bitwiseOr(bits, ordering: .acquiringAndReleasing).oldValue)

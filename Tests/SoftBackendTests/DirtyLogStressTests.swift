@@ -50,8 +50,6 @@ import Testing
                 let entries = mmu.harvestDirtyRings()
                 mmu.resetDirtyRings()
                 pages = entries.map(\.page)
-                // VMM writes land in the bitmap in ring mode too.
-                forEachSetBit(try mmu.getDirtyLog(slot: 0)) { pages.append($0) }
             } else {
                 let bitmap = try mmu.getDirtyLog(slot: 0)
                 if c.manual { try mmu.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }

@@ -155,6 +155,26 @@ import Testing
         #expect(throws: DirtyLogError.self) { try bytes.withUnsafeBytes { try vm.mmu.writeGuest(GPA((8 << 20) - 16), $0) } }
     }
 
+    /// Under DBM a page's only dirty record is its leaf: taking the leaf away (an invalidation) must
+    /// move that record into the bitmap.
+    @Test func dbmDirtyStateSurvivesUnmap() throws {
+        let (vm, v, _) = try makeVM(.pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm))
+        v.write(GPA(0x5000), 7)
+        try vm.mmu.discard(slot: 0, offset: 0x4000, length: 0x4000)
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [5])
+        #expect(throws: DirtyLogError.loggingSlot(0)) { try vm.mmu.setSlotFlags(id: 0, [.dirtyLogging, .readOnly]) }
+    }
+
+    @Test func ringHarvestIncludesVMMWrites() throws {
+        let (vm, v, _) = try makeVM(.pages4K)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .ring))
+        v.write(GPA(0x2000), 1)
+        var x: UInt64 = 5
+        try withUnsafeBytes(of: &x) { try vm.mmu.writeGuest(GPA(0x9000), $0) }
+        #expect(Set(vm.mmu.harvestDirtyRings().map(\.page)) == [2, 9])
+    }
+
     @Test func disablingLetsBlocksComeBack() throws {
         let (vm, v, _) = try makeVM(.thp)
         try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .eagerSplit))

@@ -7,6 +7,9 @@ public struct UnmapVisitor: Stage2Visitor {
     public let ops: BreakBeforeMake
     public private(set) var touched = TouchedRange()
     public private(set) var leavesCleared = 0
+    /// Pages whose only dirty record was the leaf itself (DBM and W set): the caller moves them
+    /// into the dirty bitmap, so unmapping never loses a write.
+    public private(set) var dirtyPages: [GPA] = []
 
     public init(ops: BreakBeforeMake) { self.ops = ops }
 
@@ -15,7 +18,9 @@ public struct UnmapVisitor: Stage2Visitor {
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         guard ctx.old.raw != 0 else { return .proceed }
         precondition(!ctx.shared, "unmap frees tables and must run in an exclusive walk")
-        ctx.entry.store(.invalid)
+        // An exchange, not a store: a vCPU may set W on a DBM leaf without holding any lock.
+        let old = ctx.entry.exchange(.invalid)
+        if ctx.level == 3, old.has(Descriptor.dbm | Descriptor.write) { dirtyPages.append(ctx.addr) }
         if ctx.old.isValid {
             touched.add(ctx.range)
             leavesCleared += 1
