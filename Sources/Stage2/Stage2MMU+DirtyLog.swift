@@ -12,10 +12,8 @@ extension Stage2MMU {
         guard let slot = slotTable.slot(id: id) else { throw .memory(.noSuchSlot(id)) }
         guard !slot.flags.contains(.readOnly) else { throw .readOnlySlot(id) }
         guard dirtyLogs[id] == nil else { throw .alreadyLogging(slot: id) }
-        let logging: Memslot
         do { _ = try slotTable.setFlags(id: id, slot.flags.union(.dirtyLogging)) } catch { throw .memory(error) }
-        logging = slotTable.slot(id: id)!
-        let log = SlotDirtyLog(slot: logging, config: config)
+        let log = SlotDirtyLog(slot: slotTable.slot(id: id)!, config: config)
         dirtyLogs[id] = log
         if config.initiallySet {
             log.bitmap.set(first: 0, count: slot.pageCount)
@@ -51,7 +49,8 @@ extension Stage2MMU {
     /// The pages of `slot` dirtied since the last call (bit i of word w = page 64w + i). Without manual
     /// protect, the reported pages are re-protected and flushed before this returns
     /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected until clearDirtyLog names the pages.
-    /// Runs concurrently with vCPU faults.
+    /// vCPUs keep running; their faults wait for the lock while pages are re-protected (under DBM
+    /// the harvest runs beside them, by compare-and-swap).
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
         if log.strategy == .ring { drainRings() }
