@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "Stage2", targets: ["Stage2"]),
         .library(name: "Workload", targets: ["Workload"]),
         .library(name: "SoftBackend", targets: ["SoftBackend"]),
+        .library(name: "KVMBackend", targets: ["KVMBackend"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -23,6 +24,7 @@ let package = Package(
         .target(name: "Stage2", dependencies: ["GuestMemory"], swiftSettings: optimize),
         .target(name: "Workload", dependencies: ["GuestMemory"], swiftSettings: optimize),
         .target(name: "SoftBackend", dependencies: ["GuestMemory", "Stage2", "Workload"], swiftSettings: optimize),
+        .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory"], swiftSettings: optimize),
         .executableTarget(
             name: "vmm",
             dependencies: [
@@ -35,6 +37,7 @@ let package = Package(
         .testTarget(name: "Stage2Tests", dependencies: ["GuestMemory", "Stage2"]),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend"]),
+        .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "KVMBackend", "CVMMSys"]),
     ],
     // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,
     // locks, TLB shootdown); strict sendability checking of Mutex-protected raw pointers adds noise, not safety.

@@ -38,13 +38,21 @@ import Testing
         let group = DispatchGroup()
         // Each writer marks page p only after the harvester has taken its previous mark of p, so the
         // number of marks that land equals the number of harvested bits.
-        let pending = UnsafeMutablePointer<Atomic<Bool>>.allocate(capacity: Int(pages))
-        for i in 0..<Int(pages) { (pending + i).initialize(to: Atomic(false)) }
-        defer { pending.deallocate() }
+        final class Flags: @unchecked Sendable {
+            let p: UnsafeMutablePointer<Atomic<Bool>>
+            init(_ n: Int) {
+                p = .allocate(capacity: n)
+                for i in 0..<n { (p + i).initialize(to: Atomic(false)) }
+            }
+            deinit { p.deallocate() }
+        }
+        let flags = Flags(Int(pages))
+        let pending = flags.p
         let marks = Atomic<Int>(0)
         for t in 0..<threads {
             group.enter()
             Thread {
+                let pending = flags.p
                 var x = UInt64(t + 1) &* 0x9E37_79B9_7F4A_7C15
                 for _ in 0..<perThread {
                     x ^= x >> 12; x ^= x << 25; x ^= x >> 27

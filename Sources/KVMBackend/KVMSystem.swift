@@ -1,0 +1,54 @@
+import CVMMSys
+import Glibc
+
+/// An open /dev/kvm: API version and capability checks, and the factory for VMs.
+public final class KVMSystem: @unchecked Sendable {
+    public let fd: Int32
+    public let vcpuMmapSize: Int
+
+    public init(path: String = "/dev/kvm") throws(KVMError) {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else {
+            switch errno {
+            case ENOENT, ENODEV, ENXIO: throw .noDevice(path)
+            case EACCES, EPERM: throw .permissionDenied(path)
+            case let e: throw .ioctl("open(\(path))", errno: e)
+            }
+        }
+        self.fd = fd
+        let version = cvmm_ioctl_value(fd, cvmm_KVM_GET_API_VERSION, 0)
+        guard version == 12 else { close(fd); throw .apiVersion(version) }
+        let size = cvmm_ioctl_value(fd, cvmm_KVM_GET_VCPU_MMAP_SIZE, 0)
+        guard size > 0 else { let e = errno; close(fd); throw .ioctl("KVM_GET_VCPU_MMAP_SIZE", errno: e) }
+        vcpuMmapSize = Int(size)
+    }
+
+    deinit { close(fd) }
+
+    /// KVM_CHECK_EXTENSION: 0 when absent, else the capability's value (often 1, sometimes a size).
+    public func capability(_ cap: KVMCapability) -> Int32 {
+        max(0, cvmm_ioctl_value(fd, cvmm_KVM_CHECK_EXTENSION, UInt(cap.raw)))
+    }
+
+    /// Throws `capabilityMissing` naming the capability unless it is present.
+    public func require(_ cap: KVMCapability) throws(KVMError) {
+        guard capability(cap) > 0 else { throw .capabilityMissing(cap.name) }
+    }
+
+    /// Whether /dev/kvm can be opened here, and if not, why.
+    public static func availability(path: String = "/dev/kvm") -> Result<Void, KVMError> {
+        do { _ = try KVMSystem(path: path); return .success(()) } catch { return .failure(error) }
+    }
+}
+
+/// A KVM capability, with its name for error messages.
+public struct KVMCapability: Sendable, Equatable {
+    public let raw: Int32
+    public let name: String
+    public init(raw: Int32, name: String) { self.raw = raw; self.name = name }
+
+    public static let userMemory = KVMCapability(raw: KVM_CAP_USER_MEMORY, name: "KVM_CAP_USER_MEMORY")
+    public static let manualDirtyLogProtect2 = KVMCapability(raw: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, name: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    public static let dirtyLogRing = KVMCapability(raw: KVM_CAP_DIRTY_LOG_RING, name: "KVM_CAP_DIRTY_LOG_RING")
+    public static let immediateExit = KVMCapability(raw: KVM_CAP_IMMEDIATE_EXIT, name: "KVM_CAP_IMMEDIATE_EXIT")
+}

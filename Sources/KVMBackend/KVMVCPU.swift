@@ -1,0 +1,125 @@
+import CVMMSys
+import Glibc
+import GuestMemory
+
+/// Why KVM_RUN returned.
+public enum KVMExit: Equatable, Sendable, CustomStringConvertible {
+    /// Port IO; `data` holds what the guest wrote (for OUT) in its low `size` bytes.
+    case io(port: UInt16, write: Bool, size: Int, data: UInt64)
+    case mmio(GPA, write: Bool, size: Int, data: UInt64)
+    case hlt
+    case shutdown
+    /// KVM_RUN returned EINTR (a signal, or immediate_exit).
+    case interrupted
+
+    public var description: String {
+        switch self {
+        case let .io(p, w, s, d): return "port \(w ? "out" : "in") 0x\(String(p, radix: 16)) size \(s)" + (w ? " value 0x\(String(d, radix: 16))" : "")
+        case let .mmio(g, w, s, d): return "MMIO \(w ? "write" : "read") \(g) size \(s)" + (w ? " value 0x\(String(d, radix: 16))" : "")
+        case .hlt: return "hlt"
+        case .shutdown: return "shutdown (triple fault)"
+        case .interrupted: return "interrupted"
+        }
+    }
+}
+
+/// One KVM vCPU with its mmap'd kvm_run.
+public final class KVMVCPU: @unchecked Sendable {
+    public let vm: KVMVM
+    public let id: Int32
+    public let fd: Int32
+    private let kvmRun: UnsafeMutablePointer<kvm_run>
+    private let runSize: Int
+
+    init(vm: KVMVM, id: Int32) throws(KVMError) {
+        self.vm = vm
+        self.id = id
+        let fd = cvmm_ioctl_value(vm.fd, cvmm_KVM_CREATE_VCPU, UInt(id))
+        guard fd >= 0 else { throw .ioctl("KVM_CREATE_VCPU(\(id))", errno: errno) }
+        self.fd = fd
+        runSize = vm.system.vcpuMmapSize
+        guard let p = mmap(nil, runSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            let e = errno
+            close(fd)
+            throw .ioctl("mmap(kvm_run)", errno: e)
+        }
+        kvmRun = p.bindMemory(to: kvm_run.self, capacity: 1)
+    }
+
+    deinit {
+        munmap(kvmRun, runSize)
+        close(fd)
+    }
+
+    public func registers() throws(KVMError) -> kvm_regs {
+        var r = kvm_regs()
+        guard cvmm_ioctl(fd, cvmm_KVM_GET_REGS, &r) == 0 else { throw .ioctl("KVM_GET_REGS", errno: errno) }
+        return r
+    }
+
+    public func setRegisters(_ regs: kvm_regs) throws(KVMError) {
+        var r = regs
+        guard cvmm_ioctl(fd, cvmm_KVM_SET_REGS, &r) == 0 else { throw .ioctl("KVM_SET_REGS", errno: errno) }
+    }
+
+    public func specialRegisters() throws(KVMError) -> kvm_sregs {
+        var s = kvm_sregs()
+        guard cvmm_ioctl(fd, cvmm_KVM_GET_SREGS, &s) == 0 else { throw .ioctl("KVM_GET_SREGS", errno: errno) }
+        return s
+    }
+
+    public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) {
+        var s = sregs
+        guard cvmm_ioctl(fd, cvmm_KVM_SET_SREGS, &s) == 0 else { throw .ioctl("KVM_SET_SREGS", errno: errno) }
+    }
+
+    /// Runs the vCPU until its next exit to user space and decodes it. Fatal exits (failed entry,
+    /// internal error, anything unknown) throw with the vCPU's registers in the message.
+    public func run() throws(KVMError) -> KVMExit {
+        if cvmm_ioctl_value(fd, cvmm_KVM_RUN, 0) != 0 {
+            let e = errno
+            if e == EINTR || e == EAGAIN { return .interrupted }
+            throw .ioctl("KVM_RUN", errno: e)
+        }
+        let r = kvmRun.pointee
+        switch Int32(r.exit_reason) {
+        case KVM_EXIT_IO:
+            let io = r.io
+            let data = UnsafeRawPointer(kvmRun).advanced(by: Int(io.data_offset))
+            var value: UInt64 = 0
+            withUnsafeMutableBytes(of: &value) { $0.copyMemory(from: UnsafeRawBufferPointer(start: data, count: min(8, Int(io.size)))) }
+            return .io(port: io.port, write: io.direction == UInt8(KVM_EXIT_IO_OUT), size: Int(io.size), data: value)
+        case KVM_EXIT_MMIO:
+            let m = r.mmio
+            var value: UInt64 = 0
+            withUnsafeBytes(of: m.data) { d in withUnsafeMutableBytes(of: &value) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: d[0..<min(8, Int(m.len))])) } }
+            return .mmio(GPA(m.phys_addr), write: m.is_write != 0, size: Int(m.len), data: value)
+        case KVM_EXIT_HLT:
+            return .hlt
+        case KVM_EXIT_SHUTDOWN:
+            return .shutdown
+        case KVM_EXIT_FAIL_ENTRY:
+            throw .entryFailed(reason: r.fail_entry.hardware_entry_failure_reason, state: stateDump())
+        case KVM_EXIT_INTERNAL_ERROR:
+            throw .internalError(suberror: r.internal.suberror, state: stateDump())
+        case let other:
+            throw .unexpectedExit("exit reason \(other)", state: stateDump())
+        }
+    }
+
+    /// Registers and control state, for a readable diagnosis.
+    public func stateDump() -> String {
+        func h(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+        var lines: [String] = []
+        if let r = try? registers() {
+            lines.append("  rip \(h(r.rip))  rsp \(h(r.rsp))  rflags \(h(r.rflags))")
+            lines.append("  rax \(h(r.rax))  rbx \(h(r.rbx))  rcx \(h(r.rcx))  rdx \(h(r.rdx))")
+            lines.append("  rsi \(h(r.rsi))  rdi \(h(r.rdi))  rbp \(h(r.rbp))")
+        }
+        if let s = try? specialRegisters() {
+            lines.append("  cr0 \(h(s.cr0))  cr3 \(h(s.cr3))  cr4 \(h(s.cr4))  efer \(h(s.efer))")
+            lines.append("  cs sel \(h(UInt64(s.cs.selector))) dpl \(s.cs.dpl) l \(s.cs.l)  ss sel \(h(UInt64(s.ss.selector))) dpl \(s.ss.dpl)")
+        }
+        return lines.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,37 @@
+import CVMMSys
+import Glibc
+import GuestMemory
+
+/// A KVM virtual machine: its memslots and vCPUs.
+public final class KVMVM: @unchecked Sendable {
+    public let system: KVMSystem
+    public let fd: Int32
+    /// Keeps every slot's host memory alive as long as KVM may map it.
+    private var memories: [UInt32: HostMemory] = [:]
+
+    public init(system: KVMSystem) throws(KVMError) {
+        self.system = system
+        let fd = cvmm_ioctl_value(system.fd, cvmm_KVM_CREATE_VM, 0)
+        guard fd >= 0 else { throw .ioctl("KVM_CREATE_VM", errno: errno) }
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    /// KVM_SET_USER_MEMORY_REGION: maps `memory` at `gpa` as slot `slot` (size 0 deletes the slot).
+    public func setMemory(slot: UInt32, gpa: GPA, memory: HostMemory, logDirty: Bool = false, readOnly: Bool = false) throws(KVMError) {
+        var flags: UInt32 = 0
+        if logDirty { flags |= UInt32(KVM_MEM_LOG_DIRTY_PAGES) }
+        if readOnly { flags |= UInt32(KVM_MEM_READONLY) }
+        var region = kvm_userspace_memory_region(slot: slot, flags: flags, guest_phys_addr: gpa.raw,
+                                                 memory_size: memory.size, userspace_addr: memory.base.raw)
+        guard cvmm_ioctl(fd, cvmm_KVM_SET_USER_MEMORY_REGION, &region) == 0 else {
+            throw .ioctl("KVM_SET_USER_MEMORY_REGION(slot \(slot), \(formatBytes(memory.size)) at \(gpa))", errno: errno)
+        }
+        memories[slot] = memory
+    }
+
+    public func createVCPU(id: Int32) throws(KVMError) -> KVMVCPU {
+        try KVMVCPU(vm: self, id: id)
+    }
+}

@@ -1,0 +1,93 @@
+import CVMMSys
+import GuestMemory
+
+/// The guest-physical pages the VMM itself fills to run guest code in 64-bit mode at CPL3, where
+/// kvm_pvm runs it natively (CPL0 code would go through KVM's instruction emulator). Everything the
+/// guest program touches besides its working set lies below `reservedEnd`.
+public enum X86Layout {
+    /// Page tables: one PML4, one PDPT, and one page directory per GiB, identity-mapping guest
+    /// memory with user-accessible 2 MiB pages.
+    public static let pml4 = GPA(0x1000)
+    public static let pdpt = GPA(0x2000)
+    public static let firstPD = GPA(0x3000)
+    /// At most this many GiB are mapped (one page directory each, up to the GDT page).
+    public static let maxGiB: UInt64 = 4
+    public static let gdt = GPA(0x7000)
+    public static let tss = GPA(0x8000)
+    /// Where the guest program's code goes.
+    public static let code = GPA(0x10000)
+    /// The initial stack pointer (the stack grows down from here).
+    public static let stackTop = GPA(0x80000)
+    /// The program's own pages end here; a workload's working set starts at or above it.
+    public static let reservedEnd = GPA(0x10_0000)
+
+    /// Selectors: user code and data carry RPL 3.
+    public static let userCode: UInt16 = 0x18 | 3
+    public static let userData: UInt16 = 0x20 | 3
+    public static let taskRegister: UInt16 = 0x28
+}
+
+extension KVMVCPU {
+    /// Builds page tables, GDT and TSS in `memory` (mapped at GPA 0) and puts the vCPU in 64-bit mode
+    /// at CPL3 with IOPL 3 (so port IO still exits to the VMM), at `entry` with an empty stack.
+    public func enterLongModeUser(memory: HostMemory, entry: GPA) throws(KVMError) {
+        let mem = memory.pointer
+        func put(_ gpa: GPA, _ index: Int, _ value: UInt64) {
+            mem.storeBytes(of: value, toByteOffset: Int(gpa.raw) + index * 8, as: UInt64.self)
+        }
+        let present: UInt64 = 1, writable: UInt64 = 2, user: UInt64 = 4, large: UInt64 = 0x80
+        let gib = min(X86Layout.maxGiB, (memory.size + (1 << 30) - 1) >> 30)
+        put(X86Layout.pml4, 0, X86Layout.pdpt.raw | present | writable | user)
+        for g in 0..<gib {
+            let pd = X86Layout.firstPD + g * 0x1000
+            put(X86Layout.pdpt, Int(g), pd.raw | present | writable | user)
+            for i in 0..<512 {
+                let base = (g << 30) | (UInt64(i) << 21)
+                guard base < memory.size else { break }
+                put(pd, i, base | present | writable | user | large)
+            }
+        }
+        // GDT: null, kernel code, kernel data, user code (64-bit), user data, 16-byte TSS descriptor.
+        let tssLimit: UInt64 = 0x67
+        let tssBase = X86Layout.tss.raw
+        let descriptors: [UInt64] = [
+            0,
+            0x00AF_9A00_0000_FFFF,          // kernel code, L=1
+            0x00CF_9200_0000_FFFF,          // kernel data
+            0x00AF_FA00_0000_FFFF,          // user code, DPL 3, L=1
+            0x00CF_F200_0000_FFFF,          // user data, DPL 3
+            tssLimit | ((tssBase & 0xFF_FFFF) << 16) | (0x89 << 40) | ((tssBase >> 24 & 0xFF) << 56),
+            tssBase >> 32,
+        ]
+        for (i, d) in descriptors.enumerated() { put(X86Layout.gdt, i, d) }
+
+        var s = try specialRegisters()
+        s.cr3 = X86Layout.pml4.raw
+        s.cr4 = (1 << 5) | (1 << 9) | (1 << 10)          // PAE, OSFXSR, OSXMMEXCPT
+        s.cr0 = 0x8005_0033                              // PG, AM, WP, NE, ET, MP, PE
+        s.efer = (1 << 8) | (1 << 10) | 1                // LME, LMA, SCE
+        s.gdt.base = X86Layout.gdt.raw
+        s.gdt.limit = UInt16(descriptors.count * 8 - 1)
+        s.idt.base = 0
+        s.idt.limit = 0
+        var code = kvm_segment()
+        code.base = 0; code.limit = 0xFFFF_FFFF; code.selector = X86Layout.userCode
+        code.type = 11; code.present = 1; code.dpl = 3; code.s = 1; code.l = 1; code.g = 1
+        var data = kvm_segment()
+        data.base = 0; data.limit = 0xFFFF_FFFF; data.selector = X86Layout.userData
+        data.type = 3; data.present = 1; data.dpl = 3; data.db = 1; data.s = 1; data.g = 1
+        var tr = kvm_segment()
+        tr.base = tssBase; tr.limit = UInt32(tssLimit); tr.selector = X86Layout.taskRegister
+        tr.type = 11; tr.present = 1
+        s.cs = code
+        s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
+        s.tr = tr
+        try setSpecialRegisters(s)
+
+        var r = kvm_regs()
+        r.rip = entry.raw
+        r.rsp = X86Layout.stackTop.raw
+        r.rflags = 0x2 | (3 << 12)                       // reserved bit 1, IOPL 3
+        try setRegisters(r)
+    }
+}

@@ -1,0 +1,63 @@
+import Foundation
+import Testing
+@testable import GuestMemory
+@testable import KVMBackend
+
+/// These tests need /dev/kvm. Where it cannot be opened they print "KVM TESTS SKIPPED" with the reason,
+/// and .ci/run fails if /dev/kvm exists but that line appears.
+@Suite struct KVMGuestTests {
+    func system() -> KVMSystem? {
+        switch KVMSystem.availability() {
+        case .success: return try? KVMSystem()
+        case let .failure(e):
+            print("KVM TESTS SKIPPED: \(e)")
+            return nil
+        }
+    }
+
+    @Test func capabilitiesAreReported() throws {
+        guard let kvm = system() else { return }
+        #expect(kvm.capability(.userMemory) > 0)
+        #expect(kvm.vcpuMmapSize >= 4096)
+        #expect(throws: KVMError.capabilityMissing("an impossible capability")) {
+            try kvm.require(KVMCapability(raw: 1_000_000, name: "an impossible capability"))
+        }
+        print("KVM: capabilities checked (manual protect \(kvm.capability(.manualDirtyLogProtect2)), dirty ring \(kvm.capability(.dirtyLogRing)) bytes)")
+    }
+
+    @Test func missingDeviceIsAClearError() {
+        guard case let .failure(e) = KVMSystem.availability(path: "/dev/no-such-kvm") else {
+            Issue.record("opening a missing device succeeded")
+            return
+        }
+        #expect(e == .noDevice("/dev/no-such-kvm"))
+        #expect(e.description.contains("--backend soft"))
+    }
+
+    /// A CPL3 64-bit guest writes guest memory and reports through port IO.
+    @Test func longModeUserGuestRunsNatively() throws {
+        guard let kvm = system() else { return }
+        let vm = try KVMVM(system: kvm)
+        let memory = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: memory)
+        let program: [UInt8] = [
+            0x66, 0xBA, 0x10, 0x00,                         // mov dx, 0x10
+            0xB0, 0x42,                                     // mov al, 0x42
+            0xEE,                                           // out dx, al
+            0x48, 0xC7, 0xC3, 0x00, 0x00, 0x20, 0x00,       // mov rbx, 0x200000
+            0x48, 0xC7, 0x03, 0x55, 0x00, 0x00, 0x00,       // mov qword [rbx], 0x55
+            0x66, 0xBA, 0x11, 0x00,                         // mov dx, 0x11
+            0xEE,                                           // out dx, al
+            0xEB, 0xFE,                                     // jmp $
+        ]
+        program.withUnsafeBytes { memory.pointer.advanced(by: Int(X86Layout.code.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        let vcpu = try vm.createVCPU(id: 0)
+        try vcpu.enterLongModeUser(memory: memory, entry: X86Layout.code)
+        #expect(try vcpu.run() == .io(port: 0x10, write: true, size: 1, data: 0x42))
+        #expect(try vcpu.run() == .io(port: 0x11, write: true, size: 1, data: 0x42))
+        #expect(memory.pointer.load(fromByteOffset: 0x20_0000, as: UInt64.self) == 0x55)
+        let s = try vcpu.specialRegisters()
+        #expect(s.cs.dpl == 3 && s.cs.l == 1, "the guest runs at CPL3 in 64-bit mode")
+        print("KVM: ran a CPL3 long-mode guest (rip \(String(try vcpu.registers().rip, radix: 16)))")
+    }
+}
