@@ -24,7 +24,7 @@ let package = Package(
         .target(name: "Stage2", dependencies: ["GuestMemory"], swiftSettings: optimize),
         .target(name: "Workload", dependencies: ["GuestMemory"], swiftSettings: optimize),
         .target(name: "SoftBackend", dependencies: ["GuestMemory", "Stage2", "Workload"], swiftSettings: optimize),
-        .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory"], swiftSettings: optimize),
+        .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory", "Workload"], swiftSettings: optimize),
         .executableTarget(
             name: "vmm",
             dependencies: [
@@ -37,7 +37,7 @@ let package = Package(
         .testTarget(name: "Stage2Tests", dependencies: ["GuestMemory", "Stage2"]),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend"]),
-        .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "KVMBackend", "CVMMSys"]),
+        .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "KVMBackend", "Workload", "Stage2", "SoftBackend"]),
     ],
     // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,
     // locks, TLB shootdown); strict sendability checking of Mutex-protected raw pointers adds noise, not safety.

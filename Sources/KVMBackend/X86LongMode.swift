@@ -16,8 +16,14 @@ public enum X86Layout {
     public static let tss = GPA(0x8000)
     /// Where the guest program's code goes.
     public static let code = GPA(0x10000)
-    /// The initial stack pointer (the stack grows down from here).
+    /// Each vCPU's parameter page: 0x20000 + 4 KiB per vCPU (passed to the program in rdi).
+    public static let params = GPA(0x20000)
+    /// The zipf quantile table the workload reads (4097 32-bit entries).
+    public static let zipfTable = GPA(0x40000)
+    /// The initial stack pointer of vCPU 0; each further vCPU's stack starts 16 KiB lower.
     public static let stackTop = GPA(0x80000)
+    public static let stackPerVCPU: UInt64 = 0x4000
+    public static let maxVCPUs = 16
     /// The program's own pages end here; a workload's working set starts at or above it.
     public static let reservedEnd = GPA(0x10_0000)
 
@@ -30,7 +36,8 @@ public enum X86Layout {
 extension KVMVCPU {
     /// Builds page tables, GDT and TSS in `memory` (mapped at GPA 0) and puts the vCPU in 64-bit mode
     /// at CPL3 with IOPL 3 (so port IO still exits to the VMM), at `entry` with an empty stack.
-    public func enterLongModeUser(memory: HostMemory, entry: GPA) throws(KVMError) {
+    public func enterLongModeUser(memory: HostMemory, entry: GPA, stack: GPA = X86Layout.stackTop,
+                                  argument: UInt64 = 0) throws(KVMError) {
         let mem = memory.pointer
         func put(_ gpa: GPA, _ index: Int, _ value: UInt64) {
             mem.storeBytes(of: value, toByteOffset: Int(gpa.raw) + index * 8, as: UInt64.self)
@@ -86,7 +93,9 @@ extension KVMVCPU {
 
         var r = kvm_regs()
         r.rip = entry.raw
-        r.rsp = X86Layout.stackTop.raw
+        // A call pushed a return address: keep the ABI's 16-byte alignment at entry.
+        r.rsp = stack.raw - 8
+        r.rdi = argument
         r.rflags = 0x2 | (3 << 12)                       // reserved bit 1, IOPL 3
         try setRegisters(r)
     }

@@ -85,6 +85,17 @@ public struct WorkloadGenerator: Sendable {
         return table
     }
 
+    // The generator's constants, for a guest program that runs the same stream (see the KVM backend).
+    public var kindCode: UInt8 { kind }
+    public var pageCount: UInt64 { pages }
+    public var writeLimit: UInt64 { writeThreshold }
+    public var accessOffsetMask: UInt64 { offsetMask }
+    public var hotPageCount: UInt64 { hotPages }
+    public var hotLimit: UInt64 { hotThreshold }
+    public var initialState: UInt64 { state }
+    /// The zipf table padded to its full size (zeros for other patterns).
+    public var zipfQuantiles: [UInt32] { zipf.isEmpty ? [UInt32](repeating: 0, count: Self.zipfBuckets + 1) : zipf }
+
     @inlinable @inline(__always)
     public mutating func nextRandom() -> UInt64 {
         state ^= state >> 12

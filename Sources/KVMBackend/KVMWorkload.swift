@@ -1,0 +1,117 @@
+import CVMMSys
+import Glibc
+import GuestMemory
+import Workload
+
+/// The guest program's parameter page, as guest/workload.c lays it out.
+struct WorkloadParams {
+    var magic: UInt64 = 0x314C_444B_574D_4D56   // "VMMWKLD1"
+    var kind: UInt64
+    var base: UInt64
+    var workingSet: UInt64
+    var pages: UInt64
+    var writeThreshold: UInt64
+    var offsetMask: UInt64
+    var accessSize: UInt64
+    var hotPages: UInt64
+    var hotThreshold: UInt64
+    var zipfTable: UInt64
+    var count: UInt64
+    var state: UInt64
+    var seq: UInt64
+    var reportEvery: UInt64
+    var done: UInt64 = 0
+    var writes: UInt64 = 0
+}
+
+/// What a guest workload run did.
+public struct KVMRunStats: Sendable, Equatable {
+    public var accesses: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var exits: UInt64 = 0
+    public var nanoseconds: UInt64 = 0
+}
+
+extension KVMVCPU {
+    /// Loads the guest program and `spec`'s parameters for vCPU `index` into `memory` (slot at GPA 0),
+    /// and points the vCPU at it in 64-bit CPL3 mode. The working set must lie at or above
+    /// X86Layout.reservedEnd and inside memory; the stop must be a count.
+    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory) throws(KVMError) {
+        guard index < X86Layout.maxVCPUs else { throw .unexpectedExit("vCPU index \(index) beyond \(X86Layout.maxVCPUs)", state: "") }
+        guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= memory.size else {
+            throw .unexpectedExit("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB", state: "")
+        }
+        guard case let .count(count) = spec.stop else {
+            throw .unexpectedExit("the KVM guest program runs a count of accesses, not a duration", state: "")
+        }
+        let gen = WorkloadGenerator(spec: spec, vcpu: index)
+        let mem = memory.pointer
+        GuestProgram.bytes.withUnsafeBytes {
+            (mem + Int(X86Layout.code.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+        }
+        gen.zipfQuantiles.withUnsafeBytes {
+            (mem + Int(X86Layout.zipfTable.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+        }
+        var p = WorkloadParams(kind: UInt64(gen.kindCode), base: spec.base.raw, workingSet: spec.workingSet,
+                               pages: gen.pageCount, writeThreshold: gen.writeLimit, offsetMask: gen.accessOffsetMask,
+                               accessSize: UInt64(spec.accessSize), hotPages: gen.hotPageCount, hotThreshold: gen.hotLimit,
+                               zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
+                               seq: UInt64(index) << 48, reportEvery: 1 << 16)
+        let params = X86Layout.params + UInt64(index) * 0x1000
+        withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        let stack = GPA(X86Layout.stackTop.raw - UInt64(index) * X86Layout.stackPerVCPU)
+        try enterLongModeUser(memory: memory, entry: X86Layout.code, stack: stack, argument: params.raw)
+    }
+
+    /// Runs the loaded workload to completion. Progress exits come every 65,536 accesses; the run
+    /// fails if it has not finished by `timeout` seconds (checked at each exit).
+    public func runWorkload(index: Int, memory: HostMemory, timeout: Double) throws(KVMError) -> KVMRunStats {
+        var stats = KVMRunStats()
+        let start = monotonicNanosKVM()
+        let deadline = start + UInt64(timeout * 1e9)
+        while true {
+            let exit = try run()
+            stats.exits += 1
+            switch exit {
+            case .io(port: 0x10, write: true, _, _):
+                break
+            case .io(port: 0x11, write: true, _, _):
+                let params = memory.pointer + Int((X86Layout.params + UInt64(index) * 0x1000).raw)
+                let p = params.load(as: WorkloadParams.self)
+                stats.accesses = p.done
+                stats.writes = p.writes
+                stats.nanoseconds = monotonicNanosKVM() - start
+                return stats
+            case .interrupted:
+                break
+            default:
+                throw .unexpectedExit(exit.description, state: stateDump())
+            }
+            if monotonicNanosKVM() > deadline {
+                throw .unexpectedExit("workload not finished after \(timeout) s", state: stateDump())
+            }
+        }
+    }
+}
+
+extension KVMVM {
+    /// KVM_GET_DIRTY_LOG for `slot` of `pages` pages: the bitmap (bit i of word w = page 64w+i), which
+    /// KVM clears and re-protects as it returns it.
+    public func getDirtyLog(slot: UInt32, pages: UInt64) throws(KVMError) -> [UInt64] {
+        var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+        let rc = words.withUnsafeMutableBytes { buf -> Int32 in
+            var log = kvm_dirty_log()
+            log.slot = slot
+            log.dirty_bitmap = buf.baseAddress
+            return cvmm_ioctl(fd, cvmm_KVM_GET_DIRTY_LOG, &log)
+        }
+        guard rc == 0 else { throw .ioctl("KVM_GET_DIRTY_LOG(slot \(slot))", errno: errno) }
+        return words
+    }
+}
+
+@inline(__always) func monotonicNanosKVM() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}

@@ -1,0 +1,59 @@
+import Foundation
+import Testing
+@testable import GuestMemory
+@testable import KVMBackend
+@testable import SoftBackend
+@testable import Stage2
+@testable import Workload
+
+/// The same workload spec on the kvm backend (the kernel's MMU, real x86 code) and on the soft
+/// backend (our MMU) must dirty the same pages. The guest program's own pages, all below 1 MiB, are
+/// left out.
+@Suite(.serialized) struct DifferentialTests {
+    static let patterns: [AccessPattern] = [.sequential, .uniform, .zipfian(theta: 0.99), .hotCold(hotFraction: 0.1, hotProbability: 0.9)]
+    static let cases: [(AccessPattern, UInt64)] = patterns.flatMap { p in (1...5).map { (p, UInt64($0) * 7919) } }
+
+    static let memory: UInt64 = 8 << 20
+    static let firstWorkloadPage = X86Layout.reservedEnd.raw >> 12
+
+    func pages(_ bitmap: [UInt64]) -> Set<UInt64> {
+        var out = Set<UInt64>()
+        forEachSetBit(bitmap) { if $0 >= Self.firstWorkloadPage { out.insert($0) } }
+        return out
+    }
+
+    @Test(arguments: cases.indices)
+    func kvmAndSoftDirtyTheSamePages(_ i: Int) throws {
+        let (pattern, seed) = Self.cases[i]
+        let spec = WorkloadSpec(pattern: pattern, base: X86Layout.reservedEnd, workingSet: 4 << 20, writeFraction: 0.3,
+                                accessSize: 8, seed: seed, stop: .count(20_000))
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        // kvm
+        let kvm = try KVMSystem()
+        let vm = try KVMVM(system: kvm)
+        let kmem = try HostMemory(size: Self.memory, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: kmem, logDirty: true)
+        let vcpu = try vm.createVCPU(id: 0)
+        try vcpu.loadWorkload(spec, index: 0, memory: kmem)
+        let kstats = try vcpu.runWorkload(index: 0, memory: kmem, timeout: 60)
+        let kvmPages = pages(try vm.getDirtyLog(slot: 0, pages: Self.memory >> 12))
+
+        // soft
+        let soft = SoftVM(vcpus: 1)
+        try soft.addMemory(slot: 0, gpa: GPA(0), size: Self.memory, backing: .pages4K)
+        try soft.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .writeProtect))
+        let sstats = try soft.run(spec, timeout: 60)
+        let softPages = pages(try soft.mmu.getDirtyLog(slot: 0))
+
+        #expect(kstats.accesses == 20_000 && kstats.writes == sstats[0].writes, "\(pattern) seed \(seed): same stream")
+        #expect(kvmPages == softPages, "\(pattern) seed \(seed): kvm \(kvmPages.count) pages, soft \(softPages.count), differing \(kvmPages.symmetricDifference(softPages).count)")
+        #expect(!softPages.isEmpty)
+        // The data agree too: the last value each backend stored in every word.
+        let a = kmem.pointer + Int(X86Layout.reservedEnd.raw), b = soft.mmu.memslots.memory(forSlot: 0)!.pointer + Int(X86Layout.reservedEnd.raw)
+        #expect(memcmp(a, b, Int(spec.workingSet)) == 0, "\(pattern) seed \(seed): guest memory differs")
+        print("KVM: differential \(pattern) seed \(seed): \(softPages.count) pages agree")
+    }
+}
