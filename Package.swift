@@ -28,7 +28,7 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "GuestMemory", "Stage2", "Workload", "SoftBackend",
+                "GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize

@@ -15,7 +15,7 @@ typedef unsigned char u8;
 
 struct params {
     u64 magic;            // 'VMMWKLD1'
-    u64 kind;             // 0 sequential, 1 uniform, 2 zipf, 3 hot/cold
+    u64 kind;             // 0 sequential, 1 uniform, 2 zipf, 3 hot/cold, 4 page pass (one write per page)
     u64 base;             // first GPA of the working set
     u64 working_set;      // bytes
     u64 pages;
@@ -49,6 +49,16 @@ __attribute__((noreturn, section(".text.start"))) void _start(volatile struct pa
     const u64 wt = p->write_threshold, omask = p->offset_mask, size = p->access_size;
     const u64 hot = p->hot_pages, ht = p->hot_threshold, count = p->count, every = p->report_every;
     const u32 *zipf = (const u32 *)p->zipf_table;
+    if (kind == 4) {
+        // The dirty-log benchmark's pass: one 8-byte store at the start of every page, in order.
+        for (u64 i = 0; i < count; i++) {
+            *(volatile u64 *)(base + ((i % pages) << 12)) = ++seq;
+            if (every && (i + 1) % every == 0) out32(0x10, (u32)(i + 1));
+        }
+        p->done = count;
+        p->writes = count;
+        for (;;) out32(0x11, (u32)count);
+    }
     for (u64 i = 0; i < count; i++) {
         u64 r = next(&x), w = next(&x);
         u64 hi = r >> 32, lo = r & 0xFFFFFFFFULL;

@@ -31,6 +31,9 @@ public final class KVMVM: @unchecked Sendable {
         memories[slot] = memory
     }
 
+    /// The host memory behind a slot.
+    public func memory(slot: UInt32) -> HostMemory? { memories[slot] }
+
     public func createVCPU(id: Int32) throws(KVMError) -> KVMVCPU {
         try KVMVCPU(vm: self, id: id)
     }

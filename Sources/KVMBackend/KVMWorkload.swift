@@ -34,9 +34,10 @@ public struct KVMRunStats: Sendable, Equatable {
 
 extension KVMVCPU {
     /// Loads the guest program and `spec`'s parameters for vCPU `index` into `memory` (slot at GPA 0),
-    /// and points the vCPU at it in 64-bit CPL3 mode. The working set must lie at or above
+    /// and points the vCPU at it in 64-bit CPL3 mode. `pagePass` instead writes one word into every
+    /// page of the working set in order, `count` times in all (the dirty-log benchmark's pass). The working set must lie at or above
     /// X86Layout.reservedEnd and inside memory; the stop must be a count.
-    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory) throws(KVMError) {
+    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, pagePass: Bool = false) throws(KVMError) {
         guard index < X86Layout.maxVCPUs else { throw .unexpectedExit("vCPU index \(index) beyond \(X86Layout.maxVCPUs)", state: "") }
         guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= memory.size else {
             throw .unexpectedExit("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB", state: "")
@@ -52,7 +53,7 @@ extension KVMVCPU {
         gen.zipfQuantiles.withUnsafeBytes {
             (mem + Int(X86Layout.zipfTable.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
         }
-        var p = WorkloadParams(kind: UInt64(gen.kindCode), base: spec.base.raw, workingSet: spec.workingSet,
+        var p = WorkloadParams(kind: pagePass ? 4 : UInt64(gen.kindCode), base: spec.base.raw, workingSet: spec.workingSet,
                                pages: gen.pageCount, writeThreshold: gen.writeLimit, offsetMask: gen.accessOffsetMask,
                                accessSize: UInt64(spec.accessSize), hotPages: gen.hotPageCount, hotThreshold: gen.hotLimit,
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
@@ -95,6 +96,41 @@ extension KVMVCPU {
 }
 
 extension KVMVM {
+    /// KVM_ENABLE_CAP on the VM.
+    public func enable(_ cap: KVMCapability, _ args: UInt64...) throws(KVMError) {
+        var e = kvm_enable_cap()
+        e.cap = UInt32(cap.raw)
+        withUnsafeMutableBytes(of: &e.args) { raw in
+            for (i, a) in args.prefix(4).enumerated() { raw.storeBytes(of: a, toByteOffset: i * 8, as: UInt64.self) }
+        }
+        guard cvmm_ioctl(fd, cvmm_KVM_ENABLE_CAP, &e) == 0 else { throw .ioctl("KVM_ENABLE_CAP(\(cap.name))", errno: errno) }
+    }
+
+    /// Turns on manual dirty-log protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), optionally with
+    /// initially-all-set. Must come before dirty logging is enabled on a slot.
+    public func enableManualProtect(initiallySet: Bool) throws(KVMError) {
+        try system.require(.manualDirtyLogProtect2)
+        // Bit 0: manual protect; bit 1: initially all set.
+        try enable(.manualDirtyLogProtect2, initiallySet ? 3 : 1)
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG: re-protects the pages `bitmap` names, bit 0 being page `firstPage`
+    /// (a multiple of 64) of the slot.
+    public func clearDirtyLog(slot: UInt32, firstPage: UInt64, bitmap: [UInt64]) throws(KVMError) {
+        var words = bitmap
+        let rc = words.withUnsafeMutableBytes { buf -> Int32 in
+            var c = kvm_clear_dirty_log()
+            c.slot = slot
+            // KVM wants the count to end at the slot's end when it is not a multiple of 64.
+            let slotPages = (memory(slot: slot)?.size ?? 0) >> 12
+            c.num_pages = UInt32(min(UInt64(bitmap.count * 64), slotPages &- firstPage))
+            c.first_page = firstPage
+            c.dirty_bitmap = buf.baseAddress
+            return cvmm_ioctl(fd, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
+        }
+        guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
+    }
+
     /// KVM_GET_DIRTY_LOG for `slot` of `pages` pages: the bitmap (bit i of word w = page 64w+i), which
     /// KVM clears and re-protects as it returns it.
     public func getDirtyLog(slot: UInt32, pages: UInt64) throws(KVMError) -> [UInt64] {

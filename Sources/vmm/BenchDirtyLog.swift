@@ -1,8 +1,10 @@
 import ArgumentParser
 import Foundation
 import GuestMemory
+import KVMBackend
 import SoftBackend
 import Stage2
+import Workload
 
 /// `vmm bench dirty-log`: the KVM selftest dirty_log_perf_test's phases on the soft backend.
 struct BenchDirtyLog: ParsableCommand {
@@ -11,7 +13,7 @@ struct BenchDirtyLog: ParsableCommand {
         abstract: "Time enable, dirty pass, get, clear and disable of dirty logging, per strategy, against a no-MMU floor."
     )
 
-    @Option(help: "Backend: soft.")
+    @Option(help: "Backend: soft (our MMU) or kvm (/dev/kvm; strategy wp = KVM's dirty bitmap).")
     var backend: String = "soft"
     @Option(help: "Guest memory (e.g. 1G).")
     var memory: ByteSize = ByteSize(argument: "1G")!
@@ -27,7 +29,11 @@ struct BenchDirtyLog: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard backend == "soft" else { throw ValidationError("backend '\(backend)' is not available in this build; use --backend soft") }
+        guard backend == "soft" || backend == "kvm" else { throw ValidationError("--backend is soft or kvm") }
+        if backend == "kvm" && !(strategy == "all" || strategy == "wp") {
+            throw ValidationError("the kvm backend measures strategy wp (KVM's dirty bitmap with manual protect); the other strategies are the soft MMU's")
+        }
+        if backend == "kvm" && vcpus != 1 { throw ValidationError("the kvm backend bench runs one vCPU") }
         guard strategy == "all" || DirtyStrategy(rawValue: strategy) != nil else {
             throw ValidationError("--strategy is one of \(DirtyStrategy.allCases.map(\.rawValue).joined(separator: ", ")) or all")
         }
@@ -37,9 +43,13 @@ struct BenchDirtyLog: ParsableCommand {
     }
 
     func run() throws {
-        let strategies = strategy == "all" ? DirtyStrategy.allCases : [DirtyStrategy(rawValue: strategy)!]
         let pages = memory.bytes >> 12
-        print("bench dirty-log: soft backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect")
+        print("bench dirty-log: \(backend) backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect")
+        if backend == "kvm" {
+            try runKVM(pages: pages)
+            return
+        }
+        let strategies = strategy == "all" ? DirtyStrategy.allCases : [DirtyStrategy(rawValue: strategy)!]
         for s in strategies {
             try runStrategy(s, pages: pages)
         }
@@ -107,6 +117,11 @@ struct BenchDirtyLog: ParsableCommand {
             // Map everything again (blocks where the backing allows), untimed, so iterations match.
             dirtyPass(vm, pages: pages, value: 1)
         }
+        report(s.rawValue, total: total, floor: floor, pages: pages, eagerSplit: s == .eagerSplit)
+    }
+
+    /// The mean row, the summary line and the JSON line: the same for both backends.
+    private func report(_ strategyName: String, total: Phases, floor: Double, pages: UInt64, eagerSplit: Bool) {
         let n = Double(iterations)
         let mean = Phases(populate: total.populate / n, enable: total.enable / n, pass: total.pass / n,
                           get: total.get / n, clear: total.clear / n, disable: total.disable / n,
@@ -116,10 +131,10 @@ struct BenchDirtyLog: ParsableCommand {
         print(String(format: "  dirty pass %.1f ns/page vs floor %.1f ns/page (no MMU): +%.1f ns, %.2fx; get+clear %.2f ms per GiB",
                      perPage(mean.pass), floor, perPage(mean.pass) - floor, perPage(mean.pass) / floor,
                      (mean.get + mean.clear) / (Double(memory.bytes) / Double(1 << 30))))
-        if s == .eagerSplit { print("  eager split used \(mean.splitTables) tables (\(formatBytes(UInt64(mean.splitTables) * 4096))) from the pre-filled cache") }
+        if eagerSplit { print("  eager split used \(mean.splitTables) tables (\(formatBytes(UInt64(mean.splitTables) * 4096))) from the pre-filled cache") }
         if json {
             print(jsonLine([
-                ("bench", "dirty-log"), ("backend", "soft"), ("strategy", s.rawValue), ("backing", backing.rawValue),
+                ("bench", "dirty-log"), ("backend", backend), ("strategy", strategyName), ("backing", backing.rawValue),
                 ("gib", Double(memory.bytes) / Double(1 << 30)), ("vcpus", vcpus), ("iterations", iterations),
                 ("populate_ms", mean.populate), ("enable_ms", mean.enable), ("dirty_pass_ms", mean.pass),
                 ("get_log_ms", mean.get), ("clear_log_ms", mean.clear), ("disable_ms", mean.disable),
@@ -130,6 +145,50 @@ struct BenchDirtyLog: ParsableCommand {
                 ("split_tables_used", mean.splitTables),
             ]))
         }
+    }
+
+    /// The same phases on /dev/kvm: KVM's write-protect dirty log with manual protect
+    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), the guest program writing one word per page.
+    private func runKVM(pages: UInt64) throws {
+        let kvm = try KVMSystem()
+        let vm = try KVMVM(system: kvm)
+        try vm.enableManualProtect(initiallySet: false)
+        // The program's own pages sit below 1 MiB; the measured range is everything above.
+        let reserved = X86Layout.reservedEnd.raw
+        let mem = try HostMemory(size: memory.bytes + reserved, backing: backing)
+        let workPages = pages
+        let vcpu = try vm.createVCPU(id: 0)
+        let spec = WorkloadSpec(pattern: .sequential, base: X86Layout.reservedEnd, workingSet: memory.bytes,
+                                writeFraction: 1, accessSize: 8, seed: 1, stop: .count(workPages))
+        func pass() throws {
+            try vcpu.loadWorkload(spec, index: 0, memory: mem, pagePass: true)
+            _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 600)
+        }
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
+        let populate = try timeMs { try pass() }
+        let floor = floorPass(mem, pages: workPages, offset: reserved)
+        let slotPages = mem.size >> 12
+        print("")
+        print("strategy wp (KVM dirty bitmap, manual protect); the huge-page report: \(mem.report())")
+        print("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
+        var total = Phases()
+        for i in 1...iterations {
+            var p = Phases()
+            p.populate = populate
+            p.enable = try timeMs { try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true) }
+            p.pass = try timeMs { try pass() }
+            var bitmap: [UInt64] = []
+            p.get = try timeMs { bitmap = try vm.getDirtyLog(slot: 0, pages: slotPages) }
+            p.clear = try timeMs { try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }
+            // Reported pages of the measured range (the program's own pages below 1 MiB left out).
+            var reported = 0
+            forEachSetBit(bitmap) { if $0 >= reserved >> 12 { reported += 1 } }
+            p.reported = reported
+            p.disable = try timeMs { try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem) }
+            print(row(String(i), p, pages: workPages))
+            total = total + p
+        }
+        report("wp", total: total, floor: floor, pages: workPages, eagerSplit: false)
     }
 
     private func row(_ name: String, _ p: Phases, pages: UInt64) -> String {
@@ -161,8 +220,8 @@ struct BenchDirtyLog: ParsableCommand {
 
     /// The same pass straight into the host mapping, no MMU: ns per page, best of three (the host
     /// is noisy: a stray reclaim or compaction can double one pass).
-    private func floorPass(_ mem: HostMemory, pages: UInt64) -> Double {
-        let p = mem.pointer
+    private func floorPass(_ mem: HostMemory, pages: UInt64, offset: UInt64 = 0) -> Double {
+        let p = mem.pointer + Int(offset)
         var best = Double.infinity
         for _ in 0..<3 {
             let t0 = monotonicNanos()
