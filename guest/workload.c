@@ -29,6 +29,7 @@ struct params {
     u64 state;            // xorshift64* state (seed mixed with the vCPU index)
     u64 seq;              // first store value - 1 (vcpu << 48)
     u64 report_every;
+    u64 cursor;           // sequential pattern's position
     // Written by the guest.
     u64 done;
     u64 writes;
@@ -44,7 +45,7 @@ static inline u64 next(u64 *x) {
 }
 
 __attribute__((noreturn, section(".text.start"))) void _start(volatile struct params *p) {
-    u64 x = p->state, seq = p->seq, cursor = 0, writes = 0;
+    u64 x = p->state, seq = p->seq, cursor = p->cursor, writes = 0;
     const u64 kind = p->kind, base = p->base, ws = p->working_set, pages = p->pages;
     const u64 wt = p->write_threshold, omask = p->offset_mask, size = p->access_size;
     const u64 hot = p->hot_pages, ht = p->hot_threshold, count = p->count, every = p->report_every;
@@ -106,5 +107,9 @@ __attribute__((noreturn, section(".text.start"))) void _start(volatile struct pa
     }
     p->done = count;
     p->writes = writes;
+    // Hand the generator back, so the VMM can continue the same stream in another run.
+    p->state = x;
+    p->seq = seq;
+    p->cursor = cursor;
     for (;;) out32(0x11, (u32)count);
 }

@@ -20,12 +20,14 @@ struct WorkloadParams {
     var state: UInt64
     var seq: UInt64
     var reportEvery: UInt64
+    var cursor: UInt64 = 0
     var done: UInt64 = 0
     var writes: UInt64 = 0
 }
 
 /// What a guest workload run did.
 public struct KVMRunStats: Sendable, Equatable {
+    public init() {}
     public var accesses: UInt64 = 0
     public var writes: UInt64 = 0
     public var exits: UInt64 = 0
@@ -35,9 +37,11 @@ public struct KVMRunStats: Sendable, Equatable {
 extension KVMVCPU {
     /// Loads the guest program and `spec`'s parameters for vCPU `index` into `memory` (slot at GPA 0),
     /// and points the vCPU at it in 64-bit CPL3 mode. `pagePass` instead writes one word into every
-    /// page of the working set in order, `count` times in all (the dirty-log benchmark's pass). The working set must lie at or above
+    /// page of the working set in order, `count` times in all (the dirty-log benchmark's pass).
+    /// `continuing` resumes the generator where the previous run on this vCPU stopped. The working set must lie at or above
     /// X86Layout.reservedEnd and inside memory; the stop must be a count.
-    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, pagePass: Bool = false) throws(KVMError) {
+    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, pagePass: Bool = false,
+                             continuing: Bool = false) throws(KVMError) {
         guard index < X86Layout.maxVCPUs else { throw .unexpectedExit("vCPU index \(index) beyond \(X86Layout.maxVCPUs)", state: "") }
         guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= memory.size else {
             throw .unexpectedExit("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB", state: "")
@@ -59,6 +63,13 @@ extension KVMVCPU {
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
                                seq: UInt64(index) << 48, reportEvery: 1 << 16)
         let params = X86Layout.params + UInt64(index) * 0x1000
+        if continuing {
+            // Pick up the stream where the last run left it (the program wrote its state back).
+            let last = (mem + Int(params.raw)).load(as: WorkloadParams.self)
+            p.state = last.state
+            p.seq = last.seq
+            p.cursor = last.cursor
+        }
         withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         let stack = GPA(X86Layout.stackTop.raw - UInt64(index) * X86Layout.stackPerVCPU)
         try enterLongModeUser(memory: memory, entry: X86Layout.code, stack: stack, argument: params.raw)

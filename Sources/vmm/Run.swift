@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import GuestMemory
+import KVMBackend
 import SoftBackend
 import Stage2
 import Workload
@@ -10,7 +11,7 @@ struct Run: ParsableCommand {
         abstract: "Run a guest workload and print its statistics."
     )
 
-    @Option(help: "Backend: soft (our MMU and software vCPUs).")
+    @Option(help: "Backend: soft (our MMU and software vCPUs) or kvm (/dev/kvm, the guest program at CPL3).")
     var backend: String = "soft"
     @OptionGroup var guest: GuestOptions
     @Option(help: "Workload spec, e.g. pattern=zipf:0.99,ws=128M,write=0.3,size=8,seed=7 (ws defaults to all memory).")
@@ -23,12 +24,12 @@ struct Run: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard backend == "soft" else {
-            throw ValidationError("backend '\(backend)' is not available in this build; use --backend soft")
-        }
+        guard backend == "soft" || backend == "kvm" else { throw ValidationError("--backend is soft or kvm") }
+        if backend == "kvm" && guest.vcpus != 1 { throw ValidationError("the kvm backend runs one vCPU in this build; use --vcpus 1") }
     }
 
     func run() throws {
+        if backend == "kvm" { return try runKVM() }
         var spec = try parseWorkload(workload, memory: guest.memory.bytes)
         if let duration { spec.stop = .duration(duration.value) }
         let vm = SoftVM(vcpus: guest.vcpus)
@@ -44,11 +45,64 @@ struct Run: ParsableCommand {
     }
 }
 
+extension Run {
+    /// The same workload on /dev/kvm: the guest program runs it at CPL3 above the 1 MiB it keeps for
+    /// itself; a duration runs it in chunks of a million accesses, continuing the same stream.
+    func runKVM() throws {
+        let reserved = X86Layout.reservedEnd.raw
+        guard guest.memory.bytes > reserved else { throw ValidationError("--memory must exceed 1 MiB on the kvm backend") }
+        var spec = try parseWorkload(workload, memory: guest.memory.bytes,
+                                     defaults: WorkloadSpec(base: X86Layout.reservedEnd, workingSet: guest.memory.bytes - reserved))
+        guard spec.base >= X86Layout.reservedEnd else {
+            throw ValidationError("on the kvm backend the working set starts at 1 MiB or above (the guest program's pages lie below)")
+        }
+        if let duration { spec.stop = .duration(duration.value) }
+        let kvm = try KVMSystem()
+        let vm = try KVMVM(system: kvm)
+        let mem = try HostMemory(size: guest.memory.bytes, backing: guest.backing)
+        if prealloc { try mem.populate() }
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
+        let vcpu = try vm.createVCPU(id: 0)
+        print("kvm VM: 1 vCPU, \(guest.memory) \(guest.backing) memory")
+        print("workload: \(spec)")
+        var total = KVMRunStats()
+        let chunk: UInt64 = 1_000_000
+        let start = Date()
+        var first = true
+        repeat {
+            var part = spec
+            switch spec.stop {
+            case let .count(n): part.stop = .count(n)
+            case .duration: part.stop = .count(chunk)
+            }
+            try vcpu.loadWorkload(part, index: 0, memory: mem, continuing: !first)
+            first = false
+            let s = try vcpu.runWorkload(index: 0, memory: mem, timeout: runTimeout(spec))
+            total.accesses += s.accesses; total.writes += s.writes; total.exits += s.exits; total.nanoseconds += s.nanoseconds
+            if case .count = spec.stop { break }
+        } while Date().timeIntervalSince(start) < { if case let .duration(d) = spec.stop { return d } else { return 0 } }()
+        let secs = Double(max(total.nanoseconds, 1)) / 1e9
+        print("")
+        print("vcpu   accesses   rate/s  writes  exits")
+        print(["0   ", compact(Double(total.accesses)).leftPad(10), compact(Double(total.accesses) / secs).leftPad(8),
+               compact(Double(total.writes)).leftPad(7), String(total.exits).leftPad(6)].joined(separator: " "))
+        print("")
+        print("backing: \(mem.report())")
+        if json {
+            print(jsonLine([
+                ("command", "run"), ("backend", "kvm"), ("workload", spec.description), ("vcpus", 1),
+                ("accesses", total.accesses), ("writes", total.writes), ("accesses_per_sec", Double(total.accesses) / secs),
+                ("exits", total.exits), ("huge_fraction", mem.report().hugeFraction),
+            ]))
+        }
+    }
+}
+
 /// Parses a workload spec whose working set defaults to (and must fit in) `memory` bytes at GPA 0.
-func parseWorkload(_ text: String, memory: UInt64) throws -> WorkloadSpec {
+func parseWorkload(_ text: String, memory: UInt64, defaults: WorkloadSpec? = nil) throws -> WorkloadSpec {
     let spec: WorkloadSpec
     do {
-        spec = try WorkloadSpec.parse(text, defaults: WorkloadSpec(workingSet: memory))
+        spec = try WorkloadSpec.parse(text, defaults: defaults ?? WorkloadSpec(workingSet: memory))
     } catch {
         throw ValidationError(error.description)
     }

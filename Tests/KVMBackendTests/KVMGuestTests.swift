@@ -1,4 +1,5 @@
 import Foundation
+import Workload
 import Testing
 @testable import GuestMemory
 @testable import KVMBackend
@@ -59,5 +60,45 @@ import Testing
         let s = try vcpu.specialRegisters()
         #expect(s.cs.dpl == 3 && s.cs.l == 1, "the guest runs at CPL3 in 64-bit mode")
         print("KVM: ran a CPL3 long-mode guest (rip \(String(try vcpu.registers().rip, radix: 16)))")
+    }
+}
+
+@Suite struct KVMWorkloadTests {
+    /// A run split in two chunks continues the same stream: memory ends up as after one run.
+    @Test func chunkedRunContinuesTheStream() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let kvm = try KVMSystem()
+        func run(_ chunks: [UInt64]) throws -> HostMemory {
+            let vm = try KVMVM(system: kvm)
+            let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+            try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
+            let vcpu = try vm.createVCPU(id: 0)
+            for (i, n) in chunks.enumerated() {
+                let spec = WorkloadSpec(pattern: .sequential, base: X86Layout.reservedEnd, workingSet: 2 << 20,
+                                        writeFraction: 0.5, accessSize: 4, seed: 3, stop: .count(n))
+                try vcpu.loadWorkload(spec, index: 0, memory: mem, continuing: i > 0)
+                _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 30)
+            }
+            return mem
+        }
+        let one = try run([300_000]), two = try run([100_000, 200_000])
+        #expect(memcmp(one.pointer + 0x10_0000, two.pointer + 0x10_0000, 2 << 20) == 0)
+        print("KVM: chunked run continued the stream")
+    }
+
+    @Test func workloadOutsideTheGuestAreaIsRefused() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let vm = try KVMVM(system: try KVMSystem())
+        let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
+        let vcpu = try vm.createVCPU(id: 0)
+        #expect(throws: KVMError.self) { try vcpu.loadWorkload(WorkloadSpec(base: GPA(0), workingSet: 1 << 20, stop: .count(10)), index: 0, memory: mem) }
+        #expect(throws: KVMError.self) { try vcpu.loadWorkload(WorkloadSpec(base: GPA(1 << 20), workingSet: 8 << 20, stop: .count(10)), index: 0, memory: mem) }
     }
 }
