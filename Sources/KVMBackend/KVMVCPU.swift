@@ -11,6 +11,8 @@ public enum KVMExit: Equatable, Sendable, CustomStringConvertible {
     case shutdown
     /// KVM_RUN returned EINTR (a signal, or immediate_exit).
     case interrupted
+    /// This vCPU's dirty ring is full: harvest, reset, run again.
+    case dirtyRingFull
 
     public var description: String {
         switch self {
@@ -19,6 +21,7 @@ public enum KVMExit: Equatable, Sendable, CustomStringConvertible {
         case .hlt: return "hlt"
         case .shutdown: return "shutdown (triple fault)"
         case .interrupted: return "interrupted"
+        case .dirtyRingFull: return "dirty ring full"
         }
     }
 }
@@ -30,6 +33,8 @@ public final class KVMVCPU: @unchecked Sendable {
     public let fd: Int32
     private let kvmRun: UnsafeMutablePointer<kvm_run>
     private let runSize: Int
+    /// The vCPU's dirty ring, when the VM enabled rings before creating it.
+    public let dirtyRing: KVMDirtyRing?
 
     init(vm: KVMVM, id: Int32) throws(KVMError) {
         self.vm = vm
@@ -44,6 +49,13 @@ public final class KVMVCPU: @unchecked Sendable {
             throw .ioctl("mmap(kvm_run)", errno: e)
         }
         kvmRun = p.bindMemory(to: kvm_run.self, capacity: 1)
+        do {
+            dirtyRing = vm.dirtyRingBytes > 0 ? try KVMDirtyRing(vcpuFD: fd, bytes: vm.dirtyRingBytes) : nil
+        } catch {
+            munmap(kvmRun, runSize)
+            close(fd)
+            throw error
+        }
     }
 
     deinit {
@@ -98,6 +110,8 @@ public final class KVMVCPU: @unchecked Sendable {
             return .hlt
         case KVM_EXIT_SHUTDOWN:
             return .shutdown
+        case KVM_EXIT_DIRTY_RING_FULL:
+            return .dirtyRingFull
         case KVM_EXIT_FAIL_ENTRY:
             throw .entryFailed(reason: r.fail_entry.hardware_entry_failure_reason, state: stateDump())
         case KVM_EXIT_INTERNAL_ERROR:

@@ -8,6 +8,8 @@ public final class KVMVM: @unchecked Sendable {
     public let fd: Int32
     /// Keeps every slot's host memory alive as long as KVM may map it.
     private var memories: [UInt32: HostMemory] = [:]
+    /// Bytes of each vCPU's dirty ring, once enabled.
+    public internal(set) var dirtyRingBytes = 0
 
     public init(system: KVMSystem) throws(KVMError) {
         self.system = system

@@ -76,8 +76,10 @@ extension KVMVCPU {
     }
 
     /// Runs the loaded workload to completion. Progress exits come every 65,536 accesses; the run
-    /// fails if it has not finished by `timeout` seconds (checked at each exit).
-    public func runWorkload(index: Int, memory: HostMemory, timeout: Double) throws(KVMError) -> KVMRunStats {
+    /// fails if it has not finished by `timeout` seconds (checked at each exit). A full dirty ring
+    /// calls `onRingFull`, which must harvest and reset the rings.
+    public func runWorkload(index: Int, memory: HostMemory, timeout: Double,
+                            onRingFull: () throws(KVMError) -> Void = {}) throws(KVMError) -> KVMRunStats {
         var stats = KVMRunStats()
         let start = monotonicNanosKVM()
         let deadline = start + UInt64(timeout * 1e9)
@@ -96,6 +98,9 @@ extension KVMVCPU {
                 return stats
             case .interrupted:
                 break
+            case .dirtyRingFull:
+                // The VMM harvests and resets (KVM_EXIT_DIRTY_RING_FULL), then the vCPU goes on.
+                try onRingFull()
             default:
                 throw .unexpectedExit(exit.description, state: stateDump())
             }

@@ -57,3 +57,48 @@ import Testing
         print("KVM: differential \(pattern) seed \(seed): \(softPages.count) pages agree")
     }
 }
+
+@Suite(.serialized) struct KVMDirtyRingTests {
+    /// With a 256-entry ring the guest fills it several times: each full ring exits, the VMM harvests
+    /// and resets, and the union of the harvests equals the soft backend's dirty log.
+    @Test(arguments: [AccessPattern.uniform, .zipfian(theta: 0.99)])
+    func ringHarvestsMatchSoftBackend(_ pattern: AccessPattern) throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let spec = WorkloadSpec(pattern: pattern, base: X86Layout.reservedEnd, workingSet: 4 << 20, writeFraction: 0.5,
+                                accessSize: 8, seed: 11, stop: .count(30_000))
+        let kvm = try KVMSystem()
+        let vm = try KVMVM(system: kvm)
+        try vm.enableDirtyRing(bytes: 4096)
+        let mem = try HostMemory(size: 8 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true)
+        let vcpu = try vm.createVCPU(id: 0)
+        let ring = try #require(vcpu.dirtyRing)
+        #expect(ring.entries == 256)
+        var pages = Set<UInt64>()
+        var fulls = 0
+        func harvest() throws(KVMError) {
+            _ = ring.harvest { slot, page in if slot == 0 && page >= 256 { pages.insert(page) } }
+            try vm.resetDirtyRings()
+        }
+        try vcpu.loadWorkload(spec, index: 0, memory: mem)
+        _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 60) { () throws(KVMError) in
+            fulls += 1
+            try harvest()
+        }
+        try harvest()
+
+        let soft = SoftVM(vcpus: 1)
+        try soft.addMemory(slot: 0, gpa: GPA(0), size: 8 << 20, backing: .pages4K)
+        try soft.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .ring))
+        _ = try soft.run(spec, timeout: 60)
+        var softPages = Set<UInt64>()
+        for e in soft.mmu.harvestDirtyRings() where e.page >= 256 { softPages.insert(e.page) }
+
+        #expect(fulls >= 2, "the small ring must fill and exit")
+        #expect(pages == softPages, "\(pattern): kvm ring \(pages.count) pages, soft ring \(softPages.count)")
+        print("KVM: dirty ring \(pattern): \(pages.count) pages agree after \(fulls) ring-full exits")
+    }
+}

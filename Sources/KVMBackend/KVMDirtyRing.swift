@@ -1,0 +1,67 @@
+import CVMMSys
+import Glibc
+import GuestMemory
+import Synchronization
+
+/// One vCPU's KVM dirty ring (KVM_CAP_DIRTY_LOG_RING), mmap'd from the vCPU fd. KVM writes entries and
+/// marks them dirty; we harvest in order and mark each reset; KVM_RESET_DIRTY_RINGS then re-protects
+/// the pages and reuses the entries.
+public final class KVMDirtyRing: @unchecked Sendable {
+    /// kvm_dirty_gfn flags (the ABI's bit 0 and bit 1).
+    static let flagDirty: UInt32 = 1
+    static let flagReset: UInt32 = 2
+
+    private let base: UnsafeMutableRawPointer
+    private let bytes: Int
+    public let entries: Int
+    private var fetch = 0
+
+    init(vcpuFD: Int32, bytes: Int) throws(KVMError) {
+        let offset = off_t(KVM_DIRTY_LOG_PAGE_OFFSET) * off_t(getpagesize())
+        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, vcpuFD, offset), p != MAP_FAILED else {
+            throw .ioctl("mmap(dirty ring, \(bytes) bytes)", errno: errno)
+        }
+        base = p
+        self.bytes = bytes
+        entries = bytes / MemoryLayout<kvm_dirty_gfn>.stride
+    }
+
+    deinit { munmap(base, bytes) }
+
+    /// Collects the entries KVM published since the last harvest, in order, marking each for reset.
+    public func harvest(_ body: (_ slot: UInt32, _ page: UInt64) -> Void) -> Int {
+        var n = 0
+        while true {
+            let e = base + (fetch % entries) * MemoryLayout<kvm_dirty_gfn>.stride
+            let flags = e.assumingMemoryBound(to: Atomic<UInt32>.self)
+            guard flags.pointee.load(ordering: .acquiring) & Self.flagDirty != 0 else { return n }
+            let g = e.load(as: kvm_dirty_gfn.self)
+            body(g.slot, g.offset)
+            flags.pointee.store(Self.flagReset, ordering: .releasing)
+            fetch += 1
+            n += 1
+        }
+    }
+}
+
+extension KVMVM {
+    /// Turns on per-vCPU dirty rings of `bytes` each (a power of two; 16 bytes per entry). Must come
+    /// before any vCPU is created. Falls back to nothing: the caller uses the bitmap if this throws.
+    public func enableDirtyRing(bytes: Int) throws(KVMError) {
+        let max = Int(system.capability(.dirtyLogRing))
+        guard max > 0 else { throw .capabilityMissing(KVMCapability.dirtyLogRing.name) }
+        guard bytes > 0, bytes & (bytes - 1) == 0, bytes <= max else {
+            throw .ioctl("dirty ring of \(bytes) bytes (a power of two up to \(max))", errno: EINVAL)
+        }
+        try enable(.dirtyLogRing, UInt64(bytes))
+        dirtyRingBytes = bytes
+    }
+
+    /// KVM_RESET_DIRTY_RINGS: re-protects every harvested page and frees the entries.
+    @discardableResult
+    public func resetDirtyRings() throws(KVMError) -> Int {
+        let n = cvmm_ioctl_value(fd, cvmm_KVM_RESET_DIRTY_RINGS, 0)
+        guard n >= 0 else { throw .ioctl("KVM_RESET_DIRTY_RINGS", errno: errno) }
+        return Int(n)
+    }
+}
