@@ -102,3 +102,43 @@ import Testing
         #expect(throws: KVMError.self) { try vcpu.loadWorkload(WorkloadSpec(base: GPA(1 << 20), workingSet: 8 << 20, stop: .count(10)), index: 0, memory: mem) }
     }
 }
+
+@Suite struct KVMStateTests {
+    /// Stop a guest mid-run at a progress exit, copy its memory and vCPU state into a second VM, and
+    /// let it finish there: memory ends exactly as after an uninterrupted run.
+    @Test func guestContinuesInAnotherVMFromSavedState() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let kvm = try KVMSystem()
+        let spec = WorkloadSpec(pattern: .uniform, base: X86Layout.reservedEnd, workingSet: 2 << 20, writeFraction: 0.5,
+                                accessSize: 8, seed: 21, stop: .count(200_000))
+        func newVM() throws -> (KVMVM, KVMVCPU, HostMemory) {
+            let vm = try KVMVM(system: kvm)
+            let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+            try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
+            return (vm, try vm.createVCPU(id: 0), mem)
+        }
+        // Reference: one uninterrupted run.
+        let (_, refCPU, refMem) = try newVM()
+        try refCPU.loadWorkload(spec, index: 0, memory: refMem)
+        _ = try refCPU.runWorkload(index: 0, memory: refMem, timeout: 30)
+
+        // Source: run to the first progress exit (65,536 accesses), then save.
+        let (_, src, srcMem) = try newVM()
+        try src.loadWorkload(spec, index: 0, memory: srcMem)
+        #expect(try src.run() == .io(port: 0x10, write: true, size: 4, data: 65536))
+        let state = try src.saveState()
+
+        // Destination: same memory, restored state, run on.
+        let (_, dst, dstMem) = try newVM()
+        dstMem.pointer.copyMemory(from: srcMem.pointer, byteCount: Int(srcMem.size))
+        try dst.restoreState(state)
+        let stats = try dst.runWorkload(index: 0, memory: dstMem, timeout: 30)
+        #expect(stats.accesses == 200_000)
+        #expect(memcmp(dstMem.pointer + 0x10_0000, refMem.pointer + 0x10_0000, 2 << 20) == 0,
+                "the migrated guest ends with the same memory as the uninterrupted one")
+        print("KVM: guest continued in a second VM from saved state")
+    }
+}

@@ -24,5 +24,7 @@ static const unsigned long cvmm_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
 static const unsigned long cvmm_KVM_CLEAR_DIRTY_LOG = KVM_CLEAR_DIRTY_LOG;
 static const unsigned long cvmm_KVM_ENABLE_CAP = KVM_ENABLE_CAP;
 static const unsigned long cvmm_KVM_RESET_DIRTY_RINGS = KVM_RESET_DIRTY_RINGS;
+static const unsigned long cvmm_KVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long cvmm_KVM_SET_FPU = KVM_SET_FPU;
 
 #endif

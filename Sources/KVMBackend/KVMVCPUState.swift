@@ -1,0 +1,27 @@
+import CVMMSys
+import Glibc
+
+/// What a vCPU needs to continue elsewhere: general registers, special registers (segments, control
+/// registers, EFER, descriptor tables) and the FPU/SSE state. The guest program uses no MSRs beyond
+/// EFER (in the special registers) and takes no interrupts.
+public struct KVMVCPUState {
+    public var regs: kvm_regs
+    public var sregs: kvm_sregs
+    public var fpu: kvm_fpu
+}
+
+extension KVMVCPU {
+    public func saveState() throws(KVMError) -> KVMVCPUState {
+        var fpu = kvm_fpu()
+        guard cvmm_ioctl(fd, cvmm_KVM_GET_FPU, &fpu) == 0 else { throw .ioctl("KVM_GET_FPU", errno: errno) }
+        return KVMVCPUState(regs: try registers(), sregs: try specialRegisters(), fpu: fpu)
+    }
+
+    /// Restores a saved state (special registers first: they decide how the rest is read).
+    public func restoreState(_ state: KVMVCPUState) throws(KVMError) {
+        try setSpecialRegisters(state.sregs)
+        var fpu = state.fpu
+        guard cvmm_ioctl(fd, cvmm_KVM_SET_FPU, &fpu) == 0 else { throw .ioctl("KVM_SET_FPU", errno: errno) }
+        try setRegisters(state.regs)
+    }
+}
