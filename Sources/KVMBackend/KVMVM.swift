@@ -8,6 +8,9 @@ public final class KVMVM: @unchecked Sendable {
     public let fd: Int32
     /// Keeps every slot's host memory alive as long as KVM may map it.
     private var memories: [UInt32: HostMemory] = [:]
+    private var bases: [UInt32: GPA] = [:]
+    /// Writes the VMM itself made into logging slots: KVM only sees the guest's.
+    var vmmDirty: [UInt32: DirtyBitmap] = [:]
     /// Bytes of each vCPU's dirty ring, once enabled.
     public internal(set) var dirtyRingBytes = 0
 
@@ -31,6 +34,28 @@ public final class KVMVM: @unchecked Sendable {
             throw .ioctl("KVM_SET_USER_MEMORY_REGION(slot \(slot), \(formatBytes(memory.size)) at \(gpa))", errno: errno)
         }
         memories[slot] = memory
+        bases[slot] = gpa
+        if logDirty {
+            if vmmDirty[slot] == nil { vmmDirty[slot] = DirtyBitmap(pages: memory.size >> 12) }
+        } else {
+            vmmDirty[slot] = nil
+        }
+    }
+
+    /// Copies `bytes` into guest memory as the VMM (a device, a loader); in a logging slot the pages
+    /// are recorded in our own bitmap, which getDirtyLog merges with KVM's.
+    public func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(KVMError) {
+        guard let (slot, base) = bases.first(where: { s in
+            gpa >= s.value && gpa.raw + UInt64(bytes.count) <= s.value.raw + (memories[s.key]?.size ?? 0)
+        }).map({ ($0.key, $0.value) }), let memory = memories[slot] else {
+            throw .ioctl("write of \(bytes.count) bytes at \(gpa) outside every memslot", errno: EFAULT)
+        }
+        guard !bytes.isEmpty else { return }
+        (memory.pointer + Int(gpa - base)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        if let log = vmmDirty[slot] {
+            let first = (gpa - base) >> 12, last = (gpa - base + UInt64(bytes.count) - 1) >> 12
+            log.set(first: first, count: last - first + 1)
+        }
     }
 
     /// The host memory behind a slot.

@@ -148,7 +148,8 @@ extension KVMVM {
     }
 
     /// KVM_GET_DIRTY_LOG for `slot` of `pages` pages: the bitmap (bit i of word w = page 64w+i), which
-    /// KVM clears and re-protects as it returns it.
+    /// KVM clears and re-protects as it returns it (or leaves protected, under manual protect), with
+    /// the pages the VMM wrote itself merged in.
     public func getDirtyLog(slot: UInt32, pages: UInt64) throws(KVMError) -> [UInt64] {
         var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
         let rc = words.withUnsafeMutableBytes { buf -> Int32 in
@@ -158,6 +159,7 @@ extension KVMVM {
             return cvmm_ioctl(fd, cvmm_KVM_GET_DIRTY_LOG, &log)
         }
         guard rc == 0 else { throw .ioctl("KVM_GET_DIRTY_LOG(slot \(slot))", errno: errno) }
+        vmmDirty[slot]?.harvest(into: &words)
         return words
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Workload
+import Stage2
 import Testing
 @testable import GuestMemory
 @testable import KVMBackend
@@ -140,5 +141,25 @@ import Testing
         #expect(memcmp(dstMem.pointer + 0x10_0000, refMem.pointer + 0x10_0000, 2 << 20) == 0,
                 "the migrated guest ends with the same memory as the uninterrupted one")
         print("KVM: guest continued in a second VM from saved state")
+    }
+}
+
+@Suite struct KVMVMMWriteTests {
+    @Test func vmmWritesAreInTheDirtyLog() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let vm = try KVMVM(system: try KVMSystem())
+        let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true)
+        let data = [UInt8](repeating: 7, count: 5000)
+        try data.withUnsafeBytes { try vm.writeGuest(GPA(0x20_0F00), $0) }
+        var pages: [UInt64] = []
+        forEachSetBit(try vm.getDirtyLog(slot: 0, pages: 1024)) { pages.append($0) }
+        #expect(pages == [0x200, 0x201, 0x202])
+        #expect(mem.pointer.load(fromByteOffset: 0x20_1000, as: UInt8.self) == 7)
+        #expect(throws: KVMError.self) { try data.withUnsafeBytes { try vm.writeGuest(GPA(4 << 20), $0) } }
+        print("KVM: VMM writes recorded")
     }
 }
