@@ -121,6 +121,26 @@ public final class KVMVCPU: @unchecked Sendable {
         }
     }
 
+    /// Kicks this vCPU out of KVM_RUN from another thread: immediate_exit makes a run that has not
+    /// started yet return at once, and the signal interrupts one in progress (EINTR).
+    public func kick(thread: pthread_t) {
+        kvmRun.pointee.immediate_exit = 1
+        pthread_kill(thread, KVMVCPU.kickSignal)
+    }
+
+    /// Clears a previous kick before the next run.
+    public func clearKick() { kvmRun.pointee.immediate_exit = 0 }
+
+    /// SIGUSR1, with a handler that does nothing, installed once without SA_RESTART so KVM_RUN returns.
+    static let kickSignal: Int32 = {
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in }
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = 0
+        sigaction(SIGUSR1, &action, nil)
+        return SIGUSR1
+    }()
+
     /// Registers and control state, for a readable diagnosis.
     public func stateDump() -> String {
         func h(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -1,4 +1,5 @@
 import CVMMSys
+import Foundation
 import Glibc
 import GuestMemory
 import Workload
@@ -83,6 +84,19 @@ extension KVMVCPU {
         var stats = KVMRunStats()
         let start = monotonicNanosKVM()
         let deadline = start + UInt64(timeout * 1e9)
+        // A watchdog kicks the vCPU out of KVM_RUN at the deadline, so even a guest that never exits
+        // cannot outlast the timeout.
+        // (Worker threads often block signals: let the kick through on this one while it runs.)
+        var kick = sigset_t(), saved = sigset_t()
+        sigemptyset(&kick)
+        sigaddset(&kick, KVMVCPU.kickSignal)
+        pthread_sigmask(SIG_UNBLOCK, &kick, &saved)
+        let watchdog = Watchdog(vcpu: self, thread: pthread_self(), seconds: timeout)
+        defer {
+            watchdog.cancel()
+            clearKick()
+            pthread_sigmask(SIG_SETMASK, &saved, nil)
+        }
         while true {
             let exit = try run()
             stats.exits += 1
@@ -168,4 +182,28 @@ extension KVMVM {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+/// Kicks a vCPU thread out of KVM_RUN once a deadline passes, unless cancelled first.
+final class Watchdog: @unchecked Sendable {
+    private let cond = NSCondition()
+    private var cancelled = false
+
+    init(vcpu: KVMVCPU, thread: pthread_t, seconds: Double) {
+        let until = Date(timeIntervalSinceNow: seconds)
+        Thread { [self] in
+            cond.lock()
+            while !cancelled { if !cond.wait(until: until) { break } }
+            let fire = !cancelled
+            cond.unlock()
+            if fire { vcpu.kick(thread: thread) }
+        }.start()
+    }
+
+    func cancel() {
+        cond.lock()
+        cancelled = true
+        cond.signal()
+        cond.unlock()
+    }
 }

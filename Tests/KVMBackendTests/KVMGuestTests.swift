@@ -163,3 +163,25 @@ import Testing
         print("KVM: VMM writes recorded")
     }
 }
+
+@Suite struct KVMTimeoutTests {
+    /// A guest that spins without ever exiting is stopped by the run's timeout.
+    @Test func silentGuestIsStoppedByTheTimeout() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let vm = try KVMVM(system: try KVMSystem())
+        let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
+        let spin: [UInt8] = [0xEB, 0xFE]   // jmp $
+        spin.withUnsafeBytes { (mem.pointer + Int(X86Layout.code.raw)).copyMemory(from: $0.baseAddress!, byteCount: 2) }
+        let vcpu = try vm.createVCPU(id: 0)
+        try vcpu.enterLongModeUser(memory: mem, entry: X86Layout.code)
+        let t0 = Date()
+        #expect(throws: KVMError.self) { _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 0.3) }
+        let took = Date().timeIntervalSince(t0)
+        #expect(took < 5, "the timeout must fire (took \(took) s)")
+        print("KVM: a silent guest was stopped after \(String(format: "%.2f", took)) s")
+    }
+}
