@@ -30,8 +30,8 @@ struct BenchDirtyLog: ParsableCommand {
 
     func validate() throws {
         guard backend == "soft" || backend == "kvm" else { throw ValidationError("--backend is soft or kvm") }
-        if backend == "kvm" && !(strategy == "all" || strategy == "wp") {
-            throw ValidationError("the kvm backend measures strategy wp (KVM's dirty bitmap with manual protect); the other strategies are the soft MMU's")
+        if backend == "kvm" && !["all", "wp", "ring"].contains(strategy) {
+            throw ValidationError("the kvm backend measures wp (KVM's dirty bitmap with manual protect) and ring (KVM's dirty ring); the other strategies are the soft MMU's")
         }
         if backend == "kvm" && vcpus != 1 { throw ValidationError("the kvm backend bench runs one vCPU") }
         guard strategy == "all" || DirtyStrategy(rawValue: strategy) != nil else {
@@ -46,7 +46,7 @@ struct BenchDirtyLog: ParsableCommand {
         let pages = memory.bytes >> 12
         print("bench dirty-log: \(backend) backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect")
         if backend == "kvm" {
-            try runKVM(pages: pages)
+            for s in strategy == "all" ? ["wp", "ring"] : [strategy] { try runKVM(pages: pages, ring: s == "ring") }
             return
         }
         let strategies = strategy == "all" ? DirtyStrategy.allCases : [DirtyStrategy(rawValue: strategy)!]
@@ -149,10 +149,19 @@ struct BenchDirtyLog: ParsableCommand {
 
     /// The same phases on /dev/kvm: KVM's write-protect dirty log with manual protect
     /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), the guest program writing one word per page.
-    private func runKVM(pages: UInt64) throws {
+    private func runKVM(pages: UInt64, ring wantRing: Bool) throws {
         let kvm = try KVMSystem()
         let vm = try KVMVM(system: kvm)
-        try vm.enableManualProtect(initiallySet: false)
+        var ring = wantRing
+        if ring {
+            do {
+                try vm.enableDirtyRing(bytes: min(1 << 20, Int(kvm.capability(.dirtyLogRing))))
+            } catch {
+                print("dirty ring unavailable (\(error)); falling back to the dirty bitmap")
+                ring = false
+            }
+        }
+        if !ring { try vm.enableManualProtect(initiallySet: false) }
         // The program's own pages sit below 1 MiB; the measured range is everything above.
         let reserved = X86Layout.reservedEnd.raw
         let mem = try HostMemory(size: memory.bytes + reserved, backing: backing)
@@ -160,35 +169,53 @@ struct BenchDirtyLog: ParsableCommand {
         let vcpu = try vm.createVCPU(id: 0)
         let spec = WorkloadSpec(pattern: .sequential, base: X86Layout.reservedEnd, workingSet: memory.bytes,
                                 writeFraction: 1, accessSize: 8, seed: 1, stop: .count(workPages))
+        // With rings, a full ring exits to us: harvest and reset, as a KVM VMM does.
+        // Distinct pages harvested from the ring this pass (KVM may log a page more than once).
+        var harvested = [UInt64](repeating: 0, count: Int((mem.size >> 12 + 63) / 64))
+        func collect() { _ = vcpu.dirtyRing?.harvest { _, page in harvested[Int(page >> 6)] |= 1 << (page & 63) } }
+        func drain() throws(KVMError) {
+            collect()
+            try vm.resetDirtyRings()
+        }
         func pass() throws {
             try vcpu.loadWorkload(spec, index: 0, memory: mem, pagePass: true)
-            _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 600)
+            _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 600, onRingFull: drain)
         }
         try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
         let populate = try timeMs { try pass() }
         let floor = floorPass(mem, pages: workPages, offset: reserved)
         let slotPages = mem.size >> 12
         print("")
-        print("strategy wp (KVM dirty bitmap, manual protect); the huge-page report: \(mem.report())")
+        print(ring ? "strategy ring (KVM dirty ring, \(vcpu.dirtyRing!.entries) entries); \(mem.report())"
+                   : "strategy wp (KVM dirty bitmap, manual protect); \(mem.report())")
         print("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
         var total = Phases()
         for i in 1...iterations {
             var p = Phases()
             p.populate = populate
             p.enable = try timeMs { try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true) }
+            for w in harvested.indices { harvested[w] = 0 }
             p.pass = try timeMs { try pass() }
-            var bitmap: [UInt64] = []
-            p.get = try timeMs { bitmap = try vm.getDirtyLog(slot: 0, pages: slotPages) }
-            p.clear = try timeMs { try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }
-            // Reported pages of the measured range (the program's own pages below 1 MiB left out).
-            var reported = 0
-            forEachSetBit(bitmap) { if $0 >= reserved >> 12 { reported += 1 } }
-            p.reported = reported
+            if ring {
+                p.get = timeMs { collect() }
+                p.clear = try timeMs { try vm.resetDirtyRings() }
+                var reported = 0
+                forEachSetBit(harvested) { if $0 >= reserved >> 12 { reported += 1 } }
+                p.reported = reported
+            } else {
+                var bitmap: [UInt64] = []
+                p.get = try timeMs { bitmap = try vm.getDirtyLog(slot: 0, pages: slotPages) }
+                p.clear = try timeMs { try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }
+                // Reported pages of the measured range (the program's own pages below 1 MiB left out).
+                var reported = 0
+                forEachSetBit(bitmap) { if $0 >= reserved >> 12 { reported += 1 } }
+                p.reported = reported
+            }
             p.disable = try timeMs { try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem) }
             print(row(String(i), p, pages: workPages))
             total = total + p
         }
-        report("wp", total: total, floor: floor, pages: workPages, eagerSplit: false)
+        report(ring ? "ring" : "wp", total: total, floor: floor, pages: workPages, eagerSplit: false)
     }
 
     private func row(_ name: String, _ p: Phases, pages: UInt64) -> String {
