@@ -25,7 +25,7 @@ struct Run: ParsableCommand {
 
     func validate() throws {
         guard backend == "soft" || backend == "kvm" else { throw ValidationError("--backend is soft or kvm") }
-        if backend == "kvm" && guest.vcpus != 1 { throw ValidationError("the kvm backend runs one vCPU in this build; use --vcpus 1") }
+        if backend == "kvm" && guest.vcpus > X86Layout.maxVCPUs { throw ValidationError("the kvm backend runs at most \(X86Layout.maxVCPUs) vCPUs") }
     }
 
     func run() throws {
@@ -62,35 +62,65 @@ extension Run {
         let mem = try HostMemory(size: guest.memory.bytes, backing: guest.backing)
         if prealloc { try mem.populate() }
         try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
-        let vcpu = try vm.createVCPU(id: 0)
-        print("kvm VM: 1 vCPU, \(guest.memory) \(guest.backing) memory")
+        let n = guest.vcpus
+        let vcpus = try (0..<n).map { i throws(KVMError) in try vm.createVCPU(id: Int32(i)) }
+        print("kvm VM: \(n) vCPU(s), \(guest.memory) \(guest.backing) memory")
         print("workload: \(spec)")
-        var total = KVMRunStats()
-        let chunk: UInt64 = 1_000_000
-        let start = Date()
-        var first = true
-        repeat {
-            var part = spec
-            switch spec.stop {
-            case let .count(n): part.stop = .count(n)
-            case .duration: part.stop = .count(chunk)
+        // One thread per vCPU; each runs its own stream (seeded by its index) in chunks.
+        let results = ResultBox(count: n)
+        let timeout = runTimeout(spec)
+        let runSpec = spec
+        runOnThreads(n) { i in
+            var total = KVMRunStats()
+            let chunk: UInt64 = 1_000_000
+            let start = Date()
+            var limit: Double = 0
+            if case let .duration(d) = runSpec.stop { limit = d }
+            var first = true
+            do throws(KVMError) {
+                repeat {
+                    var part = runSpec
+                    if case .duration = runSpec.stop { part.stop = .count(chunk) }
+                    try vcpus[i].loadWorkload(part, index: i, memory: mem, continuing: !first)
+                    first = false
+                    let s = try vcpus[i].runWorkload(index: i, memory: mem, timeout: timeout)
+                    total.accesses += s.accesses; total.writes += s.writes; total.exits += s.exits
+                    if case .count = runSpec.stop { break }
+                } while Date().timeIntervalSince(start) < limit
+                total.nanoseconds = UInt64(Date().timeIntervalSince(start) * 1e9)
+                results.set(i, .success(total))
+            } catch {
+                results.set(i, .failure(error))
             }
-            try vcpu.loadWorkload(part, index: 0, memory: mem, continuing: !first)
-            first = false
-            let s = try vcpu.runWorkload(index: 0, memory: mem, timeout: runTimeout(spec))
-            total.accesses += s.accesses; total.writes += s.writes; total.exits += s.exits; total.nanoseconds += s.nanoseconds
-            if case .count = spec.stop { break }
-        } while Date().timeIntervalSince(start) < { if case let .duration(d) = spec.stop { return d } else { return 0 } }()
-        let secs = Double(max(total.nanoseconds, 1)) / 1e9
+        }
+        var all: [KVMRunStats] = []
+        for r in results.values {
+            switch r {
+            case let .success(s): all.append(s)
+            case let .failure(e): throw e
+            case nil: throw ValidationError("a vCPU thread ended without a result")
+            }
+        }
+        var total = KVMRunStats()
+        for s in all {
+            total.accesses += s.accesses; total.writes += s.writes; total.exits += s.exits
+            total.nanoseconds = max(total.nanoseconds, s.nanoseconds)
+        }
         print("")
         print("vcpu   accesses   rate/s  writes  exits")
-        print(["0   ", compact(Double(total.accesses)).leftPad(10), compact(Double(total.accesses) / secs).leftPad(8),
-               compact(Double(total.writes)).leftPad(7), String(total.exits).leftPad(6)].joined(separator: " "))
+        let rows: [(Int, KVMRunStats)] = Array(all.enumerated().map { ($0.offset, $0.element) }) + (n > 1 ? [(-1, total)] : [])
+        for (i, s) in rows {
+            let secs = Double(max(s.nanoseconds, 1)) / 1e9
+            print([(i < 0 ? "all " : String(i).padding(toLength: 4, withPad: " ", startingAt: 0)),
+                   compact(Double(s.accesses)).leftPad(10), compact(Double(s.accesses) / secs).leftPad(8),
+                   compact(Double(s.writes)).leftPad(7), String(s.exits).leftPad(6)].joined(separator: " "))
+        }
+        let secs = Double(max(total.nanoseconds, 1)) / 1e9
         print("")
         print("backing: \(mem.report())")
         if json {
             print(jsonLine([
-                ("command", "run"), ("backend", "kvm"), ("workload", spec.description), ("vcpus", 1),
+                ("command", "run"), ("backend", "kvm"), ("workload", spec.description), ("vcpus", n),
                 ("accesses", total.accesses), ("writes", total.writes), ("accesses_per_sec", Double(total.accesses) / secs),
                 ("exits", total.exits), ("huge_fraction", mem.report().hugeFraction),
             ]))
@@ -173,4 +203,13 @@ struct RunReport {
 
 extension String {
     func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
+}
+
+/// Per-thread results, filled in by the vCPU threads.
+final class ResultBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var results: [Result<KVMRunStats, KVMError>?]
+    init(count: Int) { results = Array(repeating: nil, count: count) }
+    func set(_ i: Int, _ r: Result<KVMRunStats, KVMError>) { lock.lock(); results[i] = r; lock.unlock() }
+    var values: [Result<KVMRunStats, KVMError>?] { lock.lock(); defer { lock.unlock() }; return results }
 }
