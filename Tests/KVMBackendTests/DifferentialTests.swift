@@ -102,3 +102,45 @@ import Testing
         print("KVM: dirty ring \(pattern): \(pages.count) pages agree after \(fulls) ring-full exits")
     }
 }
+
+@Suite(.serialized) struct KVMMultiVCPUTests {
+    /// Two vCPUs, each with its own stream: the pages dirtied are the union of both streams whatever
+    /// the interleaving, so KVM and the soft backend must agree on them.
+    @Test func twoVCPUsDirtyTheSamePagesOnBothBackends() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let spec = WorkloadSpec(pattern: .zipfian(theta: 0.9), base: X86Layout.reservedEnd, workingSet: 4 << 20,
+                                writeFraction: 0.4, accessSize: 8, seed: 5, stop: .count(20_000))
+        let kvm = try KVMSystem()
+        let vm = try KVMVM(system: kvm)
+        let mem = try HostMemory(size: 8 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true)
+        let vcpus = [try vm.createVCPU(id: 0), try vm.createVCPU(id: 1)]
+        for (i, v) in vcpus.enumerated() { try v.loadWorkload(spec, index: i, memory: mem) }
+        let failures = FailureBox()
+        runOnThreads(2) { i in
+            do { _ = try vcpus[i].runWorkload(index: i, memory: mem, timeout: 60) } catch { failures.add("\(error)") }
+        }
+        #expect(failures.all.isEmpty, "\(failures.all)")
+        var kvmPages = Set<UInt64>()
+        forEachSetBit(try vm.getDirtyLog(slot: 0, pages: 2048)) { if $0 >= 256 { kvmPages.insert($0) } }
+
+        let soft = SoftVM(vcpus: 2)
+        try soft.addMemory(slot: 0, gpa: GPA(0), size: 8 << 20, backing: .pages4K)
+        try soft.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm))
+        _ = try soft.run(spec, timeout: 60)
+        var softPages = Set<UInt64>()
+        forEachSetBit(try soft.mmu.getDirtyLog(slot: 0)) { if $0 >= 256 { softPages.insert($0) } }
+        #expect(kvmPages == softPages, "kvm \(kvmPages.count) pages, soft \(softPages.count)")
+        print("KVM: two vCPUs, \(kvmPages.count) pages agree")
+    }
+}
+
+final class FailureBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [String] = []
+    func add(_ s: String) { lock.lock(); items.append(s); lock.unlock() }
+    var all: [String] { lock.lock(); defer { lock.unlock() }; return items }
+}
