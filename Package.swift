@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "Workload", targets: ["Workload"]),
         .library(name: "SoftBackend", targets: ["SoftBackend"]),
         .library(name: "KVMBackend", targets: ["KVMBackend"]),
+        .library(name: "VirtualMachine", targets: ["VirtualMachine"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -25,10 +26,12 @@ let package = Package(
         .target(name: "Workload", dependencies: ["GuestMemory"], swiftSettings: optimize),
         .target(name: "SoftBackend", dependencies: ["GuestMemory", "Stage2", "Workload"], swiftSettings: optimize),
         .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory", "Workload"], swiftSettings: optimize),
+        .target(name: "VirtualMachine", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend"],
+                swiftSettings: optimize),
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend",
+                "GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize
@@ -37,6 +40,7 @@ let package = Package(
         .testTarget(name: "Stage2Tests", dependencies: ["GuestMemory", "Stage2"]),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend"]),
+        .testTarget(name: "VirtualMachineTests", dependencies: ["GuestMemory", "Stage2", "Workload", "VirtualMachine", "KVMBackend"]),
         .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "KVMBackend", "Workload", "Stage2", "SoftBackend"]),
     ],
     // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,

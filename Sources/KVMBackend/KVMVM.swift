@@ -58,6 +58,14 @@ public final class KVMVM: @unchecked Sendable {
         }
     }
 
+    /// Pages the VMM wrote into a logging slot since the last call (for dirty-ring users, whose
+    /// guest pages come from the rings).
+    public func getVMMDirty(slot: UInt32) throws(KVMError) -> [UInt64] {
+        var words: [UInt64] = []
+        vmmDirty[slot]?.harvest(into: &words)
+        return words
+    }
+
     /// The host memory behind a slot.
     public func memory(slot: UInt32) -> HostMemory? { memories[slot] }
 

@@ -1,0 +1,51 @@
+import GuestMemory
+import SoftBackend
+import Stage2
+import Workload
+
+/// The soft backend behind the VirtualMachine interface.
+final class SoftMachine: VirtualMachine {
+    let vm: SoftVM
+    let memory: HostMemory
+    var backend: BackendKind { .soft }
+    var vcpuCount: Int { vm.vcpus.count }
+    var workloadBase: GPA { GPA(0) }
+    var pages: UInt64 { memory.size >> 12 }
+
+    init(_ config: VMConfig) throws {
+        vm = SoftVM(vcpus: config.vcpus)
+        memory = try vm.addMemory(slot: 0, gpa: GPA(0), size: config.memory, backing: config.backing)
+    }
+
+    func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
+        try vm.run(spec, timeout: timeout).map { s in
+            var r = VCPURun()
+            r.accesses = s.accesses
+            r.writes = s.writes
+            r.exits = s.faults + s.exits
+            r.nanoseconds = s.nanoseconds
+            return r
+        }
+    }
+
+    func enableDirtyLogging(_ config: DirtyLogConfig) throws { try vm.mmu.enableDirtyLogging(slot: 0, config) }
+    func disableDirtyLogging() throws { try vm.mmu.disableDirtyLogging(slot: 0) }
+
+    func getDirtyLog() throws -> [UInt64] {
+        guard let log = vm.mmu.dirtyLog(slot: 0) else { throw DirtyLogError.notLogging(slot: 0) }
+        if log.strategy == .ring {
+            // Rings and the VMM's writes, as one bitmap; the harvested pages are re-protected.
+            var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+            for e in vm.mmu.harvestDirtyRings() where e.slot == 0 { words[Int(e.page >> 6)] |= 1 << (e.page & 63) }
+            vm.mmu.resetDirtyRings()
+            return words
+        }
+        return try vm.mmu.getDirtyLog(slot: 0)
+    }
+
+    func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws {
+        try vm.mmu.clearDirtyLog(slot: 0, firstPage: firstPage, bitmap: bitmap)
+    }
+
+    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.mmu.writeGuest(gpa, bytes) }
+}

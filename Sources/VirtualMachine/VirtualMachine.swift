@@ -1,0 +1,83 @@
+import GuestMemory
+import Stage2
+import Workload
+
+/// Which hypervisor runs the guest.
+public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible {
+    /// Our stage-2 MMU and software vCPUs.
+    case soft
+    /// Linux /dev/kvm running the guest program.
+    case kvm
+    public var description: String { rawValue }
+}
+
+/// What a VM is made of.
+public struct VMConfig: Sendable {
+    public var backend: BackendKind
+    public var memory: UInt64
+    public var backing: Backing
+    public var vcpus: Int
+    /// Bytes per vCPU dirty ring on KVM (16 per entry); the soft backend's rings hold 4096 entries.
+    public var dirtyRingBytes: Int
+    public init(backend: BackendKind, memory: UInt64, backing: Backing, vcpus: Int, dirtyRingBytes: Int = 1 << 20) {
+        self.backend = backend
+        self.memory = memory
+        self.backing = backing
+        self.vcpus = vcpus
+        self.dirtyRingBytes = dirtyRingBytes
+    }
+}
+
+/// One vCPU's share of a run.
+public struct VCPURun: Sendable, Equatable {
+    public var accesses: UInt64 = 0
+    public var writes: UInt64 = 0
+    /// Exits to the VMM (faults and exits on soft, KVM_RUN returns on kvm).
+    public var exits: UInt64 = 0
+    public var nanoseconds: UInt64 = 0
+    public init() {}
+}
+
+public enum VMError: Error, CustomStringConvertible {
+    case unsupported(String)
+    case failed(String)
+    public var description: String {
+        switch self {
+        case let .unsupported(what): return what
+        case let .failed(what): return what
+        }
+    }
+}
+
+/// A guest with one memslot of RAM at GPA 0, as either backend runs it. Migration, snapshots and the
+/// CLI drive this interface without knowing which backend is behind it.
+public protocol VirtualMachine: AnyObject {
+    var backend: BackendKind { get }
+    var vcpuCount: Int { get }
+    /// The guest's RAM (slot 0, at GPA 0).
+    var memory: HostMemory { get }
+    /// The lowest GPA a workload may use (the KVM guest program keeps the first MiB for itself).
+    var workloadBase: GPA { get }
+    /// Pages of RAM, the size of a dirty bitmap.
+    var pages: UInt64 { get }
+
+    /// Runs `spec` on every vCPU (vCPU i with its own stream) until it ends.
+    func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun]
+
+    func enableDirtyLogging(_ config: DirtyLogConfig) throws
+    func disableDirtyLogging() throws
+    /// Pages dirtied since the last call (bit i of word w = page 64w+i); see DirtyLogConfig for when
+    /// they are re-protected.
+    func getDirtyLog() throws -> [UInt64]
+    func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws
+    /// Writes into guest memory as the VMM; recorded in the dirty log.
+    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws
+}
+
+/// Builds a VM on the chosen backend.
+public func makeVirtualMachine(_ config: VMConfig) throws -> any VirtualMachine {
+    switch config.backend {
+    case .soft: return try SoftMachine(config)
+    case .kvm: return try KVMMachine(config)
+    }
+}
