@@ -185,3 +185,33 @@ import Testing
         print("KVM: a silent guest was stopped after \(String(format: "%.2f", took)) s")
     }
 }
+
+@Suite struct KVMManualProtectTests {
+    /// Manual protect with initially-all-set: the first get reports every page; after a clear, only
+    /// pages the guest writes are reported, and a get does not re-protect until the next clear.
+    @Test func initiallySetThenClearThenOnlyWrittenPages() throws {
+        guard case .success = KVMSystem.availability() else {
+            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
+            return
+        }
+        let vm = try KVMVM(system: try KVMSystem())
+        try vm.enableManualProtect(initiallySet: true)
+        let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true)
+        let all = try vm.getDirtyLog(slot: 0, pages: 1024)
+        #expect(all.reduce(0) { $0 + $1.nonzeroBitCount } == 1024, "initially all set")
+        try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: all)
+        let vcpu = try vm.createVCPU(id: 0)
+        let spec = WorkloadSpec(pattern: .uniform, base: X86Layout.reservedEnd, workingSet: 1 << 20, writeFraction: 1,
+                                accessSize: 8, seed: 2, stop: .count(100))
+        try vcpu.loadWorkload(spec, index: 0, memory: mem)
+        _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 30)
+        var written = Set<UInt64>()
+        var g = WorkloadGenerator(spec: spec, vcpu: 0)
+        for _ in 0..<100 { written.insert(g.next().gpa.raw >> 12) }
+        var reported = Set<UInt64>()
+        forEachSetBit(try vm.getDirtyLog(slot: 0, pages: 1024)) { if $0 >= 256 { reported.insert($0) } }
+        #expect(reported == written)
+        print("KVM: manual protect with initially-set, \(reported.count) pages")
+    }
+}
