@@ -13,6 +13,8 @@ public enum VCPUExit: Equatable, Sendable, CustomStringConvertible {
     case permission(GPA, AccessKind, Descriptor)
     /// The vCPU's dirty ring is full; it waits for the VMM to harvest and reset the rings.
     case dirtyRingFull
+    /// A nested guest's (L2's) access that L1's table does not map: reflected to L1.
+    case nestedFault(lpid: Int, GPA, AccessKind)
     /// The access was abandoned because the VM is stopping while its fault kept retrying
     /// (an invalidation of the page had not ended), as KVM_RUN returns EINTR.
     case interrupted(GPA, AccessKind)
@@ -24,6 +26,7 @@ public enum VCPUExit: Equatable, Sendable, CustomStringConvertible {
         case let .permission(g, a, d): return "permission fault: \(a) at \(g) (leaf \(d))"
         case let .interrupted(g, a): return "\(a) at \(g) interrupted: the VM is stopping"
         case .dirtyRingFull: return "dirty ring full"
+        case let .nestedFault(l, g, a): return "nested guest \(l): \(a) at L2 \(g) not mapped by L1"
         }
     }
 }
@@ -39,6 +42,8 @@ public final class SoftVCPU: @unchecked Sendable {
     public let tlb = SoftTLB()
     /// This vCPU's dirty ring (used when a slot logs with the ring strategy).
     public let ring: DirtyRing
+    /// For a nested guest's vCPU: the shadow MMU it translates through (L2 GPAs), instead of L0's.
+    public let nested: ShadowMMU?
     public var cache: TableCache
     public var stats = VCPUStats()
     /// Handles exits; by default reads from unclaimed addresses return all ones and writes are dropped.
@@ -48,17 +53,18 @@ public final class SoftVCPU: @unchecked Sendable {
     /// The run's control while `run` is going: a fault that keeps retrying parks or gives up through it.
     private var control: RunControl?
 
-    public init(index: Int, mmu: Stage2MMU, ringCapacity: Int = 4096) {
+    public init(index: Int, mmu: Stage2MMU, ringCapacity: Int = 4096, nested: ShadowMMU? = nil) {
         self.index = index
         self.mmu = mmu
+        self.nested = nested
         self.cache = TableCache(allocator: mmu.allocator)
         self.ring = DirtyRing(capacity: ringCapacity)
-        mmu.tlbs.register(tlb)
+        (nested?.tlbs ?? mmu.tlbs).register(tlb)
         mmu.register(ring)
     }
 
     deinit {
-        mmu.tlbs.unregister(tlb)
+        (nested?.tlbs ?? mmu.tlbs).unregister(tlb)
         mmu.unregister(ring)
         cache.drain()
     }
@@ -134,7 +140,8 @@ public final class SoftVCPU: @unchecked Sendable {
         var retries = 0
         while true {
             stats.walks &+= 1
-            if let t = mmu.translate(gpa), t.leaf.raw & required == required || dirtyBitModifier(t, access) {
+            if let t = nested.map({ $0.translate(gpa) }) ?? mmu.translate(gpa),
+               t.leaf.raw & required == required || dirtyBitModifier(t, access) {
                 if !t.leaf.has(Descriptor.accessFlag) {
                     _ = t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.accessFlag))
                 }
@@ -152,6 +159,28 @@ public final class SoftVCPU: @unchecked Sendable {
             let wasInGuest = tlb.isInGuest
             tlb.exitGuest()
             defer { if wasInGuest { tlb.enterGuest() } }
+            if let nested {
+                switch nested.handleFault(gpa, access, cache: &cache) {
+                case let .mapped(size): stats.mapped[size.rawValue] &+= 1
+                case .retry:
+                    retries += 1
+                    if retries > 8 { sched_yield() }
+                    if let control, retries & 63 == 0 {
+                        if control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
+                        if control.pauseRequested { control.parkWhilePaused() }
+                    }
+                case let .reflect(g, a): pendingExit = .nestedFault(lpid: nested.lpid, g, a); return nil
+                case let .l1(outcome):
+                    switch outcome {
+                    case let .mmio(g, a): pendingExit = .mmio(g, a, size: 0, value: nil)
+                    case let .readOnlyWrite(g, slot): pendingExit = .readOnlyWrite(g, slot: slot, size: 0, value: 0)
+                    case let .permission(g, a, d): pendingExit = .permission(g, a, d)
+                    case .mapped, .retry, .dirtyRingFull: pendingExit = .interrupted(gpa, access)
+                    }
+                    return nil
+                }
+                continue
+            }
             switch mmu.handleFault(gpa, access, cache: &cache, ring: ring) {
             case let .mapped(size): stats.mapped[size.rawValue] &+= 1
             case .retry:
@@ -199,6 +228,7 @@ public final class SoftVCPU: @unchecked Sendable {
         case let .readOnlyWrite(_, slot, _, _): e = .readOnlyWrite(gpa, slot: slot, size: size, value: value); stats.readOnlyExits &+= 1
         case .permission: stats.permissionExits &+= 1
         case .interrupted, .dirtyRingFull: stats.interruptedExits &+= 1
+        case .nestedFault: stats.permissionExits &+= 1
         }
         pendingExit = nil
         lastExit = e

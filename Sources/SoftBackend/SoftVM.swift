@@ -35,6 +35,18 @@ public final class SoftVM: @unchecked Sendable {
         self.vcpus = (0..<vcpus).map { SoftVCPU(index: $0, mmu: mmu, ringCapacity: ringCapacity) }
     }
 
+    /// A nested guest (L2) of this VM: `vcpus` software vCPUs that translate L2 GPAs through a shadow
+    /// table built from L1's table at `l1Table` (in this VM's memory) and this VM's stage-2.
+    public init(nestedIn parent: SoftVM, lpid: Int, l1Table: GPA, vcpus: Int) throws(NestedError) {
+        mmu = parent.mmu
+        let shadow = try parent.mmu.createNestedGuest(lpid: lpid, l1Table: l1Table)
+        self.shadow = shadow
+        self.vcpus = (0..<vcpus).map { SoftVCPU(index: $0, mmu: parent.mmu, nested: shadow) }
+    }
+
+    /// For a nested guest, its shadow MMU.
+    public private(set) var shadow: ShadowMMU?
+
     /// Creates host memory of `size` with `backing` and adds it as a memslot at `gpa`.
     @discardableResult
     public func addMemory(slot: Int, gpa: GPA, size: UInt64, backing: Backing,

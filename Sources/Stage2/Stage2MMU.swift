@@ -1,3 +1,4 @@
+import Foundation
 import GuestMemory
 import Synchronization
 
@@ -65,6 +66,12 @@ public final class Stage2MMU: @unchecked Sendable {
     var dirtyLogs: [Int: SlotDirtyLog] = [:]
     /// Every vCPU's dirty ring.
     let rings = Mutex<[DirtyRing]>([])
+    /// Nested guests and the rmaps of the L1 frames their shadow leaves map. `nestedLock` serializes
+    /// shadow installs with invalidations (taken after `lock`).
+    let nestedLock = NSLock()
+    var shadows: [Int: ShadowMMU] = [:]
+    var rmaps: [Int: NestedRmap] = [:]
+    let hasNested = Atomic<Bool>(false)
     // MMU-notifier state: the sequence is read before a fault takes the lock and re-checked under it.
     private let invalidateSeq = Atomic<UInt64>(0)
     private var invalidatesInProgress = 0
@@ -105,9 +112,14 @@ public final class Stage2MMU: @unchecked Sendable {
     public func deleteSlot(id: Int) throws(GuestMemoryError) {
         lock.lockExclusive()
         defer { lock.unlock() }
+        // Nested shadow leaves are found through the slot's rmap: clear them while the slot exists.
+        if let s = slotTable.slot(id: id), hasNested.load(ordering: .acquiring) { invalidateNested(s.gpaRange) }
         let old = try slotTable.delete(id: id)
         dirtyLogs[id] = nil
         _ = unmapLocked(old.gpaRange)
+        nestedLock.lock()
+        rmaps[id] = nil
+        nestedLock.unlock()
         invalidateSeq.add(1, ordering: .releasing)
     }
 
@@ -116,6 +128,7 @@ public final class Stage2MMU: @unchecked Sendable {
         lock.lockExclusive()
         defer { lock.unlock() }
         guard dirtyLogs[id] == nil else { throw .noSuchSlot(id) }
+        if let s = slotTable.slot(id: id), hasNested.load(ordering: .acquiring) { invalidateNested(s.gpaRange) }
         let old = try slotTable.move(id: id, to: gpa)
         _ = unmapLocked(old.gpaRange)
         invalidateSeq.add(1, ordering: .releasing)
@@ -153,9 +166,12 @@ public final class Stage2MMU: @unchecked Sendable {
         return walkStage2(root: root, startLevel: startLevel, range: r, shared: shared, &visitor)
     }
 
-    /// Shoots down a touched range from every vCPU TLB.
+    /// Shoots down a touched range from every vCPU TLB, and from nested guests' shadow tables built on
+    /// it (shadow leaves are cached translations of L1 memory too).
     public func flush(_ touched: TouchedRange) {
-        if let r = touched.range { tlbs.shootdown(r) }
+        guard let r = touched.range else { return }
+        tlbs.shootdown(r)
+        if hasNested.load(ordering: .acquiring) { invalidateNested(r) }
     }
 
     /// Frees retired tables. Only under the exclusive lock, after a shootdown.
@@ -275,19 +291,7 @@ public final class Stage2MMU: @unchecked Sendable {
     /// may be reading are freed only after every vCPU has passed a safe point.
     @inlinable @inline(__always)
     public func translate(_ gpa: GPA) -> Translation? {
-        guard gpa.raw >> UInt64(ipaBits) == 0 else { return nil }
-        var table = root
-        var level = startLevel
-        while true {
-            let e = table.entry(Stage2Geometry.index(gpa.raw, level))
-            let d = e.load()
-            if d.isTable(level: level) {
-                table = d.tablePointer
-                level &+= 1
-                continue
-            }
-            return d.isValid ? Translation(leaf: d, level: level, entry: e) : nil
-        }
+        hardwareWalk(root: root, startLevel: startLevel, ipaBits: ipaBits, gpa)
     }
 
     // MARK: Fault path
