@@ -6,54 +6,6 @@ import Testing
 @testable import Stage2
 @testable import Workload
 
-/// L1's own stage-2 table for an L2 guest, built in L1 memory (slot at GPA 0) as L1 would.
-final class L1Table {
-    let mem: HostMemory
-    private var next: UInt64
-    let root: GPA
-
-    init(mem: HostMemory, tablesAt: UInt64 = 0x10_0000) {
-        self.mem = mem
-        next = tablesAt
-        root = GPA(tablesAt)
-        next += 4096
-    }
-
-    private func slot(_ table: GPA, _ i: Int) -> UnsafeMutablePointer<UInt64> {
-        (mem.pointer + Int(table.raw) + i * 8).assumingMemoryBound(to: UInt64.self)
-    }
-
-    /// Maps L2 range [l2, l2+size) to L1 GPA l1 with one leaf of `size`.
-    func map(l2: GPA, to l1: GPA, size: PageSize = .size4K, permissions: Permissions = .all) {
-        var table = root
-        for level in 0..<size.level {
-            let e = slot(table, Stage2Geometry.index(l2.raw, level))
-            let d = Descriptor(raw: e.pointee)
-            if d.isTable(level: level) {
-                table = GPA(d.output.raw)
-            } else {
-                let t = GPA(next)
-                next += 4096
-                memset(mem.pointer + Int(t.raw), 0, 4096)
-                e.pointee = t.raw | Descriptor.valid | Descriptor.tableOrPage
-                table = t
-            }
-        }
-        slot(table, Stage2Geometry.index(l2.raw, size.level)).pointee =
-            Descriptor.leaf(HVA(l1.raw), level: size.level, attributes: permissions.rawValue | Descriptor.accessFlag).raw
-    }
-
-    func unmap(l2: GPA, size: PageSize = .size4K) {
-        var table = root
-        for level in 0..<size.level {
-            let d = Descriptor(raw: slot(table, Stage2Geometry.index(l2.raw, level)).pointee)
-            guard d.isTable(level: level) else { return }
-            table = GPA(d.output.raw)
-        }
-        slot(table, Stage2Geometry.index(l2.raw, size.level)).pointee = 0
-    }
-}
-
 extension SoftVCPU {
     func put(_ gpa: GPA, _ v: UInt64) { enterGuest(); store(gpa, v); exitGuest() }
     func get(_ gpa: GPA) -> UInt64 { enterGuest(); defer { exitGuest() }; return load(gpa) }
@@ -61,10 +13,10 @@ extension SoftVCPU {
 
 @Suite(.serialized) struct NestedTests {
     /// L1 with 16 MiB THP RAM at GPA 0; L2 region of L1 memory at 8 MiB.
-    func makeL1() throws -> (SoftVM, HostMemory, L1Table) {
+    func makeL1() throws -> (SoftVM, HostMemory, L1TableBuilder) {
         let vm = SoftVM(vcpus: 1)
         let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: 16 << 20, backing: .thp)
-        return (vm, mem, L1Table(mem: mem))
+        return (vm, mem, L1TableBuilder(memory: mem, tablesAt: GPA(0x10_0000)))
     }
 
     @Test func l2ReachesOnlyWhatL1Mapped() throws {

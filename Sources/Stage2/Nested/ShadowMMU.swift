@@ -136,28 +136,31 @@ public final class ShadowMMU: @unchecked Sendable {
         return GPARange(start: gpa, size: size.bytes)
     }
 
-    /// Reads an 8-byte descriptor of L1's table at L1 GPA `gpa`, through L0's stage-2.
-    private func readL1(_ gpa: GPA, cache: inout TableCache) -> Descriptor? {
-        for _ in 0..<8 {
-            if let t = l0.lock.shared({ l0.translate(gpa) }) {
-                let p = (t.hostPage(for: gpa) + gpa.pageOffset).pointer.assumingMemoryBound(to: Atomic<UInt64>.self)
-                return Descriptor(raw: p.pointee.load(ordering: .acquiring))
-            }
-            switch l0.handleFault(gpa, .read, cache: &cache) {
-            case .mapped, .retry: continue
-            default: return nil
-            }
-        }
-        return nil
-    }
-
     /// Walks L1's table for `gpa` (an L2 GPA): the leaf and its level, or nil if L1 does not map it.
+    /// L1's table pages are read through L0's stage-2, under L0's lock (taken once for the walk); a
+    /// table page L0 has not mapped yet is faulted in and the walk goes on.
     private func walkL1(_ gpa: GPA, cache: inout TableCache) -> (Descriptor, Int)? {
         guard gpa.raw >> 48 == 0 else { return nil }
         var table = l1Table
         var level = Self.startLevel
+        var faults = 0
+        l0.lock.lockShared()
+        defer { l0.lock.unlock() }
         while true {
-            guard let d = readL1(table + UInt64(Stage2Geometry.index(gpa.raw, level)) * 8, cache: &cache) else { return nil }
+            let at = table + UInt64(Stage2Geometry.index(gpa.raw, level)) * 8
+            guard let t = l0.translate(at) else {
+                faults += 1
+                guard faults < 8 else { return nil }
+                l0.lock.unlock()
+                let outcome = l0.handleFault(at, .read, cache: &cache)
+                l0.lock.lockShared()
+                switch outcome {
+                case .mapped, .retry: continue
+                default: return nil
+                }
+            }
+            let p = (t.hostPage(for: at) + at.pageOffset).pointer.assumingMemoryBound(to: Atomic<UInt64>.self)
+            let d = Descriptor(raw: p.pointee.load(ordering: .acquiring))
             if d.isTable(level: level) {
                 table = GPA(d.output.raw)
                 level += 1

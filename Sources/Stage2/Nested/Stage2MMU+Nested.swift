@@ -36,7 +36,7 @@ extension Stage2MMU {
     /// it, found through the rmap of each frame (a leaf is cleared only if it still maps the same
     /// host page), and flush the L2 vCPUs' TLBs. Returns the rmap entries handled.
     @discardableResult
-    func invalidateNested(_ range: GPARange) -> Int {
+    public func invalidateNested(_ range: GPARange) -> Int {
         nestedLock.lock()
         defer { nestedLock.unlock() }
         var handled = 0
