@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import GuestMemory
 import KVMBackend
+import VirtualMachine
 import SoftBackend
 import Stage2
 import Workload
@@ -26,6 +27,7 @@ struct Run: ParsableCommand {
     func validate() throws {
         guard backend == "soft" || backend == "kvm" else { throw ValidationError("--backend is soft or kvm") }
         if backend == "kvm" && guest.vcpus > X86Layout.maxVCPUs { throw ValidationError("the kvm backend runs at most \(X86Layout.maxVCPUs) vCPUs") }
+        if backend == "kvm" && guest.memory.bytes <= X86Layout.reservedEnd.raw { throw ValidationError("--memory must exceed 1 MiB on the kvm backend") }
     }
 
     func run() throws {
@@ -46,83 +48,44 @@ struct Run: ParsableCommand {
 }
 
 extension Run {
-    /// The same workload on /dev/kvm: the guest program runs it at CPL3 above the 1 MiB it keeps for
-    /// itself; a duration runs it in chunks of a million accesses, continuing the same stream.
+    /// The same workload on /dev/kvm, through the backend-independent VirtualMachine: the guest
+    /// program runs it at CPL3 above the 1 MiB it keeps for itself.
     func runKVM() throws {
-        let reserved = X86Layout.reservedEnd.raw
-        guard guest.memory.bytes > reserved else { throw ValidationError("--memory must exceed 1 MiB on the kvm backend") }
+        let vm = try makeVirtualMachine(VMConfig(backend: .kvm, memory: guest.memory.bytes, backing: guest.backing, vcpus: guest.vcpus))
+        let base = vm.workloadBase
         var spec = try parseWorkload(workload, memory: guest.memory.bytes,
-                                     defaults: WorkloadSpec(base: X86Layout.reservedEnd, workingSet: guest.memory.bytes - reserved))
-        guard spec.base >= X86Layout.reservedEnd else {
-            throw ValidationError("on the kvm backend the working set starts at 1 MiB or above (the guest program's pages lie below)")
+                                     defaults: WorkloadSpec(base: base, workingSet: guest.memory.bytes - base.raw))
+        guard spec.base >= base else {
+            throw ValidationError("on the kvm backend the working set starts at \(base) or above (the guest program's pages lie below)")
         }
         if let duration { spec.stop = .duration(duration.value) }
-        let kvm = try KVMSystem()
-        let vm = try KVMVM(system: kvm)
-        let mem = try HostMemory(size: guest.memory.bytes, backing: guest.backing)
-        if prealloc { try mem.populate() }
-        try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
-        let n = guest.vcpus
-        let vcpus = try (0..<n).map { i throws(KVMError) in try vm.createVCPU(id: Int32(i)) }
-        print("kvm VM: \(n) vCPU(s), \(guest.memory) \(guest.backing) memory")
+        if prealloc { try vm.memory.populate() }
+        print("kvm VM: \(vm.vcpuCount) vCPU(s), \(guest.memory) \(guest.backing) memory")
         print("workload: \(spec)")
-        // One thread per vCPU; each runs its own stream (seeded by its index) in chunks.
-        let results = ResultBox(count: n)
-        let timeout = runTimeout(spec)
-        let runSpec = spec
-        runOnThreads(n) { i in
-            var total = KVMRunStats()
-            let chunk: UInt64 = 1_000_000
-            let start = Date()
-            var limit: Double = 0
-            if case let .duration(d) = runSpec.stop { limit = d }
-            var first = true
-            do throws(KVMError) {
-                repeat {
-                    var part = runSpec
-                    if case .duration = runSpec.stop { part.stop = .count(chunk) }
-                    try vcpus[i].loadWorkload(part, index: i, memory: mem, continuing: !first)
-                    first = false
-                    let s = try vcpus[i].runWorkload(index: i, memory: mem, timeout: timeout)
-                    total.accesses += s.accesses; total.writes += s.writes; total.exits += s.exits
-                    if case .count = runSpec.stop { break }
-                } while Date().timeIntervalSince(start) < limit
-                total.nanoseconds = UInt64(Date().timeIntervalSince(start) * 1e9)
-                results.set(i, .success(total))
-            } catch {
-                results.set(i, .failure(error))
-            }
-        }
-        var all: [KVMRunStats] = []
-        for r in results.values {
-            switch r {
-            case let .success(s): all.append(s)
-            case let .failure(e): throw e
-            case nil: throw ValidationError("a vCPU thread ended without a result")
-            }
-        }
-        var total = KVMRunStats()
-        for s in all {
-            total.accesses += s.accesses; total.writes += s.writes; total.exits += s.exits
-            total.nanoseconds = max(total.nanoseconds, s.nanoseconds)
+        let runs = try vm.run(spec, timeout: runTimeout(spec))
+        var total = VCPURun()
+        for r in runs {
+            total.accesses += r.accesses; total.writes += r.writes; total.exits += r.exits
+            total.nanoseconds = max(total.nanoseconds, r.nanoseconds)
         }
         print("")
         print("vcpu   accesses   rate/s  writes  exits")
-        let rows: [(Int, KVMRunStats)] = Array(all.enumerated().map { ($0.offset, $0.element) }) + (n > 1 ? [(-1, total)] : [])
-        for (i, s) in rows {
-            let secs = Double(max(s.nanoseconds, 1)) / 1e9
-            print([(i < 0 ? "all " : String(i).padding(toLength: 4, withPad: " ", startingAt: 0)),
-                   compact(Double(s.accesses)).leftPad(10), compact(Double(s.accesses) / secs).leftPad(8),
-                   compact(Double(s.writes)).leftPad(7), String(s.exits).leftPad(6)].joined(separator: " "))
+        let rows: [(String, VCPURun)] = runs.enumerated().map { (String($0.offset), $0.element) } + (runs.count > 1 ? [("all", total)] : [])
+        for (name, r) in rows {
+            let secs = Double(max(r.nanoseconds, 1)) / 1e9
+            print([name.padding(toLength: 4, withPad: " ", startingAt: 0), compact(Double(r.accesses)).leftPad(10),
+                   compact(Double(r.accesses) / secs).leftPad(8), compact(Double(r.writes)).leftPad(7),
+                   String(r.exits).leftPad(6)].joined(separator: " "))
         }
-        let secs = Double(max(total.nanoseconds, 1)) / 1e9
+        let report = vm.memory.report()
         print("")
-        print("backing: \(mem.report())")
+        print("backing: \(report)")
         if json {
+            let secs = Double(max(total.nanoseconds, 1)) / 1e9
             print(jsonLine([
-                ("command", "run"), ("backend", "kvm"), ("workload", spec.description), ("vcpus", n),
+                ("command", "run"), ("backend", "kvm"), ("workload", spec.description), ("vcpus", runs.count),
                 ("accesses", total.accesses), ("writes", total.writes), ("accesses_per_sec", Double(total.accesses) / secs),
-                ("exits", total.exits), ("huge_fraction", mem.report().hugeFraction),
+                ("exits", total.exits), ("huge_fraction", report.hugeFraction),
             ]))
         }
     }
@@ -205,11 +168,3 @@ extension String {
     func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
 }
 
-/// Per-thread results, filled in by the vCPU threads.
-final class ResultBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var results: [Result<KVMRunStats, KVMError>?]
-    init(count: Int) { results = Array(repeating: nil, count: count) }
-    func set(_ i: Int, _ r: Result<KVMRunStats, KVMError>) { lock.lock(); results[i] = r; lock.unlock() }
-    var values: [Result<KVMRunStats, KVMError>?] { lock.lock(); defer { lock.unlock() }; return results }
-}
