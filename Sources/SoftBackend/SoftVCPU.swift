@@ -159,39 +159,26 @@ public final class SoftVCPU: @unchecked Sendable {
             let wasInGuest = tlb.isInGuest
             tlb.exitGuest()
             defer { if wasInGuest { tlb.enterGuest() } }
+            let outcome: FaultOutcome
             if let nested {
                 switch nested.handleFault(gpa, access, cache: &cache) {
-                case let .mapped(size): stats.mapped[size.rawValue] &+= 1
-                case .retry:
-                    retries += 1
-                    if retries > 8 { sched_yield() }
-                    if let control, retries & 63 == 0 {
-                        if control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
-                        if control.pauseRequested { control.parkWhilePaused() }
-                    }
+                case let .mapped(size): outcome = .mapped(size)
+                case .retry: outcome = .retry
                 case let .reflect(g, a): pendingExit = .nestedFault(lpid: nested.lpid, g, a); return nil
-                case let .l1(outcome):
-                    switch outcome {
-                    case let .mmio(g, a): pendingExit = .mmio(g, a, size: 0, value: nil)
-                    case let .readOnlyWrite(g, slot): pendingExit = .readOnlyWrite(g, slot: slot, size: 0, value: 0)
-                    case let .permission(g, a, d): pendingExit = .permission(g, a, d)
-                    case .mapped, .retry, .dirtyRingFull: pendingExit = .interrupted(gpa, access)
-                    }
-                    return nil
+                // The L1 address behind the L2 one is not plain L1 RAM: L0's own outcome for it.
+                case let .l1(o): outcome = o
                 }
-                continue
+            } else {
+                outcome = mmu.handleFault(gpa, access, cache: &cache, ring: ring)
             }
-            switch mmu.handleFault(gpa, access, cache: &cache, ring: ring) {
+            switch outcome {
             case let .mapped(size): stats.mapped[size.rawValue] &+= 1
             case .retry:
                 // An invalidation or a break-before-make is in flight: let its owner run, and do not
                 // keep a pause or a stop waiting on us meanwhile.
                 retries += 1
                 if retries > 8 { sched_yield() }
-                if let control, retries & 63 == 0 {
-                    if control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
-                    if control.pauseRequested { control.parkWhilePaused() }
-                }
+                if retries & 63 == 0, stopping(gpa, access) { return nil }
             case let .mmio(g, a): pendingExit = .mmio(g, a, size: 0, value: nil); return nil
             case let .readOnlyWrite(g, slot): pendingExit = .readOnlyWrite(g, slot: slot, size: 0, value: 0); return nil
             case let .permission(g, a, d): pendingExit = .permission(g, a, d); return nil
@@ -201,12 +188,21 @@ public final class SoftVCPU: @unchecked Sendable {
                 lastExit = .dirtyRingFull
                 _ = exitHandler(.dirtyRingFull)
                 // Wait a little, then fault again: logging may have stopped meanwhile.
-                if !ring.waitForRoom(timeout: 0.05), let control {
-                    if control.stopRequested { pendingExit = .interrupted(gpa, access); return nil }
-                    if control.pauseRequested { control.parkWhilePaused() }
-                }
+                if !ring.waitForRoom(timeout: 0.05), stopping(gpa, access) { return nil }
             }
         }
+    }
+
+    /// While a fault keeps retrying or waiting: park for a pause; for a stop, abandon the access
+    /// (true, with the exit set), so neither waits on us.
+    private func stopping(_ gpa: GPA, _ access: AccessKind) -> Bool {
+        guard let control else { return false }
+        if control.stopRequested {
+            pendingExit = .interrupted(gpa, access)
+            return true
+        }
+        if control.pauseRequested { control.parkWhilePaused() }
+        return false
     }
 
     /// The hardware dirty-bit modifier: a write to a writable-clean (DBM) 4 KiB leaf sets W itself, by
