@@ -10,6 +10,8 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
     case entryFailed(reason: UInt64, state: String)
     case internalError(suberror: UInt32, state: String)
     case unexpectedExit(String, state: String)
+    case badWorkload(String)
+    case timedOut(seconds: Double, state: String)
 
     public var description: String {
         switch self {
@@ -29,6 +31,10 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
             return "KVM internal error (suberror \(sub)), the guest cannot continue:\n\(state)"
         case let .unexpectedExit(what, state):
             return "unexpected exit: \(what)\n\(state)"
+        case let .timedOut(seconds, state):
+            return "the guest did not finish within \(seconds) s; it was stopped here:\n\(state)"
+        case let .badWorkload(why):
+            return "workload not runnable by the guest program: \(why)"
         }
     }
 }

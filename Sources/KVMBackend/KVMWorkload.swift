@@ -43,12 +43,12 @@ extension KVMVCPU {
     /// X86Layout.reservedEnd and inside memory; the stop must be a count.
     public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, pagePass: Bool = false,
                              continuing: Bool = false) throws(KVMError) {
-        guard index < X86Layout.maxVCPUs else { throw .unexpectedExit("vCPU index \(index) beyond \(X86Layout.maxVCPUs)", state: "") }
+        guard index < X86Layout.maxVCPUs else { throw .badWorkload("vCPU index \(index) beyond \(X86Layout.maxVCPUs)") }
         guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= memory.size else {
-            throw .unexpectedExit("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB", state: "")
+            throw .badWorkload("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB")
         }
         guard case let .count(count) = spec.stop else {
-            throw .unexpectedExit("the KVM guest program runs a count of accesses, not a duration", state: "")
+            throw .badWorkload("the guest program runs a count of accesses, not a duration")
         }
         let gen = WorkloadGenerator(spec: spec, vcpu: index)
         let mem = memory.pointer
@@ -119,7 +119,7 @@ extension KVMVCPU {
                 throw .unexpectedExit(exit.description, state: stateDump())
             }
             if monotonicNanosKVM() > deadline {
-                throw .unexpectedExit("workload not finished after \(timeout) s", state: stateDump())
+                throw .timedOut(seconds: timeout, state: stateDump())
             }
         }
     }
