@@ -14,9 +14,11 @@ let package = Package(
         .library(name: "SoftBackend", targets: ["SoftBackend"]),
         .library(name: "KVMBackend", targets: ["KVMBackend"]),
         .library(name: "VirtualMachine", targets: ["VirtualMachine"]),
+        .library(name: "Migration", targets: ["Migration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // Only what Swift cannot reach: syscall wrappers that glibc does not export to Swift.
@@ -28,10 +30,13 @@ let package = Package(
         .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory", "Workload"], swiftSettings: optimize),
         .target(name: "VirtualMachine", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend"],
                 swiftSettings: optimize),
+        .target(name: "Migration", dependencies: ["GuestMemory", "Stage2", "Workload", "VirtualMachine",
+                                                  .product(name: "Crypto", package: "swift-crypto")],
+                swiftSettings: optimize),
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine",
+                "GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine", "Migration",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize
@@ -41,6 +46,7 @@ let package = Package(
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend"]),
         .testTarget(name: "VirtualMachineTests", dependencies: ["GuestMemory", "Stage2", "Workload", "VirtualMachine", "KVMBackend"]),
+        .testTarget(name: "MigrationTests", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration", "SoftBackend"]),
         .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "KVMBackend", "Workload", "Stage2", "SoftBackend"]),
     ],
     // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,

@@ -234,10 +234,16 @@ public final class SoftVCPU: @unchecked Sendable {
         return exitHandler(e)
     }
 
+    /// Where this vCPU's workload stands, updated at every safe-point batch: what a migration carries
+    /// to continue the same stream on another VM.
+    public var position = VCPUPosition()
+
     /// Runs `workload` until it ends or `control` stops it. Stores write a per-vCPU sequence number
-    /// (`index << 48 | n`), so a test can tell which store landed last.
-    public func run(_ workload: WorkloadSpec, control: RunControl) {
+    /// (`index << 48 | n`), so a test can tell which store landed last. `from` continues a stream
+    /// where another vCPU (a migrated one) left it.
+    public func run(_ workload: WorkloadSpec, control: RunControl, from: VCPUPosition? = nil) {
         var gen = WorkloadGenerator(spec: workload, vcpu: index)
+        if let from { gen.position = (from.state, from.cursor) }
         let size = workload.accessSize
         let start = monotonicNanos()
         var deadline = UInt64.max
@@ -247,8 +253,8 @@ public final class SoftVCPU: @unchecked Sendable {
         case let .duration(s): deadline = start &+ UInt64(s * 1e9)
         }
         let batch: UInt64 = 256
-        var done: UInt64 = 0
-        var seq = UInt64(index) << 48
+        var done: UInt64 = from?.done ?? 0
+        var seq = from?.seq ?? UInt64(index) << 48
         let nanosPerAccess = workload.rate.map { 1e9 / Double($0) }
         self.control = control
         defer { self.control = nil }
@@ -266,6 +272,7 @@ public final class SoftVCPU: @unchecked Sendable {
                 tlb.safePoint()
             }
             done &+= n
+            position = VCPUPosition(state: gen.position.state, cursor: gen.position.cursor, seq: seq, done: done)
             if control.stopRequested { break }
             if control.pauseRequested {
                 exitGuest()
@@ -287,5 +294,16 @@ public final class SoftVCPU: @unchecked Sendable {
         }
         exitGuest()
         stats.nanoseconds = monotonicNanos() - start
+    }
+}
+
+/// A software vCPU's place in its workload stream.
+public struct VCPUPosition: Sendable, Equatable, Codable {
+    public var state: UInt64 = 0
+    public var cursor: UInt64 = 0
+    public var seq: UInt64 = 0
+    public var done: UInt64 = 0
+    public init(state: UInt64 = 0, cursor: UInt64 = 0, seq: UInt64 = 0, done: UInt64 = 0) {
+        self.state = state; self.cursor = cursor; self.seq = seq; self.done = done
     }
 }

@@ -58,15 +58,16 @@ public final class SoftVM: @unchecked Sendable {
 
     public var isRunning: Bool { control != nil }
 
-    /// Starts one thread per vCPU running `workload`.
-    public func start(_ workload: WorkloadSpec) throws(SoftVMError) {
+    /// Starts one thread per vCPU running `workload` (from `positions`, to continue migrated streams).
+    public func start(_ workload: WorkloadSpec, from positions: [VCPUPosition]? = nil) throws(SoftVMError) {
         guard control == nil else { throw .alreadyRunning }
         if let p = workload.problem() { throw .workload(p) }
         let c = RunControl(vcpus: vcpus.count)
         control = c
         threads = vcpus.map { v in
+            let from = positions.flatMap { $0.indices.contains(v.index) ? $0[v.index] : nil }
             let t = Thread {
-                v.run(workload, control: c)
+                v.run(workload, control: c, from: from)
                 c.vcpuFinished()
             }
             t.name = "vcpu\(v.index)"

@@ -141,6 +141,14 @@ final class KVMMachine: VirtualMachine {
     }
 
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.writeGuest(gpa, bytes) }
+
+    // Background runs with pause/resume are not built for KVM yet (migration runs on the soft backend).
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws { throw Self.notYet }
+    func pause() throws { throw Self.notYet }
+    func resume() throws { throw Self.notYet }
+    func stop() throws -> [VCPURun] { throw Self.notYet }
+    func vcpuStates() throws -> VCPUStates { throw Self.notYet }
+    static let notYet = VMError.unsupported("background runs (start/pause/resume) are not built for the kvm backend yet; migrate a soft guest")
 }
 
 final class RunResults: @unchecked Sendable {

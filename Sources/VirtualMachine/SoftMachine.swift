@@ -1,3 +1,4 @@
+import Foundation
 import GuestMemory
 import SoftBackend
 import Stage2
@@ -48,4 +49,34 @@ final class SoftMachine: VirtualMachine {
     }
 
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.mmu.writeGuest(gpa, bytes) }
+
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws {
+        var positions: [VCPUPosition]?
+        if let state {
+            guard state.backend == .soft else { throw VMError.unsupported("vCPU state from a \(state.backend) VM cannot run on the soft backend") }
+            positions = try JSONDecoder().decode([VCPUPosition].self, from: Data(state.bytes))
+            guard positions!.count == vm.vcpus.count else {
+                throw VMError.failed("the state holds \(positions!.count) vCPUs, this VM has \(vm.vcpus.count)")
+            }
+        }
+        try vm.start(spec, from: positions)
+    }
+
+    func pause() throws { try vm.pause() }
+    func resume() throws { try vm.resume() }
+
+    func stop() throws -> [VCPURun] {
+        try vm.stop().map { s in
+            var r = VCPURun()
+            r.accesses = s.accesses
+            r.writes = s.writes
+            r.exits = s.faults + s.exits
+            r.nanoseconds = s.nanoseconds
+            return r
+        }
+    }
+
+    func vcpuStates() throws -> VCPUStates {
+        VCPUStates(backend: .soft, bytes: Array(try JSONEncoder().encode(vm.vcpus.map(\.position))))
+    }
 }

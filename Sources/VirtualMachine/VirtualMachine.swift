@@ -72,6 +72,25 @@ public protocol VirtualMachine: AnyObject {
     func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws
     /// Writes into guest memory as the VMM; recorded in the dirty log.
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws
+
+    // Running in the background, as a migration needs: start, pause, resume, stop, and the vCPUs'
+    // place in their streams (to continue them on another VM).
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws
+    func pause() throws
+    func resume() throws
+    func stop() throws -> [VCPURun]
+    /// The vCPUs' state; meaningful while paused.
+    func vcpuStates() throws -> VCPUStates
+}
+
+/// The vCPUs' state a migration carries, opaque to the engine: encoded by the backend.
+public struct VCPUStates: Sendable, Equatable {
+    public var backend: BackendKind
+    public var bytes: [UInt8]
+    public init(backend: BackendKind, bytes: [UInt8]) {
+        self.backend = backend
+        self.bytes = bytes
+    }
 }
 
 /// Builds a VM on the chosen backend.

@@ -96,6 +96,12 @@ public struct WorkloadGenerator: Sendable {
     /// The zipf table padded to its full size (zeros for other patterns).
     public var zipfQuantiles: [UInt32] { zipf.isEmpty ? [UInt32](repeating: 0, count: Self.zipfBuckets + 1) : zipf }
 
+    /// Where the stream stands: enough to continue it elsewhere (a migrated vCPU).
+    public var position: (state: UInt64, cursor: UInt64) {
+        get { (state, cursor) }
+        set { state = newValue.state; cursor = newValue.cursor }
+    }
+
     @inlinable @inline(__always)
     public mutating func nextRandom() -> UInt64 {
         state ^= state >> 12

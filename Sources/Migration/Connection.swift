@@ -1,0 +1,145 @@
+import Foundation
+import Glibc
+
+/// HOST:PORT, parsed. HOST is an IPv4 address or "localhost".
+public struct Endpoint: Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: UInt16
+
+    public init(host: String, port: UInt16) { self.host = host; self.port = port }
+
+    public init?(_ text: String) {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        let host = String(text[..<colon])
+        self.host = host.isEmpty ? "127.0.0.1" : host
+        self.port = port
+    }
+
+    public var description: String { "\(host):\(port)" }
+
+    func sockaddr() throws -> sockaddr_in {
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = port.bigEndian
+        let h = host == "localhost" ? "127.0.0.1" : host
+        guard inet_pton(AF_INET, h, &a.sin_addr) == 1 else { throw MigrationError.connection("\(host) is not an IPv4 address") }
+        return a
+    }
+}
+
+/// A TCP connection whose every send and receive has a timeout, so nothing waits forever.
+public final class Connection: @unchecked Sendable {
+    let fd: Int32
+    public private(set) var bytesSent: UInt64 = 0
+    public private(set) var bytesReceived: UInt64 = 0
+
+    init(fd: Int32, timeout: Double) {
+        self.fd = fd
+        var tv = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - Double(Int(timeout))) * 1e6))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var big: Int32 = 4 << 20
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    deinit { close(fd) }
+
+    /// Connects to `endpoint`, giving up after `timeout` seconds.
+    public static func connect(to endpoint: Endpoint, timeout: Double = 10) throws -> Connection {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
+        var a = try endpoint.sockaddr()
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            if rc == 0 { return Connection(fd: fd, timeout: timeout) }
+            let e = errno
+            // Nobody listening yet: the destination may still be starting.
+            if (e == ECONNREFUSED || e == EINTR) && Date() < deadline { usleep(20_000); continue }
+            close(fd)
+            throw MigrationError.connection("connect to \(endpoint): \(String(cString: strerror(e)))")
+        }
+    }
+
+    public func send(_ bytes: UnsafeRawBufferPointer) throws {
+        var off = 0
+        while off < bytes.count {
+            let n = Glibc.send(fd, bytes.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                let e = errno
+                if e == EINTR { continue }
+                if e == EAGAIN || e == EWOULDBLOCK { throw MigrationError.timeout("sending to the peer") }
+                throw MigrationError.connection("send: \(String(cString: strerror(e)))")
+            }
+            off += n
+        }
+        bytesSent += UInt64(bytes.count)
+    }
+
+    public func send(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { b in try send(b) }
+    }
+
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+        var off = 0
+        while off < buffer.count {
+            let n = recv(fd, buffer.baseAddress! + off, buffer.count - off, 0)
+            if n == 0 { throw MigrationError.connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes") }
+            if n < 0 {
+                let e = errno
+                if e == EINTR { continue }
+                if e == EAGAIN || e == EWOULDBLOCK { throw MigrationError.timeout("waiting for the peer") }
+                throw MigrationError.connection("receive: \(String(cString: strerror(e)))")
+            }
+            off += n
+        }
+        bytesReceived += UInt64(buffer.count)
+    }
+
+    public func receive(_ count: Int) throws -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        try b.withUnsafeMutableBytes { p in try receive(into: p) }
+        return b
+    }
+}
+
+/// A listening TCP socket.
+public final class Listener: @unchecked Sendable {
+    let fd: Int32
+    public let endpoint: Endpoint
+
+    /// Listens on `endpoint` (port 0 picks a free one; `endpoint` then names it).
+    public init(_ endpoint: Endpoint) throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var a = try endpoint.sockaddr()
+        let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard rc == 0, listen(fd, 4) == 0 else {
+            let e = errno
+            close(fd)
+            throw MigrationError.connection("listen on \(endpoint): \(String(cString: strerror(e)))")
+        }
+        var bound = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        self.fd = fd
+        self.endpoint = Endpoint(host: endpoint.host, port: UInt16(bigEndian: bound.sin_port))
+    }
+
+    deinit { close(fd) }
+
+    /// Accepts one connection within `timeout` seconds.
+    public func accept(timeout: Double) throws -> Connection {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let rc = poll(&p, 1, Int32(timeout * 1000))
+        guard rc > 0 else { throw rc == 0 ? MigrationError.timeout("no source connected to \(endpoint) within \(timeout) s") : MigrationError.connection("poll: \(String(cString: strerror(errno)))") }
+        let c = Glibc.accept(fd, nil, nil)
+        guard c >= 0 else { throw MigrationError.connection("accept: \(String(cString: strerror(errno)))") }
+        return Connection(fd: c, timeout: timeout)
+    }
+}

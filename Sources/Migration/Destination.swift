@@ -1,0 +1,54 @@
+import Foundation
+import GuestMemory
+import VirtualMachine
+import Workload
+
+/// The destination side: read a stream from `connection`, build the VM it describes, and resume the
+/// guest only if the memory digest matches; answer the source either way. On any error the partial VM
+/// is discarded and the error rethrown.
+public func receive(over connection: Connection, progress: ((String) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
+    var answered = false
+    do {
+        let header = try StreamHeader.read(from: connection)
+        guard header.backend == 0 else { throw MigrationError.badStream("only soft-backend guests migrate in this build") }
+        guard header.memory > 0, header.memory % 4096 == 0, header.memory <= 1 << 40 else {
+            throw MigrationError.badStream("guest memory of \(header.memory) bytes")
+        }
+        guard (1...64).contains(header.vcpus) else { throw MigrationError.badStream("\(header.vcpus) vCPUs") }
+        let spec: WorkloadSpec
+        do { spec = try WorkloadSpec.parse(header.spec) } catch { throw MigrationError.badStream("workload spec: \(error)") }
+        let backing = Backing.allCases.indices.contains(Int(header.backing)) ? Backing.allCases[Int(header.backing)] : .pages4K
+        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
+        progress?("receiving \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
+        let pages = header.memory >> 12
+        var buffer = [UInt8](repeating: 0, count: 256 * 4096)
+        var state: VCPUStates?
+        while true {
+            // Page data goes straight into guest memory after its checksum is checked.
+            let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
+            switch r.type {
+            case .pages:
+                let dst = vm.memory.pointer + Int(r.firstPage << 12)
+                if r.zero {
+                    memset(dst, 0, Int(r.count) << 12)
+                } else {
+                    buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
+                }
+            case .state:
+                guard let first = r.payload.first, first == 0 else { throw MigrationError.badStream("vCPU state of another backend") }
+                state = VCPUStates(backend: .soft, bytes: Array(r.payload.dropFirst()))
+            case .end:
+                guard memoryDigest(vm.memory) == r.payload else { throw MigrationError.digestMismatch }
+                guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
+                try vm.start(spec, from: state)
+                try connection.send([1])
+                answered = true
+                progress?("memory digest matches; guest resumed")
+                return (vm, spec)
+            }
+        }
+    } catch {
+        if !answered { try? connection.send([0]) }
+        throw error
+    }
+}

@@ -1,0 +1,161 @@
+import Foundation
+import GuestMemory
+import Stage2
+import VirtualMachine
+import Workload
+
+/// How the source migrates.
+public struct MigrationOptions: Sendable {
+    /// Stop iterating once the pages left would take less than this to send (seconds).
+    public var downtimeLimit: Double = 0.3
+    /// Or after this many iterations over dirtied pages.
+    public var maxIterations: Int = 30
+    /// Socket timeout for every send and receive.
+    public var timeout: Double = 30
+    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30) {
+        self.downtimeLimit = downtimeLimit
+        self.maxIterations = maxIterations
+        self.timeout = timeout
+    }
+}
+
+/// What a migration did.
+public struct MigrationReport: Sendable, CustomStringConvertible {
+    public var totalSeconds = 0.0
+    public var setupSeconds = 0.0
+    /// From pausing the source to the destination's answer.
+    public var downtimeSeconds = 0.0
+    public var bytesSent: UInt64 = 0
+    public var pagesSent: UInt64 = 0
+    public var zeroPages: UInt64 = 0
+    public var iterations = 0
+    public var converged = false
+    public var bandwidth = 0.0   // bytes per second, measured
+    public init() {}
+
+    public var description: String {
+        String(format: "total %.0f ms, downtime %.0f ms, setup %.1f ms, %@ sent (%llu pages, %llu zero), %d iterations, %@, %.0f MiB/s",
+               totalSeconds * 1e3, downtimeSeconds * 1e3, setupSeconds * 1e3, formatBytes(bytesSent), pagesSent, zeroPages,
+               iterations, converged ? "converged" : "iteration limit", bandwidth / Double(1 << 20))
+    }
+}
+
+/// The source side: pre-copy `vm` (running `spec`) to the destination at the other end of `connection`.
+/// On any failure the guest is resumed with its memory intact and dirty logging switched off, and the
+/// error is rethrown; on success the source guest is stopped (it now runs on the destination).
+public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connection: Connection,
+                    options: MigrationOptions = MigrationOptions(),
+                    progress: ((String) -> Void)? = nil) throws -> MigrationReport {
+    var report = MigrationReport()
+    let start = Date()
+    var paused = false
+    try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
+    do {
+        let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
+        try connection.send(StreamHeader(memory: vm.memory.size, vcpus: UInt32(vm.vcpuCount),
+                                         backend: vm.backend == .soft ? 0 : 1, backing: backing,
+                                         spec: spec.description).encoded())
+        report.setupSeconds = Date().timeIntervalSince(start)
+        let sender = PageSender(memory: vm.memory, connection: connection)
+        // First pass: everything.
+        let allWords = Int((vm.pages + 63) / 64)
+        var pending = [UInt64](repeating: ~0, count: allWords)
+        if vm.pages % 64 != 0 { pending[allWords - 1] = (1 << (vm.pages % 64)) - 1 }
+        while true {
+            let t0 = Date()
+            let sentBefore = connection.bytesSent
+            try sender.send(pending, report: &report)
+            let seconds = max(Date().timeIntervalSince(t0), 1e-6)
+            let bytes = Double(connection.bytesSent - sentBefore)
+            if bytes > 1_048_576 { report.bandwidth = bytes / seconds }
+            report.iterations += 1
+            pending = try vm.getDirtyLog()
+            let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
+            let expectedDowntime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
+            progress?(String(format: "iteration %d: %@ dirty, expected downtime %.0f ms", report.iterations,
+                             formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
+            if expectedDowntime <= options.downtimeLimit { report.converged = true; break }
+            if report.iterations >= options.maxIterations { break }
+        }
+        // Stop-and-copy.
+        let pauseStart = Date()
+        try vm.pause()
+        paused = true
+        let last = try vm.getDirtyLog()
+        for i in pending.indices { pending[i] |= last[i] }
+        try sender.send(pending, report: &report)
+        let state = try vm.vcpuStates()
+        let stateBytes = [state.backend == .soft ? 0 : 1] + state.bytes
+        try stateBytes.withUnsafeBytes { p in
+            try connection.send(Record.header(.state, payload: p))
+            try connection.send(p)
+        }
+        let digest = memoryDigest(vm.memory)
+        try digest.withUnsafeBytes { p in
+            try connection.send(Record.header(.end, payload: p))
+            try connection.send(p)
+        }
+        let answer = try connection.receive(1)
+        guard answer[0] == 1 else { throw MigrationError.refused }
+        report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
+        _ = try vm.stop()
+        try? vm.disableDirtyLogging()
+        report.bytesSent = connection.bytesSent
+        report.totalSeconds = Date().timeIntervalSince(start)
+        return report
+    } catch {
+        // Nothing is lost: the guest goes on here, with logging off.
+        try? vm.disableDirtyLogging()
+        if paused { try? vm.resume() }
+        throw error
+    }
+}
+
+/// Sends the pages a bitmap names as PAGES records: runs of up to 256 pages, all-zero runs as a flag.
+final class PageSender {
+    let memory: HostMemory
+    let connection: Connection
+    private static let zeroPage = [UInt8](repeating: 0, count: 4096)
+    /// A run is copied here before it is checksummed and sent: the guest keeps writing its memory
+    /// meanwhile (a page changed after the copy is dirty again and goes in a later iteration).
+    private let staging: UnsafeMutableRawPointer
+
+    init(memory: HostMemory, connection: Connection) {
+        self.memory = memory
+        self.connection = connection
+        staging = .allocate(byteCount: Int(Record.maxPagesPerRecord) << 12, alignment: 4096)
+    }
+
+    deinit { staging.deallocate() }
+
+    func send(_ bitmap: [UInt64], report: inout MigrationReport) throws {
+        var failure: Error?
+        forEachRun(bitmap) { start, count in
+            guard failure == nil else { return }
+            var p = start
+            let end = start + count
+            while p < end && failure == nil {
+                // A run of zero pages, or of non-zero pages, up to 256.
+                let zero = isZero(p)
+                var n: UInt64 = 1
+                while p + n < end && n < UInt64(Record.maxPagesPerRecord) && isZero(p + n) == zero { n += 1 }
+                do {
+                    if !zero { staging.copyMemory(from: memory.pointer + Int(p << 12), byteCount: Int(n << 12)) }
+                    let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(staging), count: zero ? 0 : Int(n << 12))
+                    try connection.send(Record.header(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload))
+                    if !zero { try connection.send(payload) }
+                } catch {
+                    failure = error
+                }
+                report.pagesSent += n
+                if zero { report.zeroPages += n }
+                p += n
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    private func isZero(_ page: UInt64) -> Bool {
+        Self.zeroPage.withUnsafeBytes { memcmp(memory.pointer + Int(page << 12), $0.baseAddress!, 4096) == 0 }
+    }
+}

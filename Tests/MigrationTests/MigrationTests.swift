@@ -1,0 +1,146 @@
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+@testable import GuestMemory
+@testable import Migration
+@testable import SoftBackend
+@testable import Stage2
+@testable import VirtualMachine
+@testable import Workload
+
+/// Runs `body` on its own thread; the returned function waits for its result.
+final class ResultBox<T>: @unchecked Sendable {
+    var result: Result<T, Error>?
+    let done = DispatchSemaphore(value: 0)
+}
+
+func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T {
+    let box = ResultBox<T>()
+    Thread {
+        box.result = Result { try body() }
+        box.done.signal()
+    }.start()
+    return {
+        box.done.wait()
+        return try box.result!.get()
+    }
+}
+
+/// A man in the middle on loopback: forwards the source's stream to the destination, and can cut it,
+/// flip a byte in it, or truncate it at a given offset.
+final class FaultyProxy: @unchecked Sendable {
+    enum Fault { case none, cut(Int), flip(Int), truncate(Int) }
+    let listener: Listener
+    init(to destination: Endpoint, fault: Fault) throws {
+        listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let l = listener
+        Thread {
+            guard let up = try? l.accept(timeout: 10), let down = try? Connection.connect(to: destination, timeout: 10) else { return }
+            // The destination's one-byte answer goes back to the source.
+            Thread {
+                if let a = try? down.receive(1) { try? up.send(a) }
+                shutdown(up.fd, Int32(SHUT_RDWR))
+            }.start()
+            var offset = 0
+            var chunk = [UInt8](repeating: 0, count: 64 << 10)
+            while true {
+                let n = chunk.withUnsafeMutableBytes { recv(up.fd, $0.baseAddress, $0.count, 0) }
+                if n <= 0 { break }
+                var bytes = Array(chunk[0..<n])
+                switch fault {
+                case let .cut(at) where offset + n > at:
+                    shutdown(up.fd, Int32(SHUT_RDWR)); shutdown(down.fd, Int32(SHUT_RDWR)); return
+                case let .truncate(at) where offset + n > at:
+                    try? down.send(Array(bytes[0..<max(0, at - offset)]))
+                    shutdown(down.fd, Int32(SHUT_RDWR)); return
+                case let .flip(at) where offset <= at && at < offset + n:
+                    bytes[at - offset] ^= 0x40
+                default: break
+                }
+                offset += n
+                guard (try? down.send(bytes)) != nil else { break }
+            }
+            shutdown(down.fd, Int32(SHUT_WR))
+        }.start()
+    }
+}
+
+@Suite(.serialized) struct MigrationTests {
+    func sourceVM(memory: UInt64 = 32 << 20, backing: Backing = .thp) throws -> (any VirtualMachine, WorkloadSpec) {
+        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: memory, backing: backing, vcpus: 2))
+        let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), workingSet: memory, writeFraction: 0.5, seed: 12, stop: .duration(120))
+        try vm.start(spec, from: nil)
+        Thread.sleep(forTimeInterval: 0.05)
+        return (vm, spec)
+    }
+
+    func positions(_ vm: any VirtualMachine) throws -> [VCPUPosition] {
+        try JSONDecoder().decode([VCPUPosition].self, from: Data(try vm.vcpuStates().bytes))
+    }
+
+    /// Over real loopback TCP: the destination's memory equals the source's at the pause (the digest
+    /// it checks), and the workload goes on there from where it stopped.
+    @Test(arguments: [Backing.thp, .pages4K])
+    func migratesAndTheGuestContinues(_ backing: Backing) throws {
+        let (src, spec) = try sourceVM(backing: backing)
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10)) }
+        let report: MigrationReport
+        do {
+            report = try migrate(src, spec: spec, over: try Connection.connect(to: listener.endpoint))
+        } catch {
+            Issue.record("source: \(error); destination: \(Result { try dest() })")
+            return
+        }
+        let (vm2, spec2) = try dest()
+        #expect(spec2 == spec)
+        #expect(report.iterations >= 1 && report.pagesSent >= src.pages)
+        // The source is stopped; the guest goes on at the destination from the positions it had.
+        try vm2.pause()
+        let before = try positions(vm2)
+        try vm2.resume()
+        Thread.sleep(forTimeInterval: 0.05)
+        try vm2.pause()
+        let after = try positions(vm2)
+        #expect(zip(before, after).allSatisfy { $0.done < $1.done }, "the workload continues on the destination")
+        _ = try vm2.stop()
+        print("migration (\(backing)): \(report)")
+    }
+
+    /// Cut, corrupt or truncate the stream anywhere, or refuse: the source keeps running with memory
+    /// intact and logging off, and the destination does not resume.
+    @Test(arguments: (0..<24).map { i -> Int in i })
+    func faultsLeaveTheSourceRunning(_ i: Int) throws {
+        let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10)) }
+        // Offsets spread over the stream: the header, the first pass, iterations, the end record.
+        let size = Int(8 << 20) + 4096
+        let at = [10, 39, 41, 64, 100, 4096, 5000, 65_536, 1 << 20, 3 << 20, size / 2, size - 4096, size - 40, size - 20]
+        let fault: FaultyProxy.Fault
+        switch i % 3 {
+        case 0: fault = .cut(at[i % at.count])
+        case 1: fault = .flip(at[(i + 5) % at.count])
+        default: fault = .truncate(at[(i + 9) % at.count])
+        }
+        let proxy = try FaultyProxy(to: listener.endpoint, fault: fault)
+        var migrated = false
+        do {
+            _ = try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.endpoint),
+                            options: MigrationOptions(timeout: 5))
+            migrated = true
+        } catch {}
+        let destinationResumed = (try? dest()) != nil
+        #expect(!migrated && !destinationResumed, "fault \(fault): neither side may finish")
+        // The source runs on, with logging off.
+        #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
+        let p0 = try positions(src)
+        Thread.sleep(forTimeInterval: 0.02)
+        try src.pause()
+        let p1 = try positions(src)
+        #expect(zip(p0, p1).contains { $0.done < $1.done }, "the source guest keeps running")
+        try src.resume()
+        _ = try src.stop()
+    }
+}
