@@ -30,6 +30,8 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     public var zeroPages: UInt64 = 0
     public var iterations = 0
     public var converged = false
+    /// The highest auto-converge throttle applied, in percent of vCPU time.
+    public var throttlePercent = 0
     public var bandwidth = 0.0   // bytes per second, measured
     public init() {}
 
@@ -37,6 +39,7 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
         String(format: "total %.0f ms, downtime %.0f ms, setup %.1f ms, %@ sent (%llu pages, %llu zero), %d iterations, %@, %.0f MiB/s",
                totalSeconds * 1e3, downtimeSeconds * 1e3, setupSeconds * 1e3, formatBytes(bytesSent), pagesSent, zeroPages,
                iterations, converged ? "converged" : "iteration limit", bandwidth / Double(1 << 20))
+            + (throttlePercent > 0 ? ", throttled to \(100 - throttlePercent)%" : "")
     }
 }
 
@@ -76,6 +79,13 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
                              formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             if expectedDowntime <= options.downtimeLimit { report.converged = true; break }
             if report.iterations >= options.maxIterations { break }
+            // Auto-converge: the guest dirtied more than half of what we sent meanwhile: slow it in
+            // growing steps (20%, then +10% each time), as QEMU does.
+            if remaining > bytes / 2 && report.iterations >= 2 {
+                report.throttlePercent = min(99, report.throttlePercent == 0 ? 20 : report.throttlePercent + 10)
+                vm.setThrottle(percent: report.throttlePercent)
+                progress?("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
+            }
         }
         // Stop-and-copy.
         let pauseStart = Date()
@@ -95,6 +105,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             try connection.send(Record.header(.end, payload: p))
             try connection.send(p)
         }
+        vm.setThrottle(percent: 0)
         let answer = try connection.receive(1)
         guard answer[0] == 1 else { throw MigrationError.refused }
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
@@ -104,7 +115,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         report.totalSeconds = Date().timeIntervalSince(start)
         return report
     } catch {
-        // Nothing is lost: the guest goes on here, with logging off.
+        // Nothing is lost: the guest goes on here, at full speed, with logging off.
+        vm.setThrottle(percent: 0)
         try? vm.disableDirtyLogging()
         if paused { try? vm.resume() }
         throw error

@@ -13,7 +13,15 @@ public final class RunControl: @unchecked Sendable {
 
     public init(vcpus: Int) { vcpuCount = vcpus }
 
+    private let throttle = Atomic<Int>(0)
+
     public var pauseRequested: Bool { pause.load(ordering: .relaxed) }
+
+    /// Percent of the time vCPUs sleep (0 = full speed): a migration's auto-converge.
+    public var throttlePercent: Int {
+        get { throttle.load(ordering: .relaxed) }
+        set { throttle.store(min(99, max(0, newValue)), ordering: .relaxed) }
+    }
     public var stopRequested: Bool { stop.load(ordering: .relaxed) }
 
     /// Called by a vCPU that saw `pauseRequested`: waits, outside guest mode, until resumed or stopped.

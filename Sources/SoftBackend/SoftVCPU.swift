@@ -258,6 +258,7 @@ public final class SoftVCPU: @unchecked Sendable {
         let nanosPerAccess = workload.rate.map { 1e9 / Double($0) }
         self.control = control
         defer { self.control = nil }
+        var throttleWindow = monotonicNanos()
         enterGuest()
         while done < limit {
             let n = min(batch, limit - done)
@@ -283,6 +284,17 @@ public final class SoftVCPU: @unchecked Sendable {
             }
             let now = monotonicNanos()
             if now >= deadline { break }
+            // Throttled: after each millisecond of running, sleep so that the vCPU runs only
+            // (100 - p)% of the time.
+            let p = control.throttlePercent
+            if p > 0, now - throttleWindow >= 1_000_000 {
+                exitGuest()
+                control.sleep(nanoseconds: (now - throttleWindow) * UInt64(p) / UInt64(100 - p))
+                enterGuest()
+                throttleWindow = monotonicNanos()
+            } else if p == 0 {
+                throttleWindow = now
+            }
             if let nanosPerAccess {
                 let due = start &+ UInt64(Double(done) * nanosPerAccess)
                 if due > now {

@@ -83,6 +83,11 @@ public final class SoftVM: @unchecked Sendable {
         guard c.pauseAll(timeout: timeout) else { throw .timeout("pausing \(vcpus.count) vCPUs within \(timeout) s") }
     }
 
+    /// Slows the vCPUs to (100 - percent)% of their time (auto-converge); 0 lifts it.
+    public func setThrottle(percent: Int) {
+        control?.throttlePercent = percent
+    }
+
     public func resume() throws(SoftVMError) {
         guard let c = control else { throw .notRunning }
         c.resumeAll()

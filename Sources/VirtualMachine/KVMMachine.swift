@@ -148,6 +148,7 @@ final class KVMMachine: VirtualMachine {
     func resume() throws { throw Self.notYet }
     func stop() throws -> [VCPURun] { throw Self.notYet }
     func vcpuStates() throws -> VCPUStates { throw Self.notYet }
+    func setThrottle(percent: Int) {}
     static let notYet = VMError.unsupported("background runs (start/pause/resume) are not built for the kvm backend yet; migrate a soft guest")
 }
 

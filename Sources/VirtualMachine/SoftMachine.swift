@@ -63,6 +63,7 @@ final class SoftMachine: VirtualMachine {
     }
 
     func pause() throws { try vm.pause() }
+    func setThrottle(percent: Int) { vm.setThrottle(percent: percent) }
     func resume() throws { try vm.resume() }
 
     func stop() throws -> [VCPURun] {

@@ -81,6 +81,8 @@ public protocol VirtualMachine: AnyObject {
     func stop() throws -> [VCPURun]
     /// The vCPUs' state; meaningful while paused.
     func vcpuStates() throws -> VCPUStates
+    /// Slows the guest's vCPUs to (100 - percent)% of their time, so a migration can converge.
+    func setThrottle(percent: Int)
 }
 
 /// The vCPUs' state a migration carries, opaque to the engine: encoded by the backend.
