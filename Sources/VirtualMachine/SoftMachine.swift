@@ -18,6 +18,11 @@ final class SoftMachine: VirtualMachine {
         memory = try vm.addMemory(slot: 0, gpa: GPA(0), size: config.memory, backing: config.backing)
     }
 
+    init(vm: SoftVM, memory: HostMemory) {
+        self.vm = vm
+        self.memory = memory
+    }
+
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
         try vm.run(spec, timeout: timeout).map { s in
             var r = VCPURun()

@@ -1,4 +1,5 @@
 import GuestMemory
+import SoftBackend
 import Stage2
 import Workload
 
@@ -93,6 +94,11 @@ public struct VCPUStates: Sendable, Equatable {
         self.backend = backend
         self.bytes = bytes
     }
+}
+
+/// Puts an existing soft VM (RAM in slot 0 at GPA 0, `memory`) behind the interface, e.g. to migrate it.
+public func makeVirtualMachine(wrapping vm: SoftVM, memory: HostMemory) -> any VirtualMachine {
+    SoftMachine(vm: vm, memory: memory)
 }
 
 /// Builds a VM on the chosen backend.

@@ -1,13 +1,15 @@
 import ArgumentParser
 import Foundation
 import GuestMemory
+import Migration
 import SoftBackend
 import Stage2
+import VirtualMachine
 import Workload
 
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a workload on the soft backend, disturb it (pause, discard memory), and report."
+        abstract: "Run a guest on the soft backend, disturb it (pause, discard memory), live-migrate it to a second VM over loopback TCP, and report."
     )
 
     @OptionGroup var guest: GuestOptions
@@ -23,8 +25,9 @@ struct Demo: ParsableCommand {
         // Preallocate, so the run shows the MMU rather than the host's own first-touch faults
         // (very slow on a nested host; `vmm bench translate` reports them apart).
         try mem.populate()
+        // The guest runs until the demo stops it on the destination.
         let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), base: GPA(0), workingSet: memory.bytes,
-                                writeFraction: 0.3, accessSize: 8, seed: 42, stop: .duration(duration.value))
+                                writeFraction: 0.3, accessSize: 8, seed: 42, stop: .duration(3600))
         print("== soft VM: \(vcpus) vCPUs, \(formatBytes(memory.bytes)) of \(backing)-backed guest memory at \(GPA(0)), preallocated")
         print("== workload: \(spec)")
         try vm.start(spec)
@@ -44,14 +47,44 @@ struct Demo: ParsableCommand {
                      vcpus, pausedMicros, formatBytes(quarter), before.leaves[2], after.leaves[2],
                      before.leaves[3], after.leaves[3], Int(vm.mmu.tlbs.shootdowns - shootdowns0)))
         try vm.resume()
+        Thread.sleep(forTimeInterval: duration.value / 2)
 
-        let stats = try vm.wait(timeout: duration.value * 2 + 30)
-        let report = RunReport(stats: stats, census: vm.mmu.census(), backing: mem.report(),
+        // Live-migrate the running guest to a second VM over loopback TCP.
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let destination = DestinationBox()
+        let receiver = Thread {
+            destination.result = Result { try receive(over: try listener.accept(timeout: 30)) }
+            destination.done.signal()
+        }
+        receiver.start()
+        print("== migrating to a second VM at \(listener.endpoint)")
+        let source = makeVirtualMachine(wrapping: vm, memory: mem)
+        let migration = try migrate(source, spec: spec, over: try Connection.connect(to: listener.endpoint)) { print("   \($0)") }
+        destination.done.wait()
+        let (moved, _) = try destination.result!.get()
+        print("== migrated: \(migration)")
+
+        let report = RunReport(stats: vm.vcpus.map(\.stats), census: vm.mmu.census(), backing: mem.report(),
                                shootdowns: vm.mmu.tlbs.shootdowns)
+        print("")
+        print("on the source, until the migration:")
         report.printRows()
+        Thread.sleep(forTimeInterval: duration.value / 2)
+        let after2 = try moved.stop()
         let t = report.total
-        print(String(format: "== done: %@ guest accesses (%.1f%% TLB hits), %llu stage-2 faults, %llu walks; the discarded quarter faulted back in on demand.",
-                     compact(Double(t.accesses)), Double(t.tlbHits + t.blockTLBHits) / Double(max(t.accesses, 1)) * 100, t.faults, t.walks))
-        if json { print(report.json(spec: spec, backend: "soft")) }
+        print("")
+        print(String(format: "== done: %@ guest accesses on the source (%.1f%% TLB hits), %llu stage-2 faults; the discarded quarter faulted back in on demand; the guest then made %@ more accesses on the destination.",
+                     compact(Double(t.accesses)), Double(t.tlbHits + t.blockTLBHits) / Double(max(t.accesses, 1)) * 100, t.faults,
+                     compact(Double(after2.reduce(0) { $0 + $1.accesses }))))
+        if json {
+            print(report.json(spec: spec, backend: "soft"))
+            print(migrationJSON(migration))
+        }
     }
+}
+
+/// The destination's result, handed from its thread.
+final class DestinationBox: @unchecked Sendable {
+    var result: Result<(any VirtualMachine, WorkloadSpec), Error>?
+    let done = DispatchSemaphore(value: 0)
 }
