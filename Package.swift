@@ -18,6 +18,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // Only what Swift cannot reach: syscall wrappers that glibc does not export to Swift.
@@ -29,7 +30,8 @@ let package = Package(
         .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory", "Workload"], swiftSettings: optimize),
         .target(name: "VirtualMachine", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend", "KVMBackend"],
                 swiftSettings: optimize),
-        .target(name: "Migration", dependencies: ["GuestMemory", "Stage2", "Workload", "VirtualMachine"],
+        .target(name: "Migration", dependencies: ["GuestMemory", "Stage2", "Workload", "VirtualMachine",
+                                                  .product(name: "Crypto", package: "swift-crypto")],
                 swiftSettings: optimize),
         .executableTarget(
             name: "vmm",

@@ -32,6 +32,24 @@ public final class Connection: @unchecked Sendable {
     let fd: Int32
     public private(set) var bytesSent: UInt64 = 0
     public private(set) var bytesReceived: UInt64 = 0
+    /// Set once a key handshake succeeded: every record then carries a MAC.
+    var sendMAC: RecordMAC?
+    var receiveMAC: RecordMAC?
+
+    /// Sends one record: its header, its payload and, on an authenticated connection, its MAC.
+    func sendRecord(_ header: [UInt8], _ payload: UnsafeRawBufferPointer) throws {
+        try send(header)
+        if payload.count > 0 { try send(payload) }
+        if let mac = sendMAC { try send(mac.next(header: header, payload: payload)) }
+    }
+
+    /// Runs the key handshake as the source (`asSource`) or destination; afterwards records are MAC'd.
+    public func authenticate(with key: MigrationKey, asSource: Bool) throws {
+        let session = asSource ? try Handshake.source(self, key: key) : try Handshake.destination(self, key: key)
+        // The source's records are direction 1, the destination's 2: never the same nonce twice.
+        sendMAC = RecordMAC(key: session, direction: asSource ? 1 : 2)
+        receiveMAC = RecordMAC(key: session, direction: asSource ? 2 : 1)
+    }
 
     init(fd: Int32, timeout: Double) {
         self.fd = fd

@@ -6,9 +6,12 @@ import Workload
 /// The destination side: read a stream from `connection`, build the VM it describes, and resume the
 /// guest only if the memory digest matches; answer the source either way. On any error the partial VM
 /// is discarded and the error rethrown.
-public func receive(over connection: Connection, progress: ((String) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
+public func receive(over connection: Connection, key: MigrationKey? = nil,
+                    progress: ((String) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
     var answered = false
     do {
+        // A wrong key stops here, before any guest memory is accepted.
+        if let key { try connection.authenticate(with: key, asSource: false) }
         let header = try StreamHeader.read(from: connection)
         guard header.backend == 0 else { throw MigrationError.badStream("only soft-backend guests migrate in this build") }
         guard header.memory > 0, header.memory % 4096 == 0, header.memory <= 1 << 40 else {
@@ -48,7 +51,7 @@ public func receive(over connection: Connection, progress: ((String) -> Void)? =
             }
         }
     } catch {
-        if !answered { try? connection.send([0]) }
+        if !answered, connection.sendMAC != nil || key == nil { try? connection.send([0]) }
         throw error
     }
 }

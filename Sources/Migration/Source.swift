@@ -12,10 +12,13 @@ public struct MigrationOptions: Sendable {
     public var maxIterations: Int = 30
     /// Socket timeout for every send and receive.
     public var timeout: Double = 30
-    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30) {
+    /// The pre-shared key; nil sends an unauthenticated stream.
+    public var key: MigrationKey?
+    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30, key: MigrationKey? = nil) {
         self.downtimeLimit = downtimeLimit
         self.maxIterations = maxIterations
         self.timeout = timeout
+        self.key = key
     }
 }
 
@@ -52,6 +55,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
     var report = MigrationReport()
     let start = Date()
     var paused = false
+    // A wrong key stops here, before logging starts or any guest memory is sent.
+    if let key = options.key { try connection.authenticate(with: key, asSource: true) }
     try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
     do {
         let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
@@ -96,15 +101,9 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         try sender.send(pending, report: &report)
         let state = try vm.vcpuStates()
         let stateBytes = [state.backend == .soft ? 0 : 1] + state.bytes
-        try stateBytes.withUnsafeBytes { p in
-            try connection.send(Record.header(.state, payload: p))
-            try connection.send(p)
-        }
+        try stateBytes.withUnsafeBytes { p in try connection.sendRecord(Record.header(.state, payload: p), p) }
         let digest = memoryDigest(vm.memory)
-        try digest.withUnsafeBytes { p in
-            try connection.send(Record.header(.end, payload: p))
-            try connection.send(p)
-        }
+        try digest.withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
         vm.setThrottle(percent: 0)
         let answer = try connection.receive(1)
         guard answer[0] == 1 else { throw MigrationError.refused }
@@ -154,8 +153,7 @@ final class PageSender {
                 do {
                     if !zero { staging.copyMemory(from: memory.pointer + Int(p << 12), byteCount: Int(n << 12)) }
                     let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(staging), count: zero ? 0 : Int(n << 12))
-                    try connection.send(Record.header(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload))
-                    if !zero { try connection.send(payload) }
+                    try connection.sendRecord(Record.header(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload), payload)
                 } catch {
                     failure = error
                 }

@@ -16,6 +16,7 @@ public enum MigrationError: Error, Equatable, CustomStringConvertible {
     case digestMismatch
     case refused
     case vm(String)
+    case authentication(String)
 
     public var description: String {
         switch self {
@@ -25,6 +26,7 @@ public enum MigrationError: Error, Equatable, CustomStringConvertible {
         case .digestMismatch: return "the destination's memory digest does not match the source's: the guest was not resumed there"
         case .refused: return "the destination refused the guest (see its output)"
         case let .vm(why): return "VM: \(why)"
+        case let .authentication(why): return "authentication failed: \(why)"
         }
     }
 }
@@ -123,6 +125,12 @@ public struct Record {
         crc.update(Array(h[0..<20]))
         buffer.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
         guard crc.value == h.le(UInt32.self, at: 20) else { throw MigrationError.badStream("checksum mismatch in a \(type) record at page \(first)") }
+        if let mac = c.receiveMAC {
+            let expected = buffer.withUnsafeBytes { mac.next(header: h, payload: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+            guard Handshake.constantTimeEqual(try c.receive(32), expected) else {
+                throw MigrationError.authentication("a \(type) record's MAC does not match: the stream was altered")
+            }
+        }
         return Record(type: type, zero: zero, count: count, firstPage: first, payload: type == .pages ? [] : Array(buffer[0..<length]))
     }
 }

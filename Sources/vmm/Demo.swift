@@ -51,15 +51,17 @@ struct Demo: ParsableCommand {
 
         // Live-migrate the running guest to a second VM over loopback TCP.
         let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let key = MigrationKey.random()   // both ends hold it: an authenticated channel
         let destination = DestinationBox()
         let receiver = Thread {
-            destination.result = Result { try receive(over: try listener.accept(timeout: 30)) }
+            destination.result = Result { try receive(over: try listener.accept(timeout: 30), key: key) }
             destination.done.signal()
         }
         receiver.start()
-        print("== migrating to a second VM at \(listener.endpoint)")
+        print("== migrating to a second VM at \(listener.endpoint) (pre-shared key, a MAC on every record)")
         let source = makeVirtualMachine(wrapping: vm, memory: mem)
-        let migration = try migrate(source, spec: spec, over: try Connection.connect(to: listener.endpoint)) { print("   \($0)") }
+        let migration = try migrate(source, spec: spec, over: try Connection.connect(to: listener.endpoint),
+                                    options: MigrationOptions(key: key)) { print("   \($0)") }
         destination.done.wait()
         let (moved, _) = try destination.result!.get()
         print("== migrated: \(migration)")

@@ -19,6 +19,8 @@ struct Migrate: ParsableCommand {
     var after: Seconds = Seconds(argument: "1s")!
     @Option(help: "Downtime limit (e.g. 300ms).")
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
+    @Option(help: "Pre-shared key file (at least 16 bytes); the same file on the destination.")
+    var keyFile: String?
     @Flag(help: "Print one JSON line with the report last.")
     var json = false
 
@@ -31,10 +33,12 @@ struct Migrate: ParsableCommand {
         try vm.start(spec, from: nil)
         print("source: \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
+        let key = try keyFile.map { try MigrationKey(file: $0) }
+        if key == nil { print("source: warning: no --key-file, the channel is not authenticated") }
         let connection = try Connection.connect(to: endpoint)
         do {
             let report = try migrate(vm, spec: spec, over: connection,
-                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value)) { print("source: \($0)") }
+                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key)) { print("source: \($0)") }
             print("source: migrated to \(endpoint): \(report)")
             if json { print(migrationJSON(report)) }
         } catch {
@@ -54,16 +58,20 @@ struct Receive: ParsableCommand {
     var listen: String
     @Option(help: "How long to wait for the source.")
     var timeout: Seconds = Seconds(argument: "60s")!
+    @Option(help: "Pre-shared key file (at least 16 bytes); the same file on the source.")
+    var keyFile: String?
     @Option(help: "How long the resumed guest runs before this command stops it.")
     var runFor: Seconds = Seconds(argument: "1s")!
 
     func run() throws {
         guard let endpoint = Endpoint(listen) else { throw ValidationError("--listen is HOST:PORT, e.g. 0.0.0.0:7000") }
+        let key = try keyFile.map { try MigrationKey(file: $0) }
+        if key == nil { print("destination: warning: no --key-file, the channel is not authenticated") }
         let listener = try Listener(endpoint)
         print("destination: listening on \(listener.endpoint)")
         let connection = try listener.accept(timeout: timeout.value)
         do {
-            let (vm, spec) = try receive(over: connection) { print("destination: \($0)") }
+            let (vm, spec) = try receive(over: connection, key: key) { print("destination: \($0)") }
             print("destination: running \(spec) for \(runFor.value) s")
             Thread.sleep(forTimeInterval: runFor.value)
             let runs = try vm.stop()

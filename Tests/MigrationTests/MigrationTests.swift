@@ -85,10 +85,12 @@ final class FaultyProxy: @unchecked Sendable {
     func migratesAndTheGuestContinues(_ backing: Backing) throws {
         let (src, spec) = try sourceVM(backing: backing)
         let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10)) }
+        // With the thp guest the channel is authenticated (handshake and a MAC per record).
+        let key: MigrationKey? = backing == .thp ? .random() : nil
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10), key: key) }
         let report: MigrationReport
         do {
-            report = try migrate(src, spec: spec, over: try Connection.connect(to: listener.endpoint))
+            report = try migrate(src, spec: spec, over: try Connection.connect(to: listener.endpoint), options: MigrationOptions(key: key))
         } catch {
             Issue.record("source: \(error); destination: \(Result { try dest() })")
             return
@@ -106,6 +108,19 @@ final class FaultyProxy: @unchecked Sendable {
         #expect(zip(before, after).allSatisfy { $0.done < $1.done }, "the workload continues on the destination")
         _ = try vm2.stop()
         print("migration (\(backing)): \(report)")
+    }
+
+    /// A wrong key is refused before any guest memory moves, and the source runs on.
+    @Test func wrongKeyIsRefusedBeforeAnyMemoryMoves() throws {
+        let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10), key: .random()) }
+        let connection = try Connection.connect(to: listener.endpoint)
+        #expect(throws: MigrationError.self) { _ = try migrate(src, spec: spec, over: connection, options: MigrationOptions(timeout: 5, key: .random())) }
+        #expect(throws: MigrationError.self) { _ = try dest() }
+        #expect(connection.bytesSent == 40, "only the hello went out: \(connection.bytesSent) bytes")
+        #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
+        _ = try src.stop()
     }
 
     /// Cut, corrupt or truncate the stream anywhere, or refuse: the source keeps running with memory
