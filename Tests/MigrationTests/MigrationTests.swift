@@ -123,6 +123,26 @@ final class FaultyProxy: @unchecked Sendable {
         _ = try src.stop()
     }
 
+    /// A record altered in a way its checksum cannot see (a valid checksum, the wrong MAC) is refused.
+    @Test func recordWithABadMACIsRefused() throws {
+        let key = MigrationKey.random()
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10), key: key) }
+        let c = try Connection.connect(to: listener.endpoint)
+        try c.authenticate(with: key, asSource: true)
+        try c.send(StreamHeader(memory: 1 << 20, vcpus: 1, backend: 0, backing: 0, spec: WorkloadSpec(workingSet: 1 << 20).description).encoded())
+        // Someone without the session key forges a page record: its checksum is right, its MAC is not.
+        c.sendMAC = RecordMAC(key: MigrationKey.random().key, direction: 1)
+        let page = [UInt8](repeating: 0xAA, count: 4096)
+        try page.withUnsafeBytes { p in try c.sendRecord(Record.header(.pages, count: 1, firstPage: 3, payload: p), p) }
+        do {
+            _ = try dest()
+            Issue.record("the destination accepted a forged record")
+        } catch let e as MigrationError {
+            guard case .authentication = e else { Issue.record("expected an authentication failure, got \(e)"); return }
+        }
+    }
+
     /// Cut, corrupt or truncate the stream anywhere, or refuse: the source keeps running with memory
     /// intact and logging off, and the destination does not resume.
     @Test(arguments: (0..<24).map { i -> Int in i })
