@@ -32,6 +32,11 @@ public final class Connection: @unchecked Sendable {
     let fd: Int32
     public private(set) var bytesSent: UInt64 = 0
     public private(set) var bytesReceived: UInt64 = 0
+    /// Bytes per second this connection may send (nil: unlimited); sends sleep to stay under it.
+    public var maxBandwidth: Double?
+    private var paceStart = Date()
+    private var pacedBytes: Double = 0
+
     /// Set once a key handshake succeeded: every record then carries a MAC.
     var sendMAC: RecordMAC?
     var receiveMAC: RecordMAC?
@@ -95,6 +100,12 @@ public final class Connection: @unchecked Sendable {
             off += n
         }
         bytesSent += UInt64(bytes.count)
+        if let limit = maxBandwidth, limit > 0 {
+            // Stay under the limit on average: sleep until the bytes sent so far are due.
+            pacedBytes += Double(bytes.count)
+            let due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
+            if due > 0.001 { usleep(UInt32(min(due, 1) * 1e6)) }
+        }
     }
 
     public func send(_ bytes: [UInt8]) throws {

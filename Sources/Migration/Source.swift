@@ -14,11 +14,15 @@ public struct MigrationOptions: Sendable {
     public var timeout: Double = 30
     /// The pre-shared key; nil sends an unauthenticated stream.
     public var key: MigrationKey?
-    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30, key: MigrationKey? = nil) {
+    /// Bytes per second at most (nil: unlimited).
+    public var maxBandwidth: Double?
+    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30, key: MigrationKey? = nil,
+                maxBandwidth: Double? = nil) {
         self.downtimeLimit = downtimeLimit
         self.maxIterations = maxIterations
         self.timeout = timeout
         self.key = key
+        self.maxBandwidth = maxBandwidth
     }
 }
 
@@ -55,6 +59,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
     var report = MigrationReport()
     let start = Date()
     var paused = false
+    connection.maxBandwidth = options.maxBandwidth
     // A wrong key stops here, before logging starts or any guest memory is sent.
     if let key = options.key { try connection.authenticate(with: key, asSource: true) }
     try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))

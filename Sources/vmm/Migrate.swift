@@ -21,6 +21,8 @@ struct Migrate: ParsableCommand {
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
     @Option(help: "Pre-shared key file (at least 16 bytes); the same file on the destination.")
     var keyFile: String?
+    @Option(help: "Bandwidth limit in bytes per second (e.g. 128M); unlimited by default.")
+    var maxBandwidth: ByteSize?
     @Flag(help: "Print one JSON line with the report last.")
     var json = false
 
@@ -38,7 +40,8 @@ struct Migrate: ParsableCommand {
         let connection = try Connection.connect(to: endpoint)
         do {
             let report = try migrate(vm, spec: spec, over: connection,
-                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key)) { print("source: \($0)") }
+                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key,
+                                                               maxBandwidth: maxBandwidth.map { Double($0.bytes) })) { print("source: \($0)") }
             print("source: migrated to \(endpoint): \(report)")
             if json { print(migrationJSON(report)) }
         } catch {

@@ -110,6 +110,24 @@ final class FaultyProxy: @unchecked Sendable {
         print("migration (\(backing)): \(report)")
     }
 
+    /// --max-bandwidth holds the stream to the limit on average.
+    @Test func bandwidthLimitIsKept() throws {
+        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: 8 << 20, backing: .pages4K, vcpus: 1))
+        memset(vm.memory.pointer, 0x5A, Int(vm.memory.size))          // nothing to skip as zero
+        let spec = WorkloadSpec(pattern: .uniform, workingSet: 8 << 20, writeFraction: 0.01, rate: 1000, seed: 1, stop: .duration(60))
+        try vm.start(spec, from: nil)
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10)) }
+        let limit = 16.0 * 1_048_576
+        let report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.endpoint),
+                                 options: MigrationOptions(maxBandwidth: limit))
+        let (moved, _) = try dest()
+        _ = try moved.stop()
+        let rate = Double(report.bytesSent) / report.totalSeconds
+        #expect(rate <= limit * 1.15, "sent at \(rate / 1_048_576) MiB/s under a 16 MiB/s limit")
+        #expect(report.totalSeconds >= 0.4)
+    }
+
     /// A wrong key is refused before any guest memory moves, and the source runs on.
     @Test func wrongKeyIsRefusedBeforeAnyMemoryMoves() throws {
         let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
