@@ -27,9 +27,12 @@ public struct Endpoint: Sendable, CustomStringConvertible {
     }
 }
 
-/// A TCP connection whose every send and receive has a timeout, so nothing waits forever.
+/// One end of a stream: a TCP connection whose every send and receive has a timeout (so nothing
+/// waits forever), or a snapshot file.
 public final class Connection: @unchecked Sendable {
     let fd: Int32
+    /// A regular file (a snapshot) rather than a socket.
+    let isFile: Bool
     public private(set) var bytesSent: UInt64 = 0
     public private(set) var bytesReceived: UInt64 = 0
     /// Bytes per second this connection may send (nil: unlimited); sends sleep to stay under it.
@@ -56,8 +59,22 @@ public final class Connection: @unchecked Sendable {
         receiveMAC = RecordMAC(key: session, direction: asSource ? 2 : 1)
     }
 
+    /// Opens a snapshot file for writing (created, truncated) or reading.
+    public init(file path: String, writing: Bool) throws {
+        let fd = writing ? open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) : open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw MigrationError.connection("open \(path): \(String(cString: strerror(errno)))") }
+        self.fd = fd
+        isFile = true
+    }
+
+    /// Makes what was written durable (a snapshot is complete only after this).
+    public func sync() throws {
+        guard fsync(fd) == 0 else { throw MigrationError.connection("fsync: \(String(cString: strerror(errno)))") }
+    }
+
     init(fd: Int32, timeout: Double) {
         self.fd = fd
+        isFile = false
         var tv = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - Double(Int(timeout))) * 1e6))
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
@@ -90,7 +107,8 @@ public final class Connection: @unchecked Sendable {
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
         var off = 0
         while off < bytes.count {
-            let n = Glibc.send(fd, bytes.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL))
+            let n = isFile ? write(fd, bytes.baseAddress! + off, bytes.count - off)
+                           : Glibc.send(fd, bytes.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL))
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
@@ -115,8 +133,11 @@ public final class Connection: @unchecked Sendable {
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
         var off = 0
         while off < buffer.count {
-            let n = recv(fd, buffer.baseAddress! + off, buffer.count - off, 0)
-            if n == 0 { throw MigrationError.connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes") }
+            let n = isFile ? read(fd, buffer.baseAddress! + off, buffer.count - off) : recv(fd, buffer.baseAddress! + off, buffer.count - off, 0)
+            if n == 0 {
+                throw isFile ? MigrationError.badStream("the file ends early, after \(bytesReceived + UInt64(off)) bytes (truncated)")
+                             : MigrationError.connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes")
+            }
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }

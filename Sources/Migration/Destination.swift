@@ -23,35 +23,41 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         let backing = Backing.allCases.indices.contains(Int(header.backing)) ? Backing.allCases[Int(header.backing)] : .pages4K
         let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
         progress?("receiving \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
-        let pages = header.memory >> 12
-        var buffer = [UInt8](repeating: 0, count: 256 * 4096)
-        var state: VCPUStates?
-        while true {
-            // Page data goes straight into guest memory after its checksum is checked.
-            let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
-            switch r.type {
-            case .pages:
-                let dst = vm.memory.pointer + Int(r.firstPage << 12)
-                if r.zero {
-                    memset(dst, 0, Int(r.count) << 12)
-                } else {
-                    buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
-                }
-            case .state:
-                guard let first = r.payload.first, first == 0 else { throw MigrationError.badStream("vCPU state of another backend") }
-                state = VCPUStates(backend: .soft, bytes: Array(r.payload.dropFirst()))
-            case .end:
-                guard memoryDigest(vm.memory) == r.payload else { throw MigrationError.digestMismatch }
-                guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
-                try vm.start(spec, from: state)
-                try connection.send([1])
-                answered = true
-                progress?("memory digest matches; guest resumed")
-                return (vm, spec)
-            }
-        }
+        let (state, digest) = try applyRecords(from: connection, into: vm)
+        guard memoryDigest(vm.memory) == digest else { throw MigrationError.digestMismatch }
+        try vm.start(spec, from: state)
+        try connection.send([1])
+        answered = true
+        progress?("memory digest matches; guest resumed")
+        return (vm, spec)
     } catch {
         if !answered, connection.sendMAC != nil || key == nil { try? connection.send([0]) }
         throw error
+    }
+}
+
+/// Applies PAGES records to `vm`'s memory until the END record; returns the vCPU state and the digest
+/// END carries. Every record's checksum (and MAC, on an authenticated connection) is checked first.
+func applyRecords(from connection: Connection, into vm: any VirtualMachine) throws -> (VCPUStates, [UInt8]) {
+    let pages = vm.memory.size >> 12
+    var buffer = [UInt8](repeating: 0, count: 256 * 4096)
+    var state: VCPUStates?
+    while true {
+        let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
+        switch r.type {
+        case .pages:
+            let dst = vm.memory.pointer + Int(r.firstPage << 12)
+            if r.zero {
+                memset(dst, 0, Int(r.count) << 12)
+            } else {
+                buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
+            }
+        case .state:
+            guard let first = r.payload.first, first == 0 else { throw MigrationError.badStream("vCPU state of another backend") }
+            state = VCPUStates(backend: .soft, bytes: Array(r.payload.dropFirst()))
+        case .end:
+            guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
+            return (state, r.payload)
+        }
     }
 }

@@ -149,6 +149,7 @@ final class KVMMachine: VirtualMachine {
     func stop() throws -> [VCPURun] { throw Self.notYet }
     func vcpuStates() throws -> VCPUStates { throw Self.notYet }
     func setThrottle(percent: Int) {}
+    func markDirty(_ bitmap: [UInt64]) throws { throw Self.notYet }
     static let notYet = VMError.unsupported("background runs (start/pause/resume) are not built for the kvm backend yet; migrate a soft guest")
 }
 

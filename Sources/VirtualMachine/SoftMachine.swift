@@ -69,6 +69,11 @@ final class SoftMachine: VirtualMachine {
 
     func pause() throws { try vm.pause() }
     func setThrottle(percent: Int) { vm.setThrottle(percent: percent) }
+
+    func markDirty(_ bitmap: [UInt64]) throws {
+        guard let log = vm.mmu.dirtyLog(slot: 0) else { throw DirtyLogError.notLogging(slot: 0) }
+        forEachSetBit(bitmap) { if $0 < log.bitmap.pages { log.bitmap.set($0) } }
+    }
     func resume() throws { try vm.resume() }
 
     func stop() throws -> [VCPURun] {

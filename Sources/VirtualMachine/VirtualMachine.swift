@@ -84,6 +84,8 @@ public protocol VirtualMachine: AnyObject {
     func vcpuStates() throws -> VCPUStates
     /// Slows the guest's vCPUs to (100 - percent)% of their time, so a migration can converge.
     func setThrottle(percent: Int)
+    /// Puts pages back into the dirty log (a snapshot that failed to write them reports them again).
+    func markDirty(_ bitmap: [UInt64]) throws
 }
 
 /// The vCPUs' state a migration carries, opaque to the engine: encoded by the backend.

@@ -1,0 +1,161 @@
+import Foundation
+import Glibc
+import GuestMemory
+import Stage2
+import VirtualMachine
+import Workload
+
+/// A snapshot file's header: like the migration stream's, plus the kind (full or diff) and the
+/// position in its chain (docs/migration-stream.md, "Snapshots").
+public struct SnapshotHeader: Equatable, Sendable {
+    public static let magic = Array("VMMSNAP1".utf8)
+    public var diff: Bool
+    public var sequence: UInt32
+    public var memory: UInt64
+    public var vcpus: UInt32
+    public var backing: UInt8
+    public var spec: String
+
+    func encoded() -> [UInt8] {
+        var b = Self.magic
+        b.append(le: UInt32(1))
+        b.append(le: UInt32(diff ? 1 : 0))
+        b.append(le: sequence)
+        b.append(le: vcpus)
+        b.append(le: memory)
+        b.append(0)            // backend: soft
+        b.append(backing)
+        b.append(le: UInt16(0))
+        let spec = Array(self.spec.utf8)
+        b.append(le: UInt32(spec.count))
+        b.append(le: RecordChecksum.checksum(b + spec))
+        return b + spec
+    }
+
+    static func read(from c: Connection) throws -> SnapshotHeader {
+        let h = try c.receive(44)
+        guard Array(h[0..<8]) == magic else { throw MigrationError.badStream("not a snapshot file (bad magic)") }
+        guard h.le(UInt32.self, at: 8) == 1 else { throw MigrationError.badStream("snapshot version \(h.le(UInt32.self, at: 8)), this build reads 1") }
+        let specLength = Int(h.le(UInt32.self, at: 36))
+        guard specLength <= 4096 else { throw MigrationError.badStream("workload spec of \(specLength) bytes") }
+        let spec = try c.receive(specLength)
+        guard RecordChecksum.checksum(Array(h[0..<40]) + spec) == h.le(UInt32.self, at: 40) else {
+            throw MigrationError.badStream("snapshot header checksum mismatch")
+        }
+        return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16), memory: h.le(UInt64.self, at: 24),
+                              vcpus: h.le(UInt32.self, at: 20), backing: h[33], spec: String(decoding: spec, as: UTF8.self))
+    }
+}
+
+/// What a snapshot wrote.
+public struct SnapshotReport: Sendable, CustomStringConvertible {
+    public var path: String
+    public var diff: Bool
+    public var pages: UInt64
+    public var bytes: UInt64
+    public var pausedSeconds: Double
+    public var description: String {
+        String(format: "%@ snapshot %@: %llu pages, %@, guest paused %.0f ms", diff ? "diff" : "full", path, pages,
+               formatBytes(bytes), pausedSeconds * 1e3)
+    }
+}
+
+/// A chain of snapshots of one running soft VM: a full one, then diffs holding the pages dirtied since
+/// the previous one (the dirty log, including the VMM's own writes). Each file is written to a
+/// temporary name, synced and renamed, so a file either exists complete or not at all; a diff that
+/// fails to write puts its pages back into the dirty log, so the next diff still holds them.
+public final class SnapshotChain {
+    public let vm: any VirtualMachine
+    public let spec: WorkloadSpec
+    public private(set) var sequence: UInt32 = 0
+
+    public init(vm: any VirtualMachine, spec: WorkloadSpec) {
+        self.vm = vm
+        self.spec = spec
+    }
+
+    /// Takes the next snapshot into `path`: full for the first, else a diff unless `full` is set.
+    @discardableResult
+    public func take(to path: String, full: Bool = false) throws -> SnapshotReport {
+        let diff = sequence > 0 && !full
+        let t0 = Date()
+        try vm.pause()
+        defer { try? vm.resume() }
+        var bitmap: [UInt64]
+        if diff {
+            bitmap = try vm.getDirtyLog()
+        } else {
+            // From here on the dirty log holds what the next diff needs.
+            if (try? vm.getDirtyLog()) == nil { try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect)) }
+            let words = Int((vm.pages + 63) / 64)
+            bitmap = [UInt64](repeating: ~0, count: words)
+            if vm.pages % 64 != 0 { bitmap[words - 1] = (1 << (vm.pages % 64)) - 1 }
+        }
+        let temporary = path + ".partial"
+        do {
+            let file = try Connection(file: temporary, writing: true)
+            let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
+            try file.send(SnapshotHeader(diff: diff, sequence: full ? 0 : sequence, memory: vm.memory.size,
+                                         vcpus: UInt32(vm.vcpuCount), backing: backing, spec: spec.description).encoded())
+            var report = MigrationReport()
+            try PageSender(memory: vm.memory, connection: file).send(bitmap, report: &report)
+            let state = try vm.vcpuStates()
+            let stateBytes = [0] + state.bytes
+            try stateBytes.withUnsafeBytes { p in try file.sendRecord(Record.header(.state, payload: p), p) }
+            let digest = memoryDigest(vm.memory)
+            try digest.withUnsafeBytes { p in try file.sendRecord(Record.header(.end, payload: p), p) }
+            try file.sync()
+            guard rename(temporary, path) == 0 else { throw MigrationError.connection("rename to \(path): \(String(cString: strerror(errno)))") }
+            sequence = (full ? 0 : sequence) + 1
+            return SnapshotReport(path: path, diff: diff, pages: report.pagesSent, bytes: file.bytesSent,
+                                  pausedSeconds: Date().timeIntervalSince(t0))
+        } catch {
+            unlink(temporary)
+            // Transactional: what this diff would have held is reported by the next one.
+            if diff { try? vm.markDirty(bitmap) }
+            throw error
+        }
+    }
+
+    /// Ends the chain: dirty logging off (huge mappings come back on later faults).
+    public func finish() {
+        try? vm.disableDirtyLogging()
+    }
+}
+
+/// Restores a chain (a full snapshot, then its diffs in order) into a new soft VM, checks the final
+/// memory against the last snapshot's digest, and returns the VM ready to start, with its workload
+/// and vCPU state.
+public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, WorkloadSpec, VCPUStates) {
+    guard !paths.isEmpty else { throw MigrationError.badStream("no snapshot files given") }
+    var vm: (any VirtualMachine)?
+    var spec: WorkloadSpec?
+    var last: (VCPUStates, [UInt8])?
+    var expected: UInt32 = 0
+    for (index, path) in paths.enumerated() {
+        let file = try Connection(file: path, writing: false)
+        let h = try SnapshotHeader.read(from: file)
+        if index == 0 {
+            guard !h.diff else { throw MigrationError.badStream("\(path) is a diff: a chain starts with a full snapshot") }
+            guard h.memory > 0, h.memory % 4096 == 0, h.memory <= 1 << 40, (1...64).contains(h.vcpus) else {
+                throw MigrationError.badStream("\(path): guest of \(h.memory) bytes and \(h.vcpus) vCPUs")
+            }
+            do { spec = try WorkloadSpec.parse(h.spec) } catch { throw MigrationError.badStream("\(path): workload spec: \(error)") }
+            let backing = Backing.allCases.indices.contains(Int(h.backing)) ? Backing.allCases[Int(h.backing)] : .pages4K
+            vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: h.memory, backing: backing, vcpus: Int(h.vcpus)))
+        } else {
+            guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
+            guard h.memory == vm!.memory.size, h.vcpus == UInt32(vm!.vcpuCount) else {
+                throw MigrationError.badStream("\(path) belongs to another guest (\(h.memory) bytes, \(h.vcpus) vCPUs)")
+            }
+        }
+        guard h.sequence == expected else {
+            throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
+        }
+        last = try applyRecords(from: file, into: vm!)
+        // Every file's digest must hold for the memory as restored up to it.
+        guard memoryDigest(vm!.memory) == last!.1 else { throw MigrationError.digestMismatch }
+        expected += 1
+    }
+    return (vm!, spec!, last!.0)
+}
