@@ -22,7 +22,7 @@ public enum MigrationError: Error, Equatable, CustomStringConvertible {
         switch self {
         case let .connection(why): return "connection: \(why)"
         case let .timeout(what): return "timed out: \(what)"
-        case let .badStream(why): return "bad migration stream: \(why)"
+        case let .badStream(why): return "bad migration stream or snapshot: \(why)"
         case .digestMismatch: return "the destination's memory digest does not match the source's: the guest was not resumed there"
         case .refused: return "the destination refused the guest (see its output)"
         case let .vm(why): return "VM: \(why)"

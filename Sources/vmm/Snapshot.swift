@@ -1,0 +1,67 @@
+import ArgumentParser
+import Foundation
+import GuestMemory
+import Migration
+import VirtualMachine
+import Workload
+
+struct Snapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Snapshots of a running soft guest: a full one and diffs; restore a chain.",
+        subcommands: [SnapshotCreate.self, SnapshotRestore.self]
+    )
+}
+
+struct SnapshotCreate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create",
+        abstract: "Run a guest, then write a full snapshot to OUT and, with --diff N, N diff snapshots OUT.1 ... OUT.N."
+    )
+
+    @Option(help: "Snapshot file (diffs get .1, .2, ...).")
+    var out: String
+    @OptionGroup var guest: GuestOptions
+    @Option(help: "Workload spec (ws defaults to all memory).")
+    var workload: String = "pattern=zipf:0.8,write=0.3"
+    @Option(help: "How long the guest runs before the first snapshot, and between snapshots.")
+    var every: Seconds = Seconds(argument: "500ms")!
+    @Option(help: "Diff snapshots after the full one.")
+    var diff: Int = 0
+
+    func run() throws {
+        var spec = try parseWorkload(workload, memory: guest.memory.bytes)
+        spec.stop = .duration(3600)
+        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: guest.memory.bytes, backing: guest.backing, vcpus: guest.vcpus))
+        try vm.start(spec, from: nil)
+        let chain = SnapshotChain(vm: vm, spec: spec)
+        defer {
+            chain.finish()
+            _ = try? vm.stop()
+        }
+        for i in 0...max(0, diff) {
+            Thread.sleep(forTimeInterval: every.value)
+            print(try chain.take(to: i == 0 ? out : "\(out).\(i)"))
+        }
+    }
+}
+
+struct SnapshotRestore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Restore a full snapshot and its diffs (in order) into a new VM, check its digest, and run it."
+    )
+
+    @Argument(help: "The full snapshot, then its diffs in order.")
+    var files: [String]
+    @Option(help: "How long the restored guest runs.")
+    var runFor: Seconds = Seconds(argument: "1s")!
+
+    func run() throws {
+        let (vm, spec, state) = try restoreSnapshots(files)
+        print("restored \(formatBytes(vm.memory.size)), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
+        try vm.start(spec, from: state)
+        Thread.sleep(forTimeInterval: runFor.value)
+        let runs = try vm.stop()
+        print("the guest made \(runs.reduce(0) { $0 + $1.accesses }) accesses after the restore")
+    }
+}
