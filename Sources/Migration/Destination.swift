@@ -36,21 +36,27 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
     }
 }
 
-/// Applies PAGES records to `vm`'s memory until the END record; returns the vCPU state and the digest
+/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU state and the digest
 /// END carries. Every record's checksum (and MAC, on an authenticated connection) is checked first.
 func applyRecords(from connection: Connection, into vm: any VirtualMachine) throws -> (VCPUStates, [UInt8]) {
     let pages = vm.memory.size >> 12
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: VCPUStates?
+    // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
+    // which keeps the destination from touching (and the host from allocating) memory it need not.
+    let written = DirtyBitmap(pages: pages)
     while true {
         let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
         switch r.type {
         case .pages:
             let dst = vm.memory.pointer + Int(r.firstPage << 12)
             if r.zero {
-                memset(dst, 0, Int(r.count) << 12)
+                for p in r.firstPage..<(r.firstPage + UInt64(r.count)) where written.isSet(p) {
+                    memset(vm.memory.pointer + Int(p << 12), 0, 4096)
+                }
             } else {
                 buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
+                written.set(first: r.firstPage, count: UInt64(r.count))
             }
         case .state:
             guard let first = r.payload.first, first == 0 else { throw MigrationError.badStream("vCPU state of another backend") }

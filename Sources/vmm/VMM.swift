@@ -12,6 +12,6 @@ struct VMM: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks: readable rows, and one JSON line with --json.",
-        subcommands: [BenchTranslate.self, BenchDirtyLog.self, BenchNested.self]
+        subcommands: [BenchTranslate.self, BenchDirtyLog.self, BenchNested.self, BenchMigrate.self]
     )
 }

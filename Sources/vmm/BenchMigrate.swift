@@ -1,0 +1,73 @@
+import ArgumentParser
+import Foundation
+import GuestMemory
+import Migration
+import VirtualMachine
+import Workload
+
+/// `vmm bench migrate`: live migration over loopback at several guest dirty rates.
+struct BenchMigrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Migrate a guest over loopback TCP at dirty rates 0, 100, 400 and 1000 MiB/s; one JSON line per rate."
+    )
+
+    @Option(help: "Backend: soft (KVM guests do not migrate in this build).")
+    var backend: String = "soft"
+    @Option(help: "Guest memory.")
+    var memory: ByteSize = ByteSize(argument: "4G")!
+    @Option(help: "Working set the guest writes.")
+    var workingSet: ByteSize = ByteSize(argument: "1G")!
+    @Option(help: "Host backing.")
+    var backing: Backing = .thp
+    @Option(help: "Dirty rates in MiB/s, comma separated.")
+    var rates: String = "0,100,400,1000"
+    @Option(help: "Downtime limit.")
+    var downtimeLimit: Seconds = Seconds(argument: "300ms")!
+    @Flag(help: "One JSON line per rate.")
+    var json = false
+
+    func validate() throws {
+        guard backend == "soft" else { throw ValidationError("only soft guests migrate in this build") }
+        guard workingSet.bytes <= memory.bytes else { throw ValidationError("--working-set must fit in --memory") }
+        guard rates.split(separator: ",").allSatisfy({ Int($0) != nil }) else { throw ValidationError("--rates is a comma-separated list of MiB/s") }
+    }
+
+    func run() throws {
+        print("bench migrate: soft backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth")
+        print("  rate MiB/s     total   downtime    setup      sent  iterations  throttle  converged")
+        for rate in rates.split(separator: ",").compactMap({ Int($0) }) {
+            let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: memory.bytes, backing: backing, vcpus: 1))
+            // A warm guest: its working set is resident and holds data before the migration.
+            memset(vm.memory.pointer, 0x5A, Int(workingSet.bytes))
+            // Uniform writes over the working set: new dirty pages per second ~ writes per second.
+            let spec = WorkloadSpec(pattern: .uniform, workingSet: workingSet.bytes, writeFraction: rate == 0 ? 0 : 1,
+                                    rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
+            try vm.start(spec, from: nil)
+            Thread.sleep(forTimeInterval: 0.5)
+            let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+            let destination = DestinationBox()
+            Thread {
+                destination.result = Result { try receive(over: try listener.accept(timeout: 60)) }
+                destination.done.signal()
+            }.start()
+            let report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.endpoint),
+                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value))
+            destination.done.wait()
+            let (moved, _) = try destination.result!.get()
+            _ = try moved.stop()
+            print(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
+                         report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
+                         report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
+            if json {
+                print(jsonLine([
+                    ("bench", "migrate"), ("backend", backend), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
+                    ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
+                    ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),
+                    ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),
+                    ("throttle_pct", report.throttlePercent), ("converged", report.converged),
+                ]))
+            }
+        }
+    }
+}
