@@ -23,8 +23,14 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         let backing = Backing.allCases.indices.contains(Int(header.backing)) ? Backing.allCases[Int(header.backing)] : .pages4K
         let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
         progress?("receiving \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
-        let (state, digest) = try applyRecords(from: connection, into: vm)
-        guard memoryDigest(vm.memory) == digest else { throw MigrationError.digestMismatch }
+        let (state, digest, written) = try applyRecords(from: connection, into: vm)
+        // Chunks no record wrote are still the new VM's zeros: no need to read them.
+        let pagesPerChunk = UInt64(digestChunk >> 12)
+        let untouched = { (chunk: Int) -> Bool in
+            let first = UInt64(chunk) * pagesPerChunk
+            return !(first..<min(first + pagesPerChunk, written.pages)).contains { written.isSet($0) }
+        }
+        guard memoryDigest(vm.memory, knownZero: untouched) == digest else { throw MigrationError.digestMismatch }
         try vm.start(spec, from: state)
         try connection.send([1])
         answered = true
@@ -36,15 +42,16 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
     }
 }
 
-/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU state and the digest
-/// END carries. Every record's checksum (and MAC, on an authenticated connection) is checked first.
-func applyRecords(from connection: Connection, into vm: any VirtualMachine) throws -> (VCPUStates, [UInt8]) {
+/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU
+/// state, the digest END carries, and which pages records wrote (pass `written` to carry it across files). Every record's checksum (and MAC, on an authenticated connection) is checked first.
+func applyRecords(from connection: Connection, into vm: any VirtualMachine,
+                  written: DirtyBitmap? = nil) throws -> (VCPUStates, [UInt8], DirtyBitmap) {
     let pages = vm.memory.size >> 12
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: VCPUStates?
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
     // which keeps the destination from touching (and the host from allocating) memory it need not.
-    let written = DirtyBitmap(pages: pages)
+    let written = written ?? DirtyBitmap(pages: pages)
     while true {
         let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
         switch r.type {
@@ -63,7 +70,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine) thro
             state = VCPUStates(backend: .soft, bytes: Array(r.payload.dropFirst()))
         case .end:
             guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
-            return (state, r.payload)
+            return (state, r.payload, written)
         }
     }
 }

@@ -132,6 +132,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
     var spec: WorkloadSpec?
     var last: (VCPUStates, [UInt8])?
     var expected: UInt32 = 0
+    var written: DirtyBitmap?
     for (index, path) in paths.enumerated() {
         let file = try Connection(file: path, writing: false)
         let h = try SnapshotHeader.read(from: file)
@@ -152,9 +153,11 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
         guard h.sequence == expected else {
             throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
         }
-        last = try applyRecords(from: file, into: vm!)
+        let (state, digest, touched) = try applyRecords(from: file, into: vm!, written: written)
+        written = touched
+        last = (state, digest)
         // Every file's digest must hold for the memory as restored up to it.
-        guard memoryDigest(vm!.memory) == last!.1 else { throw MigrationError.digestMismatch }
+        guard memoryDigest(vm!.memory) == digest else { throw MigrationError.digestMismatch }
         expected += 1
     }
     return (vm!, spec!, last!.0)

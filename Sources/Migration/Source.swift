@@ -103,12 +103,14 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         paused = true
         let last = try vm.getDirtyLog()
         for i in pending.indices { pending[i] |= last[i] }
+        // Memory no longer changes: digest it on another thread while the last pages go out.
+        let digest = BackgroundDigest(vm.memory)
+        defer { _ = digest.result() }   // never leave it reading memory behind us
         try sender.send(pending, report: &report)
         let state = try vm.vcpuStates()
         let stateBytes = [state.backend == .soft ? 0 : 1] + state.bytes
         try stateBytes.withUnsafeBytes { p in try connection.sendRecord(Record.header(.state, payload: p), p) }
-        let digest = memoryDigest(vm.memory)
-        try digest.withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
+        try digest.result().withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
         vm.setThrottle(percent: 0)
         let answer = try connection.receive(1)
         guard answer[0] == 1 else { throw MigrationError.refused }
@@ -172,5 +174,27 @@ final class PageSender {
 
     private func isZero(_ page: UInt64) -> Bool {
         Self.zeroPage.withUnsafeBytes { memcmp(memory.pointer + Int(page << 12), $0.baseAddress!, 4096) == 0 }
+    }
+}
+
+/// The memory digest, computed on its own thread; `result()` waits for it (once).
+final class BackgroundDigest: @unchecked Sendable {
+    private var value: [UInt8] = []
+    private let done = DispatchSemaphore(value: 0)
+    private var waited = false
+
+    init(_ memory: HostMemory) {
+        Thread { [self] in
+            value = memoryDigest(memory)
+            done.signal()
+        }.start()
+    }
+
+    func result() -> [UInt8] {
+        if !waited {
+            done.wait()
+            waited = true
+        }
+        return value
     }
 }
