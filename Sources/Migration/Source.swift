@@ -198,3 +198,29 @@ final class BackgroundDigest: @unchecked Sendable {
         return value
     }
 }
+
+/// Migrates `vm` to a new VM in this process over loopback TCP (the demo's and the benchmark's
+/// path): a destination thread listens on a free port, the source connects to it.
+public func migrateOverLoopback(_ vm: any VirtualMachine, spec: WorkloadSpec, options: MigrationOptions = MigrationOptions(),
+                                progress: ((String) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
+    let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+    final class Box: @unchecked Sendable {
+        var result: Result<(any VirtualMachine, WorkloadSpec), Error>?
+        let done = DispatchSemaphore(value: 0)
+    }
+    let box = Box()
+    let key = options.key, timeout = options.timeout
+    Thread {
+        box.result = Result { try receive(over: try listener.accept(timeout: timeout), key: key) }
+        box.done.signal()
+    }.start()
+    let report: MigrationReport
+    do {
+        report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.endpoint), options: options, progress: progress)
+    } catch {
+        box.done.wait()
+        throw error
+    }
+    box.done.wait()
+    return (report, try box.result!.get().0)
+}

@@ -45,16 +45,7 @@ struct BenchMigrate: ParsableCommand {
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
             try vm.start(spec, from: nil)
             Thread.sleep(forTimeInterval: 0.5)
-            let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-            let destination = DestinationBox()
-            Thread {
-                destination.result = Result { try receive(over: try listener.accept(timeout: 60)) }
-                destination.done.signal()
-            }.start()
-            let report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.endpoint),
-                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value))
-            destination.done.wait()
-            let (moved, _) = try destination.result!.get()
+            let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(downtimeLimit: downtimeLimit.value))
             _ = try moved.stop()
             print(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),

@@ -49,21 +49,10 @@ struct Demo: ParsableCommand {
         try vm.resume()
         Thread.sleep(forTimeInterval: duration.value / 2)
 
-        // Live-migrate the running guest to a second VM over loopback TCP.
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let key = MigrationKey.random()   // both ends hold it: an authenticated channel
-        let destination = DestinationBox()
-        let receiver = Thread {
-            destination.result = Result { try receive(over: try listener.accept(timeout: 30), key: key) }
-            destination.done.signal()
-        }
-        receiver.start()
-        print("== migrating to a second VM at \(listener.endpoint) (pre-shared key, a MAC on every record)")
-        let source = makeVirtualMachine(wrapping: vm, memory: mem)
-        let migration = try migrate(source, spec: spec, over: try Connection.connect(to: listener.endpoint),
-                                    options: MigrationOptions(key: key)) { print("   \($0)") }
-        destination.done.wait()
-        let (moved, _) = try destination.result!.get()
+        // Live-migrate the running guest to a second VM over loopback TCP, with a per-run key.
+        print("== migrating to a second VM over loopback TCP (pre-shared key, a MAC on every record)")
+        let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, memory: mem), spec: spec,
+                                                         options: MigrationOptions(key: .random())) { print("   \($0)") }
         print("== migrated: \(migration)")
 
         let report = RunReport(stats: vm.vcpus.map(\.stats), census: vm.mmu.census(), backing: mem.report(),
@@ -85,8 +74,3 @@ struct Demo: ParsableCommand {
     }
 }
 
-/// The destination's result, handed from its thread.
-final class DestinationBox: @unchecked Sendable {
-    var result: Result<(any VirtualMachine, WorkloadSpec), Error>?
-    let done = DispatchSemaphore(value: 0)
-}

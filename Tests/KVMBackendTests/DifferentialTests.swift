@@ -27,10 +27,7 @@ import Testing
         let (pattern, seed) = Self.cases[i]
         let spec = WorkloadSpec(pattern: pattern, base: X86Layout.reservedEnd, workingSet: 4 << 20, writeFraction: 0.3,
                                 accessSize: 8, seed: seed, stop: .count(20_000))
-        guard case .success = KVMSystem.availability() else {
-            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
-            return
-        }
+        guard kvmUsable() else { return }
         // kvm
         let kvm = try KVMSystem()
         let vm = try KVMVM(system: kvm)
@@ -63,10 +60,7 @@ import Testing
     /// and resets, and the union of the harvests equals the soft backend's dirty log.
     @Test(arguments: [AccessPattern.uniform, .zipfian(theta: 0.99)])
     func ringHarvestsMatchSoftBackend(_ pattern: AccessPattern) throws {
-        guard case .success = KVMSystem.availability() else {
-            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
-            return
-        }
+        guard kvmUsable() else { return }
         let spec = WorkloadSpec(pattern: pattern, base: X86Layout.reservedEnd, workingSet: 4 << 20, writeFraction: 0.5,
                                 accessSize: 8, seed: 11, stop: .count(30_000))
         let kvm = try KVMSystem()
@@ -107,10 +101,7 @@ import Testing
     /// Two vCPUs, each with its own stream: the pages dirtied are the union of both streams whatever
     /// the interleaving, so KVM and the soft backend must agree on them.
     @Test func twoVCPUsDirtyTheSamePagesOnBothBackends() throws {
-        guard case .success = KVMSystem.availability() else {
-            print("KVM TESTS SKIPPED: \(KVMSystem.availability())")
-            return
-        }
+        guard kvmUsable() else { return }
         let spec = WorkloadSpec(pattern: .zipfian(theta: 0.9), base: X86Layout.reservedEnd, workingSet: 4 << 20,
                                 writeFraction: 0.4, accessSize: 8, seed: 5, stop: .count(20_000))
         let kvm = try KVMSystem()
