@@ -82,7 +82,7 @@ extension KVMVCPU {
     public func runWorkload(index: Int, memory: HostMemory, timeout: Double,
                             onRingFull: () throws(KVMError) -> Void = {}) throws(KVMError) -> KVMRunStats {
         var stats = KVMRunStats()
-        let start = monotonicNanosKVM()
+        let start = monotonicNanos()
         let deadline = start + UInt64(timeout * 1e9)
         // A watchdog kicks the vCPU out of KVM_RUN at the deadline, so even a guest that never exits
         // cannot outlast the timeout.
@@ -108,7 +108,7 @@ extension KVMVCPU {
                 let p = params.load(as: WorkloadParams.self)
                 stats.accesses = p.done
                 stats.writes = p.writes
-                stats.nanoseconds = monotonicNanosKVM() - start
+                stats.nanoseconds = monotonicNanos() - start
                 return stats
             case .interrupted:
                 break
@@ -118,7 +118,7 @@ extension KVMVCPU {
             default:
                 throw .unexpectedExit(exit.description, state: stateDump())
             }
-            if monotonicNanosKVM() > deadline {
+            if monotonicNanos() > deadline {
                 throw .timedOut(seconds: timeout, state: stateDump())
             }
         }
@@ -178,11 +178,6 @@ extension KVMVM {
     }
 }
 
-@inline(__always) func monotonicNanosKVM() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-}
 
 /// Kicks a vCPU thread out of KVM_RUN once a deadline passes, unless cancelled first.
 final class Watchdog: @unchecked Sendable {

@@ -26,24 +26,14 @@ public struct SnapshotHeader: Equatable, Sendable {
         b.append(0)            // backend: soft
         b.append(backing)
         b.append(le: UInt16(0))
-        let spec = Array(self.spec.utf8)
-        b.append(le: UInt32(spec.count))
-        b.append(le: RecordChecksum.checksum(b + spec))
-        return b + spec
+        return sealHeader(b, spec: spec)
     }
 
     static func read(from c: Connection) throws -> SnapshotHeader {
-        let h = try c.receive(44)
-        guard Array(h[0..<8]) == magic else { throw MigrationError.badStream("not a snapshot file (bad magic)") }
+        let (h, spec) = try readSealedHeader(from: c, fixedSize: 36, magic: magic, what: "snapshot file")
         guard h.le(UInt32.self, at: 8) == 1 else { throw MigrationError.badStream("snapshot version \(h.le(UInt32.self, at: 8)), this build reads 1") }
-        let specLength = Int(h.le(UInt32.self, at: 36))
-        guard specLength <= 4096 else { throw MigrationError.badStream("workload spec of \(specLength) bytes") }
-        let spec = try c.receive(specLength)
-        guard RecordChecksum.checksum(Array(h[0..<40]) + spec) == h.le(UInt32.self, at: 40) else {
-            throw MigrationError.badStream("snapshot header checksum mismatch")
-        }
         return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16), memory: h.le(UInt64.self, at: 24),
-                              vcpus: h.le(UInt32.self, at: 20), backing: h[33], spec: String(decoding: spec, as: UTF8.self))
+                              vcpus: h.le(UInt32.self, at: 20), backing: h[33], spec: spec)
     }
 }
 

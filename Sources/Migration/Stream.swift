@@ -58,25 +58,41 @@ public struct StreamHeader: Equatable, Sendable {
         b.append(backend)
         b.append(backing)
         b.append(le: UInt16(0))
-        let spec = Array(self.spec.utf8)
-        b.append(le: UInt32(spec.count))
-        b.append(le: RecordChecksum.checksum(b + spec))
-        return b + spec
+        return sealHeader(b, spec: spec)
     }
 
     /// Reads and checks a header.
     public static func read(from c: Connection) throws -> StreamHeader {
-        let h = try c.receive(40)
-        guard Array(h[0..<8]) == magic else { throw MigrationError.badStream("not a migration stream (bad magic)") }
+        let (h, spec) = try readSealedHeader(from: c, fixedSize: 32, magic: magic, what: "migration stream")
         guard h.le(UInt32.self, at: 8) == version else { throw MigrationError.badStream("stream version \(h.le(UInt32.self, at: 8)), this build reads \(version)") }
         guard h.le(UInt32.self, at: 12) == 4096 else { throw MigrationError.badStream("page size \(h.le(UInt32.self, at: 12)), expected 4096") }
-        let specLength = Int(h.le(UInt32.self, at: 32))
-        guard specLength <= 4096 else { throw MigrationError.badStream("workload spec of \(specLength) bytes") }
-        let spec = try c.receive(specLength)
-        guard RecordChecksum.checksum(Array(h[0..<36]) + spec) == h.le(UInt32.self, at: 36) else { throw MigrationError.badStream("header checksum mismatch") }
         return StreamHeader(memory: h.le(UInt64.self, at: 16), vcpus: h.le(UInt32.self, at: 24), backend: h[28],
-                            backing: h[29], spec: String(decoding: spec, as: UTF8.self))
+                            backing: h[29], spec: spec)
     }
+}
+
+/// A header's fixed fields, then the workload spec's length, a checksum of all of it, and the spec:
+/// the layout the stream and snapshot headers share.
+func sealHeader(_ fixed: [UInt8], spec: String) -> [UInt8] {
+    var b = fixed
+    let text = Array(spec.utf8)
+    b.append(le: UInt32(text.count))
+    b.append(le: RecordChecksum.checksum(b + text))
+    return b + text
+}
+
+/// Reads a sealed header: checks the magic, the spec's length and the checksum; returns the fixed
+/// fields (plus the length and checksum words) and the spec.
+func readSealedHeader(from c: Connection, fixedSize: Int, magic: [UInt8], what: String) throws -> ([UInt8], String) {
+    let h = try c.receive(fixedSize + 8)
+    guard Array(h[0..<magic.count]) == magic else { throw MigrationError.badStream("not a \(what) (bad magic)") }
+    let specLength = Int(h.le(UInt32.self, at: fixedSize))
+    guard specLength <= 4096 else { throw MigrationError.badStream("workload spec of \(specLength) bytes") }
+    let spec = try c.receive(specLength)
+    guard RecordChecksum.checksum(Array(h[0..<fixedSize + 4]) + spec) == h.le(UInt32.self, at: fixedSize + 4) else {
+        throw MigrationError.badStream("\(what) header checksum mismatch")
+    }
+    return (h, String(decoding: spec, as: UTF8.self))
 }
 
 /// One record as read from the stream, checked.

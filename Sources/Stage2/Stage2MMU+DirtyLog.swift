@@ -204,7 +204,8 @@ extension Stage2MMU {
     /// For getDirtyLog under the ring strategy: moves every ring entry into its slot's bitmap and
     /// resets the rings.
     private func drainRings() {
-        let entries = harvestDirtyRings()
+        var entries: [DirtyRingEntry] = []
+        for ring in rings.withLock({ $0 }) { _ = ring.harvest(into: &entries) }
         lock.shared {
             for e in entries { dirtyLogs[e.slot]?.bitmap.set(e.page) }
         }

@@ -24,14 +24,7 @@ final class SoftMachine: VirtualMachine {
     }
 
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
-        try vm.run(spec, timeout: timeout).map { s in
-            var r = VCPURun()
-            r.accesses = s.accesses
-            r.writes = s.writes
-            r.exits = s.faults + s.exits
-            r.nanoseconds = s.nanoseconds
-            return r
-        }
+        try vm.run(spec, timeout: timeout).map(VCPURun.init)
     }
 
     func enableDirtyLogging(_ config: DirtyLogConfig) throws { try vm.mmu.enableDirtyLogging(slot: 0, config) }
@@ -77,17 +70,21 @@ final class SoftMachine: VirtualMachine {
     func resume() throws { try vm.resume() }
 
     func stop() throws -> [VCPURun] {
-        try vm.stop().map { s in
-            var r = VCPURun()
-            r.accesses = s.accesses
-            r.writes = s.writes
-            r.exits = s.faults + s.exits
-            r.nanoseconds = s.nanoseconds
-            return r
-        }
+        try vm.stop().map(VCPURun.init)
     }
 
     func vcpuStates() throws -> VCPUStates {
         VCPUStates(backend: .soft, bytes: Array(try JSONEncoder().encode(vm.vcpus.map(\.position))))
+    }
+}
+
+extension VCPURun {
+    /// A soft vCPU's counters as the interface reports them (faults count as exits).
+    init(_ s: VCPUStats) {
+        self.init()
+        accesses = s.accesses
+        writes = s.writes
+        exits = s.faults + s.exits
+        nanoseconds = s.nanoseconds
     }
 }

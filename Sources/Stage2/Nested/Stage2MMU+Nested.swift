@@ -47,12 +47,12 @@ extension Stage2MMU {
             let first = (r.start - slot.gpaRange.start) >> 12
             let end = (r.end.raw - slot.gpaRange.start.raw + 4095) >> 12
             // Block leaves are noted at their first frame, which may lie before the range.
-            var frames = Array(first..<end)
+            var earlier: [UInt64] = []
             for block in [PageSize.size2M, .size1G] {
                 let f = first & ~(block.pages4K - 1)
-                if f < first { frames.append(f) }
+                if f < first && !earlier.contains(f) { earlier.append(f) }
             }
-            for f in frames {
+            func visit(_ f: UInt64) {
                 for e in rmap.entries(frame: f) {
                     if f < first && f + e.size.pages4K <= first { continue }
                     handled += 1
@@ -63,6 +63,8 @@ extension Stage2MMU {
                     }
                 }
             }
+            earlier.forEach(visit)
+            for f in first..<end { visit(f) }
         }
         for (lpid, t) in touched { if let r = t.range { shadows[lpid]?.tlbs.shootdown(r) } }
         return handled
