@@ -46,7 +46,7 @@ let package = Package(
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "Stage2", "Workload", "SoftBackend"]),
         .testTarget(name: "VirtualMachineTests", dependencies: ["GuestMemory", "Stage2", "Workload", "VirtualMachine", "KVMBackend"]),
-        .testTarget(name: "MigrationTests", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration", "SoftBackend"]),
+        .testTarget(name: "MigrationTests", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration", "SoftBackend", "KVMBackend"]),
         .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "KVMBackend", "Workload", "Stage2", "SoftBackend"]),
     ],
     // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,

@@ -15,7 +15,7 @@ typedef unsigned char u8;
 
 struct params {
     u64 magic;            // 'VMMWKLD1'
-    u64 kind;             // 0 sequential, 1 uniform, 2 zipf, 3 hot/cold, 4 page pass (one write per page)
+    u64 kind;             // 0 sequential, 1 uniform, 2 zipf, 3 hot/cold, 4 page pass (one write per page), 5 counter
     u64 base;             // first GPA of the working set
     u64 working_set;      // bytes
     u64 pages;
@@ -33,6 +33,8 @@ struct params {
     // Written by the guest.
     u64 done;
     u64 writes;
+    u64 counter_offset;   // the counter pattern's word in each page (byte offset, one word per vCPU)
+    u64 mismatches;       // counter checks that failed so far, carried from run to run
 };
 
 static inline void out32(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
@@ -58,6 +60,24 @@ __attribute__((noreturn, section(".text.start"))) void _start(volatile struct pa
         }
         p->done = count;
         p->writes = count;
+        for (;;) out32(0x11, (u32)count);
+    }
+    if (kind == 5) {
+        // The counter check (QEMU's migration test): every page in turn holds how many passes were
+        // made over it; a page that lost a store shows up here on the next pass.
+        // A failed check is counted in the parameter page at once, where the VMM can read it any time.
+        const u64 lane = p->counter_offset;
+        for (u64 i = 0; i < count; i++) {
+            u64 expected = cursor / pages;
+            volatile u64 *word = (volatile u64 *)(base + ((cursor % pages) << 12) + lane);
+            if (*word != expected) p->mismatches++;
+            *word = expected + 1;
+            cursor++;
+            if (every && (i + 1) % every == 0) out32(0x10, (u32)(i + 1));
+        }
+        p->done = count;
+        p->writes = count;
+        p->cursor = cursor;
         for (;;) out32(0x11, (u32)count);
     }
     for (u64 i = 0; i < count; i++) {

@@ -128,6 +128,14 @@ public final class KVMVCPU: @unchecked Sendable {
         pthread_kill(thread, KVMVCPU.kickSignal)
     }
 
+    /// Lets `kick` interrupt KVM_RUN on the calling thread (worker threads often start with signals blocked).
+    public static func allowKicksOnThisThread() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, kickSignal)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    }
+
     /// Clears a previous kick before the next run.
     public func clearKick() { kvmRun.pointee.immediate_exit = 0 }
 

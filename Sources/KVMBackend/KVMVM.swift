@@ -66,6 +66,12 @@ public final class KVMVM: @unchecked Sendable {
         return words
     }
 
+    /// Puts pages back into a logging slot's log (reported by the next getDirtyLog).
+    public func markDirty(slot: UInt32, bitmap: [UInt64]) {
+        guard let log = vmmDirty[slot] else { return }
+        forEachSetBit(bitmap) { if $0 < log.pages { log.set($0) } }
+    }
+
     /// The host memory behind a slot.
     public func memory(slot: UInt32) -> HostMemory? { memories[slot] }
 

@@ -24,6 +24,8 @@ struct WorkloadParams {
     var cursor: UInt64 = 0
     var done: UInt64 = 0
     var writes: UInt64 = 0
+    var counterOffset: UInt64 = 0
+    var mismatches: UInt64 = 0
 }
 
 /// What a guest workload run did.
@@ -33,6 +35,8 @@ public struct KVMRunStats: Sendable, Equatable {
     public var writes: UInt64 = 0
     public var exits: UInt64 = 0
     public var nanoseconds: UInt64 = 0
+    /// Counter-pattern checks that failed (cumulative over the runs continuing one stream).
+    public var mismatches: UInt64 = 0
 }
 
 extension KVMVCPU {
@@ -62,7 +66,7 @@ extension KVMVCPU {
                                pages: gen.pageCount, writeThreshold: gen.writeLimit, offsetMask: gen.accessOffsetMask,
                                accessSize: UInt64(spec.accessSize), hotPages: gen.hotPageCount, hotThreshold: gen.hotLimit,
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
-                               seq: UInt64(index) << 48, reportEvery: 1 << 16)
+                               seq: UInt64(index) << 48, reportEvery: Self.reportInterval(spec), counterOffset: gen.counterOffset)
         let params = X86Layout.params + UInt64(index) * 0x1000
         if continuing {
             // Pick up the stream where the last run left it (the program wrote its state back).
@@ -70,10 +74,33 @@ extension KVMVCPU {
             p.state = last.state
             p.seq = last.seq
             p.cursor = last.cursor
+            p.mismatches = last.mismatches
         }
         withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         let stack = GPA(X86Layout.stackTop.raw - UInt64(index) * X86Layout.stackPerVCPU)
         try enterLongModeUser(memory: memory, entry: X86Layout.code, stack: stack, argument: params.raw)
+    }
+
+    /// Accesses between progress exits: about a millisecond's worth at a limited rate (the VMM paces
+    /// the guest at these exits), 65,536 at full speed.
+    static func reportInterval(_ spec: WorkloadSpec) -> UInt64 {
+        spec.rate.map { min(1 << 16, max(16, $0 / 1000)) } ?? 1 << 16
+    }
+
+    /// The parameter page of vCPU `index`, as the guest program last wrote it.
+    func params(index: Int, memory: HostMemory) -> WorkloadParams {
+        (memory.pointer + Int((X86Layout.params + UInt64(index) * 0x1000).raw)).load(as: WorkloadParams.self)
+    }
+
+    /// The counters the guest program keeps in its parameter page (done and writes once a run ends;
+    /// mismatches at any time).
+    public func guestCounters(index: Int, memory: HostMemory) -> KVMRunStats {
+        let p = params(index: index, memory: memory)
+        var stats = KVMRunStats()
+        stats.accesses = p.done
+        stats.writes = p.writes
+        stats.mismatches = p.mismatches
+        return stats
     }
 
     /// Runs the loaded workload to completion. Progress exits come every 65,536 accesses; the run
@@ -104,10 +131,9 @@ extension KVMVCPU {
             case .io(port: 0x10, write: true, _, _):
                 break
             case .io(port: 0x11, write: true, _, _):
-                let params = memory.pointer + Int((X86Layout.params + UInt64(index) * 0x1000).raw)
-                let p = params.load(as: WorkloadParams.self)
-                stats.accesses = p.done
-                stats.writes = p.writes
+                let exits = stats.exits
+                stats = guestCounters(index: index, memory: memory)
+                stats.exits = exits
                 stats.nanoseconds = monotonicNanos() - start
                 return stats
             case .interrupted:

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Synchronization
 
 /// HOST:PORT, parsed. HOST is an IPv4 address or "localhost".
 public struct Endpoint: Sendable, CustomStringConvertible {
@@ -39,6 +40,20 @@ public final class Connection: @unchecked Sendable {
     public var maxBandwidth: Double?
     private var paceStart = Date()
     private var pacedBytes: Double = 0
+
+    private let cancelled = Atomic<Bool>(false)
+    /// Set by `cancel()`.
+    public var isCancelled: Bool { cancelled.load(ordering: .acquiring) }
+
+    /// Cancels the transfer from any thread (Ctrl-C): the connection is shut down, a send or receive
+    /// blocked on it returns, and the side using it fails with `.cancelled` and rolls back.
+    public func cancel() {
+        cancelled.store(true, ordering: .releasing)
+        if !isFile { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    /// A failure as the caller should see it: after `cancel()` every failure is the cancellation.
+    func failure(_ e: MigrationError) -> MigrationError { isCancelled ? .cancelled : e }
 
     /// Set once a key handshake succeeded: every record then carries a MAC.
     var sendMAC: RecordMAC?
@@ -112,8 +127,8 @@ public final class Connection: @unchecked Sendable {
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
-                if e == EAGAIN || e == EWOULDBLOCK { throw MigrationError.timeout("sending to the peer") }
-                throw MigrationError.connection("send: \(String(cString: strerror(e)))")
+                if e == EAGAIN || e == EWOULDBLOCK { throw failure(.timeout("sending to the peer")) }
+                throw failure(.connection("send: \(String(cString: strerror(e)))"))
             }
             off += n
         }
@@ -135,14 +150,14 @@ public final class Connection: @unchecked Sendable {
         while off < buffer.count {
             let n = isFile ? read(fd, buffer.baseAddress! + off, buffer.count - off) : recv(fd, buffer.baseAddress! + off, buffer.count - off, 0)
             if n == 0 {
-                throw isFile ? MigrationError.badStream("the file ends early, after \(bytesReceived + UInt64(off)) bytes (truncated)")
-                             : MigrationError.connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes")
+                throw failure(isFile ? .badStream("the file ends early, after \(bytesReceived + UInt64(off)) bytes (truncated)")
+                                     : .connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes"))
             }
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
-                if e == EAGAIN || e == EWOULDBLOCK { throw MigrationError.timeout("waiting for the peer") }
-                throw MigrationError.connection("receive: \(String(cString: strerror(e)))")
+                if e == EAGAIN || e == EWOULDBLOCK { throw failure(.timeout("waiting for the peer")) }
+                throw failure(.connection("receive: \(String(cString: strerror(e)))"))
             }
             off += n
         }

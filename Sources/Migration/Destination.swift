@@ -7,13 +7,27 @@ import Workload
 /// guest only if the memory digest matches; answer the source either way. On any error the partial VM
 /// is discarded and the error rethrown.
 public func receive(over connection: Connection, key: MigrationKey? = nil,
-                    progress: ((String) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
+                    progress: ((MigrationProgress) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
     var answered = false
+    var status = MigrationProgress()
+    let start = monotonicNanos()
+    var lastTick: UInt64 = 0
+    func tell(_ phase: MigrationProgress.Phase, _ event: String? = nil, force: Bool = true) {
+        guard let progress else { return }
+        let now = monotonicNanos()
+        guard force || now - lastTick >= 100_000_000 else { return }
+        lastTick = now
+        status.phase = phase
+        status.event = event
+        status.bytes = connection.bytesReceived
+        status.bandwidth = Double(connection.bytesReceived) / (Double(max(now - start, 1)) / 1e9)
+        progress(status)
+    }
     do {
         // A wrong key stops here, before any guest memory is accepted.
         if let key { try connection.authenticate(with: key, asSource: false) }
         let header = try StreamHeader.read(from: connection)
-        guard header.backend == 0 else { throw MigrationError.badStream("only soft-backend guests migrate in this build") }
+        guard let backend = BackendKind(wireCode: header.backend) else { throw MigrationError.badStream("unknown backend code \(header.backend)") }
         guard header.memory > 0, header.memory % 4096 == 0, header.memory <= 1 << 40 else {
             throw MigrationError.badStream("guest memory of \(header.memory) bytes")
         }
@@ -21,9 +35,10 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         let spec: WorkloadSpec
         do { spec = try WorkloadSpec.parse(header.spec) } catch { throw MigrationError.badStream("workload spec: \(error)") }
         let backing = Backing.allCases.indices.contains(Int(header.backing)) ? Backing.allCases[Int(header.backing)] : .pages4K
-        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
-        progress?("receiving \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
-        let (state, digest, written) = try applyRecords(from: connection, into: vm)
+        let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
+        tell(.setup, "a \(backend) guest: \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
+        let (state, digest, written) = try applyRecords(from: connection, into: vm) { tell(.receiving, force: false) }
+        tell(.verifying, "all records in; checking the memory digest")
         // Chunks no record wrote are still the new VM's zeros: no need to read them.
         let pagesPerChunk = UInt64(digestChunk >> 12)
         let untouched = { (chunk: Int) -> Bool in
@@ -34,18 +49,18 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         try vm.start(spec, from: state)
         try connection.send([1])
         answered = true
-        progress?("memory digest matches; guest resumed")
+        tell(.done, "memory digest matches; guest resumed")
         return (vm, spec)
     } catch {
         if !answered, connection.sendMAC != nil || key == nil { try? connection.send([0]) }
-        throw error
+        throw connection.isCancelled ? MigrationError.cancelled : error
     }
 }
 
 /// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU
 /// state, the digest END carries, and which pages records wrote (pass `written` to carry it across files). Every record's checksum (and MAC, on an authenticated connection) is checked first.
-func applyRecords(from connection: Connection, into vm: any VirtualMachine,
-                  written: DirtyBitmap? = nil) throws -> (VCPUStates, [UInt8], DirtyBitmap) {
+func applyRecords(from connection: Connection, into vm: any VirtualMachine, written: DirtyBitmap? = nil,
+                  tick: () -> Void = {}) throws -> (VCPUStates, [UInt8], DirtyBitmap) {
     let pages = vm.memory.size >> 12
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: VCPUStates?
@@ -54,6 +69,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine,
     let written = written ?? DirtyBitmap(pages: pages)
     while true {
         let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
+        tick()
         switch r.type {
         case .pages:
             let dst = vm.memory.pointer + Int(r.firstPage << 12)
@@ -66,8 +82,10 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine,
                 written.set(first: r.firstPage, count: UInt64(r.count))
             }
         case .state:
-            guard let first = r.payload.first, first == 0 else { throw MigrationError.badStream("vCPU state of another backend") }
-            state = VCPUStates(backend: .soft, bytes: Array(r.payload.dropFirst()))
+            guard let first = r.payload.first, BackendKind(wireCode: first) == vm.backend else {
+                throw MigrationError.badStream("vCPU state of another backend than the \(vm.backend) VM the header asked for")
+            }
+            state = VCPUStates(backend: vm.backend, bytes: Array(r.payload.dropFirst()))
         case .end:
             guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
             return (state, r.payload, written)

@@ -13,6 +13,7 @@ public struct SnapshotHeader: Equatable, Sendable {
     public var sequence: UInt32
     public var memory: UInt64
     public var vcpus: UInt32
+    public var backend: UInt8
     public var backing: UInt8
     public var spec: String
 
@@ -23,7 +24,7 @@ public struct SnapshotHeader: Equatable, Sendable {
         b.append(le: sequence)
         b.append(le: vcpus)
         b.append(le: memory)
-        b.append(0)            // backend: soft
+        b.append(backend)
         b.append(backing)
         b.append(le: UInt16(0))
         return sealHeader(b, spec: spec)
@@ -33,7 +34,7 @@ public struct SnapshotHeader: Equatable, Sendable {
         let (h, spec) = try readSealedHeader(from: c, fixedSize: 36, magic: magic, what: "snapshot file")
         guard h.le(UInt32.self, at: 8) == 1 else { throw MigrationError.badStream("snapshot version \(h.le(UInt32.self, at: 8)), this build reads 1") }
         return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16), memory: h.le(UInt64.self, at: 24),
-                              vcpus: h.le(UInt32.self, at: 20), backing: h[33], spec: spec)
+                              vcpus: h.le(UInt32.self, at: 20), backend: h[32], backing: h[33], spec: spec)
     }
 }
 
@@ -86,11 +87,12 @@ public final class SnapshotChain {
             let file = try Connection(file: temporary, writing: true)
             let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
             try file.send(SnapshotHeader(diff: diff, sequence: full ? 0 : sequence, memory: vm.memory.size,
-                                         vcpus: UInt32(vm.vcpuCount), backing: backing, spec: spec.description).encoded())
+                                         vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode, backing: backing,
+                                         spec: spec.description).encoded())
             var report = MigrationReport()
             try PageSender(memory: vm.memory, connection: file).send(bitmap, report: &report)
             let state = try vm.vcpuStates()
-            let stateBytes = [0] + state.bytes
+            let stateBytes = [state.backend.wireCode] + state.bytes
             try stateBytes.withUnsafeBytes { p in try file.sendRecord(Record.header(.state, payload: p), p) }
             let digest = memoryDigest(vm.memory)
             try digest.withUnsafeBytes { p in try file.sendRecord(Record.header(.end, payload: p), p) }
@@ -133,7 +135,8 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
             }
             do { spec = try WorkloadSpec.parse(h.spec) } catch { throw MigrationError.badStream("\(path): workload spec: \(error)") }
             let backing = Backing.allCases.indices.contains(Int(h.backing)) ? Backing.allCases[Int(h.backing)] : .pages4K
-            vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: h.memory, backing: backing, vcpus: Int(h.vcpus)))
+            guard let backend = BackendKind(wireCode: h.backend) else { throw MigrationError.badStream("\(path): unknown backend code \(h.backend)") }
+            vm = try makeVirtualMachine(VMConfig(backend: backend, memory: h.memory, backing: backing, vcpus: Int(h.vcpus)))
         } else {
             guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
             guard h.memory == vm!.memory.size, h.vcpus == UInt32(vm!.vcpuCount) else {

@@ -51,14 +51,26 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
 }
 
 /// The source side: pre-copy `vm` (running `spec`) to the destination at the other end of `connection`.
-/// On any failure the guest is resumed with its memory intact and dirty logging switched off, and the
-/// error is rethrown; on success the source guest is stopped (it now runs on the destination).
+/// On any failure or cancellation (`connection.cancel()`) the guest is resumed with its memory intact
+/// and dirty logging switched off, and the error is rethrown; on success the source guest is stopped
+/// (it now runs on the destination).
 public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connection: Connection,
                     options: MigrationOptions = MigrationOptions(),
-                    progress: ((String) -> Void)? = nil) throws -> MigrationReport {
+                    progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
     var report = MigrationReport()
     let start = Date()
     var paused = false
+    var status = MigrationProgress()
+    var lastTick: UInt64 = 0
+    func tell(_ event: String? = nil, force: Bool = true) {
+        guard let progress else { return }
+        let now = monotonicNanos()
+        guard force || now - lastTick >= 100_000_000 else { return }
+        lastTick = now
+        status.bytes = connection.bytesSent
+        status.event = event
+        progress(status)
+    }
     connection.maxBandwidth = options.maxBandwidth
     // A wrong key stops here, before logging starts or any guest memory is sent.
     if let key = options.key { try connection.authenticate(with: key, asSource: true) }
@@ -66,15 +78,24 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
     do {
         let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
         try connection.send(StreamHeader(memory: vm.memory.size, vcpus: UInt32(vm.vcpuCount),
-                                         backend: vm.backend == .soft ? 0 : 1, backing: backing,
+                                         backend: vm.backend.wireCode, backing: backing,
                                          spec: spec.description).encoded())
         report.setupSeconds = Date().timeIntervalSince(start)
         let sender = PageSender(memory: vm.memory, connection: connection)
+        sender.tick = { pages in
+            status.pagesDone = pages
+            tell(force: false)
+        }
         // First pass: everything.
         let allWords = Int((vm.pages + 63) / 64)
         var pending = [UInt64](repeating: ~0, count: allWords)
         if vm.pages % 64 != 0 { pending[allWords - 1] = (1 << (vm.pages % 64)) - 1 }
+        status.phase = .precopy
         while true {
+            if connection.isCancelled { throw MigrationError.cancelled }
+            status.iteration = report.iterations + 1
+            status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+            status.pagesDone = 0
             let t0 = Date()
             let sentBefore = connection.bytesSent
             try sender.send(pending, report: &report)
@@ -85,8 +106,10 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             pending = try vm.getDirtyLog()
             let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
             let expectedDowntime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
-            progress?(String(format: "iteration %d: %@ dirty, expected downtime %.0f ms", report.iterations,
-                             formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
+            status.bandwidth = report.bandwidth
+            status.expectedDowntime = expectedDowntime
+            tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
+                        formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             if expectedDowntime <= options.downtimeLimit { report.converged = true; break }
             if report.iterations >= options.maxIterations { break }
             // Auto-converge: the guest dirtied more than half of what we sent meanwhile: slow it in
@@ -94,7 +117,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             if remaining > bytes / 2 && report.iterations >= 2 {
                 report.throttlePercent = min(99, report.throttlePercent == 0 ? 20 : report.throttlePercent + 10)
                 vm.setThrottle(percent: report.throttlePercent)
-                progress?("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
+                status.throttlePercent = report.throttlePercent
+                tell("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
             }
         }
         // Stop-and-copy.
@@ -103,12 +127,16 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         paused = true
         let last = try vm.getDirtyLog()
         for i in pending.indices { pending[i] |= last[i] }
+        status.phase = .stopAndCopy
+        status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+        status.pagesDone = 0
+        tell()
         // Memory no longer changes: digest it on another thread while the last pages go out.
         let digest = BackgroundDigest(vm.memory)
         defer { _ = digest.result() }   // never leave it reading memory behind us
         try sender.send(pending, report: &report)
         let state = try vm.vcpuStates()
-        let stateBytes = [state.backend == .soft ? 0 : 1] + state.bytes
+        let stateBytes = [state.backend.wireCode] + state.bytes
         try stateBytes.withUnsafeBytes { p in try connection.sendRecord(Record.header(.state, payload: p), p) }
         try digest.result().withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
         vm.setThrottle(percent: 0)
@@ -119,13 +147,15 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         try? vm.disableDirtyLogging()
         report.bytesSent = connection.bytesSent
         report.totalSeconds = Date().timeIntervalSince(start)
+        status.phase = .done
+        tell("the destination runs the guest")
         return report
     } catch {
         // Nothing is lost: the guest goes on here, at full speed, with logging off.
         vm.setThrottle(percent: 0)
         try? vm.disableDirtyLogging()
         if paused { try? vm.resume() }
-        throw error
+        throw connection.isCancelled ? MigrationError.cancelled : error
     }
 }
 
@@ -137,6 +167,8 @@ final class PageSender {
     /// A run is copied here before it is checksummed and sent: the guest keeps writing its memory
     /// meanwhile (a page changed after the copy is dirty again and goes in a later iteration).
     private let staging: UnsafeMutableRawPointer
+    /// Called after each record with the pages this `send` has sent so far.
+    var tick: ((UInt64) -> Void)?
 
     init(memory: HostMemory, connection: Connection) {
         self.memory = memory
@@ -148,6 +180,7 @@ final class PageSender {
 
     func send(_ bitmap: [UInt64], report: inout MigrationReport) throws {
         var failure: Error?
+        var sent: UInt64 = 0
         forEachRun(bitmap) { start, count in
             guard failure == nil else { return }
             var p = start
@@ -167,6 +200,8 @@ final class PageSender {
                 report.pagesSent += n
                 if zero { report.zeroPages += n }
                 p += n
+                sent += n
+                tick?(sent)
             }
         }
         if let failure { throw failure }
@@ -202,7 +237,7 @@ final class BackgroundDigest: @unchecked Sendable {
 /// Migrates `vm` to a new VM in this process over loopback TCP (the demo's and the benchmark's
 /// path): a destination thread listens on a free port, the source connects to it.
 public func migrateOverLoopback(_ vm: any VirtualMachine, spec: WorkloadSpec, options: MigrationOptions = MigrationOptions(),
-                                progress: ((String) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
+                                progress: ((MigrationProgress) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
     let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
     final class Box: @unchecked Sendable {
         var result: Result<(any VirtualMachine, WorkloadSpec), Error>?

@@ -1,5 +1,6 @@
 import Foundation
 import GuestMemory
+import VirtualMachine
 
 /// The stream's record types (docs/migration-stream.md).
 public enum RecordType: UInt8, Sendable {
@@ -17,6 +18,7 @@ public enum MigrationError: Error, Equatable, CustomStringConvertible {
     case refused
     case vm(String)
     case authentication(String)
+    case cancelled
 
     public var description: String {
         switch self {
@@ -27,6 +29,20 @@ public enum MigrationError: Error, Equatable, CustomStringConvertible {
         case .refused: return "the destination refused the guest (see its output)"
         case let .vm(why): return "VM: \(why)"
         case let .authentication(why): return "authentication failed: \(why)"
+        case .cancelled: return "cancelled"
+        }
+    }
+}
+
+extension BackendKind {
+    /// A backend's code in stream and snapshot headers and state records: vCPU state only runs on a VM
+    /// of the same kind.
+    var wireCode: UInt8 { self == .soft ? 0 : 1 }
+    init?(wireCode: UInt8) {
+        switch wireCode {
+        case 0: self = .soft
+        case 1: self = .kvm
+        default: return nil
         }
     }
 }

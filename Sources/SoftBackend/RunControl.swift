@@ -25,7 +25,7 @@ public final class RunControl: @unchecked Sendable {
     public var stopRequested: Bool { stop.load(ordering: .relaxed) }
 
     /// Called by a vCPU that saw `pauseRequested`: waits, outside guest mode, until resumed or stopped.
-    func parkWhilePaused() {
+    public func parkWhilePaused() {
         cond.lock()
         parked += 1
         cond.broadcast()
@@ -35,7 +35,7 @@ public final class RunControl: @unchecked Sendable {
     }
 
     /// Sleeps up to `nanoseconds` (rate limiting), waking early for pause or stop.
-    func sleep(nanoseconds: UInt64) {
+    public func sleep(nanoseconds: UInt64) {
         cond.lock()
         if !pause.load(ordering: .acquiring) && !stop.load(ordering: .acquiring) {
             _ = cond.wait(until: Date(timeIntervalSinceNow: Double(nanoseconds) / 1e9))
@@ -43,7 +43,7 @@ public final class RunControl: @unchecked Sendable {
         cond.unlock()
     }
 
-    func vcpuFinished() {
+    public func vcpuFinished() {
         cond.lock()
         finished += 1
         cond.broadcast()
@@ -51,9 +51,11 @@ public final class RunControl: @unchecked Sendable {
     }
 
     /// Asks every vCPU to pause and waits until all running ones are parked. False on timeout
-    /// (the vCPUs are left asked to pause).
-    public func pauseAll(timeout: Double) -> Bool {
+    /// (the vCPUs are left asked to pause). `kick` gets vCPUs out of guest mode once the flag is up
+    /// (KVM's vCPUs only look at it between runs).
+    public func pauseAll(timeout: Double, kick: () -> Void = {}) -> Bool {
         pause.store(true, ordering: .releasing)
+        kick()
         cond.lock()
         defer { cond.unlock() }
         cond.broadcast()
@@ -71,11 +73,12 @@ public final class RunControl: @unchecked Sendable {
         cond.unlock()
     }
 
-    public func stopAll() {
+    public func stopAll(kick: () -> Void = {}) {
         cond.lock()
         stop.store(true, ordering: .releasing)
         cond.broadcast()
         cond.unlock()
+        kick()
     }
 
     /// Waits until every vCPU thread has finished. False on timeout.

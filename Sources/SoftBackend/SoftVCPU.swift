@@ -245,6 +245,7 @@ public final class SoftVCPU: @unchecked Sendable {
         var gen = WorkloadGenerator(spec: workload, vcpu: index)
         if let from { gen.position = (from.state, from.cursor) }
         let size = workload.accessSize
+        let counting = gen.isCounter
         let start = monotonicNanos()
         var deadline = UInt64.max
         var limit = UInt64.max
@@ -262,15 +263,24 @@ public final class SoftVCPU: @unchecked Sendable {
         enterGuest()
         while done < limit {
             let n = min(batch, limit - done)
-            for _ in 0..<n {
-                let a = gen.next()
-                if a.isWrite {
-                    seq &+= 1
-                    store(a.gpa, seq, size: size)
-                } else {
-                    _ = load(a.gpa, size: size)
+            if counting {
+                for _ in 0..<n {
+                    let (gpa, expected) = gen.nextCounter()
+                    if load(gpa, size: 8) != expected { stats.mismatches &+= 1 }
+                    store(gpa, expected &+ 1, size: 8)
+                    tlb.safePoint()
                 }
-                tlb.safePoint()
+            } else {
+                for _ in 0..<n {
+                    let a = gen.next()
+                    if a.isWrite {
+                        seq &+= 1
+                        store(a.gpa, seq, size: size)
+                    } else {
+                        _ = load(a.gpa, size: size)
+                    }
+                    tlb.safePoint()
+                }
             }
             done &+= n
             position = VCPUPosition(state: gen.position.state, cursor: gen.position.cursor, seq: seq, done: done)

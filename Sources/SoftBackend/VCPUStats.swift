@@ -23,6 +23,8 @@ public struct VCPUStats: Sendable, Equatable {
     public var tlbFlushes: UInt64 = 0
     public var tlbEntriesDropped: UInt64 = 0
     public var pauses: UInt64 = 0
+    /// Counter-pattern checks that found a page not holding what the guest last stored there.
+    public var mismatches: UInt64 = 0
     public var nanoseconds: UInt64 = 0
 
     public init() {}

@@ -41,47 +41,14 @@ final class KVMMachine: VirtualMachine {
         if vcpus.isEmpty { vcpus = try (0..<vcpuTotal).map { i throws(KVMError) in try vm.createVCPU(id: Int32(i)) } }
     }
 
+    /// Runs `spec` to its end in the background machinery, waiting at most `timeout` seconds.
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
-        guard spec.base >= workloadBase else {
-            throw VMError.unsupported("on the kvm backend the working set starts at 1 MiB or above (the guest program's pages lie below)")
+        try start(spec, from: nil)
+        guard let runner, runner.control.waitFinished(timeout: timeout) else {
+            _ = try? stop()
+            throw VMError.failed("the guest workload did not finish within \(timeout) s")
         }
-        try ensureVCPUs()
-        let vcpus = self.vcpus, memory = self.memory, vm = self.vm
-        let results = RunResults(count: vcpus.count)
-        let ringed = logging?.strategy == .ring
-        let harvestRings = self.harvestRings
-        runOnThreads(vcpus.count) { i in
-            var total = VCPURun()
-            let start = Date()
-            var limit: Double = 0
-            var part = spec
-            if case let .duration(d) = spec.stop { limit = d; part.stop = .count(1_000_000) }
-            var first = true
-            do throws(KVMError) {
-                repeat {
-                    try vcpus[i].loadWorkload(part, index: i, memory: memory, continuing: !first)
-                    first = false
-                    let s = try vcpus[i].runWorkload(index: i, memory: memory, timeout: timeout) { () throws(KVMError) in
-                        // A full ring: harvest it into the pending bitmap and reset, then run on.
-                        if ringed { try harvestRings() }
-                    }
-                    total.accesses += s.accesses
-                    total.writes += s.writes
-                    total.exits += s.exits
-                } while Date().timeIntervalSince(start) < limit
-                total.nanoseconds = UInt64(Date().timeIntervalSince(start) * 1e9)
-                results.set(i, .success(total))
-            } catch {
-                results.set(i, .failure(error))
-            }
-        }
-        return try results.values.map { r in
-            switch r {
-            case let .success(s): return s
-            case let .failure(e): throw e
-            case nil: throw VMError.failed("a vCPU thread ended without a result")
-            }
-        }
+        return try stop()
     }
 
     func enableDirtyLogging(_ config: DirtyLogConfig) throws {
@@ -142,15 +109,177 @@ final class KVMMachine: VirtualMachine {
 
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.writeGuest(gpa, bytes) }
 
-    // Background runs with pause/resume are not built for KVM yet (migration runs on the soft backend).
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws { throw Self.notYet }
-    func pause() throws { throw Self.notYet }
-    func resume() throws { throw Self.notYet }
-    func stop() throws -> [VCPURun] { throw Self.notYet }
-    func vcpuStates() throws -> VCPUStates { throw Self.notYet }
-    func setThrottle(percent: Int) {}
-    func markDirty(_ bitmap: [UInt64]) throws { throw Self.notYet }
-    static let notYet = VMError.unsupported("background runs (start/pause/resume) are not built for the kvm backend yet; migrate a soft guest")
+    private var runner: KVMRunner?
+
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws {
+        guard runner == nil else { throw VMError.failed("the guest is already running: stop it first") }
+        guard spec.base >= workloadBase else {
+            throw VMError.unsupported("on the kvm backend the working set starts at 1 MiB or above (the guest program's pages lie below)")
+        }
+        if let p = spec.problem() { throw VMError.unsupported("workload: \(p)") }
+        try ensureVCPUs()
+        var restore: [KVMVCPUState]?
+        if let state {
+            guard state.backend == .kvm else { throw VMError.unsupported("vCPU state from a \(state.backend) VM cannot run on the kvm backend") }
+            let size = MemoryLayout<KVMVCPUState>.size
+            guard state.bytes.count == size * vcpus.count else {
+                throw VMError.failed("the vCPU state holds \(state.bytes.count) bytes; \(vcpus.count) KVM vCPUs need \(size * vcpus.count)")
+            }
+            restore = state.bytes.withUnsafeBytes { raw in (0..<vcpus.count).map { raw.load(fromByteOffset: $0 * size, as: KVMVCPUState.self) } }
+            for (v, s) in zip(vcpus, restore!) { try v.restoreState(s) }
+        }
+        let ringed = logging?.strategy == .ring
+        let harvest: () throws(KVMError) -> Void = ringed ? harvestRings : {}
+        runner = KVMRunner(vcpus: vcpus, memory: memory, spec: spec, restored: restore != nil, onRingFull: harvest)
+    }
+
+    func pause() throws {
+        guard let runner else { throw VMError.failed("the guest is not running") }
+        guard runner.control.pauseAll(timeout: 10, kick: runner.kickAll) else {
+            throw VMError.failed("the vCPUs did not pause within 10 s")
+        }
+    }
+
+    func resume() throws {
+        guard let runner else { throw VMError.failed("the guest is not running") }
+        runner.control.resumeAll()
+    }
+
+    func stop() throws -> [VCPURun] {
+        guard let runner else { throw VMError.failed("the guest is not running") }
+        runner.control.stopAll(kick: runner.kickAll)
+        guard runner.control.waitFinished(timeout: 10) else { throw VMError.failed("the vCPUs did not stop within 10 s") }
+        self.runner = nil
+        return try runner.results.values.map { r in
+            switch r {
+            case let .success(s): return s
+            case let .failure(e): throw e
+            case nil: throw VMError.failed("a vCPU thread ended without a result")
+            }
+        }
+    }
+
+    /// Each vCPU's registers, special registers and FPU state, back to back (the guest program keeps
+    /// everything else in guest memory).
+    func vcpuStates() throws -> VCPUStates {
+        var bytes: [UInt8] = []
+        for v in vcpus {
+            var s = try v.saveState()
+            withUnsafeBytes(of: &s) { bytes += $0 }
+        }
+        return VCPUStates(backend: .kvm, bytes: bytes)
+    }
+
+    func setThrottle(percent: Int) { runner?.control.throttlePercent = percent }
+
+    func markDirty(_ bitmap: [UInt64]) throws {
+        guard logging != nil else { throw DirtyLogError.notLogging(slot: 0) }
+        vm.markDirty(slot: 0, bitmap: bitmap)
+    }
+}
+
+/// The vCPU threads of a background run: each runs the guest program in chunks of accesses (continuing
+/// one stream), paces it to the spec's rate and the auto-converge throttle at its progress exits, and
+/// parks when paused. Pause and stop kick the threads out of KVM_RUN.
+final class KVMRunner: @unchecked Sendable {
+    let control: RunControl
+    let results: RunResults
+    private let lock = NSLock()
+    private var threads: [pthread_t?]
+    private let vcpus: [KVMVCPU]
+
+    init(vcpus: [KVMVCPU], memory: HostMemory, spec: WorkloadSpec, restored: Bool, onRingFull: @escaping () throws(KVMError) -> Void) {
+        self.vcpus = vcpus
+        control = RunControl(vcpus: vcpus.count)
+        results = RunResults(count: vcpus.count)
+        threads = Array(repeating: nil, count: vcpus.count)
+        for i in vcpus.indices {
+            let t = Thread { [self] in
+                KVMVCPU.allowKicksOnThisThread()
+                lock.lock(); threads[i] = pthread_self(); lock.unlock()
+                do throws(KVMError) {
+                    results.set(i, .success(try runVCPU(i, memory: memory, spec: spec, restored: restored, onRingFull: onRingFull)))
+                } catch {
+                    results.set(i, .failure(error))
+                }
+                lock.lock(); threads[i] = nil; lock.unlock()
+                control.vcpuFinished()
+            }
+            t.name = "kvm-vcpu\(i)"
+            t.start()
+        }
+    }
+
+    func kickAll() {
+        lock.lock()
+        defer { lock.unlock() }
+        for (v, t) in zip(vcpus, threads) { if let t { v.kick(thread: t) } }
+    }
+
+    private func runVCPU(_ i: Int, memory: HostMemory, spec: WorkloadSpec, restored: Bool,
+                         onRingFull: () throws(KVMError) -> Void) throws(KVMError) -> VCPURun {
+        let vcpu = vcpus[i]
+        let start = monotonicNanos()
+        var deadline = UInt64.max
+        var part = spec
+        switch spec.stop {
+        case .count: break
+        case let .duration(d):
+            deadline = start + UInt64(d * 1e9)
+            part.stop = .count(1 << 20)
+        }
+        let nanosPerAccess = spec.rate.map { 1e9 / Double($0) }
+        var total = VCPURun()
+        var chunkDone: UInt64 = 0     // accesses of the current chunk, from its progress exits
+        var throttleWindow = start
+        if !restored { try vcpu.loadWorkload(part, index: i, memory: memory) }
+        loop: while true {
+            if control.stopRequested { break }
+            if control.pauseRequested {
+                control.parkWhilePaused()
+                vcpu.clearKick()
+                throttleWindow = monotonicNanos()
+                continue
+            }
+            let exit = try vcpu.run()
+            total.exits += 1
+            switch exit {
+            case let .io(port: 0x10, write: true, _, data):
+                chunkDone = UInt64(UInt32(truncatingIfNeeded: data))
+            case .io(port: 0x11, write: true, _, _):
+                let chunk = vcpu.guestCounters(index: i, memory: memory)
+                total.accesses += chunk.accesses
+                total.writes += chunk.writes
+                chunkDone = 0
+                if case .count = spec.stop { break loop }
+                try vcpu.loadWorkload(part, index: i, memory: memory, continuing: true)
+            case .interrupted:
+                continue
+            case .dirtyRingFull:
+                try onRingFull()
+            default:
+                throw .unexpectedExit(exit.description, state: vcpu.stateDump())
+            }
+            let now = monotonicNanos()
+            if now >= deadline { break }
+            // Auto-converge, as on the soft backend: after each millisecond run, sleep p/(100-p) of it.
+            let p = control.throttlePercent
+            if p > 0, now - throttleWindow >= 1_000_000 {
+                control.sleep(nanoseconds: (now - throttleWindow) * UInt64(p) / UInt64(100 - p))
+                throttleWindow = monotonicNanos()
+            } else if p == 0 {
+                throttleWindow = now
+            }
+            if let nanosPerAccess {
+                let due = start + UInt64(Double(total.accesses + chunkDone) * nanosPerAccess)
+                if due > now { control.sleep(nanoseconds: min(due - now, deadline &- now)) }
+            }
+        }
+        total.accesses += chunkDone
+        total.mismatches = vcpu.guestCounters(index: i, memory: memory).mismatches   // the guest counts them as it goes
+        total.nanoseconds = monotonicNanos() - start
+        return total
+    }
 }
 
 final class RunResults: @unchecked Sendable {

@@ -86,5 +86,6 @@ extension VCPURun {
         writes = s.writes
         exits = s.faults + s.exits
         nanoseconds = s.nanoseconds
+        mismatches = s.mismatches
     }
 }

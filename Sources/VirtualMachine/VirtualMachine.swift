@@ -36,6 +36,8 @@ public struct VCPURun: Sendable, Equatable {
     /// Exits to the VMM (faults and exits on soft, KVM_RUN returns on kvm).
     public var exits: UInt64 = 0
     public var nanoseconds: UInt64 = 0
+    /// Counter-pattern checks that found a page not holding what the guest last stored there.
+    public var mismatches: UInt64 = 0
     public init() {}
 }
 

@@ -23,6 +23,8 @@ public struct Access: Equatable, Sendable {
 ///                        else hot + lo32(r) * (pages - hot) >> 32
 ///   offset = sequential: cursor % 4096, else (w & 0xFFF) & ~(size - 1)
 ///   write  = hi32(w) < writeThreshold      (writeThreshold = fraction * 2^32)
+/// counter (no random numbers): page = cursor % pages, word = vcpu % 512; expect cursor / pages, then
+///   store that + 1; cursor advances by one.
 /// ```
 public struct WorkloadGenerator: Sendable {
     public let spec: WorkloadSpec
@@ -33,8 +35,10 @@ public struct WorkloadGenerator: Sendable {
     @usableFromInline let hotPages: UInt64
     @usableFromInline let hotThreshold: UInt64
     @usableFromInline let zipf: [UInt32]
-    @usableFromInline let kind: UInt8 // 0 sequential, 1 uniform, 2 zipf, 3 hot/cold
+    @usableFromInline let kind: UInt8 // 0 sequential, 1 uniform, 2 zipf, 3 hot/cold, 5 counter
     @usableFromInline let offsetMask: UInt64
+    /// The counter pattern's word in each page (byte offset): one per vCPU.
+    public let counterOffset: UInt64
 
     /// Buckets of the zipf inverse-CDF table.
     public static let zipfBuckets = 4096
@@ -46,6 +50,7 @@ public struct WorkloadGenerator: Sendable {
         pages = max(1, spec.pages)
         writeThreshold = UInt64(min(1, max(0, spec.writeFraction)) * 4_294_967_296)
         offsetMask = 0xFFF & ~UInt64(spec.accessSize - 1)
+        counterOffset = UInt64(vcpu % 512) * 8
         switch spec.pattern {
         case .sequential:
             kind = 0; hotPages = 0; hotThreshold = 0; zipf = []
@@ -59,6 +64,8 @@ public struct WorkloadGenerator: Sendable {
             hotPages = min(pages - 1, max(1, UInt64(Double(pages) * f)))
             hotThreshold = UInt64(p * 4_294_967_296)
             zipf = []
+        case .counter:
+            kind = 5; hotPages = 0; hotThreshold = 0; zipf = []
         }
     }
 
@@ -108,6 +115,17 @@ public struct WorkloadGenerator: Sendable {
         state ^= state << 25
         state ^= state >> 27
         return state &* 0x2545_F491_4F6C_DD1D
+    }
+
+    public var isCounter: Bool { kind == 5 }
+
+    /// The counter pattern's next access: the word to check and the value it must hold.
+    @inlinable @inline(__always)
+    public mutating func nextCounter() -> (gpa: GPA, expected: UInt64) {
+        let page = cursor % pages
+        let expected = cursor / pages
+        cursor &+= 1
+        return (spec.base + ((page << 12) | counterOffset), expected)
     }
 
     @inlinable @inline(__always)

@@ -11,6 +11,11 @@ public enum AccessPattern: Sendable, Equatable, CustomStringConvertible {
     case zipfian(theta: Double)
     /// A hot prefix of `hotFraction` of the pages receives `hotProbability` of the accesses.
     case hotCold(hotFraction: Double, hotProbability: Double)
+    /// Every page in order, pass after pass: each access reads the vCPU's own 8-byte counter in the
+    /// page (word `vcpu`), checks it holds the number of passes made so far, and stores that plus one,
+    /// as QEMU's migration test guest does. A page that lost a write (a dirty page a migration
+    /// dropped) shows as a mismatch. Writes ignore `write` and `size`; memory must start zeroed.
+    case counter
 
     public var description: String {
         switch self {
@@ -18,6 +23,7 @@ public enum AccessPattern: Sendable, Equatable, CustomStringConvertible {
         case .uniform: return "uniform"
         case let .zipfian(t): return "zipf:\(t)"
         case let .hotCold(f, p): return "hotcold:\(f):\(p)"
+        case .counter: return "counter"
         }
     }
 }
@@ -100,7 +106,7 @@ public struct WorkloadSpec: Sendable, Equatable, CustomStringConvertible {
 
     /// Parses `key=value` pairs separated by commas, e.g.
     /// `pattern=zipf:0.99,ws=256M,write=0.3,size=8,seed=7,count=1000000` or `...,duration=2s`.
-    /// Keys: pattern (sequential|uniform|zipf[:theta]|hotcold[:fraction[:probability]]), base, ws, write,
+    /// Keys: pattern (sequential|uniform|zipf[:theta]|hotcold[:fraction[:probability]]|counter), base, ws, write,
     /// size, rate, seed, count, duration. Unspecified keys keep the defaults.
     public static func parse(_ text: String, defaults: WorkloadSpec = WorkloadSpec()) throws(WorkloadError) -> WorkloadSpec {
         var spec = defaults
@@ -119,7 +125,8 @@ public struct WorkloadSpec: Sendable, Equatable, CustomStringConvertible {
                 case "uniform", "random": spec.pattern = .uniform
                 case "zipf", "zipfian": spec.pattern = .zipfian(theta: p.first ?? 0.99)
                 case "hotcold", "hot-cold": spec.pattern = .hotCold(hotFraction: p.first ?? 0.1, hotProbability: p.count > 1 ? p[1] : 0.9)
-                default: throw .badItem(String(item), reason: "pattern is one of sequential, uniform, zipf[:theta], hotcold[:fraction[:probability]]")
+                case "counter": spec.pattern = .counter
+                default: throw .badItem(String(item), reason: "pattern is one of sequential, uniform, zipf[:theta], hotcold[:fraction[:probability]], counter")
                 }
             case "base":
                 let v = value.lowercased().hasPrefix("0x") ? UInt64(value.dropFirst(2), radix: 16) : parseByteCount(value)

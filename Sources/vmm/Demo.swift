@@ -51,8 +51,10 @@ struct Demo: ParsableCommand {
 
         // Live-migrate the running guest to a second VM over loopback TCP, with a per-run key.
         print("== migrating to a second VM over loopback TCP (pre-shared key, a MAC on every record)")
+        let line = ProgressLine(prefix: "   ")
         let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, memory: mem), spec: spec,
-                                                         options: MigrationOptions(key: .random())) { print("   \($0)") }
+                                                         options: MigrationOptions(key: .random()), progress: line.show)
+        line.end()
         print("== migrated: \(migration)")
 
         let report = RunReport(stats: vm.vcpus.map(\.stats), census: vm.mmu.census(), backing: mem.report(),
@@ -69,7 +71,7 @@ struct Demo: ParsableCommand {
                      compact(Double(after2.reduce(0) { $0 + $1.accesses }))))
         if json {
             print(report.json(spec: spec, backend: "soft"))
-            print(migrationJSON(migration))
+            print(migrationJSON(migration, backend: .soft))
         }
     }
 }

@@ -31,9 +31,9 @@ struct DirtyRate: ParsableCommand {
     }
 
     func run() throws {
-        var spec = try parseWorkload(workload, memory: guest.memory.bytes)
+        var spec = try guest.workload(workload)
         spec.stop = .duration(window.value * 2 + 30)
-        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: guest.memory.bytes, backing: guest.backing, vcpus: guest.vcpus))
+        let vm = try guest.makeVM()
         try vm.memory.populate()
         try vm.start(spec, from: nil)
         Thread.sleep(forTimeInterval: 0.2)   // warm up: blocks mapped, TLBs filled

@@ -7,7 +7,7 @@ import Workload
 
 struct Migrate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a guest on the soft backend, then live-migrate it to `vmm receive` at HOST:PORT."
+        abstract: "Run a guest, then live-migrate it to `vmm receive` at HOST:PORT (Ctrl-C cancels; the guest keeps running here)."
     )
 
     @Option(help: "Destination, HOST:PORT.")
@@ -28,25 +28,32 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         guard let endpoint = Endpoint(to) else { throw ValidationError("--to is HOST:PORT, e.g. 127.0.0.1:7000") }
-        var spec = try parseWorkload(workload, memory: guest.memory.bytes)
+        var spec = try guest.workload(workload)
         spec.stop = .duration(3600)
-        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: guest.memory.bytes, backing: guest.backing, vcpus: guest.vcpus))
+        let key = try keyFile.map { try MigrationKey(file: $0) }
+        let vm = try guest.makeVM()
         try vm.memory.populate()
         try vm.start(spec, from: nil)
-        print("source: \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
+        defer { _ = try? vm.stop() }
+        print("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
-        let key = try keyFile.map { try MigrationKey(file: $0) }
         if key == nil { print("source: warning: no --key-file, the channel is not authenticated") }
         let connection = try Connection.connect(to: endpoint)
+        let interrupt = CancelOnInterrupt(connection)
+        let line = ProgressLine(prefix: "source: ")
         do {
             let report = try migrate(vm, spec: spec, over: connection,
                                      options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key,
-                                                               maxBandwidth: maxBandwidth.map { Double($0.bytes) })) { print("source: \($0)") }
+                                                               maxBandwidth: maxBandwidth.map { Double($0.bytes) }), progress: line.show)
+            line.end()
+            interrupt.end()
             print("source: migrated to \(endpoint): \(report)")
-            if json { print(migrationJSON(report)) }
+            if json { print(migrationJSON(report, backend: guest.backend)) }
         } catch {
-            print("source: migration failed (\(error)); the guest keeps running here")
-            _ = try? vm.stop()
+            line.end()
+            interrupt.end()
+            let what = (error as? MigrationError) == .cancelled ? "cancelled (Ctrl-C)" : "failed (\(error))"
+            print("source: migration \(what); the guest kept running here with its memory intact, logging off")
             throw ExitCode.failure
         }
     }
@@ -54,7 +61,7 @@ struct Migrate: ParsableCommand {
 
 struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Wait for a live migration at HOST:PORT, resume the guest, let it run, and report."
+        abstract: "Wait for a live migration at HOST:PORT, resume the guest, let it run, and report (Ctrl-C cancels)."
     )
 
     @Option(help: "Address to listen on, HOST:PORT.")
@@ -65,6 +72,8 @@ struct Receive: ParsableCommand {
     var keyFile: String?
     @Option(help: "How long the resumed guest runs before this command stops it.")
     var runFor: Seconds = Seconds(argument: "1s")!
+    @Flag(help: "Print one JSON line with the report last.")
+    var json = false
 
     func run() throws {
         guard let endpoint = Endpoint(listen) else { throw ValidationError("--listen is HOST:PORT, e.g. 0.0.0.0:7000") }
@@ -73,24 +82,94 @@ struct Receive: ParsableCommand {
         let listener = try Listener(endpoint)
         print("destination: listening on \(listener.endpoint)")
         let connection = try listener.accept(timeout: timeout.value)
+        let start = Date()
+        let interrupt = CancelOnInterrupt(connection)
+        let line = ProgressLine(prefix: "destination: ")
+        let vm: any VirtualMachine, spec: WorkloadSpec
         do {
-            let (vm, spec) = try receive(over: connection, key: key) { print("destination: \($0)") }
-            print("destination: running \(spec) for \(runFor.value) s")
-            Thread.sleep(forTimeInterval: runFor.value)
-            let runs = try vm.stop()
-            print("destination: the guest made \(runs.reduce(0) { $0 + $1.accesses }) more accesses here")
+            (vm, spec) = try receive(over: connection, key: key, progress: line.show)
+            line.end()
+            interrupt.end()
         } catch {
-            print("destination: refused the guest (\(error)); nothing was resumed")
+            line.end()
+            interrupt.end()
+            let what = (error as? MigrationError) == .cancelled ? "cancelled (Ctrl-C)" : "refused the guest (\(error))"
+            print("destination: \(what); the partial VM was discarded, nothing was resumed")
             throw ExitCode.failure
+        }
+        let seconds = Date().timeIntervalSince(start)
+        print(String(format: "destination: received %@ in %.0f ms; running %@ for %g s", formatBytes(connection.bytesReceived),
+                     seconds * 1e3, spec.description, runFor.value))
+        Thread.sleep(forTimeInterval: runFor.value)
+        let runs = try vm.stop()
+        let accesses = runs.reduce(0) { $0 + $1.accesses }, mismatches = runs.reduce(0) { $0 + $1.mismatches }
+        print("destination: the guest made \(accesses) more accesses here" + (spec.pattern == .counter ? ", \(mismatches) counter mismatches" : ""))
+        if json {
+            print(jsonLine([
+                ("command", "receive"), ("backend", vm.backend.rawValue), ("memory_bytes", vm.memory.size),
+                ("bytes_received", connection.bytesReceived), ("receive_ms", seconds * 1e3), ("resumed", true),
+                ("accesses_after", accesses), ("mismatches", mismatches),
+            ]))
         }
     }
 }
 
-func migrationJSON(_ r: MigrationReport) -> String {
+func migrationJSON(_ r: MigrationReport, backend: BackendKind) -> String {
     jsonLine([
-        ("command", "migrate"), ("total_ms", r.totalSeconds * 1e3), ("downtime_ms", r.downtimeSeconds * 1e3),
+        ("command", "migrate"), ("backend", backend.rawValue), ("total_ms", r.totalSeconds * 1e3), ("downtime_ms", r.downtimeSeconds * 1e3),
         ("setup_ms", r.setupSeconds * 1e3), ("bytes_sent", r.bytesSent), ("pages_sent", r.pagesSent),
         ("zero_pages", r.zeroPages), ("iterations", r.iterations), ("converged", r.converged),
         ("bandwidth_mib_s", r.bandwidth / Double(1 << 20)), ("throttle_pct", r.throttlePercent),
     ])
+}
+
+/// Migration progress for a person: on a terminal one status line rewritten in place, with events
+/// on lines of their own; elsewhere (a pipe, a log) the events only.
+final class ProgressLine {
+    let prefix: String
+    private let terminal = isatty(STDOUT_FILENO) == 1
+    private var live = false
+    init(prefix: String) { self.prefix = prefix }
+
+    func show(_ p: MigrationProgress) {
+        if let event = p.event {
+            clear()
+            print(prefix + event)
+        }
+        guard terminal else { return }
+        clear()
+        print(prefix + p.line, terminator: "")
+        fflush(stdout)
+        live = true
+    }
+
+    func end() { clear() }
+
+    private func clear() {
+        guard live else { return }
+        print("\r\u{1B}[K", terminator: "")
+        live = false
+    }
+}
+
+/// While it lives, Ctrl-C (SIGINT) and SIGTERM cancel the transfer on `connection` instead of killing
+/// the process mid-way: the migration then rolls back and each side reports it.
+final class CancelOnInterrupt {
+    private let sources: [DispatchSourceSignal]
+    init(_ connection: Connection) {
+        sources = [SIGINT, SIGTERM].map { sig in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { connection.cancel() }
+            s.resume()
+            return s
+        }
+    }
+
+    /// Back to the default: a later Ctrl-C ends the process.
+    func end() {
+        for s in sources { s.cancel() }
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
+    }
 }

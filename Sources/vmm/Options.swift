@@ -1,12 +1,17 @@
 import Foundation
 import ArgumentParser
 import GuestMemory
+import KVMBackend
+import VirtualMachine
 import Workload
 
 extension Backing: ExpressibleByArgument {}
+extension BackendKind: ExpressibleByArgument {}
 
-/// The guest every running command builds: memory, its backing, vCPUs.
+/// The guest every running command builds: backend, memory, its backing, vCPUs.
 struct GuestOptions: ParsableArguments {
+    @Option(help: "Backend: soft (our MMU and software vCPUs) or kvm (/dev/kvm, the guest program at CPL3).")
+    var backend: BackendKind = .soft
     @Option(help: "Guest memory size (e.g. 256M, 1G).")
     var memory: ByteSize = ByteSize(argument: "512M")!
     @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
@@ -17,6 +22,25 @@ struct GuestOptions: ParsableArguments {
     func validate() throws {
         guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1...64") }
         guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4 KiB (got \(memory.bytes) bytes)") }
+        if backend == .kvm && vcpus > X86Layout.maxVCPUs { throw ValidationError("the kvm backend runs at most \(X86Layout.maxVCPUs) vCPUs") }
+        if backend == .kvm && memory.bytes <= X86Layout.reservedEnd.raw { throw ValidationError("--memory must exceed 1 MiB on the kvm backend") }
+    }
+
+    func makeVM() throws -> any VirtualMachine {
+        try makeVirtualMachine(VMConfig(backend: backend, memory: memory.bytes, backing: backing, vcpus: vcpus))
+    }
+
+    /// The lowest GPA a workload may use: the KVM guest program keeps the first MiB for itself.
+    var workloadBase: GPA { backend == .kvm ? X86Layout.reservedEnd : GPA(0) }
+
+    /// Parses a workload spec for this guest; the working set defaults to all memory above the base.
+    func workload(_ text: String) throws -> WorkloadSpec {
+        let base = workloadBase
+        let spec = try parseWorkload(text, memory: memory.bytes, defaults: WorkloadSpec(base: base, workingSet: memory.bytes - base.raw))
+        guard spec.base >= base else {
+            throw ValidationError("on the \(backend) backend the working set starts at \(base) or above (the guest program's pages lie below)")
+        }
+        return spec
     }
 }
 
@@ -31,12 +55,14 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
 }
 
 /// A duration like 2s, 500ms.
-struct Seconds: ExpressibleByArgument {
+struct Seconds: ExpressibleByArgument, CustomStringConvertible {
     let value: Double
     init?(argument: String) {
         guard let v = parseDuration(argument), v > 0 else { return nil }
         value = v
     }
+    var description: String { value < 1 ? "\(Int((value * 1000).rounded()))ms" : "\(value)s" }
+    var defaultValueDescription: String { description }
 }
 
 /// Formats a rate or count compactly: 1234567 -> "1.23M".

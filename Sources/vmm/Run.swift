@@ -12,8 +12,6 @@ struct Run: ParsableCommand {
         abstract: "Run a guest workload and print its statistics."
     )
 
-    @Option(help: "Backend: soft (our MMU and software vCPUs) or kvm (/dev/kvm, the guest program at CPL3).")
-    var backend: String = "soft"
     @OptionGroup var guest: GuestOptions
     @Option(help: "Workload spec, e.g. pattern=zipf:0.99,ws=128M,write=0.3,size=8,seed=7 (ws defaults to all memory).")
     var workload: String = ""
@@ -24,14 +22,8 @@ struct Run: ParsableCommand {
     @Flag(help: "Print one JSON line with the results last.")
     var json = false
 
-    func validate() throws {
-        guard backend == "soft" || backend == "kvm" else { throw ValidationError("--backend is soft or kvm") }
-        if backend == "kvm" && guest.vcpus > X86Layout.maxVCPUs { throw ValidationError("the kvm backend runs at most \(X86Layout.maxVCPUs) vCPUs") }
-        if backend == "kvm" && guest.memory.bytes <= X86Layout.reservedEnd.raw { throw ValidationError("--memory must exceed 1 MiB on the kvm backend") }
-    }
-
     func run() throws {
-        if backend == "kvm" { return try runKVM() }
+        if guest.backend == .kvm { return try runKVM() }
         var spec = try parseWorkload(workload, memory: guest.memory.bytes)
         if let duration { spec.stop = .duration(duration.value) }
         let vm = SoftVM(vcpus: guest.vcpus)
@@ -51,13 +43,8 @@ extension Run {
     /// The same workload on /dev/kvm, through the backend-independent VirtualMachine: the guest
     /// program runs it at CPL3 above the 1 MiB it keeps for itself.
     func runKVM() throws {
-        let vm = try makeVirtualMachine(VMConfig(backend: .kvm, memory: guest.memory.bytes, backing: guest.backing, vcpus: guest.vcpus))
-        let base = vm.workloadBase
-        var spec = try parseWorkload(workload, memory: guest.memory.bytes,
-                                     defaults: WorkloadSpec(base: base, workingSet: guest.memory.bytes - base.raw))
-        guard spec.base >= base else {
-            throw ValidationError("on the kvm backend the working set starts at \(base) or above (the guest program's pages lie below)")
-        }
+        let vm = try guest.makeVM()
+        var spec = try guest.workload(workload)
         if let duration { spec.stop = .duration(duration.value) }
         if prealloc { try vm.memory.populate() }
         print("kvm VM: \(vm.vcpuCount) vCPU(s), \(guest.memory) \(guest.backing) memory")

@@ -29,9 +29,9 @@ struct SnapshotCreate: ParsableCommand {
     var diff: Int = 0
 
     func run() throws {
-        var spec = try parseWorkload(workload, memory: guest.memory.bytes)
+        var spec = try guest.workload(workload)
         spec.stop = .duration(3600)
-        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: guest.memory.bytes, backing: guest.backing, vcpus: guest.vcpus))
+        let vm = try guest.makeVM()
         try vm.start(spec, from: nil)
         let chain = SnapshotChain(vm: vm, spec: spec)
         defer {

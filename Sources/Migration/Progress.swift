@@ -1,0 +1,46 @@
+import GuestMemory
+
+/// Where a migration stands, reported to a progress callback on either end: often while pages move
+/// (about ten times a second), and at every change of phase or iteration.
+public struct MigrationProgress: Sendable {
+    public enum Phase: String, Sendable {
+        case setup, precopy = "pre-copy", stopAndCopy = "stop-and-copy", receiving, verifying, done
+    }
+    public var phase: Phase = .setup
+    /// The source's pass over memory: 1 is the full first pass, later ones send what was dirtied.
+    public var iteration = 0
+    /// Pages the current pass sends, and how many of them are sent.
+    public var pagesPlanned: UInt64 = 0
+    public var pagesDone: UInt64 = 0
+    /// Bytes sent (source) or received (destination) so far.
+    public var bytes: UInt64 = 0
+    /// Bytes per second, the latest measurement.
+    public var bandwidth = 0.0
+    /// The source's estimate of the pause if it stopped now: dirty bytes left / bandwidth.
+    public var expectedDowntime = 0.0
+    public var throttlePercent = 0
+    /// Something that happened (a throttle step, the digest checked), worth a line of its own.
+    public var event: String?
+
+    public init() {}
+
+    public var percent: Double { pagesPlanned == 0 ? 100 : Double(pagesDone) * 100 / Double(pagesPlanned) }
+    public var remainingBytes: UInt64 { (pagesPlanned - min(pagesDone, pagesPlanned)) << 12 }
+
+    /// One line for a terminal.
+    public var line: String {
+        let rate = String(format: "%.0f MiB/s", bandwidth / 1_048_576)
+        switch phase {
+        case .receiving:
+            return "receiving: \(formatBytes(bytes)) in, \(rate)"
+        case .verifying, .done, .setup:
+            return phase.rawValue + (event.map { ": " + $0 } ?? "")
+        case .precopy, .stopAndCopy:
+            var s = String(format: "%@ iteration %d: %3.0f%% of %@ sent, %@, %@ left, expected downtime %.0f ms",
+                           phase.rawValue, iteration, percent, formatBytes(pagesPlanned << 12), rate,
+                           formatBytes(remainingBytes), expectedDowntime * 1e3)
+            if throttlePercent > 0 { s += ", vCPUs throttled to \(100 - throttlePercent)%" }
+            return s
+        }
+    }
+}
