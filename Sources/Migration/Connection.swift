@@ -84,6 +84,7 @@ public final class Connection: @unchecked Sendable {
 
     /// Makes what was written durable (a snapshot is complete only after this).
     public func sync() throws {
+        try flush()
         guard fsync(fd) == 0 else { throw MigrationError.connection("fsync: \(String(cString: strerror(errno)))") }
     }
 
@@ -100,7 +101,12 @@ public final class Connection: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    deinit { close(fd) }
+    deinit {
+        try? flush()
+        close(fd)
+        output.deallocate()
+        input.deallocate()
+    }
 
     /// Connects to `endpoint`, giving up after `timeout` seconds.
     public static func connect(to endpoint: Endpoint, timeout: Double = 10) throws -> Connection {
@@ -119,10 +125,48 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
+    /// Small writes are gathered here and go out in one system call (a pass over scattered dirty pages
+    /// is many small records); reads are served from `input` the same way.
+    private static let bufferSize = 256 << 10
+    private let output = UnsafeMutableRawPointer.allocate(byteCount: Connection.bufferSize, alignment: 64)
+    private var outputCount = 0
+    private let input = UnsafeMutableRawPointer.allocate(byteCount: Connection.bufferSize, alignment: 64)
+    private var inputStart = 0, inputEnd = 0
+
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
+        if outputCount + bytes.count > Self.bufferSize { try flush() }
+        if bytes.count >= Self.bufferSize {
+            try write(bytes)
+        } else if bytes.count > 0 {
+            (output + outputCount).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            outputCount += bytes.count
+        }
+        bytesSent += UInt64(bytes.count)
+        if let limit = maxBandwidth, limit > 0 {
+            // Stay under the limit on average: sleep until the bytes sent so far are due.
+            pacedBytes += Double(bytes.count)
+            let due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
+            if due > 0.001 { try flush(); usleep(UInt32(min(due, 1) * 1e6)) }
+        }
+    }
+
+    public func send(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { b in try send(b) }
+    }
+
+    /// Sends what `send` gathered. Receiving flushes first (the peer may be waiting for it), and so
+    /// does `sync`; a last message with no answer to wait for must be flushed by its sender.
+    public func flush() throws {
+        guard outputCount > 0 else { return }
+        let n = outputCount
+        outputCount = 0
+        try write(UnsafeRawBufferPointer(start: output, count: n))
+    }
+
+    private func write(_ bytes: UnsafeRawBufferPointer) throws {
         var off = 0
         while off < bytes.count {
-            let n = isFile ? write(fd, bytes.baseAddress! + off, bytes.count - off)
+            let n = isFile ? Glibc.write(fd, bytes.baseAddress! + off, bytes.count - off)
                            : Glibc.send(fd, bytes.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL))
             if n < 0 {
                 let e = errno
@@ -132,23 +176,23 @@ public final class Connection: @unchecked Sendable {
             }
             off += n
         }
-        bytesSent += UInt64(bytes.count)
-        if let limit = maxBandwidth, limit > 0 {
-            // Stay under the limit on average: sleep until the bytes sent so far are due.
-            pacedBytes += Double(bytes.count)
-            let due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
-            if due > 0.001 { usleep(UInt32(min(due, 1) * 1e6)) }
-        }
-    }
-
-    public func send(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { b in try send(b) }
     }
 
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+        try flush()
         var off = 0
         while off < buffer.count {
-            let n = isFile ? read(fd, buffer.baseAddress! + off, buffer.count - off) : recv(fd, buffer.baseAddress! + off, buffer.count - off, 0)
+            if inputStart < inputEnd {
+                let n = min(inputEnd - inputStart, buffer.count - off)
+                (buffer.baseAddress! + off).copyMemory(from: input + inputStart, byteCount: n)
+                inputStart += n
+                off += n
+                continue
+            }
+            // Large reads go straight to the caller; small ones refill the buffer.
+            let direct = buffer.count - off >= Self.bufferSize
+            let (to, room) = direct ? (buffer.baseAddress! + off, buffer.count - off) : (input, Self.bufferSize)
+            let n = isFile ? read(fd, to, room) : recv(fd, to, room, 0)
             if n == 0 {
                 throw failure(isFile ? .badStream("the file ends early, after \(bytesReceived + UInt64(off)) bytes (truncated)")
                                      : .connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes"))
@@ -159,7 +203,7 @@ public final class Connection: @unchecked Sendable {
                 if e == EAGAIN || e == EWOULDBLOCK { throw failure(.timeout("waiting for the peer")) }
                 throw failure(.connection("receive: \(String(cString: strerror(e)))"))
             }
-            off += n
+            if direct { off += n } else { inputStart = 0; inputEnd = n }
         }
         bytesReceived += UInt64(buffer.count)
     }

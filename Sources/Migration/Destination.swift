@@ -37,22 +37,19 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         let backing = Backing.allCases.indices.contains(Int(header.backing)) ? Backing.allCases[Int(header.backing)] : .pages4K
         let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
         tell(.setup, "a \(backend) guest: \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
-        let (state, digest, written) = try applyRecords(from: connection, into: vm) { tell(.receiving, force: false) }
+        // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
+        let local = DestinationDigest(vm.memory)
+        let (state, digest, _) = try applyRecords(from: connection, into: vm, digest: local) { tell(.receiving, force: false) }
         tell(.verifying, "all records in; checking the memory digest")
-        // Chunks no record wrote are still the new VM's zeros: no need to read them.
-        let pagesPerChunk = UInt64(digestChunk >> 12)
-        let untouched = { (chunk: Int) -> Bool in
-            let first = UInt64(chunk) * pagesPerChunk
-            return !(first..<min(first + pagesPerChunk, written.pages)).contains { written.isSet($0) }
-        }
-        guard memoryDigest(vm.memory, knownZero: untouched) == digest else { throw MigrationError.digestMismatch }
+        guard local.final() == digest else { throw MigrationError.digestMismatch }
         try vm.start(spec, from: state)
         try connection.send([1])
+        try connection.flush()
         answered = true
         tell(.done, "memory digest matches; guest resumed")
         return (vm, spec)
     } catch {
-        if !answered, connection.sendMAC != nil || key == nil { try? connection.send([0]) }
+        if !answered, connection.sendMAC != nil || key == nil { try? connection.send([0]); try? connection.flush() }
         throw connection.isCancelled ? MigrationError.cancelled : error
     }
 }
@@ -60,7 +57,7 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
 /// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU
 /// state, the digest END carries, and which pages records wrote (pass `written` to carry it across files). Every record's checksum (and MAC, on an authenticated connection) is checked first.
 func applyRecords(from connection: Connection, into vm: any VirtualMachine, written: DirtyBitmap? = nil,
-                  tick: () -> Void = {}) throws -> (VCPUStates, [UInt8], DirtyBitmap) {
+                  digest: DestinationDigest? = nil, tick: () -> Void = {}) throws -> (VCPUStates, [UInt8], DirtyBitmap) {
     let pages = vm.memory.size >> 12
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: VCPUStates?
@@ -72,14 +69,19 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, writ
         tick()
         switch r.type {
         case .pages:
-            let dst = vm.memory.pointer + Int(r.firstPage << 12)
-            if r.zero {
-                for p in r.firstPage..<(r.firstPage + UInt64(r.count)) where written.isSet(p) {
-                    memset(vm.memory.pointer + Int(p << 12), 0, 4096)
+            let run = r.firstPage..<(r.firstPage + UInt64(r.count))
+            let apply = {
+                if r.zero {
+                    for p in run where written.isSet(p) { memset(vm.memory.pointer + Int(p << 12), 0, 4096) }
+                } else {
+                    buffer.withUnsafeBytes { (vm.memory.pointer + Int(r.firstPage << 12)).copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
+                    written.set(first: r.firstPage, count: UInt64(r.count))
                 }
+            }
+            if let digest, !r.zero || run.contains(where: { written.isSet($0) }) {
+                digest.writing(first: r.firstPage, count: UInt64(r.count), apply)
             } else {
-                buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
-                written.set(first: r.firstPage, count: UInt64(r.count))
+                apply()
             }
         case .state:
             guard let first = r.payload.first, BackendKind(wireCode: first) == vm.backend else {

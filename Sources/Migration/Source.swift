@@ -91,8 +91,12 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         var pending = [UInt64](repeating: ~0, count: allWords)
         if vm.pages % 64 != 0 { pending[allWords - 1] = (1 << (vm.pages % 64)) - 1 }
         status.phase = .precopy
+        // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
+        let digest = SourceDigest(vm.memory)
+        defer { digest.harvested([]) }   // never leave it reading memory behind us
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
+            digest.start()
             status.iteration = report.iterations + 1
             status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
             status.pagesDone = 0
@@ -104,8 +108,10 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             if bytes > 1_048_576 { report.bandwidth = bytes / seconds }
             report.iterations += 1
             pending = try vm.getDirtyLog()
+            digest.harvested(pending)
+            // The pause sends what is dirty and hashes what the digest has not confirmed, side by side.
             let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
-            let expectedDowntime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
+            let expectedDowntime = max(report.bandwidth > 0 ? remaining / report.bandwidth : 0, digest.secondsLeft)
             status.bandwidth = report.bandwidth
             status.expectedDowntime = expectedDowntime
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
@@ -126,19 +132,20 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         try vm.pause()
         paused = true
         let last = try vm.getDirtyLog()
+        digest.harvested(last)
         for i in pending.indices { pending[i] |= last[i] }
         status.phase = .stopAndCopy
         status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
         status.pagesDone = 0
         tell()
-        // Memory no longer changes: digest it on another thread while the last pages go out.
-        let digest = BackgroundDigest(vm.memory)
-        defer { _ = digest.result() }   // never leave it reading memory behind us
+        // Memory no longer changes: hash what is left on other threads while the last pages go out.
+        let final = BackgroundDigest(digest)
+        defer { _ = final.result() }
         try sender.send(pending, report: &report)
         let state = try vm.vcpuStates()
         let stateBytes = [state.backend.wireCode] + state.bytes
         try stateBytes.withUnsafeBytes { p in try connection.sendRecord(Record.header(.state, payload: p), p) }
-        try digest.result().withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
+        try final.result().withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
         vm.setThrottle(percent: 0)
         let answer = try connection.receive(1)
         guard answer[0] == 1 else { throw MigrationError.refused }
@@ -218,9 +225,9 @@ final class BackgroundDigest: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     private var waited = false
 
-    init(_ memory: HostMemory) {
+    init(_ digest: SourceDigest) {
         Thread { [self] in
-            value = memoryDigest(memory)
+            value = digest.final()
             done.signal()
         }.start()
     }

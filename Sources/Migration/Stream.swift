@@ -167,56 +167,6 @@ public struct Record {
     }
 }
 
-/// The 256-bit digest of all guest memory, page 0 first: the four lanes of the record checksum,
-/// each finalized on its own. Fast (it runs while the guest is paused); the stream's authenticity,
-/// when a key is given, comes from the MAC, not from this digest.
-/// Memory is hashed in 64 MiB chunks, on every core (the guest is paused meanwhile), and the chunks'
-/// lanes are hashed again: the same value whatever the number of threads.
-/// `knownZero(i)` may say a chunk is all zeros without reading it (a destination knows which chunks
-/// no record has written): its lanes are then those of a zero chunk of that length, computed once.
-public func memoryDigest(_ memory: HostMemory, knownZero: ((Int) -> Bool)? = nil) -> [UInt8] {
-    let chunk = digestChunk
-    let size = Int(memory.size)
-    let chunks = (size + chunk - 1) / chunk
-    let lanes = UnsafeMutablePointer<UInt64>.allocate(capacity: chunks * 4)
-    defer { lanes.deallocate() }
-    let base = UnsafeRawPointer(memory.pointer)
-    let zeroLanes = zeroChunkLanes(chunk)
-    DispatchQueue.concurrentPerform(iterations: chunks) { i in
-        let length = min(chunk, size - i * chunk)
-        if length == chunk, let knownZero, knownZero(i) {
-            for j in 0..<4 { lanes[i * 4 + j] = zeroLanes[j] }
-            return
-        }
-        var h = RecordChecksum()
-        h.update(UnsafeRawBufferPointer(start: base + i * chunk, count: length))
-        for (j, lane) in h.finalLanes.enumerated() { lanes[i * 4 + j] = lane }
-    }
-    var h = RecordChecksum()
-    h.update(UnsafeRawBufferPointer(start: lanes, count: chunks * 32))
-    var out: [UInt8] = []
-    for lane in h.finalLanes { out.append(le: lane) }
-    return out
-}
-
-/// Bytes per digest chunk.
-public let digestChunk = 64 << 20
-
-/// The lanes of an all-zero chunk of `length` bytes.
-func zeroChunkLanes(_ length: Int) -> [UInt64] {
-    let zeros = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
-    defer { zeros.deallocate() }
-    memset(zeros, 0, 1 << 20)
-    var h = RecordChecksum()
-    var left = length
-    while left > 0 {
-        let n = min(left, 1 << 20)
-        h.update(UnsafeRawBufferPointer(start: zeros, count: n))
-        left -= n
-    }
-    return h.finalLanes
-}
-
 /// The per-record checksum: a 32-bit fold of four independent 64-bit multiply-rotate lanes over
 /// 8-byte words (after xxHash64's round), fast enough (several GB/s) not to limit a migration.
 /// It guards against corruption; the authentication, when a key is given, is the MAC.

@@ -12,8 +12,8 @@ struct BenchMigrate: ParsableCommand {
         abstract: "Migrate a guest over loopback TCP at dirty rates 0, 100, 400 and 1000 MiB/s; one JSON line per rate."
     )
 
-    @Option(help: "Backend: soft (KVM guests do not migrate in this build).")
-    var backend: String = "soft"
+    @Option(help: "Backend: soft or kvm.")
+    var backend: BackendKind = .soft
     @Option(help: "Guest memory.")
     var memory: ByteSize = ByteSize(argument: "4G")!
     @Option(help: "Working set the guest writes.")
@@ -28,20 +28,23 @@ struct BenchMigrate: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard backend == "soft" else { throw ValidationError("only soft guests migrate in this build") }
         guard workingSet.bytes <= memory.bytes else { throw ValidationError("--working-set must fit in --memory") }
         guard rates.split(separator: ",").allSatisfy({ Int($0) != nil }) else { throw ValidationError("--rates is a comma-separated list of MiB/s") }
     }
 
     func run() throws {
-        print("bench migrate: soft backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth")
+        print("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth")
         print("  rate MiB/s     total   downtime    setup      sent  iterations  throttle  converged")
         for rate in rates.split(separator: ",").compactMap({ Int($0) }) {
-            let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: memory.bytes, backing: backing, vcpus: 1))
+            let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: memory.bytes, backing: backing, vcpus: 1))
+            let base = vm.workloadBase
+            guard base.raw + workingSet.bytes <= memory.bytes else {
+                throw ValidationError("the working set does not fit above \(base) in \(memory) on the \(backend) backend")
+            }
             // A warm guest: its working set is resident and holds data before the migration.
-            memset(vm.memory.pointer, 0x5A, Int(workingSet.bytes))
+            memset(vm.memory.pointer + Int(base.raw), 0x5A, Int(workingSet.bytes))
             // Uniform writes over the working set: new dirty pages per second ~ writes per second.
-            let spec = WorkloadSpec(pattern: .uniform, workingSet: workingSet.bytes, writeFraction: rate == 0 ? 0 : 1,
+            let spec = WorkloadSpec(pattern: .uniform, base: base, workingSet: workingSet.bytes, writeFraction: rate == 0 ? 0 : 1,
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
             try vm.start(spec, from: nil)
             Thread.sleep(forTimeInterval: 0.5)
@@ -52,7 +55,7 @@ struct BenchMigrate: ParsableCommand {
                          report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
             if json {
                 print(jsonLine([
-                    ("bench", "migrate"), ("backend", backend), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
+                    ("bench", "migrate"), ("backend", backend.rawValue), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
                     ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
                     ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),
                     ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),

@@ -40,7 +40,7 @@ final class FaultyProxy: @unchecked Sendable {
             guard let up = try? l.accept(timeout: 10), let down = try? Connection.connect(to: destination, timeout: 10) else { return }
             // The destination's one-byte answer goes back to the source.
             Thread {
-                if let a = try? down.receive(1) { try? up.send(a) }
+                if let a = try? down.receive(1) { try? up.send(a); try? up.flush() }
                 shutdown(up.fd, Int32(SHUT_RDWR))
             }.start()
             var offset = 0
@@ -53,14 +53,14 @@ final class FaultyProxy: @unchecked Sendable {
                 case let .cut(at) where offset + n > at:
                     shutdown(up.fd, Int32(SHUT_RDWR)); shutdown(down.fd, Int32(SHUT_RDWR)); return
                 case let .truncate(at) where offset + n > at:
-                    try? down.send(Array(bytes[0..<max(0, at - offset)]))
+                    try? down.send(Array(bytes[0..<max(0, at - offset)])); try? down.flush()
                     shutdown(down.fd, Int32(SHUT_RDWR)); return
                 case let .flip(at) where offset <= at && at < offset + n:
                     bytes[at - offset] ^= 0x40
                 default: break
                 }
                 offset += n
-                guard (try? down.send(bytes)) != nil else { break }
+                guard (try? down.send(bytes)) != nil, (try? down.flush()) != nil else { break }
             }
             shutdown(down.fd, Int32(SHUT_WR))
         }.start()
@@ -187,6 +187,7 @@ final class FaultyProxy: @unchecked Sendable {
         c.sendMAC = RecordMAC(key: MigrationKey.random().key, direction: 1)
         let page = [UInt8](repeating: 0xAA, count: 4096)
         try page.withUnsafeBytes { p in try c.sendRecord(Record.header(.pages, count: 1, firstPage: 3, payload: p), p) }
+        try c.flush()
         do {
             _ = try dest()
             Issue.record("the destination accepted a forged record")
