@@ -39,6 +39,7 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         tell(.setup, "a \(backend) guest: \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
         // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
         let local = DestinationDigest(vm.memory)
+        defer { local.stop() }
         let (state, digest, _) = try applyRecords(from: connection, into: vm, digest: local) { tell(.receiving, force: false) }
         tell(.verifying, "all records in; checking the memory digest")
         guard local.final() == digest else { throw MigrationError.digestMismatch }

@@ -123,11 +123,16 @@ final class SourceDigest {
         return Double(confirmed.filter { !$0 }.count * digestChunk) / rate
     }
 
+    /// Stops the background hashing (after the chunk in hand).
+    func stop() {
+        hasher?.stop()
+        hasher = nil
+    }
+
     /// After a harvest (`dirty`: the pages it reported): stops the background hashing, confirms the
     /// hashes of chunks with no dirty page, and drops the others.
     func harvested(_ dirty: [UInt64]) {
-        hasher?.stop()
-        hasher = nil
+        stop()
         let wordsPerChunk = digestChunk >> 18   // 64 pages per bitmap word
         lock.lock()
         for c in 0..<chunks {
@@ -215,9 +220,7 @@ final class DestinationDigest {
     /// The digest of memory as received: chunks never written are zeros, chunks hashed since their
     /// last write are kept, the rest are read now.
     func final() -> [UInt8] {
-        lock.lock(); stopping = true; lock.unlock()
-        hasher?.stop()
-        hasher = nil
+        stop()
         lock.lock()
         let known: [[UInt64]?] = (0..<chunks).map { c in
             if sequence[c] == 0 { return Int(memory.size) - c * digestChunk >= digestChunk ? zero : nil }
@@ -228,8 +231,11 @@ final class DestinationDigest {
         return memoryDigest(memory, known: { known[$0] })
     }
 
-    deinit {
+    /// Ends the background hashing; the receiver must call it (or `final()`) on every path, since
+    /// the hashing thread holds this object and the guest memory until then.
+    func stop() {
         lock.lock(); stopping = true; lock.unlock()
         hasher?.stop()
+        hasher = nil
     }
 }

@@ -93,7 +93,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         status.phase = .precopy
         // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
         let digest = SourceDigest(vm.memory)
-        defer { digest.harvested([]) }   // never leave it reading memory behind us
+        defer { digest.stop() }   // never leave it reading memory behind us
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             digest.start()

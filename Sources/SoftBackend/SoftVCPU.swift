@@ -255,6 +255,7 @@ public final class SoftVCPU: @unchecked Sendable {
         }
         let batch: UInt64 = 256
         var done: UInt64 = from?.done ?? 0
+        let startDone = done   // a continued stream is paced from here, not from its first access
         var seq = from?.seq ?? UInt64(index) << 48
         let nanosPerAccess = workload.rate.map { 1e9 / Double($0) }
         self.control = control
@@ -306,7 +307,7 @@ public final class SoftVCPU: @unchecked Sendable {
                 throttleWindow = now
             }
             if let nanosPerAccess {
-                let due = start &+ UInt64(Double(done) * nanosPerAccess)
+                let due = start &+ UInt64(Double(done &- startDone) * nanosPerAccess)
                 if due > now {
                     exitGuest()
                     control.sleep(nanoseconds: min(due - now, deadline &- now))

@@ -58,6 +58,14 @@ public final class SoftVM: @unchecked Sendable {
 
     public var isRunning: Bool { control != nil }
 
+    /// The vCPU threads would run on without the VM: a VM dropped while running stops them first.
+    deinit {
+        if let c = control {
+            c.stopAll()
+            _ = c.waitFinished(timeout: 10)
+        }
+    }
+
     /// Starts one thread per vCPU running `workload` (from `positions`, to continue migrated streams).
     public func start(_ workload: WorkloadSpec, from positions: [VCPUPosition]? = nil) throws(SoftVMError) {
         guard control == nil else { throw .alreadyRunning }

@@ -111,6 +111,14 @@ final class KVMMachine: VirtualMachine {
 
     private var runner: KVMRunner?
 
+    /// The vCPU threads hold the VM: a machine dropped while its guest runs stops it first.
+    deinit {
+        if let runner {
+            runner.control.stopAll(kick: runner.kickAll)
+            _ = runner.control.waitFinished(timeout: 10)
+        }
+    }
+
     func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws {
         guard runner == nil else { throw VMError.failed("the guest is already running: stop it first") }
         guard spec.base >= workloadBase else {
