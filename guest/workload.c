@@ -4,8 +4,8 @@
 //   port 0x10 (out, 4 bytes): progress, accesses done so far (every `report_every` accesses)
 //   port 0x11 (out, 4 bytes): finished; the VMM reads the counters from the parameter page
 // Pages it touches besides the working set: its code (0x10000), its parameter page (0x20000 + 4 KiB per
-// vCPU, passed in rdi), the zipf table (0x40000..0x45000), its stack (below 0x80000, 16 KiB per vCPU)
-// and the page tables the VMM built (0x1000..0x7000). All of it lies below 1 MiB.
+// vCPU, passed in rdi), the zipf table (0x40000..0x45000), its stack (below 0x90000, 16 KiB per vCPU)
+// and the page tables the VMM built (0x1000..0x3000 and 0x90000..0xD0000). All of it lies below 1 MiB.
 // Regenerate the committed bytes with guest/build.sh.
 
 typedef unsigned long long u64;

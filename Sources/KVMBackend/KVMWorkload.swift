@@ -51,6 +51,9 @@ extension KVMVCPU {
         guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= memory.size else {
             throw .badWorkload("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB")
         }
+        guard spec.base.raw + spec.workingSet <= X86Layout.maxGiB << 30 else {
+            throw .badWorkload("the guest program maps the first \(X86Layout.maxGiB) GiB: the working set must end there")
+        }
         guard case let .count(count) = spec.stop else {
             throw .badWorkload("the guest program runs a count of accesses, not a duration")
         }

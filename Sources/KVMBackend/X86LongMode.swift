@@ -9,9 +9,9 @@ public enum X86Layout {
     /// memory with user-accessible 2 MiB pages.
     public static let pml4 = GPA(0x1000)
     public static let pdpt = GPA(0x2000)
-    public static let firstPD = GPA(0x3000)
-    /// At most this many GiB are mapped (one page directory each, up to the GDT page).
-    public static let maxGiB: UInt64 = 4
+    public static let firstPD = GPA(0x90000)
+    /// At most this many GiB are mapped (one page directory each, 0x90000..0xD0000).
+    public static let maxGiB: UInt64 = 64
     public static let gdt = GPA(0x7000)
     public static let tss = GPA(0x8000)
     /// Where the guest program's code goes.
@@ -20,8 +20,9 @@ public enum X86Layout {
     public static let params = GPA(0x20000)
     /// The zipf quantile table the workload reads (4097 32-bit entries).
     public static let zipfTable = GPA(0x40000)
-    /// The initial stack pointer of vCPU 0; each further vCPU's stack starts 16 KiB lower.
-    public static let stackTop = GPA(0x80000)
+    /// The initial stack pointer of vCPU 0; each further vCPU's stack starts 16 KiB lower (the
+    /// lowest ends at 0x50000, clear of the zipf table).
+    public static let stackTop = GPA(0x90000)
     public static let stackPerVCPU: UInt64 = 0x4000
     public static let maxVCPUs = 16
     /// The program's own pages end here; a workload's working set starts at or above it.

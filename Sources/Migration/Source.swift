@@ -94,6 +94,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
         let digest = SourceDigest(vm.memory)
         defer { digest.stop() }   // never leave it reading memory behind us
+        var lastHashTime = Double.infinity
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             digest.start()
@@ -110,13 +111,19 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             pending = try vm.getDirtyLog()
             digest.harvested(pending)
             // The pause sends what is dirty and hashes what the digest has not confirmed, side by side.
+            // More passes shrink the hashing left only while the guest leaves chunks alone: once a pass
+            // no longer shrinks it, it is a cost of the check, not a reason to go on.
             let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
-            let expectedDowntime = max(report.bandwidth > 0 ? remaining / report.bandwidth : 0, digest.secondsLeft)
+            let sendTime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
+            let hashTime = digest.secondsLeft
+            let expectedDowntime = max(sendTime, hashTime)
+            let hashSettled = hashTime <= options.downtimeLimit || hashTime >= lastHashTime * 0.9
+            lastHashTime = hashTime
             status.bandwidth = report.bandwidth
             status.expectedDowntime = expectedDowntime
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
-            if expectedDowntime <= options.downtimeLimit { report.converged = true; break }
+            if sendTime <= options.downtimeLimit && hashSettled { report.converged = true; break }
             if report.iterations >= options.maxIterations { break }
             // Auto-converge: the guest dirtied more than half of what we sent meanwhile: slow it in
             // growing steps (20%, then +10% each time), as QEMU does.
