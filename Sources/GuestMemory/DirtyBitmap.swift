@@ -69,8 +69,12 @@ public final class DirtyBitmap: @unchecked Sendable {
     /// Pages currently marked.
     public var count: Int { (0..<wordCount).reduce(0) { $0 + words[$1].load(ordering: .relaxed).nonzeroBitCount } }
 
-    public func clearAll() {
-        for i in 0..<wordCount { words[i].store(0, ordering: .releasing) }
+    /// Marks the pages `bitmap` names (bit i of word w = page 64w + i; pages beyond this bitmap are ignored).
+    public func set(bitmap: [UInt64]) {
+        for (i, w) in bitmap.prefix(wordCount).enumerated() where w != 0 {
+            let valid = i == wordCount - 1 && pages % 64 != 0 ? (UInt64(1) << (pages % 64)) - 1 : ~UInt64(0)
+            words[i].bitwiseOr(w & valid, ordering: .releasing)
+        }
     }
 }
 

@@ -128,12 +128,15 @@ public final class KVMVCPU: @unchecked Sendable {
         pthread_kill(thread, KVMVCPU.kickSignal)
     }
 
-    /// Lets `kick` interrupt KVM_RUN on the calling thread (worker threads often start with signals blocked).
-    public static func allowKicksOnThisThread() {
-        var set = sigset_t()
+    /// Lets `kick` interrupt KVM_RUN on the calling thread (worker threads often start with signals
+    /// blocked); returns the mask it replaced.
+    @discardableResult
+    public static func allowKicksOnThisThread() -> sigset_t {
+        var set = sigset_t(), saved = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, kickSignal)
-        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+        pthread_sigmask(SIG_UNBLOCK, &set, &saved)
+        return saved
     }
 
     /// Clears a previous kick before the next run.

@@ -68,8 +68,7 @@ public final class KVMVM: @unchecked Sendable {
 
     /// Puts pages back into a logging slot's log (reported by the next getDirtyLog).
     public func markDirty(slot: UInt32, bitmap: [UInt64]) {
-        guard let log = vmmDirty[slot] else { return }
-        forEachSetBit(bitmap) { if $0 < log.pages { log.set($0) } }
+        vmmDirty[slot]?.set(bitmap: bitmap)
     }
 
     /// The host memory behind a slot.

@@ -43,7 +43,9 @@ extension KVMVCPU {
     /// Loads the guest program and `spec`'s parameters for vCPU `index` into `memory` (slot at GPA 0),
     /// and points the vCPU at it in 64-bit CPL3 mode. `pagePass` instead writes one word into every
     /// page of the working set in order, `count` times in all (the dirty-log benchmark's pass).
-    /// `continuing` resumes the generator where the previous run on this vCPU stopped. The working set must lie at or above
+    /// `continuing` resumes the stream where the previous run of the same spec on this vCPU stopped,
+    /// for `spec`'s count: the program wrote its generator state back into its parameter page, so only
+    /// the count and the entry registers change. The working set must lie at or above
     /// X86Layout.reservedEnd and inside memory; the stop must be a count.
     public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, pagePass: Bool = false,
                              continuing: Bool = false) throws(KVMError) {
@@ -57,8 +59,17 @@ extension KVMVCPU {
         guard case let .count(count) = spec.stop else {
             throw .badWorkload("the guest program runs a count of accesses, not a duration")
         }
-        let gen = WorkloadGenerator(spec: spec, vcpu: index)
         let mem = memory.pointer
+        let params = X86Layout.params + UInt64(index) * 0x1000
+        let stack = GPA(X86Layout.stackTop.raw - UInt64(index) * X86Layout.stackPerVCPU)
+        if continuing {
+            var p = (mem + Int(params.raw)).load(as: WorkloadParams.self)
+            p.count = count
+            withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            try setEntryRegisters(entry: X86Layout.code, stack: stack, argument: params.raw)
+            return
+        }
+        let gen = WorkloadGenerator(spec: spec, vcpu: index)
         GuestProgram.bytes.withUnsafeBytes {
             (mem + Int(X86Layout.code.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
         }
@@ -70,17 +81,7 @@ extension KVMVCPU {
                                accessSize: UInt64(spec.accessSize), hotPages: gen.hotPageCount, hotThreshold: gen.hotLimit,
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
                                seq: UInt64(index) << 48, reportEvery: Self.reportInterval(spec), counterOffset: gen.counterOffset)
-        let params = X86Layout.params + UInt64(index) * 0x1000
-        if continuing {
-            // Pick up the stream where the last run left it (the program wrote its state back).
-            let last = (mem + Int(params.raw)).load(as: WorkloadParams.self)
-            p.state = last.state
-            p.seq = last.seq
-            p.cursor = last.cursor
-            p.mismatches = last.mismatches
-        }
         withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        let stack = GPA(X86Layout.stackTop.raw - UInt64(index) * X86Layout.stackPerVCPU)
         try enterLongModeUser(memory: memory, entry: X86Layout.code, stack: stack, argument: params.raw)
     }
 
@@ -106,6 +107,30 @@ extension KVMVCPU {
         return stats
     }
 
+    /// What the guest program's last exit meant.
+    public enum WorkloadEvent {
+        /// Accesses made so far in this run (every `reportEvery`).
+        case progress(UInt64)
+        case finished
+        /// A kick or a signal, or a full dirty ring already harvested.
+        case interrupted
+    }
+
+    /// Runs the vCPU to its next exit and decodes it as the guest program's event; a full dirty ring
+    /// calls `onRingFull` (which must harvest and reset the rings) and reads as interrupted.
+    public func nextEvent(onRingFull: () throws(KVMError) -> Void) throws(KVMError) -> WorkloadEvent {
+        let exit = try run()
+        switch exit {
+        case let .io(port: 0x10, write: true, _, data): return .progress(UInt64(UInt32(truncatingIfNeeded: data)))
+        case .io(port: 0x11, write: true, _, _): return .finished
+        case .interrupted: return .interrupted
+        case .dirtyRingFull:
+            try onRingFull()
+            return .interrupted
+        default: throw .unexpectedExit(exit.description, state: stateDump())
+        }
+    }
+
     /// Runs the loaded workload to completion. Progress exits come every 65,536 accesses; the run
     /// fails if it has not finished by `timeout` seconds (checked at each exit). A full dirty ring
     /// calls `onRingFull`, which must harvest and reset the rings.
@@ -117,10 +142,7 @@ extension KVMVCPU {
         // A watchdog kicks the vCPU out of KVM_RUN at the deadline, so even a guest that never exits
         // cannot outlast the timeout.
         // (Worker threads often block signals: let the kick through on this one while it runs.)
-        var kick = sigset_t(), saved = sigset_t()
-        sigemptyset(&kick)
-        sigaddset(&kick, KVMVCPU.kickSignal)
-        pthread_sigmask(SIG_UNBLOCK, &kick, &saved)
+        var saved = KVMVCPU.allowKicksOnThisThread()
         let watchdog = Watchdog(vcpu: self, thread: pthread_self(), seconds: timeout)
         defer {
             watchdog.cancel()
@@ -128,24 +150,14 @@ extension KVMVCPU {
             pthread_sigmask(SIG_SETMASK, &saved, nil)
         }
         while true {
-            let exit = try run()
+            let event = try nextEvent(onRingFull: onRingFull)
             stats.exits += 1
-            switch exit {
-            case .io(port: 0x10, write: true, _, _):
-                break
-            case .io(port: 0x11, write: true, _, _):
+            if case .finished = event {
                 let exits = stats.exits
                 stats = guestCounters(index: index, memory: memory)
                 stats.exits = exits
                 stats.nanoseconds = monotonicNanos() - start
                 return stats
-            case .interrupted:
-                break
-            case .dirtyRingFull:
-                // The VMM harvests and resets (KVM_EXIT_DIRTY_RING_FULL), then the vCPU goes on.
-                try onRingFull()
-            default:
-                throw .unexpectedExit(exit.description, state: stateDump())
             }
             if monotonicNanos() > deadline {
                 throw .timedOut(seconds: timeout, state: stateDump())

@@ -91,7 +91,11 @@ extension KVMVCPU {
         s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
         s.tr = tr
         try setSpecialRegisters(s)
+        try setEntryRegisters(entry: entry, stack: stack, argument: argument)
+    }
 
+    /// Points a vCPU already in 64-bit CPL3 mode at `entry` with an empty stack and `argument` in rdi.
+    public func setEntryRegisters(entry: GPA, stack: GPA, argument: UInt64) throws(KVMError) {
         var r = kvm_regs()
         r.rip = entry.raw
         // A call pushed a return address: keep the ABI's 16-byte alignment at entry.

@@ -9,38 +9,25 @@ import Workload
 public func receive(over connection: Connection, key: MigrationKey? = nil,
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
     var answered = false
-    var status = MigrationProgress()
+    let out = ProgressReporter(progress)
     let start = monotonicNanos()
-    var lastTick: UInt64 = 0
     func tell(_ phase: MigrationProgress.Phase, _ event: String? = nil, force: Bool = true) {
-        guard let progress else { return }
-        let now = monotonicNanos()
-        guard force || now - lastTick >= 100_000_000 else { return }
-        lastTick = now
-        status.phase = phase
-        status.event = event
-        status.bytes = connection.bytesReceived
-        status.bandwidth = Double(connection.bytesReceived) / (Double(max(now - start, 1)) / 1e9)
-        progress(status)
+        out.status.phase = phase
+        out.report(bytes: connection.bytesReceived, event: event, force: force, rateSince: start)
     }
     do {
         // A wrong key stops here, before any guest memory is accepted.
         if let key { try connection.authenticate(with: key, asSource: false) }
         let header = try StreamHeader.read(from: connection)
-        guard let backend = BackendKind(wireCode: header.backend) else { throw MigrationError.badStream("unknown backend code \(header.backend)") }
-        guard header.memory > 0, header.memory % 4096 == 0, header.memory <= 1 << 40 else {
-            throw MigrationError.badStream("guest memory of \(header.memory) bytes")
-        }
-        guard (1...64).contains(header.vcpus) else { throw MigrationError.badStream("\(header.vcpus) vCPUs") }
-        let spec: WorkloadSpec
-        do { spec = try WorkloadSpec.parse(header.spec) } catch { throw MigrationError.badStream("workload spec: \(error)") }
-        let backing = Backing.allCases.indices.contains(Int(header.backing)) ? Backing.allCases[Int(header.backing)] : .pages4K
-        let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: header.memory, backing: backing, vcpus: Int(header.vcpus)))
-        tell(.setup, "a \(backend) guest: \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
+        let (vm, spec) = try makeGuest(memory: header.memory, vcpus: header.vcpus, backend: header.backend,
+                                       backing: header.backing, spec: header.spec)
+        tell(.setup, "a \(vm.backend) guest: \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
         // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
         let local = DestinationDigest(vm.memory)
         defer { local.stop() }
-        let (state, digest, _) = try applyRecords(from: connection, into: vm, digest: local) { tell(.receiving, force: false) }
+        let (state, digest) = try applyRecords(from: connection, into: vm, written: DirtyBitmap(pages: vm.pages), digest: local) {
+            tell(.receiving, force: false)
+        }
         tell(.verifying, "all records in; checking the memory digest")
         guard local.final() == digest else { throw MigrationError.digestMismatch }
         try vm.start(spec, from: state)
@@ -56,15 +43,16 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
 }
 
 /// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU
-/// state, the digest END carries, and which pages records wrote (pass `written` to carry it across files). Every record's checksum (and MAC, on an authenticated connection) is checked first.
-func applyRecords(from connection: Connection, into vm: any VirtualMachine, written: DirtyBitmap? = nil,
-                  digest: DestinationDigest? = nil, tick: () -> Void = {}) throws -> (VCPUStates, [UInt8], DirtyBitmap) {
+/// state and the digest END carries. `written` tracks which pages records wrote (carry it across a
+/// chain of snapshot files). Every record's checksum (and MAC, on an authenticated connection) is
+/// checked first.
+func applyRecords(from connection: Connection, into vm: any VirtualMachine, written: DirtyBitmap,
+                  digest: DestinationDigest? = nil, tick: () -> Void = {}) throws -> (VCPUStates, [UInt8]) {
     let pages = vm.memory.size >> 12
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: VCPUStates?
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
     // which keeps the destination from touching (and the host from allocating) memory it need not.
-    let written = written ?? DirtyBitmap(pages: pages)
     while true {
         let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
         tick()
@@ -91,7 +79,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, writ
             state = VCPUStates(backend: vm.backend, bytes: Array(r.payload.dropFirst()))
         case .end:
             guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
-            return (state, r.payload, written)
+            return (state, r.payload)
         }
     }
 }

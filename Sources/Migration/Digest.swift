@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import GuestMemory
+import Synchronization
 
 /// Bytes per digest chunk.
 public let digestChunk = 64 << 20
@@ -36,6 +37,9 @@ func chunkLanes(_ memory: HostMemory, _ i: Int) -> [UInt64] {
     return h.finalLanes
 }
 
+/// The lanes of an all-zero chunk, hashed once.
+let zeroChunkDigest = zeroChunkLanes(digestChunk)
+
 /// The lanes of an all-zero chunk of `length` bytes.
 func zeroChunkLanes(_ length: Int) -> [UInt64] {
     let zeros = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
@@ -54,22 +58,19 @@ func zeroChunkLanes(_ length: Int) -> [UInt64] {
 /// A thread that hashes chunks one after another until it runs out or is stopped; each result goes to
 /// `done` with the chunk, on that thread.
 final class ChunkHasher: @unchecked Sendable {
-    private let stopFlag = NSLock()
-    private var stopped = false
+    private let stopped = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
 
     init(_ memory: HostMemory, next: @escaping () -> Int?, done: @escaping (Int, [UInt64]) -> Void) {
         Thread { [self] in
-            while !isStopped, let i = next() { done(i, chunkLanes(memory, i)) }
+            while !stopped.load(ordering: .acquiring), let i = next() { done(i, chunkLanes(memory, i)) }
             finished.signal()
         }.start()
     }
 
-    private var isStopped: Bool { stopFlag.lock(); defer { stopFlag.unlock() }; return stopped }
-
     /// Stops after the chunk in hand and waits for the thread.
     func stop() {
-        stopFlag.lock(); stopped = true; stopFlag.unlock()
+        stopped.store(true, ordering: .releasing)
         finished.wait()
     }
 }
@@ -169,7 +170,6 @@ final class DestinationDigest {
     private var sequence: [UInt64]
     private var hashed: [(sequence: UInt64, lanes: [UInt64])?]
     private var current = -1
-    private let zero: [UInt64]
     private var hasher: ChunkHasher?
 
     init(_ memory: HostMemory) {
@@ -177,7 +177,6 @@ final class DestinationDigest {
         chunks = digestChunks(memory)
         sequence = Array(repeating: 0, count: chunks)
         hashed = Array(repeating: nil, count: chunks)
-        zero = zeroChunkLanes(digestChunk)
         hasher = ChunkHasher(memory, next: { [self] in nextChunk() }, done: { [self] i, l in finish(i, l) })
     }
 
@@ -223,7 +222,7 @@ final class DestinationDigest {
         stop()
         lock.lock()
         let known: [[UInt64]?] = (0..<chunks).map { c in
-            if sequence[c] == 0 { return Int(memory.size) - c * digestChunk >= digestChunk ? zero : nil }
+            if sequence[c] == 0 { return Int(memory.size) - c * digestChunk >= digestChunk ? zeroChunkDigest : nil }
             if let h = hashed[c], h.sequence == sequence[c], !h.lanes.isEmpty { return h.lanes }
             return nil
         }

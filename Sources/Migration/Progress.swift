@@ -44,3 +44,25 @@ public struct MigrationProgress: Sendable {
         }
     }
 }
+
+/// Hands progress to a caller's callback: at once for an event or a change of phase, otherwise at
+/// most ten times a second. `status` is the report being built up.
+final class ProgressReporter {
+    var status = MigrationProgress()
+    private let callback: ((MigrationProgress) -> Void)?
+    private var last: UInt64 = 0
+
+    init(_ callback: ((MigrationProgress) -> Void)?) { self.callback = callback }
+
+    /// `rateSince`: also set the bandwidth, as bytes over the time since then.
+    func report(bytes: UInt64, event: String? = nil, force: Bool = true, rateSince: UInt64? = nil) {
+        guard let callback else { return }
+        let now = monotonicNanos()
+        guard force || now - last >= 100_000_000 else { return }
+        last = now
+        if let rateSince { status.bandwidth = Double(bytes) / (Double(max(now - rateSince, 1)) / 1e9) }
+        status.bytes = bytes
+        status.event = event
+        callback(status)
+    }
+}

@@ -78,24 +78,18 @@ public final class SnapshotChain {
         } else {
             // From here on the dirty log holds what the next diff needs.
             if (try? vm.getDirtyLog()) == nil { try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect)) }
-            let words = Int((vm.pages + 63) / 64)
-            bitmap = [UInt64](repeating: ~0, count: words)
-            if vm.pages % 64 != 0 { bitmap[words - 1] = (1 << (vm.pages % 64)) - 1 }
+            bitmap = vm.allPages
         }
         let temporary = path + ".partial"
         do {
             let file = try Connection(file: temporary, writing: true)
-            let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
             try file.send(SnapshotHeader(diff: diff, sequence: full ? 0 : sequence, memory: vm.memory.size,
-                                         vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode, backing: backing,
-                                         spec: spec.description).encoded())
+                                         vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode,
+                                         backing: vm.memory.backing.wireCode, spec: spec.description).encoded())
             var report = MigrationReport()
             try PageSender(memory: vm.memory, connection: file).send(bitmap, report: &report)
-            let state = try vm.vcpuStates()
-            let stateBytes = [state.backend.wireCode] + state.bytes
-            try stateBytes.withUnsafeBytes { p in try file.sendRecord(Record.header(.state, payload: p), p) }
-            let digest = memoryDigest(vm.memory)
-            try digest.withUnsafeBytes { p in try file.sendRecord(Record.header(.end, payload: p), p) }
+            try file.sendState(try vm.vcpuStates())
+            try file.sendEnd(digest: memoryDigest(vm.memory))
             try file.sync()
             guard rename(temporary, path) == 0 else { throw MigrationError.connection("rename to \(path): \(String(cString: strerror(errno)))") }
             sequence = (full ? 0 : sequence) + 1
@@ -124,19 +118,17 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
     var spec: WorkloadSpec?
     var last: (VCPUStates, [UInt8])?
     var expected: UInt32 = 0
-    var written: DirtyBitmap?
+    var written: DirtyBitmap?   // which pages the files so far wrote
     for (index, path) in paths.enumerated() {
         let file = try Connection(file: path, writing: false)
         let h = try SnapshotHeader.read(from: file)
         if index == 0 {
             guard !h.diff else { throw MigrationError.badStream("\(path) is a diff: a chain starts with a full snapshot") }
-            guard h.memory > 0, h.memory % 4096 == 0, h.memory <= 1 << 40, (1...64).contains(h.vcpus) else {
-                throw MigrationError.badStream("\(path): guest of \(h.memory) bytes and \(h.vcpus) vCPUs")
-            }
-            do { spec = try WorkloadSpec.parse(h.spec) } catch { throw MigrationError.badStream("\(path): workload spec: \(error)") }
-            let backing = Backing.allCases.indices.contains(Int(h.backing)) ? Backing.allCases[Int(h.backing)] : .pages4K
-            guard let backend = BackendKind(wireCode: h.backend) else { throw MigrationError.badStream("\(path): unknown backend code \(h.backend)") }
-            vm = try makeVirtualMachine(VMConfig(backend: backend, memory: h.memory, backing: backing, vcpus: Int(h.vcpus)))
+            let (guest, workload) = try makeGuest(memory: h.memory, vcpus: h.vcpus, backend: h.backend, backing: h.backing,
+                                                  spec: h.spec, context: "\(path): ")
+            vm = guest
+            spec = workload
+            written = DirtyBitmap(pages: guest.pages)
         } else {
             guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
             guard h.memory == vm!.memory.size, h.vcpus == UInt32(vm!.vcpuCount) else {
@@ -146,8 +138,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
         guard h.sequence == expected else {
             throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
         }
-        let (state, digest, touched) = try applyRecords(from: file, into: vm!, written: written)
-        written = touched
+        let (state, digest) = try applyRecords(from: file, into: vm!, written: written!)
         last = (state, digest)
         // Every file's digest must hold for the memory as restored up to it.
         guard memoryDigest(vm!.memory) == digest else { throw MigrationError.digestMismatch }

@@ -60,37 +60,25 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
     var report = MigrationReport()
     let start = Date()
     var paused = false
-    var status = MigrationProgress()
-    var lastTick: UInt64 = 0
-    func tell(_ event: String? = nil, force: Bool = true) {
-        guard let progress else { return }
-        let now = monotonicNanos()
-        guard force || now - lastTick >= 100_000_000 else { return }
-        lastTick = now
-        status.bytes = connection.bytesSent
-        status.event = event
-        progress(status)
-    }
+    let out = ProgressReporter(progress)
+    func tell(_ event: String? = nil, force: Bool = true) { out.report(bytes: connection.bytesSent, event: event, force: force) }
     connection.maxBandwidth = options.maxBandwidth
     // A wrong key stops here, before logging starts or any guest memory is sent.
     if let key = options.key { try connection.authenticate(with: key, asSource: true) }
     try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
     do {
-        let backing = UInt8(Backing.allCases.firstIndex(of: vm.memory.backing) ?? 0)
         try connection.send(StreamHeader(memory: vm.memory.size, vcpus: UInt32(vm.vcpuCount),
-                                         backend: vm.backend.wireCode, backing: backing,
+                                         backend: vm.backend.wireCode, backing: vm.memory.backing.wireCode,
                                          spec: spec.description).encoded())
         report.setupSeconds = Date().timeIntervalSince(start)
         let sender = PageSender(memory: vm.memory, connection: connection)
         sender.tick = { pages in
-            status.pagesDone = pages
+            out.status.pagesDone = pages
             tell(force: false)
         }
         // First pass: everything.
-        let allWords = Int((vm.pages + 63) / 64)
-        var pending = [UInt64](repeating: ~0, count: allWords)
-        if vm.pages % 64 != 0 { pending[allWords - 1] = (1 << (vm.pages % 64)) - 1 }
-        status.phase = .precopy
+        var pending = vm.allPages
+        out.status.phase = .precopy
         // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
         let digest = SourceDigest(vm.memory)
         defer { digest.stop() }   // never leave it reading memory behind us
@@ -98,9 +86,9 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             digest.start()
-            status.iteration = report.iterations + 1
-            status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
-            status.pagesDone = 0
+            out.status.iteration = report.iterations + 1
+            out.status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+            out.status.pagesDone = 0
             let t0 = Date()
             let sentBefore = connection.bytesSent
             try sender.send(pending, report: &report)
@@ -119,8 +107,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             let expectedDowntime = max(sendTime, hashTime)
             let hashSettled = hashTime <= options.downtimeLimit || hashTime >= lastHashTime * 0.9
             lastHashTime = hashTime
-            status.bandwidth = report.bandwidth
-            status.expectedDowntime = expectedDowntime
+            out.status.bandwidth = report.bandwidth
+            out.status.expectedDowntime = expectedDowntime
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             if sendTime <= options.downtimeLimit && hashSettled { report.converged = true; break }
@@ -130,7 +118,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             if remaining > bytes / 2 && report.iterations >= 2 {
                 report.throttlePercent = min(99, report.throttlePercent == 0 ? 20 : report.throttlePercent + 10)
                 vm.setThrottle(percent: report.throttlePercent)
-                status.throttlePercent = report.throttlePercent
+                out.status.throttlePercent = report.throttlePercent
                 tell("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
             }
         }
@@ -141,18 +129,16 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         let last = try vm.getDirtyLog()
         digest.harvested(last)
         for i in pending.indices { pending[i] |= last[i] }
-        status.phase = .stopAndCopy
-        status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
-        status.pagesDone = 0
+        out.status.phase = .stopAndCopy
+        out.status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+        out.status.pagesDone = 0
         tell()
         // Memory no longer changes: hash what is left on other threads while the last pages go out.
         let final = BackgroundDigest(digest)
         defer { _ = final.result() }
         try sender.send(pending, report: &report)
-        let state = try vm.vcpuStates()
-        let stateBytes = [state.backend.wireCode] + state.bytes
-        try stateBytes.withUnsafeBytes { p in try connection.sendRecord(Record.header(.state, payload: p), p) }
-        try final.result().withUnsafeBytes { p in try connection.sendRecord(Record.header(.end, payload: p), p) }
+        try connection.sendState(try vm.vcpuStates())
+        try connection.sendEnd(digest: final.result())
         vm.setThrottle(percent: 0)
         let answer = try connection.receive(1)
         guard answer[0] == 1 else { throw MigrationError.refused }
@@ -161,7 +147,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         try? vm.disableDirtyLogging()
         report.bytesSent = connection.bytesSent
         report.totalSeconds = Date().timeIntervalSince(start)
-        status.phase = .done
+        out.status.phase = .done
         tell("the destination runs the guest")
         return report
     } catch {

@@ -1,6 +1,7 @@
 import Foundation
 import GuestMemory
 import VirtualMachine
+import Workload
 
 /// The stream's record types (docs/migration-stream.md).
 public enum RecordType: UInt8, Sendable {
@@ -44,6 +45,49 @@ extension BackendKind {
         case 1: self = .kvm
         default: return nil
         }
+    }
+}
+
+extension Backing {
+    /// A backing's code in headers: its index among the cases (an unknown code reads as 4k pages).
+    var wireCode: UInt8 { UInt8(Backing.allCases.firstIndex(of: self) ?? 0) }
+    init(wireCode: UInt8) {
+        self = Backing.allCases.indices.contains(Int(wireCode)) ? Backing.allCases[Int(wireCode)] : .pages4K
+    }
+}
+
+/// The VM a stream or snapshot header describes, after checking it (`context` starts each error).
+func makeGuest(memory: UInt64, vcpus: UInt32, backend code: UInt8, backing: UInt8, spec text: String,
+               context: String = "") throws -> (any VirtualMachine, WorkloadSpec) {
+    guard memory > 0, memory % 4096 == 0, memory <= 1 << 40, (1...64).contains(vcpus) else {
+        throw MigrationError.badStream("\(context)guest of \(memory) bytes and \(vcpus) vCPUs")
+    }
+    let spec: WorkloadSpec
+    do { spec = try WorkloadSpec.parse(text) } catch { throw MigrationError.badStream("\(context)workload spec: \(error)") }
+    guard let backend = BackendKind(wireCode: code) else { throw MigrationError.badStream("\(context)unknown backend code \(code)") }
+    let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: memory, backing: Backing(wireCode: backing), vcpus: Int(vcpus)))
+    return (vm, spec)
+}
+
+extension Connection {
+    /// The STATE record: the backend's code, then its encoding of the vCPUs.
+    func sendState(_ state: VCPUStates) throws {
+        try ([state.backend.wireCode] + state.bytes).withUnsafeBytes { p in try sendRecord(Record.header(.state, payload: p), p) }
+    }
+
+    /// The END record, carrying the memory digest.
+    func sendEnd(digest: [UInt8]) throws {
+        try digest.withUnsafeBytes { p in try sendRecord(Record.header(.end, payload: p), p) }
+    }
+}
+
+extension VirtualMachine {
+    /// A bitmap naming every page of RAM (a first pass, a full snapshot).
+    var allPages: [UInt64] {
+        let words = Int((pages + 63) / 64)
+        var bitmap = [UInt64](repeating: ~0, count: words)
+        if pages % 64 != 0 { bitmap[words - 1] = (1 << (pages % 64)) - 1 }
+        return bitmap
     }
 }
 
@@ -126,6 +170,7 @@ public struct Record {
     static func header(_ type: RecordType, zero: Bool = false, count: UInt32 = 0, firstPage: UInt64 = 0,
                        payload: UnsafeRawBufferPointer) -> [UInt8] {
         var h: [UInt8] = [type.rawValue, zero ? 1 : 0, 0, 0]
+        h.reserveCapacity(headerSize)
         h.append(le: count)
         h.append(le: firstPage)
         h.append(le: UInt32(payload.count))
@@ -154,7 +199,7 @@ public struct Record {
         if buffer.count < length { buffer = [UInt8](repeating: 0, count: length) }
         try buffer.withUnsafeMutableBytes { b in try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<length])) }
         var crc = RecordChecksum()
-        crc.update(Array(h[0..<20]))
+        h.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<20])) }
         buffer.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
         guard crc.value == h.le(UInt32.self, at: 20) else { throw MigrationError.badStream("checksum mismatch in a \(type) record at page \(first)") }
         if let mac = c.receiveMAC {

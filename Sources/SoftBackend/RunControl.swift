@@ -1,4 +1,5 @@
 import Foundation
+import GuestMemory
 import Synchronization
 
 /// Start, pause, resume and stop for a set of vCPU threads. vCPUs poll the flags at safe points
@@ -93,4 +94,43 @@ public final class RunControl: @unchecked Sendable {
     }
 
     public var pausedCount: Int { cond.lock(); defer { cond.unlock() }; return parked }
+}
+
+/// A vCPU's pacing between batches of accesses, for both backends' vCPU loops: the auto-converge
+/// throttle (after each millisecond run, sleep so the vCPU runs only (100 - p)% of the time) and the
+/// workload's rate (accesses per second, counted from `firstAccess`, a continued stream's start).
+public struct Pacer {
+    private let start: UInt64
+    private let deadline: UInt64
+    private let nanosPerAccess: Double?
+    private let firstAccess: UInt64
+    private var window: UInt64
+
+    public init(start: UInt64, deadline: UInt64, rate: UInt64?, firstAccess: UInt64 = 0) {
+        self.start = start
+        self.deadline = deadline
+        nanosPerAccess = rate.map { 1e9 / Double($0) }
+        self.firstAccess = firstAccess
+        window = start
+    }
+
+    /// Sleeps what is owed at `now` with `done` accesses made; `around` brackets each sleep (a soft
+    /// vCPU leaves guest mode for it). Sleeps end early for pause or stop.
+    @inline(__always)
+    public mutating func pace(now: UInt64, done: UInt64, control: RunControl, around: (() -> Void) -> Void = { $0() }) {
+        let p = control.throttlePercent
+        if p > 0, now - window >= 1_000_000 {
+            around { control.sleep(nanoseconds: (now - window) * UInt64(p) / UInt64(100 - p)) }
+            window = monotonicNanos()
+        } else if p == 0 {
+            window = now
+        }
+        if let nanosPerAccess {
+            let due = start &+ UInt64(Double(done &- firstAccess) * nanosPerAccess)
+            if due > now { around { control.sleep(nanoseconds: min(due - now, deadline &- now)) } }
+        }
+    }
+
+    /// Time parked is not run time: the throttle's window starts again.
+    public mutating func restartWindow() { window = monotonicNanos() }
 }

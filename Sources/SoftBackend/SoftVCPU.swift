@@ -255,12 +255,11 @@ public final class SoftVCPU: @unchecked Sendable {
         }
         let batch: UInt64 = 256
         var done: UInt64 = from?.done ?? 0
-        let startDone = done   // a continued stream is paced from here, not from its first access
         var seq = from?.seq ?? UInt64(index) << 48
-        let nanosPerAccess = workload.rate.map { 1e9 / Double($0) }
+        // A continued stream is paced from where it resumed, not from its first access.
+        var pacer = Pacer(start: start, deadline: deadline, rate: workload.rate, firstAccess: done)
         self.control = control
         defer { self.control = nil }
-        var throttleWindow = monotonicNanos()
         enterGuest()
         while done < limit {
             let n = min(batch, limit - done)
@@ -295,24 +294,10 @@ public final class SoftVCPU: @unchecked Sendable {
             }
             let now = monotonicNanos()
             if now >= deadline { break }
-            // Throttled: after each millisecond of running, sleep so that the vCPU runs only
-            // (100 - p)% of the time.
-            let p = control.throttlePercent
-            if p > 0, now - throttleWindow >= 1_000_000 {
+            pacer.pace(now: now, done: done, control: control) { sleep in
                 exitGuest()
-                control.sleep(nanoseconds: (now - throttleWindow) * UInt64(p) / UInt64(100 - p))
+                sleep()
                 enterGuest()
-                throttleWindow = monotonicNanos()
-            } else if p == 0 {
-                throttleWindow = now
-            }
-            if let nanosPerAccess {
-                let due = start &+ UInt64(Double(done &- startDone) * nanosPerAccess)
-                if due > now {
-                    exitGuest()
-                    control.sleep(nanoseconds: min(due - now, deadline &- now))
-                    enterGuest()
-                }
             }
         }
         exitGuest()

@@ -103,7 +103,6 @@ public final class DirtyRing: @unchecked Sendable {
     private let freed = Atomic<Int>(0)      // written by reset only
     private let consumer = Mutex<Int>(0)    // harvested index
     private let room = NSCondition()
-    private let fullCount = Atomic<UInt64>(0)
 
     public init(capacity: Int = 4096) {
         precondition(capacity > 0)
@@ -115,17 +114,11 @@ public final class DirtyRing: @unchecked Sendable {
 
     deinit { slots.deallocate() }
 
-    /// Times the vCPU found the ring full.
-    public var fullEvents: UInt64 { fullCount.load(ordering: .relaxed) }
     /// Entries pushed and not yet reset.
     public var count: Int { pushed.load(ordering: .acquiring) - freed.load(ordering: .acquiring) }
 
     /// Full: the vCPU must exit before dirtying another page.
-    var isSoftFull: Bool {
-        let full = count >= capacity
-        if full { fullCount.add(1, ordering: .relaxed) }
-        return full
-    }
+    var isSoftFull: Bool { count >= capacity }
 
     /// Producer only.
     @inline(__always)

@@ -22,7 +22,6 @@ final class KVMMachine: VirtualMachine {
     private var ringPending: [UInt64] = []
     var backend: BackendKind { .kvm }
     var vcpuCount: Int { vcpuTotal }
-    var workloadBase: GPA { X86Layout.reservedEnd }
     var pages: UInt64 { memory.size >> 12 }
 
     init(_ config: VMConfig) throws {
@@ -236,25 +235,24 @@ final class KVMRunner: @unchecked Sendable {
             deadline = start + UInt64(d * 1e9)
             part.stop = .count(1 << 20)
         }
-        let nanosPerAccess = spec.rate.map { 1e9 / Double($0) }
         var total = VCPURun()
         var chunkDone: UInt64 = 0     // accesses of the current chunk, from its progress exits
-        var throttleWindow = start
+        var pacer = Pacer(start: start, deadline: deadline, rate: spec.rate)
         if !restored { try vcpu.loadWorkload(part, index: i, memory: memory) }
         loop: while true {
             if control.stopRequested { break }
             if control.pauseRequested {
                 control.parkWhilePaused()
                 vcpu.clearKick()
-                throttleWindow = monotonicNanos()
+                pacer.restartWindow()
                 continue
             }
-            let exit = try vcpu.run()
+            let event = try vcpu.nextEvent(onRingFull: onRingFull)
             total.exits += 1
-            switch exit {
-            case let .io(port: 0x10, write: true, _, data):
-                chunkDone = UInt64(UInt32(truncatingIfNeeded: data))
-            case .io(port: 0x11, write: true, _, _):
+            switch event {
+            case let .progress(n):
+                chunkDone = n
+            case .finished:
                 let chunk = vcpu.guestCounters(index: i, memory: memory)
                 total.accesses += chunk.accesses
                 total.writes += chunk.writes
@@ -262,26 +260,11 @@ final class KVMRunner: @unchecked Sendable {
                 if case .count = spec.stop { break loop }
                 try vcpu.loadWorkload(part, index: i, memory: memory, continuing: true)
             case .interrupted:
-                continue
-            case .dirtyRingFull:
-                try onRingFull()
-            default:
-                throw .unexpectedExit(exit.description, state: vcpu.stateDump())
+                break
             }
             let now = monotonicNanos()
             if now >= deadline { break }
-            // Auto-converge, as on the soft backend: after each millisecond run, sleep p/(100-p) of it.
-            let p = control.throttlePercent
-            if p > 0, now - throttleWindow >= 1_000_000 {
-                control.sleep(nanoseconds: (now - throttleWindow) * UInt64(p) / UInt64(100 - p))
-                throttleWindow = monotonicNanos()
-            } else if p == 0 {
-                throttleWindow = now
-            }
-            if let nanosPerAccess {
-                let due = start + UInt64(Double(total.accesses + chunkDone) * nanosPerAccess)
-                if due > now { control.sleep(nanoseconds: min(due - now, deadline &- now)) }
-            }
+            pacer.pace(now: now, done: total.accesses + chunkDone, control: control)
         }
         total.accesses += chunkDone
         total.mismatches = vcpu.guestCounters(index: i, memory: memory).mismatches   // the guest counts them as it goes

@@ -10,7 +10,6 @@ final class SoftMachine: VirtualMachine {
     let memory: HostMemory
     var backend: BackendKind { .soft }
     var vcpuCount: Int { vm.vcpus.count }
-    var workloadBase: GPA { GPA(0) }
     var pages: UInt64 { memory.size >> 12 }
 
     init(_ config: VMConfig) throws {
@@ -65,7 +64,7 @@ final class SoftMachine: VirtualMachine {
 
     func markDirty(_ bitmap: [UInt64]) throws {
         guard let log = vm.mmu.dirtyLog(slot: 0) else { throw DirtyLogError.notLogging(slot: 0) }
-        forEachSetBit(bitmap) { if $0 < log.bitmap.pages { log.bitmap.set($0) } }
+        log.bitmap.set(bitmap: bitmap)
     }
     func resume() throws { try vm.resume() }
 

@@ -1,4 +1,5 @@
 import GuestMemory
+import KVMBackend
 import SoftBackend
 import Stage2
 import Workload
@@ -10,6 +11,9 @@ public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible
     /// Linux /dev/kvm running the guest program.
     case kvm
     public var description: String { rawValue }
+
+    /// The lowest GPA a workload may use: the KVM guest program keeps the first MiB for itself.
+    public var workloadBase: GPA { self == .kvm ? X86Layout.reservedEnd : GPA(0) }
 }
 
 /// What a VM is made of.
@@ -59,8 +63,6 @@ public protocol VirtualMachine: AnyObject {
     var vcpuCount: Int { get }
     /// The guest's RAM (slot 0, at GPA 0).
     var memory: HostMemory { get }
-    /// The lowest GPA a workload may use (the KVM guest program keeps the first MiB for itself).
-    var workloadBase: GPA { get }
     /// Pages of RAM, the size of a dirty bitmap.
     var pages: UInt64 { get }
 
@@ -88,6 +90,11 @@ public protocol VirtualMachine: AnyObject {
     func setThrottle(percent: Int)
     /// Puts pages back into the dirty log (a snapshot that failed to write them reports them again).
     func markDirty(_ bitmap: [UInt64]) throws
+}
+
+extension VirtualMachine {
+    /// The lowest GPA a workload may use (the KVM guest program keeps the first MiB for itself).
+    public var workloadBase: GPA { backend.workloadBase }
 }
 
 /// The vCPUs' state a migration carries, opaque to the engine: encoded by the backend.

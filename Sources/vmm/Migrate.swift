@@ -39,21 +39,14 @@ struct Migrate: ParsableCommand {
         Thread.sleep(forTimeInterval: after.value)
         if key == nil { print("source: warning: no --key-file, the channel is not authenticated") }
         let connection = try Connection.connect(to: endpoint)
-        let interrupt = CancelOnInterrupt(connection)
-        let line = ProgressLine(prefix: "source: ")
-        do {
-            let report = try migrate(vm, spec: spec, over: connection,
-                                     options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key,
-                                                               maxBandwidth: maxBandwidth.map { Double($0.bytes) }), progress: line.show)
-            line.end()
-            interrupt.end()
+        let options = MigrationOptions(downtimeLimit: downtimeLimit.value, key: key, maxBandwidth: maxBandwidth.map { Double($0.bytes) })
+        let result = whileCancellable(connection, prefix: "source: ") { try migrate(vm, spec: spec, over: connection, options: options, progress: $0) }
+        switch result {
+        case let .success(report):
             print("source: migrated to \(endpoint): \(report)")
             if json { print(migrationJSON(report, backend: guest.backend)) }
-        } catch {
-            line.end()
-            interrupt.end()
-            let what = (error as? MigrationError) == .cancelled ? "cancelled (Ctrl-C)" : "failed (\(error))"
-            print("source: migration \(what); the guest kept running here with its memory intact, logging off")
+        case let .failure(error):
+            print("source: migration \(describe(error)); the guest kept running here with its memory intact, logging off")
             throw ExitCode.failure
         }
     }
@@ -83,18 +76,11 @@ struct Receive: ParsableCommand {
         print("destination: listening on \(listener.endpoint)")
         let connection = try listener.accept(timeout: timeout.value)
         let start = Date()
-        let interrupt = CancelOnInterrupt(connection)
-        let line = ProgressLine(prefix: "destination: ")
         let vm: any VirtualMachine, spec: WorkloadSpec
-        do {
-            (vm, spec) = try receive(over: connection, key: key, progress: line.show)
-            line.end()
-            interrupt.end()
-        } catch {
-            line.end()
-            interrupt.end()
-            let what = (error as? MigrationError) == .cancelled ? "cancelled (Ctrl-C)" : "refused the guest (\(error))"
-            print("destination: \(what); the partial VM was discarded, nothing was resumed")
+        switch whileCancellable(connection, prefix: "destination: ", { try receive(over: connection, key: key, progress: $0) }) {
+        case let .success(received): (vm, spec) = received
+        case let .failure(error):
+            print("destination: \(describe(error, failed: "refused the guest")); the partial VM was discarded, nothing was resumed")
             throw ExitCode.failure
         }
         let seconds = Date().timeIntervalSince(start)
@@ -121,6 +107,22 @@ func migrationJSON(_ r: MigrationReport, backend: BackendKind) -> String {
         ("zero_pages", r.zeroPages), ("iterations", r.iterations), ("converged", r.converged),
         ("bandwidth_mib_s", r.bandwidth / Double(1 << 20)), ("throttle_pct", r.throttlePercent),
     ])
+}
+
+/// Runs one side of a migration with a progress line and Ctrl-C cancelling it, both ended before it returns.
+func whileCancellable<T>(_ connection: Connection, prefix: String,
+                         _ body: (@escaping (MigrationProgress) -> Void) throws -> T) -> Result<T, Error> {
+    let interrupt = CancelOnInterrupt(connection)
+    let line = ProgressLine(prefix: prefix)
+    let result = Result { try body(line.show) }
+    line.end()
+    interrupt.end()
+    return result
+}
+
+/// How a side's failure reads: a cancel, or what failed.
+func describe(_ error: Error, failed: String = "failed") -> String {
+    (error as? MigrationError) == .cancelled ? "cancelled (Ctrl-C)" : "\(failed) (\(error))"
 }
 
 /// Migration progress for a person: on a terminal one status line rewritten in place, with events

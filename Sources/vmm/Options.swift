@@ -30,12 +30,9 @@ struct GuestOptions: ParsableArguments {
         try makeVirtualMachine(VMConfig(backend: backend, memory: memory.bytes, backing: backing, vcpus: vcpus))
     }
 
-    /// The lowest GPA a workload may use: the KVM guest program keeps the first MiB for itself.
-    var workloadBase: GPA { backend == .kvm ? X86Layout.reservedEnd : GPA(0) }
-
     /// Parses a workload spec for this guest; the working set defaults to all memory above the base.
     func workload(_ text: String) throws -> WorkloadSpec {
-        let base = workloadBase
+        let base = backend.workloadBase
         let spec = try parseWorkload(text, memory: memory.bytes, defaults: WorkloadSpec(base: base, workingSet: memory.bytes - base.raw))
         guard spec.base >= base else {
             throw ValidationError("on the \(backend) backend the working set starts at \(base) or above (the guest program's pages lie below)")

@@ -52,19 +52,21 @@ extension Stage2MMU {
                 let f = first & ~(block.pages4K - 1)
                 if f < first && !earlier.contains(f) { earlier.append(f) }
             }
-            func visit(_ f: UInt64) {
-                for e in rmap.entries(frame: f) {
-                    if f < first && f + e.size.pages4K <= first { continue }
-                    handled += 1
-                    rmap.remove(e, frame: f)
-                    guard let shadow = shadows[e.lpid] else { continue }
-                    if let cleared = shadow.clear(l2: e.l2GFN, size: e.size, host: slot.hva(for: slot.gpaRange.start + (f << 12))) {
-                        touched[e.lpid, default: TouchedRange()].add(cleared)
-                    }
+            func clear(_ e: RmapEntry, _ f: UInt64) {
+                handled += 1
+                guard let shadow = shadows[e.lpid] else { return }
+                if let cleared = shadow.clear(l2: e.l2GFN, size: e.size, host: slot.hva(for: slot.gpaRange.start + (f << 12))) {
+                    touched[e.lpid, default: TouchedRange()].add(cleared)
                 }
             }
-            earlier.forEach(visit)
-            for f in first..<end { visit(f) }
+            for f in earlier {
+                for e in rmap.entries(frame: f) where f + e.size.pages4K > first {
+                    rmap.remove(e, frame: f)
+                    clear(e, f)
+                }
+            }
+            // Every entry of a frame inside the range goes: one lock round per frame.
+            for f in first..<end { for e in rmap.takeAll(frame: f) { clear(e, f) } }
         }
         for (lpid, t) in touched { if let r = t.range { shadows[lpid]?.tlbs.shootdown(r) } }
         return handled

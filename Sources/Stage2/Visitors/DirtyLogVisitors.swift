@@ -6,7 +6,6 @@ import GuestMemory
 public struct LogProtectVisitor: Stage2Visitor {
     public let dbm: Bool
     public private(set) var touched = TouchedRange()
-    public private(set) var leavesProtected = 0
 
     public init(strategy: DirtyStrategy) { dbm = strategy == .dbm }
 
@@ -22,7 +21,6 @@ public struct LogProtectVisitor: Stage2Visitor {
         guard new != old else { return .proceed }
         guard ctx.update(new) else { return .retry }
         if old.has(Descriptor.write) { touched.add(ctx.range) }
-        leavesProtected += 1
         return .proceed
     }
 }
@@ -36,7 +34,6 @@ public struct DBMHarvestVisitor: Stage2Visitor {
     /// The caller's bitmap words (one bit per page of the slot), OR'd into.
     public let bitmap: UnsafeMutableBufferPointer<UInt64>
     public private(set) var touched = TouchedRange()
-    public private(set) var dirty = 0
 
     public init(slotStart: GPA, bitmap: UnsafeMutableBufferPointer<UInt64>, clean: Bool) {
         self.slotStart = slotStart
@@ -56,7 +53,6 @@ public struct DBMHarvestVisitor: Stage2Visitor {
         }
         let page = (ctx.addr - slotStart) >> 12
         bitmap[Int(page >> 6)] |= 1 << (page & 63)
-        dirty += 1
         return .proceed
     }
 }
