@@ -14,6 +14,7 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
     case hugePagesNotReserved(pageSize: UInt64, requested: UInt64, sysctl: String)
     case hugePageSizeMismatch(size: UInt64, pageSize: UInt64)
     case systemCall(String, errno: Int32)
+    case badLayout(String)
 
     public var description: String {
         switch self {
@@ -41,6 +42,8 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
             return "size \(formatBytes(s)) is not a multiple of the \(formatBytes(ps)) huge page size: round it up"
         case let .systemCall(name, e):
             return "\(name) failed: \(String(cString: strerror(e))) (errno \(e))"
+        case let .badLayout(why):
+            return "memory layout: \(why)"
         }
     }
 }

@@ -83,3 +83,18 @@ extension HostMemory {
         return r
     }
 }
+
+extension GuestRAM {
+    /// The reports of every slot, summed (the backing and page size are slot 0's).
+    public func report() -> BackingReport {
+        var r = slots[0].report()
+        for m in slots.dropFirst() {
+            let o = m.report()
+            r.size += o.size
+            r.rss += o.rss
+            r.hugeTransparent += o.hugeTransparent
+            r.hugetlb += o.hugetlb
+        }
+        return r
+    }
+}

@@ -46,12 +46,14 @@ extension KVMVCPU {
     /// `continuing` resumes the stream where the previous run of the same spec on this vCPU stopped,
     /// for `spec`'s count: the program wrote its generator state back into its parameter page, so only
     /// the count and the entry registers change. The working set must lie at or above
-    /// X86Layout.reservedEnd and inside memory; the stop must be a count.
-    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, pagePass: Bool = false,
-                             continuing: Bool = false) throws(KVMError) {
+    /// X86Layout.reservedEnd and inside RAM (its linear addresses, as `layout` places them: by default
+    /// `memory` alone); the stop must be a count.
+    public func loadWorkload(_ spec: WorkloadSpec, index: Int, memory: HostMemory, layout: RAMLayout? = nil,
+                             pagePass: Bool = false, continuing: Bool = false) throws(KVMError) {
+        let layout = layout ?? RAMLayout(size: memory.size)
         guard index < X86Layout.maxVCPUs else { throw .badWorkload("vCPU index \(index) beyond \(X86Layout.maxVCPUs)") }
-        guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= memory.size else {
-            throw .badWorkload("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(memory.size))): the program's own pages sit below 1 MiB")
+        guard spec.base >= X86Layout.reservedEnd, spec.base.raw + spec.workingSet <= layout.size else {
+            throw .badWorkload("working set \(spec.base)+\(formatBytes(spec.workingSet)) must lie in [1 MiB, \(formatBytes(layout.size))): the program's own pages sit below 1 MiB")
         }
         guard spec.base.raw + spec.workingSet <= X86Layout.maxGiB << 30 else {
             throw .badWorkload("the guest program maps the first \(X86Layout.maxGiB) GiB: the working set must end there")
@@ -82,7 +84,7 @@ extension KVMVCPU {
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
                                seq: UInt64(index) << 48, reportEvery: Self.reportInterval(spec), counterOffset: gen.counterOffset)
         withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        try enterLongModeUser(memory: memory, entry: X86Layout.code, stack: stack, argument: params.raw)
+        try enterLongModeUser(memory: memory, layout: layout, entry: X86Layout.code, stack: stack, argument: params.raw)
     }
 
     /// Accesses between progress exits: about a millisecond's worth at a limited rate (the VMM paces

@@ -5,8 +5,8 @@ import GuestMemory
 /// kvm_pvm runs it natively (CPL0 code would go through KVM's instruction emulator). Everything the
 /// guest program touches besides its working set lies below `reservedEnd`.
 public enum X86Layout {
-    /// Page tables: one PML4, one PDPT, and one page directory per GiB, identity-mapping guest
-    /// memory with user-accessible 2 MiB pages.
+    /// Page tables: one PML4, one PDPT, and one page directory per GiB, mapping linear addresses to
+    /// RAM (RAMLayout: the identity for one slot at 0) with user-accessible 2 MiB pages.
     public static let pml4 = GPA(0x1000)
     public static let pdpt = GPA(0x2000)
     public static let firstPD = GPA(0x90000)
@@ -35,24 +35,26 @@ public enum X86Layout {
 }
 
 extension KVMVCPU {
-    /// Builds page tables, GDT and TSS in `memory` (mapped at GPA 0) and puts the vCPU in 64-bit mode
-    /// at CPL3 with IOPL 3 (so port IO still exits to the VMM), at `entry` with an empty stack.
-    public func enterLongModeUser(memory: HostMemory, entry: GPA, stack: GPA = X86Layout.stackTop,
+    /// Builds page tables, GDT and TSS in `memory` (slot 0, at GPA 0) and puts the vCPU in 64-bit mode
+    /// at CPL3 with IOPL 3 (so port IO still exits to the VMM), at `entry` with an empty stack. The
+    /// page tables map the linear addresses of `layout` (by default `memory` alone, identity-mapped).
+    public func enterLongModeUser(memory: HostMemory, layout: RAMLayout? = nil, entry: GPA, stack: GPA = X86Layout.stackTop,
                                   argument: UInt64 = 0) throws(KVMError) {
+        let layout = layout ?? RAMLayout(size: memory.size)
         let mem = memory.pointer
         func put(_ gpa: GPA, _ index: Int, _ value: UInt64) {
             mem.storeBytes(of: value, toByteOffset: Int(gpa.raw) + index * 8, as: UInt64.self)
         }
         let present: UInt64 = 1, writable: UInt64 = 2, user: UInt64 = 4, large: UInt64 = 0x80
-        let gib = min(X86Layout.maxGiB, (memory.size + (1 << 30) - 1) >> 30)
+        let gib = min(X86Layout.maxGiB, (layout.size + (1 << 30) - 1) >> 30)
         put(X86Layout.pml4, 0, X86Layout.pdpt.raw | present | writable | user)
         for g in 0..<gib {
             let pd = X86Layout.firstPD + g * 0x1000
             put(X86Layout.pdpt, Int(g), pd.raw | present | writable | user)
             for i in 0..<512 {
-                let base = (g << 30) | (UInt64(i) << 21)
-                guard base < memory.size else { break }
-                put(pd, i, base | present | writable | user | large)
+                let linear = (g << 30) | (UInt64(i) << 21)
+                guard linear < layout.size else { break }
+                put(pd, i, layout.gpa(linear: linear).raw | present | writable | user | large)
             }
         }
         // GDT: null, kernel code, kernel data, user code (64-bit), user data, 16-byte TSS descriptor.

@@ -19,11 +19,10 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
         // A wrong key stops here, before any guest memory is accepted.
         if let key { try connection.authenticate(with: key, asSource: false) }
         let header = try StreamHeader.read(from: connection)
-        let (vm, spec) = try makeGuest(memory: header.memory, vcpus: header.vcpus, backend: header.backend,
-                                       backing: header.backing, spec: header.spec)
-        tell(.setup, "a \(vm.backend) guest: \(formatBytes(header.memory)), \(header.vcpus) vCPU(s), workload \(header.spec)")
+        let (vm, spec) = try header.guest.makeGuest()
+        tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s), workload \(spec)")
         // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
-        let local = DestinationDigest(vm.memory)
+        let local = DestinationDigest(vm.ram)
         defer { local.stop() }
         let (state, digest) = try applyRecords(from: connection, into: vm, written: DirtyBitmap(pages: vm.pages), digest: local) {
             tell(.receiving, force: false)
@@ -48,22 +47,26 @@ public func receive(over connection: Connection, key: MigrationKey? = nil,
 /// checked first.
 func applyRecords(from connection: Connection, into vm: any VirtualMachine, written: DirtyBitmap,
                   digest: DestinationDigest? = nil, tick: () -> Void = {}) throws -> (VCPUStates, [UInt8]) {
-    let pages = vm.memory.size >> 12
+    let ram = vm.ram
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: VCPUStates?
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
     // which keeps the destination from touching (and the host from allocating) memory it need not.
     while true {
-        let r = try Record.read(from: connection, pageLimit: pages, into: &buffer)
+        let r = try Record.read(from: connection, pageLimit: ram.pages, into: &buffer)
         tick()
         switch r.type {
         case .pages:
             let run = r.firstPage..<(r.firstPage + UInt64(r.count))
+            guard ram.slot(ofPage: run.lowerBound) == ram.slot(ofPage: run.upperBound - 1) else {
+                throw MigrationError.badStream("page run \(r.firstPage)+\(r.count) crosses the end of a memory slot")
+            }
+            let host = ram.pointer(page: r.firstPage)
             let apply = {
                 if r.zero {
-                    for p in run where written.isSet(p) { memset(vm.memory.pointer + Int(p << 12), 0, 4096) }
+                    for p in run where written.isSet(p) { memset(host + Int((p - run.lowerBound) << 12), 0, 4096) }
                 } else {
-                    buffer.withUnsafeBytes { (vm.memory.pointer + Int(r.firstPage << 12)).copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
+                    buffer.withUnsafeBytes { host.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
                     written.set(first: r.firstPage, count: UInt64(r.count))
                 }
             }

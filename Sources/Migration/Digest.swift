@@ -6,35 +6,72 @@ import Synchronization
 /// Bytes per digest chunk.
 public let digestChunk = 64 << 20
 
-/// The 256-bit digest of all guest memory, page 0 first: memory is hashed in 64 MiB chunks with the
-/// four lanes of the record checksum, and the chunks' lanes are hashed again, so the value is the same
-/// whatever the number of threads and whichever chunks were hashed earlier. `known(i)` may supply
-/// chunk i's lanes without reading it (all zeros, or hashed earlier and unchanged since); the other
-/// chunks are read on every core. The stream's authenticity, when a key is given, comes from the MAC,
-/// not from this digest.
-public func memoryDigest(_ memory: HostMemory, known: ((Int) -> [UInt64]?)? = nil) -> [UInt8] {
-    let chunks = digestChunks(memory)
-    let lanes = UnsafeMutablePointer<UInt64>.allocate(capacity: chunks * 4)
+/// The 256-bit digest of all guest RAM, slot 0 first: each slot is hashed in 64 MiB chunks (a slot's
+/// last chunk may be shorter) with the four lanes of the record checksum, and the chunks' lanes are
+/// hashed again, so the value is the same whatever the number of threads and whichever chunks were
+/// hashed earlier. `known(i)` may supply chunk i's lanes without reading it (all zeros, or hashed
+/// earlier and unchanged since); the other chunks are read on every core. The stream's authenticity,
+/// when a key is given, comes from the MAC, not from this digest.
+public func memoryDigest(_ ram: GuestRAM, known: ((Int) -> [UInt64]?)? = nil) -> [UInt8] {
+    let chunks = DigestChunks(ram)
+    let lanes = UnsafeMutablePointer<UInt64>.allocate(capacity: chunks.count * 4)
     defer { lanes.deallocate() }
-    DispatchQueue.concurrentPerform(iterations: chunks) { i in
-        let l = known?(i) ?? chunkLanes(memory, i)
+    DispatchQueue.concurrentPerform(iterations: chunks.count) { i in
+        let l = known?(i) ?? chunks.lanes(i)
         for j in 0..<4 { lanes[i * 4 + j] = l[j] }
     }
     var h = RecordChecksum()
-    h.update(UnsafeRawBufferPointer(start: lanes, count: chunks * 32))
+    h.update(UnsafeRawBufferPointer(start: lanes, count: chunks.count * 32))
     var out: [UInt8] = []
     for lane in h.finalLanes { out.append(le: lane) }
     return out
 }
 
-func digestChunks(_ memory: HostMemory) -> Int { (Int(memory.size) + digestChunk - 1) / digestChunk }
+/// The digest's chunks: each slot cut into 64 MiB pieces, in RAM page order.
+struct DigestChunks: @unchecked Sendable {
+    /// Chunk i's host memory, length in bytes, and first RAM page.
+    let start: [UnsafeMutableRawPointer]
+    let length: [Int]
+    let firstPage: [UInt64]
+    /// Each slot's first chunk.
+    private let slotChunk: [Int]
+    private let ram: GuestRAM
 
-/// Chunk i's lanes, read from memory.
-func chunkLanes(_ memory: HostMemory, _ i: Int) -> [UInt64] {
-    let length = min(digestChunk, Int(memory.size) - i * digestChunk)
-    var h = RecordChecksum()
-    h.update(UnsafeRawBufferPointer(start: UnsafeRawPointer(memory.pointer) + i * digestChunk, count: length))
-    return h.finalLanes
+    init(_ ram: GuestRAM) {
+        self.ram = ram
+        var start: [UnsafeMutableRawPointer] = [], length: [Int] = [], firstPage: [UInt64] = [], slotChunk: [Int] = []
+        for (s, m) in ram.slots.enumerated() {
+            slotChunk.append(start.count)
+            var offset = 0
+            while offset < Int(m.size) {
+                start.append(m.pointer + offset)
+                length.append(min(digestChunk, Int(m.size) - offset))
+                firstPage.append(ram.firstPage[s] + UInt64(offset >> 12))
+                offset += digestChunk
+            }
+        }
+        (self.start, self.length, self.firstPage, self.slotChunk) = (start, length, firstPage, slotChunk)
+    }
+
+    var count: Int { start.count }
+
+    /// The chunk holding RAM page `page`.
+    func chunk(ofPage page: UInt64) -> Int {
+        let s = ram.slot(ofPage: page)
+        return slotChunk[s] + Int((page - ram.firstPage[s]) << 12) / digestChunk
+    }
+
+    /// The words of a RAM-wide bitmap covering chunk i (chunks start on a word: slots start on 512 pages).
+    func words(_ i: Int) -> Range<Int> {
+        Int(firstPage[i] >> 6)..<Int((firstPage[i] + UInt64(length[i] >> 12) + 63) >> 6)
+    }
+
+    /// Chunk i's lanes, read from memory.
+    func lanes(_ i: Int) -> [UInt64] {
+        var h = RecordChecksum()
+        h.update(UnsafeRawBufferPointer(start: start[i], count: length[i]))
+        return h.finalLanes
+    }
 }
 
 /// The lanes of an all-zero chunk, hashed once.
@@ -61,9 +98,9 @@ final class ChunkHasher: @unchecked Sendable {
     private let stopped = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
 
-    init(_ memory: HostMemory, next: @escaping () -> Int?, done: @escaping (Int, [UInt64]) -> Void) {
+    init(_ chunks: DigestChunks, next: @escaping () -> Int?, done: @escaping (Int, [UInt64]) -> Void) {
         Thread { [self] in
-            while !stopped.load(ordering: .acquiring), let i = next() { done(i, chunkLanes(memory, i)) }
+            while !stopped.load(ordering: .acquiring), let i = next() { done(i, chunks.lanes(i)) }
             finished.signal()
         }.start()
     }
@@ -79,28 +116,28 @@ final class ChunkHasher: @unchecked Sendable {
 /// hashed while the guest ran holds if the dirty logs harvested afterwards show no page of it written:
 /// after each harvest, hashes of clean chunks are confirmed and dirty chunks are queued again.
 final class SourceDigest {
-    let memory: HostMemory
-    private let chunks: Int
+    let ram: GuestRAM
+    private let chunks: DigestChunks
     private let lock = NSLock()
     private var lanes: [[UInt64]?]
     private var confirmed: [Bool]
     private var queue: [Int] = []
     private var hasher: ChunkHasher?
 
-    init(_ memory: HostMemory) {
-        self.memory = memory
-        chunks = digestChunks(memory)
-        lanes = Array(repeating: nil, count: chunks)
-        confirmed = Array(repeating: false, count: chunks)
+    init(_ ram: GuestRAM) {
+        self.ram = ram
+        chunks = DigestChunks(ram)
+        lanes = Array(repeating: nil, count: chunks.count)
+        confirmed = Array(repeating: false, count: chunks.count)
     }
 
     /// Starts hashing, in the background, every chunk not confirmed yet.
     func start() {
         lock.lock()
-        queue = (0..<chunks).reversed().filter { !confirmed[$0] }
+        queue = (0..<chunks.count).reversed().filter { !confirmed[$0] }
         lock.unlock()
         var started: UInt64 = 0
-        hasher = ChunkHasher(memory, next: { [self] in
+        hasher = ChunkHasher(chunks, next: { [self] in
             lock.lock(); defer { lock.unlock() }
             started = monotonicNanos()
             return queue.popLast()
@@ -108,7 +145,7 @@ final class SourceDigest {
             lock.lock()
             lanes[i] = l
             hashNanos += monotonicNanos() - started
-            hashedBytes += UInt64(digestChunk)
+            hashedBytes += UInt64(chunks.length[i])
             lock.unlock()
         })
     }
@@ -121,7 +158,7 @@ final class SourceDigest {
     var secondsLeft: Double {
         lock.lock(); defer { lock.unlock() }
         let rate = hashNanos > 0 ? Double(hashedBytes) / (Double(hashNanos) / 1e9) : 4e9
-        return Double(confirmed.filter { !$0 }.count * digestChunk) / rate
+        return Double(chunks.length.indices.reduce(0) { $0 + (confirmed[$1] ? 0 : chunks.length[$1]) }) / rate
     }
 
     /// Stops the background hashing (after the chunk in hand).
@@ -134,11 +171,9 @@ final class SourceDigest {
     /// hashes of chunks with no dirty page, and drops the others.
     func harvested(_ dirty: [UInt64]) {
         stop()
-        let wordsPerChunk = digestChunk >> 18   // 64 pages per bitmap word
         lock.lock()
-        for c in 0..<chunks {
-            let words = dirty[min(c * wordsPerChunk, dirty.count)..<min((c + 1) * wordsPerChunk, dirty.count)]
-            if words.contains(where: { $0 != 0 }) {
+        for c in 0..<chunks.count {
+            if dirty[chunks.words(c)].contains(where: { $0 != 0 }) {
                 lanes[c] = nil
                 confirmed[c] = false
             } else if lanes[c] != nil {
@@ -154,40 +189,43 @@ final class SourceDigest {
         lock.lock()
         let known = zip(lanes, confirmed).map { $1 ? $0 : nil }
         lock.unlock()
-        return memoryDigest(memory, known: { known[$0] })
+        return memoryDigest(ram, known: { known[$0] })
     }
-
 }
 
 /// The destination's digest, built up while records arrive: a chunk is hashed in the background once
-/// the stream has moved past it, and hashed again if a later record writes into it. Each chunk has a
-/// sequence count, odd while a record is being written into it, so a hash that raced a write is
-/// never kept.
+/// the stream has moved past it, and hashed again if a later record writes into it. Per chunk, a count
+/// of records being written into it and a generation bumped by each, so a hash that raced a write
+/// (from any channel) is never kept.
 final class DestinationDigest {
-    let memory: HostMemory
-    private let chunks: Int
+    let ram: GuestRAM
+    private let chunks: DigestChunks
     private let lock = NSLock()
-    private var sequence: [UInt64]
-    private var hashed: [(sequence: UInt64, lanes: [UInt64])?]
+    private var writers: [Int]
+    private var generation: [UInt64]
+    private var hashed: [(generation: UInt64, lanes: [UInt64])?]
     private var current = -1
     private var hasher: ChunkHasher?
 
-    init(_ memory: HostMemory) {
-        self.memory = memory
-        chunks = digestChunks(memory)
-        sequence = Array(repeating: 0, count: chunks)
-        hashed = Array(repeating: nil, count: chunks)
-        hasher = ChunkHasher(memory, next: { [self] in nextChunk() }, done: { [self] i, l in finish(i, l) })
+    init(_ ram: GuestRAM) {
+        self.ram = ram
+        chunks = DigestChunks(ram)
+        writers = Array(repeating: 0, count: chunks.count)
+        generation = Array(repeating: 0, count: chunks.count)
+        hashed = Array(repeating: nil, count: chunks.count)
+        hasher = ChunkHasher(chunks, next: { [self] in nextChunk() }, done: { [self] i, l in finish(i, l) })
     }
 
-    /// The next chunk to hash: written, settled (not the one the stream is in), not hashed since.
-    /// Waits for one while the stream goes on; nil once `final()` began.
+    /// The next chunk to hash: written, settled (no write in progress, not the one the stream is in),
+    /// not hashed since. Waits for one while the stream goes on; nil once `final()` began.
     private func nextChunk() -> Int? {
         while true {
             lock.lock()
             if stopping { lock.unlock(); return nil }
-            let c = (0..<chunks).first { c in c != current && sequence[c] > 0 && sequence[c] % 2 == 0 && hashed[c]?.sequence != sequence[c] }
-            if let c { hashed[c] = (sequence[c], []) }   // claimed at this sequence; the lanes follow
+            let c = (0..<chunks.count).first { c in
+                c != current && generation[c] > 0 && writers[c] == 0 && hashed[c]?.generation != generation[c]
+            }
+            if let c { hashed[c] = (generation[c], []) }   // claimed at this generation; the lanes follow
             lock.unlock()
             if let c { return c }
             usleep(2000)
@@ -199,20 +237,20 @@ final class DestinationDigest {
     private func finish(_ c: Int, _ l: [UInt64]) {
         lock.lock()
         // Kept only if no record touched the chunk while it was read.
-        if let h = hashed[c], h.sequence == sequence[c] { hashed[c] = (h.sequence, l) } else { hashed[c] = nil }
+        if let h = hashed[c], h.generation == generation[c], writers[c] == 0 { hashed[c] = (h.generation, l) } else { hashed[c] = nil }
         lock.unlock()
     }
 
-    /// Brackets a write of pages [first, first + count) into memory.
+    /// Brackets a write of RAM pages [first, first + count) (inside one slot) into memory.
     func writing(first: UInt64, count: UInt64, _ body: () -> Void) {
-        let a = Int(first << 12) / digestChunk, b = Int(((first + count) << 12) - 1) / digestChunk
+        let a = chunks.chunk(ofPage: first), b = chunks.chunk(ofPage: first + count - 1)
         lock.lock()
-        for c in a...b { sequence[c] += 1 }
+        for c in a...b { writers[c] += 1; generation[c] += 1 }
         current = b
         lock.unlock()
         body()
         lock.lock()
-        for c in a...b { sequence[c] += 1 }
+        for c in a...b { writers[c] -= 1 }
         lock.unlock()
     }
 
@@ -221,13 +259,13 @@ final class DestinationDigest {
     func final() -> [UInt8] {
         stop()
         lock.lock()
-        let known: [[UInt64]?] = (0..<chunks).map { c in
-            if sequence[c] == 0 { return Int(memory.size) - c * digestChunk >= digestChunk ? zeroChunkDigest : nil }
-            if let h = hashed[c], h.sequence == sequence[c], !h.lanes.isEmpty { return h.lanes }
+        let known: [[UInt64]?] = (0..<chunks.count).map { c in
+            if generation[c] == 0 { return chunks.length[c] == digestChunk ? zeroChunkDigest : nil }
+            if let h = hashed[c], h.generation == generation[c], !h.lanes.isEmpty { return h.lanes }
             return nil
         }
         lock.unlock()
-        return memoryDigest(memory, known: { known[$0] })
+        return memoryDigest(ram, known: { known[$0] })
     }
 
     /// Ends the background hashing; the receiver must call it (or `final()`) on every path, since

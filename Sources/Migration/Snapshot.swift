@@ -9,32 +9,28 @@ import Workload
 /// position in its chain (docs/migration-stream.md, "Snapshots").
 public struct SnapshotHeader: Equatable, Sendable {
     public static let magic = Array("VMMSNAP1".utf8)
+    public static let version: UInt32 = 2
     public var diff: Bool
     public var sequence: UInt32
-    public var memory: UInt64
-    public var vcpus: UInt32
-    public var backend: UInt8
-    public var backing: UInt8
-    public var spec: String
+    public var guest: GuestDescription
 
     func encoded() -> [UInt8] {
         var b = Self.magic
-        b.append(le: UInt32(1))
+        b.append(le: Self.version)
         b.append(le: UInt32(diff ? 1 : 0))
         b.append(le: sequence)
-        b.append(le: vcpus)
-        b.append(le: memory)
-        b.append(backend)
-        b.append(backing)
-        b.append(le: UInt16(0))
-        return sealHeader(b, spec: spec)
+        b.append(le: UInt32(4096))
+        return sealHeader(b, guest.encoded())
     }
 
-    static func read(from c: Connection) throws -> SnapshotHeader {
-        let (h, spec) = try readSealedHeader(from: c, fixedSize: 36, magic: magic, what: "snapshot file")
-        guard h.le(UInt32.self, at: 8) == 1 else { throw MigrationError.badStream("snapshot version \(h.le(UInt32.self, at: 8)), this build reads 1") }
-        return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16), memory: h.le(UInt64.self, at: 24),
-                              vcpus: h.le(UInt32.self, at: 20), backend: h[32], backing: h[33], spec: spec)
+    static func read(from c: Connection, path: String) throws -> SnapshotHeader {
+        let (h, tail) = try readSealedHeader(from: c, fixedSize: 24, magic: magic, what: "snapshot file")
+        guard h.le(UInt32.self, at: 8) == version else {
+            throw MigrationError.badStream("\(path): snapshot version \(h.le(UInt32.self, at: 8)), this build reads \(version)")
+        }
+        guard h.le(UInt32.self, at: 20) == 4096 else { throw MigrationError.badStream("\(path): page size \(h.le(UInt32.self, at: 20))") }
+        return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16),
+                              guest: try GuestDescription.decode(tail, context: "\(path): "))
     }
 }
 
@@ -83,13 +79,11 @@ public final class SnapshotChain {
         let temporary = path + ".partial"
         do {
             let file = try Connection(file: temporary, writing: true)
-            try file.send(SnapshotHeader(diff: diff, sequence: full ? 0 : sequence, memory: vm.memory.size,
-                                         vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode,
-                                         backing: vm.memory.backing.wireCode, spec: spec.description).encoded())
+            try file.send(SnapshotHeader(diff: diff, sequence: full ? 0 : sequence, guest: GuestDescription(vm, spec: spec)).encoded())
             var report = MigrationReport()
-            try PageSender(memory: vm.memory, connection: file).send(bitmap, report: &report)
+            try PageSender(ram: vm.ram, connection: file).send(bitmap, report: &report)
             try file.sendState(try vm.vcpuStates())
-            try file.sendEnd(digest: memoryDigest(vm.memory))
+            try file.sendEnd(digest: memoryDigest(vm.ram))
             try file.sync()
             guard rename(temporary, path) == 0 else { throw MigrationError.connection("rename to \(path): \(String(cString: strerror(errno)))") }
             sequence = (full ? 0 : sequence) + 1
@@ -121,18 +115,17 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
     var written: DirtyBitmap?   // which pages the files so far wrote
     for (index, path) in paths.enumerated() {
         let file = try Connection(file: path, writing: false)
-        let h = try SnapshotHeader.read(from: file)
+        let h = try SnapshotHeader.read(from: file, path: path)
         if index == 0 {
             guard !h.diff else { throw MigrationError.badStream("\(path) is a diff: a chain starts with a full snapshot") }
-            let (guest, workload) = try makeGuest(memory: h.memory, vcpus: h.vcpus, backend: h.backend, backing: h.backing,
-                                                  spec: h.spec, context: "\(path): ")
+            let (guest, workload) = try h.guest.makeGuest(context: "\(path): ")
             vm = guest
             spec = workload
             written = DirtyBitmap(pages: guest.pages)
         } else {
             guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
-            guard h.memory == vm!.memory.size, h.vcpus == UInt32(vm!.vcpuCount) else {
-                throw MigrationError.badStream("\(path) belongs to another guest (\(h.memory) bytes, \(h.vcpus) vCPUs)")
+            guard h.guest.layout == vm!.ram.layout, h.guest.vcpus == UInt32(vm!.vcpuCount) else {
+                throw MigrationError.badStream("\(path) belongs to another guest (\(h.guest.layout), \(h.guest.vcpus) vCPUs)")
             }
         }
         guard h.sequence == expected else {
@@ -141,7 +134,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
         let (state, digest) = try applyRecords(from: file, into: vm!, written: written!)
         last = (state, digest)
         // Every file's digest must hold for the memory as restored up to it.
-        guard memoryDigest(vm!.memory) == digest else { throw MigrationError.digestMismatch }
+        guard memoryDigest(vm!.ram) == digest else { throw MigrationError.digestMismatch }
         expected += 1
     }
     return (vm!, spec!, last!.0)

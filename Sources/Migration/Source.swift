@@ -67,11 +67,9 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
     if let key = options.key { try connection.authenticate(with: key, asSource: true) }
     try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
     do {
-        try connection.send(StreamHeader(memory: vm.memory.size, vcpus: UInt32(vm.vcpuCount),
-                                         backend: vm.backend.wireCode, backing: vm.memory.backing.wireCode,
-                                         spec: spec.description).encoded())
+        try connection.send(StreamHeader(guest: GuestDescription(vm, spec: spec)).encoded())
         report.setupSeconds = Date().timeIntervalSince(start)
-        let sender = PageSender(memory: vm.memory, connection: connection)
+        let sender = PageSender(ram: vm.ram, connection: connection)
         sender.tick = { pages in
             out.status.pagesDone = pages
             tell(force: false)
@@ -80,7 +78,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         var pending = vm.allPages
         out.status.phase = .precopy
         // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
-        let digest = SourceDigest(vm.memory)
+        let digest = SourceDigest(vm.ram)
         defer { digest.stop() }   // never leave it reading memory behind us
         var lastHashTime = Double.infinity
         while true {
@@ -159,9 +157,10 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
     }
 }
 
-/// Sends the pages a bitmap names as PAGES records: runs of up to 256 pages, all-zero runs as a flag.
+/// Sends the pages a bitmap names as PAGES records: runs of up to 256 pages inside one slot, all-zero
+/// runs as a flag.
 final class PageSender {
-    let memory: HostMemory
+    let ram: GuestRAM
     let connection: Connection
     private static let zeroPage = [UInt8](repeating: 0, count: 4096)
     /// A run is copied here before it is checksummed and sent: the guest keeps writing its memory
@@ -170,8 +169,8 @@ final class PageSender {
     /// Called after each record with the pages this `send` has sent so far.
     var tick: ((UInt64) -> Void)?
 
-    init(memory: HostMemory, connection: Connection) {
-        self.memory = memory
+    init(ram: GuestRAM, connection: Connection) {
+        self.ram = ram
         self.connection = connection
         staging = .allocate(byteCount: Int(Record.maxPagesPerRecord) << 12, alignment: 4096)
     }
@@ -186,12 +185,15 @@ final class PageSender {
             var p = start
             let end = start + count
             while p < end && failure == nil {
-                // A run of zero pages, or of non-zero pages, up to 256.
-                let zero = isZero(p)
+                // A run of zero pages, or of non-zero pages, up to 256, not beyond the slot.
+                let slot = ram.slot(ofPage: p)
+                let runEnd = min(end, ram.pages(ofSlot: slot).upperBound)
+                let host = ram.pointer(page: p)
+                let zero = isZero(host)
                 var n: UInt64 = 1
-                while p + n < end && n < UInt64(Record.maxPagesPerRecord) && isZero(p + n) == zero { n += 1 }
+                while p + n < runEnd && n < UInt64(Record.maxPagesPerRecord) && isZero(host + Int(n << 12)) == zero { n += 1 }
                 do {
-                    if !zero { staging.copyMemory(from: memory.pointer + Int(p << 12), byteCount: Int(n << 12)) }
+                    if !zero { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
                     let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(staging), count: zero ? 0 : Int(n << 12))
                     try connection.sendRecord(Record.header(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload), payload)
                 } catch {
@@ -207,8 +209,8 @@ final class PageSender {
         if let failure { throw failure }
     }
 
-    private func isZero(_ page: UInt64) -> Bool {
-        Self.zeroPage.withUnsafeBytes { memcmp(memory.pointer + Int(page << 12), $0.baseAddress!, 4096) == 0 }
+    private func isZero(_ page: UnsafeMutableRawPointer) -> Bool {
+        Self.zeroPage.withUnsafeBytes { memcmp(page, $0.baseAddress!, 4096) == 0 }
     }
 }
 

@@ -56,17 +56,74 @@ extension Backing {
     }
 }
 
-/// The VM a stream or snapshot header describes, after checking it (`context` starts each error).
-func makeGuest(memory: UInt64, vcpus: UInt32, backend code: UInt8, backing: UInt8, spec text: String,
-               context: String = "") throws -> (any VirtualMachine, WorkloadSpec) {
-    guard memory > 0, memory % 4096 == 0, memory <= 1 << 40, (1...64).contains(vcpus) else {
-        throw MigrationError.badStream("\(context)guest of \(memory) bytes and \(vcpus) vCPUs")
+/// The guest a stream or snapshot header describes: what the receiving end builds.
+public struct GuestDescription: Equatable, Sendable {
+    public var layout: RAMLayout
+    public var vcpus: UInt32
+    public var backend: UInt8
+    public var backing: UInt8
+    /// The workload the guest runs, which the receiving end continues.
+    public var spec: String
+
+    public init(layout: RAMLayout, vcpus: UInt32, backend: UInt8, backing: UInt8, spec: String) {
+        self.layout = layout
+        self.vcpus = vcpus
+        self.backend = backend
+        self.backing = backing
+        self.spec = spec
     }
-    let spec: WorkloadSpec
-    do { spec = try WorkloadSpec.parse(text) } catch { throw MigrationError.badStream("\(context)workload spec: \(error)") }
-    guard let backend = BackendKind(wireCode: code) else { throw MigrationError.badStream("\(context)unknown backend code \(code)") }
-    let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: memory, backing: Backing(wireCode: backing), vcpus: Int(vcpus)))
-    return (vm, spec)
+
+    /// `vm` running `spec`.
+    init(_ vm: any VirtualMachine, spec: WorkloadSpec) {
+        self.init(layout: vm.ram.layout, vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode,
+                  backing: vm.ram.backing.wireCode, spec: spec.description)
+    }
+
+    /// vCPUs (4), backend (1), backing (1), reserved (2), slot count (4), per slot its GPA (8) and
+    /// size (8), the spec's length (4) and the spec (UTF-8).
+    func encoded() -> [UInt8] {
+        var b: [UInt8] = []
+        b.append(le: vcpus)
+        b.append(backend)
+        b.append(backing)
+        b.append(le: UInt16(0))
+        b.append(le: UInt32(layout.regions.count))
+        for r in layout.regions {
+            b.append(le: r.gpa.raw)
+            b.append(le: r.size)
+        }
+        let text = Array(spec.utf8)
+        b.append(le: UInt32(text.count))
+        return b + text
+    }
+
+    static func decode(_ b: [UInt8], context: String) throws -> GuestDescription {
+        func need(_ n: Int) throws { guard b.count >= n else { throw MigrationError.badStream("\(context)header too short") } }
+        try need(12)
+        let slots = Int(b.le(UInt32.self, at: 8))
+        guard slots <= RAMLayout.maxRegions else { throw MigrationError.badStream("\(context)\(slots) memory slots") }
+        try need(16 + slots * 16)
+        let regions = (0..<slots).map { i in RAMLayout.Region(gpa: GPA(b.le(UInt64.self, at: 12 + i * 16)), size: b.le(UInt64.self, at: 20 + i * 16)) }
+        let layout: RAMLayout
+        do { layout = try RAMLayout(regions) } catch { throw MigrationError.badStream("\(context)\(error)") }
+        let specAt = 12 + slots * 16
+        let specLength = Int(b.le(UInt32.self, at: specAt))
+        guard b.count == specAt + 4 + specLength else { throw MigrationError.badStream("\(context)header length does not match its spec") }
+        return GuestDescription(layout: layout, vcpus: b.le(UInt32.self, at: 0), backend: b[4], backing: b[5],
+                                spec: String(decoding: b[(specAt + 4)...], as: UTF8.self))
+    }
+
+    /// Builds the VM this describes, after checking it (`context` starts each error).
+    func makeGuest(context: String = "") throws -> (any VirtualMachine, WorkloadSpec) {
+        guard layout.size <= 1 << 40, (1...64).contains(vcpus) else {
+            throw MigrationError.badStream("\(context)guest of \(layout) and \(vcpus) vCPUs")
+        }
+        let spec: WorkloadSpec
+        do { spec = try WorkloadSpec.parse(self.spec) } catch { throw MigrationError.badStream("\(context)workload spec: \(error)") }
+        guard let kind = BackendKind(wireCode: backend) else { throw MigrationError.badStream("\(context)unknown backend code \(backend)") }
+        let vm = try makeVirtualMachine(VMConfig(backend: kind, layout: layout, backing: Backing(wireCode: backing), vcpus: Int(vcpus)))
+        return (vm, spec)
+    }
 }
 
 extension Connection {
@@ -94,65 +151,59 @@ extension VirtualMachine {
 /// The stream header.
 public struct StreamHeader: Equatable, Sendable {
     public static let magic = Array("VMMMIGR1".utf8)
-    public static let version: UInt32 = 1
-    public var memory: UInt64
-    public var vcpus: UInt32
-    public var backend: UInt8
-    public var backing: UInt8
-    public var spec: String
+    public static let version: UInt32 = 2
+    public var guest: GuestDescription
+    /// Connections carrying page records (the first is this one).
+    public var channels: UInt32
 
-    public init(memory: UInt64, vcpus: UInt32, backend: UInt8, backing: UInt8, spec: String) {
-        self.memory = memory
-        self.vcpus = vcpus
-        self.backend = backend
-        self.backing = backing
-        self.spec = spec
+    public init(guest: GuestDescription, channels: UInt32 = 1) {
+        self.guest = guest
+        self.channels = channels
     }
 
     public func encoded() -> [UInt8] {
         var b = Self.magic
         b.append(le: Self.version)
         b.append(le: UInt32(4096))
-        b.append(le: memory)
-        b.append(le: vcpus)
-        b.append(backend)
-        b.append(backing)
-        b.append(le: UInt16(0))
-        return sealHeader(b, spec: spec)
+        b.append(le: channels)
+        b.append(le: UInt32(0))
+        return sealHeader(b, guest.encoded())
     }
 
     /// Reads and checks a header.
     public static func read(from c: Connection) throws -> StreamHeader {
-        let (h, spec) = try readSealedHeader(from: c, fixedSize: 32, magic: magic, what: "migration stream")
+        let (h, tail) = try readSealedHeader(from: c, fixedSize: 24, magic: magic, what: "migration stream")
         guard h.le(UInt32.self, at: 8) == version else { throw MigrationError.badStream("stream version \(h.le(UInt32.self, at: 8)), this build reads \(version)") }
         guard h.le(UInt32.self, at: 12) == 4096 else { throw MigrationError.badStream("page size \(h.le(UInt32.self, at: 12)), expected 4096") }
-        return StreamHeader(memory: h.le(UInt64.self, at: 16), vcpus: h.le(UInt32.self, at: 24), backend: h[28],
-                            backing: h[29], spec: spec)
+        let channels = h.le(UInt32.self, at: 16)
+        guard (1...maxChannels).contains(channels) else { throw MigrationError.badStream("\(channels) channels") }
+        return StreamHeader(guest: try GuestDescription.decode(tail, context: ""), channels: channels)
     }
+
+    public static let maxChannels: UInt32 = 16
 }
 
-/// A header's fixed fields, then the workload spec's length, a checksum of all of it, and the spec:
-/// the layout the stream and snapshot headers share.
-func sealHeader(_ fixed: [UInt8], spec: String) -> [UInt8] {
+/// A header's fixed fields, then the length of what follows, a checksum of all of it, and what
+/// follows (the guest description): the layout the stream and snapshot headers share.
+func sealHeader(_ fixed: [UInt8], _ tail: [UInt8]) -> [UInt8] {
     var b = fixed
-    let text = Array(spec.utf8)
-    b.append(le: UInt32(text.count))
-    b.append(le: RecordChecksum.checksum(b + text))
-    return b + text
+    b.append(le: UInt32(tail.count))
+    b.append(le: RecordChecksum.checksum(b + tail))
+    return b + tail
 }
 
-/// Reads a sealed header: checks the magic, the spec's length and the checksum; returns the fixed
-/// fields (plus the length and checksum words) and the spec.
-func readSealedHeader(from c: Connection, fixedSize: Int, magic: [UInt8], what: String) throws -> ([UInt8], String) {
+/// Reads a sealed header: checks the magic, the length and the checksum; returns the fixed fields
+/// (plus the length and checksum words) and what follows them.
+func readSealedHeader(from c: Connection, fixedSize: Int, magic: [UInt8], what: String) throws -> ([UInt8], [UInt8]) {
     let h = try c.receive(fixedSize + 8)
     guard Array(h[0..<magic.count]) == magic else { throw MigrationError.badStream("not a \(what) (bad magic)") }
-    let specLength = Int(h.le(UInt32.self, at: fixedSize))
-    guard specLength <= 4096 else { throw MigrationError.badStream("workload spec of \(specLength) bytes") }
-    let spec = try c.receive(specLength)
-    guard RecordChecksum.checksum(Array(h[0..<fixedSize + 4]) + spec) == h.le(UInt32.self, at: fixedSize + 4) else {
+    let length = Int(h.le(UInt32.self, at: fixedSize))
+    guard length <= 8192 else { throw MigrationError.badStream("\(what) header of \(length) bytes") }
+    let tail = try c.receive(length)
+    guard RecordChecksum.checksum(Array(h[0..<fixedSize + 4]) + tail) == h.le(UInt32.self, at: fixedSize + 4) else {
         throw MigrationError.badStream("\(what) header checksum mismatch")
     }
-    return (h, String(decoding: spec, as: UTF8.self))
+    return (h, tail)
 }
 
 /// One record as read from the stream, checked.

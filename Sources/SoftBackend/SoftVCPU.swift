@@ -238,6 +238,10 @@ public final class SoftVCPU: @unchecked Sendable {
     /// to continue the same stream on another VM.
     public var position = VCPUPosition()
 
+    /// How the guest maps its workload's (linear) addresses to GPAs, as its page tables would: the
+    /// identity, unless its RAM spans several slots.
+    public var linearLayout = RAMLayout.identity
+
     /// Runs `workload` until it ends or `control` stops it. Stores write a per-vCPU sequence number
     /// (`index << 48 | n`), so a test can tell which store landed last. `from` continues a stream
     /// where another vCPU (a migrated one) left it.
@@ -246,6 +250,7 @@ public final class SoftVCPU: @unchecked Sendable {
         if let from { gen.position = (from.state, from.cursor) }
         let size = workload.accessSize
         let counting = gen.isCounter
+        let layout = linearLayout
         let start = monotonicNanos()
         var deadline = UInt64.max
         var limit = UInt64.max
@@ -265,7 +270,8 @@ public final class SoftVCPU: @unchecked Sendable {
             let n = min(batch, limit - done)
             if counting {
                 for _ in 0..<n {
-                    let (gpa, expected) = gen.nextCounter()
+                    let (linear, expected) = gen.nextCounter()
+                    let gpa = layout.gpa(linear: linear.raw)
                     if load(gpa, size: 8) != expected { stats.mismatches &+= 1 }
                     store(gpa, expected &+ 1, size: 8)
                     tlb.safePoint()
@@ -273,11 +279,12 @@ public final class SoftVCPU: @unchecked Sendable {
             } else {
                 for _ in 0..<n {
                     let a = gen.next()
+                    let gpa = layout.gpa(linear: a.gpa.raw)
                     if a.isWrite {
                         seq &+= 1
-                        store(a.gpa, seq, size: size)
+                        store(gpa, seq, size: size)
                     } else {
-                        _ = load(a.gpa, size: size)
+                        _ = load(gpa, size: size)
                     }
                     tlb.safePoint()
                 }

@@ -56,6 +56,17 @@ public final class SoftVM: @unchecked Sendable {
         return memory
     }
 
+    /// Maps guest RAM as `layout` places it: slot i for region i, and the vCPUs' linear addresses
+    /// across the slots.
+    public func addRAM(_ layout: RAMLayout, backing: Backing) throws(GuestMemoryError) -> GuestRAM {
+        let ram = try GuestRAM(layout: layout, backing: backing)
+        for (i, (r, m)) in zip(layout.regions, ram.slots).enumerated() {
+            try mmu.addSlot(id: i, gpa: r.gpa, size: r.size, memory: m)
+        }
+        if layout.regions.count > 1 { for v in vcpus { v.linearLayout = layout } }
+        return ram
+    }
+
     public var isRunning: Bool { control != nil }
 
     /// The vCPU threads would run on without the VM: a VM dropped while running stops them first.

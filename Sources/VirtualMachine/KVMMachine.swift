@@ -11,7 +11,7 @@ import Workload
 final class KVMMachine: VirtualMachine {
     let system: KVMSystem
     let vm: KVMVM
-    let memory: HostMemory
+    let ram: GuestRAM
     private var vcpus: [KVMVCPU] = []
     private let vcpuTotal: Int
     private let ringBytes: Int
@@ -22,17 +22,25 @@ final class KVMMachine: VirtualMachine {
     private var ringPending: [UInt64] = []
     var backend: BackendKind { .kvm }
     var vcpuCount: Int { vcpuTotal }
-    var pages: UInt64 { memory.size >> 12 }
 
     init(_ config: VMConfig) throws {
         guard config.vcpus <= X86Layout.maxVCPUs else { throw VMError.unsupported("the kvm backend runs at most \(X86Layout.maxVCPUs) vCPUs") }
-        guard config.memory > X86Layout.reservedEnd.raw else { throw VMError.unsupported("the kvm backend needs more than 1 MiB of memory") }
+        guard config.layout.regions[0].size > X86Layout.reservedEnd.raw else {
+            throw VMError.unsupported("the kvm backend needs more than 1 MiB of memory in its first slot (the guest program's pages)")
+        }
         system = try KVMSystem()
         vm = try KVMVM(system: system)
-        memory = try HostMemory(size: config.memory, backing: config.backing)
-        try vm.setMemory(slot: 0, gpa: GPA(0), memory: memory)
+        ram = try GuestRAM(layout: config.layout, backing: config.backing)
         vcpuTotal = config.vcpus
         ringBytes = config.dirtyRingBytes
+        try mapSlots()
+    }
+
+    /// (Re)maps every RAM slot, logging dirty pages or not.
+    private func mapSlots(logDirty: Bool = false) throws {
+        for (i, (r, m)) in zip(ram.layout.regions, ram.slots).enumerated() {
+            try vm.setMemory(slot: UInt32(i), gpa: r.gpa, memory: m, logDirty: logDirty)
+        }
     }
 
     /// vCPUs are created on first use: a dirty ring must be enabled before any exists.
@@ -61,13 +69,13 @@ final class KVMMachine: VirtualMachine {
         default:
             throw VMError.unsupported("the kvm backend logs with wp (KVM's dirty bitmap) or ring (KVM's dirty ring); \(config.strategy) is the soft MMU's")
         }
-        try vm.setMemory(slot: 0, gpa: GPA(0), memory: memory, logDirty: true)
+        try mapSlots(logDirty: true)
         logging = config
     }
 
     func disableDirtyLogging() throws {
         guard logging != nil else { throw DirtyLogError.notLogging(slot: 0) }
-        try vm.setMemory(slot: 0, gpa: GPA(0), memory: memory)
+        try mapSlots()
         logging = nil
     }
 
@@ -79,21 +87,30 @@ final class KVMMachine: VirtualMachine {
             var words = ringPending
             ringPending = [UInt64](repeating: 0, count: words.count)
             ringLock.unlock()
-            let vmm = try vm.getVMMDirty(slot: 0)
-            for i in words.indices where i < vmm.count { words[i] |= vmm[i] }
+            for s in ram.slots.indices {
+                let w = ram.words(ofSlot: s)
+                for (i, v) in try vm.getVMMDirty(slot: UInt32(s)).enumerated() where i < w.count { words[w.lowerBound + i] |= v }
+            }
             return words
         }
-        return try vm.getDirtyLog(slot: 0, pages: pages)
+        var words = [UInt64](repeating: 0, count: ram.bitmapWords)
+        for s in ram.slots.indices {
+            words.replaceSubrange(ram.words(ofSlot: s), with: try vm.getDirtyLog(slot: UInt32(s), pages: ram.slots[s].size >> 12))
+        }
+        return words
     }
 
     /// Collects every vCPU ring into the pending bitmap and resets the rings (re-protecting those pages).
     private func harvestRings() throws(KVMError) {
         ringLock.lock()
         defer { ringLock.unlock() }
-        if ringPending.isEmpty { ringPending = [UInt64](repeating: 0, count: Int((pages + 63) / 64)) }
+        if ringPending.isEmpty { ringPending = [UInt64](repeating: 0, count: ram.bitmapWords) }
         for v in vcpus {
             _ = v.dirtyRing?.harvest { slot, page in
-                if slot == 0 && page < self.pages { self.ringPending[Int(page >> 6)] |= 1 << (page & 63) }
+                let s = Int(slot)
+                guard s < self.ram.slots.count, page < UInt64(self.ram.pages(ofSlot: s).count) else { return }
+                let p = self.ram.firstPage[s] + page
+                self.ringPending[Int(p >> 6)] |= 1 << (p & 63)
             }
         }
         try vm.resetDirtyRings()
@@ -103,7 +120,9 @@ final class KVMMachine: VirtualMachine {
         guard logging?.strategy == .writeProtect, logging?.manualProtect == true else {
             throw VMError.unsupported("clearDirtyLog needs wp logging with manual protect on the kvm backend")
         }
-        try vm.clearDirtyLog(slot: 0, firstPage: firstPage, bitmap: bitmap)
+        try ram.forEachSlot(firstPage: firstPage, bitmap: bitmap) { s, first, part in
+            try vm.clearDirtyLog(slot: UInt32(s), firstPage: first, bitmap: part)
+        }
     }
 
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.writeGuest(gpa, bytes) }
@@ -137,7 +156,7 @@ final class KVMMachine: VirtualMachine {
         }
         let ringed = logging?.strategy == .ring
         let harvest: () throws(KVMError) -> Void = ringed ? harvestRings : {}
-        runner = KVMRunner(vcpus: vcpus, memory: memory, spec: spec, restored: restore != nil, onRingFull: harvest)
+        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: restore != nil, onRingFull: harvest)
     }
 
     func pause() throws {
@@ -181,7 +200,7 @@ final class KVMMachine: VirtualMachine {
 
     func markDirty(_ bitmap: [UInt64]) throws {
         guard logging != nil else { throw DirtyLogError.notLogging(slot: 0) }
-        vm.markDirty(slot: 0, bitmap: bitmap)
+        ram.forEachSlot(firstPage: 0, bitmap: bitmap) { s, _, part in vm.markDirty(slot: UInt32(s), bitmap: part) }
     }
 }
 
@@ -195,7 +214,7 @@ final class KVMRunner: @unchecked Sendable {
     private var threads: [pthread_t?]
     private let vcpus: [KVMVCPU]
 
-    init(vcpus: [KVMVCPU], memory: HostMemory, spec: WorkloadSpec, restored: Bool, onRingFull: @escaping () throws(KVMError) -> Void) {
+    init(vcpus: [KVMVCPU], ram: GuestRAM, spec: WorkloadSpec, restored: Bool, onRingFull: @escaping () throws(KVMError) -> Void) {
         self.vcpus = vcpus
         control = RunControl(vcpus: vcpus.count)
         results = RunResults(count: vcpus.count)
@@ -205,7 +224,7 @@ final class KVMRunner: @unchecked Sendable {
                 KVMVCPU.allowKicksOnThisThread()
                 lock.lock(); threads[i] = pthread_self(); lock.unlock()
                 do throws(KVMError) {
-                    results.set(i, .success(try runVCPU(i, memory: memory, spec: spec, restored: restored, onRingFull: onRingFull)))
+                    results.set(i, .success(try runVCPU(i, ram: ram, spec: spec, restored: restored, onRingFull: onRingFull)))
                 } catch {
                     results.set(i, .failure(error))
                 }
@@ -223,9 +242,10 @@ final class KVMRunner: @unchecked Sendable {
         for (v, t) in zip(vcpus, threads) { if let t { v.kick(thread: t) } }
     }
 
-    private func runVCPU(_ i: Int, memory: HostMemory, spec: WorkloadSpec, restored: Bool,
+    private func runVCPU(_ i: Int, ram: GuestRAM, spec: WorkloadSpec, restored: Bool,
                          onRingFull: () throws(KVMError) -> Void) throws(KVMError) -> VCPURun {
         let vcpu = vcpus[i]
+        let memory = ram.slots[0]   // the guest program's pages
         let start = monotonicNanos()
         var deadline = UInt64.max
         var part = spec
@@ -238,7 +258,7 @@ final class KVMRunner: @unchecked Sendable {
         var total = VCPURun()
         var chunkDone: UInt64 = 0     // accesses of the current chunk, from its progress exits
         var pacer = Pacer(start: start, deadline: deadline, rate: spec.rate)
-        if !restored { try vcpu.loadWorkload(part, index: i, memory: memory) }
+        if !restored { try vcpu.loadWorkload(part, index: i, memory: memory, layout: ram.layout) }
         loop: while true {
             if control.stopRequested { break }
             if control.pauseRequested {
@@ -258,7 +278,7 @@ final class KVMRunner: @unchecked Sendable {
                 total.writes += chunk.writes
                 chunkDone = 0
                 if case .count = spec.stop { break loop }
-                try vcpu.loadWorkload(part, index: i, memory: memory, continuing: true)
+                try vcpu.loadWorkload(part, index: i, memory: memory, layout: ram.layout, continuing: true)
             case .interrupted:
                 break
             }

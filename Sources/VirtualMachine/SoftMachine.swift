@@ -7,42 +7,54 @@ import Workload
 /// The soft backend behind the VirtualMachine interface.
 final class SoftMachine: VirtualMachine {
     let vm: SoftVM
-    let memory: HostMemory
+    let ram: GuestRAM
     var backend: BackendKind { .soft }
     var vcpuCount: Int { vm.vcpus.count }
-    var pages: UInt64 { memory.size >> 12 }
 
     init(_ config: VMConfig) throws {
         vm = SoftVM(vcpus: config.vcpus)
-        memory = try vm.addMemory(slot: 0, gpa: GPA(0), size: config.memory, backing: config.backing)
+        ram = try vm.addRAM(config.layout, backing: config.backing)
     }
 
-    init(vm: SoftVM, memory: HostMemory) {
+    init(vm: SoftVM, ram: GuestRAM) {
         self.vm = vm
-        self.memory = memory
+        self.ram = ram
     }
+
+    private var slotIDs: Range<Int> { 0..<ram.slots.count }
 
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
         try vm.run(spec, timeout: timeout).map(VCPURun.init)
     }
 
-    func enableDirtyLogging(_ config: DirtyLogConfig) throws { try vm.mmu.enableDirtyLogging(slot: 0, config) }
-    func disableDirtyLogging() throws { try vm.mmu.disableDirtyLogging(slot: 0) }
+    func enableDirtyLogging(_ config: DirtyLogConfig) throws {
+        for s in slotIDs { try vm.mmu.enableDirtyLogging(slot: s, config) }
+    }
+
+    func disableDirtyLogging() throws {
+        for s in slotIDs { try vm.mmu.disableDirtyLogging(slot: s) }
+    }
 
     func getDirtyLog() throws -> [UInt64] {
         guard let log = vm.mmu.dirtyLog(slot: 0) else { throw DirtyLogError.notLogging(slot: 0) }
+        var words = [UInt64](repeating: 0, count: ram.bitmapWords)
         if log.strategy == .ring {
             // Rings and the VMM's writes, as one bitmap; the harvested pages are re-protected.
-            var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-            for e in vm.mmu.harvestDirtyRings() where e.slot == 0 { words[Int(e.page >> 6)] |= 1 << (e.page & 63) }
+            for e in vm.mmu.harvestDirtyRings() where slotIDs.contains(e.slot) {
+                let p = ram.firstPage[e.slot] + e.page
+                words[Int(p >> 6)] |= 1 << (p & 63)
+            }
             vm.mmu.resetDirtyRings()
             return words
         }
-        return try vm.mmu.getDirtyLog(slot: 0)
+        for s in slotIDs { words.replaceSubrange(ram.words(ofSlot: s), with: try vm.mmu.getDirtyLog(slot: s)) }
+        return words
     }
 
     func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws {
-        try vm.mmu.clearDirtyLog(slot: 0, firstPage: firstPage, bitmap: bitmap)
+        try ram.forEachSlot(firstPage: firstPage, bitmap: bitmap) { s, first, part in
+            try vm.mmu.clearDirtyLog(slot: s, firstPage: first, bitmap: part)
+        }
     }
 
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.mmu.writeGuest(gpa, bytes) }
@@ -63,8 +75,10 @@ final class SoftMachine: VirtualMachine {
     func setThrottle(percent: Int) { vm.setThrottle(percent: percent) }
 
     func markDirty(_ bitmap: [UInt64]) throws {
-        guard let log = vm.mmu.dirtyLog(slot: 0) else { throw DirtyLogError.notLogging(slot: 0) }
-        log.bitmap.set(bitmap: bitmap)
+        try ram.forEachSlot(firstPage: 0, bitmap: bitmap) { s, _, part in
+            guard let log = vm.mmu.dirtyLog(slot: s) else { throw DirtyLogError.notLogging(slot: s) }
+            log.bitmap.set(bitmap: part)
+        }
     }
     func resume() throws { try vm.resume() }
 

@@ -19,14 +19,18 @@ public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible
 /// What a VM is made of.
 public struct VMConfig: Sendable {
     public var backend: BackendKind
-    public var memory: UInt64
+    /// The RAM slots (one at GPA 0 unless told otherwise).
+    public var layout: RAMLayout
     public var backing: Backing
     public var vcpus: Int
     /// Bytes per vCPU dirty ring on KVM (16 per entry); the soft backend's rings hold 4096 entries.
     public var dirtyRingBytes: Int
     public init(backend: BackendKind, memory: UInt64, backing: Backing, vcpus: Int, dirtyRingBytes: Int = 1 << 20) {
+        self.init(backend: backend, layout: RAMLayout(size: memory), backing: backing, vcpus: vcpus, dirtyRingBytes: dirtyRingBytes)
+    }
+    public init(backend: BackendKind, layout: RAMLayout, backing: Backing, vcpus: Int, dirtyRingBytes: Int = 1 << 20) {
         self.backend = backend
-        self.memory = memory
+        self.layout = layout
         self.backing = backing
         self.vcpus = vcpus
         self.dirtyRingBytes = dirtyRingBytes
@@ -56,24 +60,24 @@ public enum VMError: Error, CustomStringConvertible {
     }
 }
 
-/// A guest with one memslot of RAM at GPA 0, as either backend runs it. Migration, snapshots and the
-/// CLI drive this interface without knowing which backend is behind it.
+/// A guest with RAM in one or more memslots, as either backend runs it. Migration, snapshots and the
+/// CLI drive this interface without knowing which backend is behind it. Dirty bitmaps number RAM
+/// pages across the slots (GuestRAM); workloads use linear addresses (RAMLayout).
 public protocol VirtualMachine: AnyObject {
     var backend: BackendKind { get }
     var vcpuCount: Int { get }
-    /// The guest's RAM (slot 0, at GPA 0).
-    var memory: HostMemory { get }
-    /// Pages of RAM, the size of a dirty bitmap.
-    var pages: UInt64 { get }
+    /// The guest's RAM: slot 0 at GPA 0, then any others.
+    var ram: GuestRAM { get }
 
     /// Runs `spec` on every vCPU (vCPU i with its own stream) until it ends.
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun]
 
     func enableDirtyLogging(_ config: DirtyLogConfig) throws
     func disableDirtyLogging() throws
-    /// Pages dirtied since the last call (bit i of word w = page 64w+i); see DirtyLogConfig for when
-    /// they are re-protected.
+    /// Pages dirtied since the last call (bit i of word w = RAM page 64w+i); see DirtyLogConfig for
+    /// when they are re-protected.
     func getDirtyLog() throws -> [UInt64]
+    /// Re-protects the pages `bitmap` names, its first bit being RAM page `firstPage` (a multiple of 64).
     func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws
     /// Writes into guest memory as the VMM; recorded in the dirty log.
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws
@@ -93,6 +97,9 @@ public protocol VirtualMachine: AnyObject {
 }
 
 extension VirtualMachine {
+    /// Pages of RAM, the size of a dirty bitmap.
+    public var pages: UInt64 { ram.pages }
+
     /// The lowest GPA a workload may use (the KVM guest program keeps the first MiB for itself).
     public var workloadBase: GPA { backend.workloadBase }
 }
@@ -107,9 +114,9 @@ public struct VCPUStates: Sendable, Equatable {
     }
 }
 
-/// Puts an existing soft VM (RAM in slot 0 at GPA 0, `memory`) behind the interface, e.g. to migrate it.
-public func makeVirtualMachine(wrapping vm: SoftVM, memory: HostMemory) -> any VirtualMachine {
-    SoftMachine(vm: vm, memory: memory)
+/// Puts an existing soft VM (its RAM slots made by `SoftVM.addRAM`) behind the interface, e.g. to migrate it.
+public func makeVirtualMachine(wrapping vm: SoftVM, ram: GuestRAM) -> any VirtualMachine {
+    SoftMachine(vm: vm, ram: ram)
 }
 
 /// Builds a VM on the chosen backend.

@@ -48,7 +48,7 @@ struct BenchMigrate: ParsableCommand {
                 throw ValidationError("the working set does not fit above \(base) in \(memory) on the \(backend) backend")
             }
             // A warm guest: its working set is resident and holds data before the migration.
-            memset(vm.memory.pointer + Int(base.raw), 0x5A, Int(workingSet.bytes))
+            memset(vm.ram.slots[0].pointer + Int(base.raw), 0x5A, Int(workingSet.bytes))
             // Uniform writes over the working set: new dirty pages per second ~ writes per second.
             let spec = WorkloadSpec(pattern: .uniform, base: base, workingSet: workingSet.bytes, writeFraction: rate == 0 ? 0 : 1,
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))

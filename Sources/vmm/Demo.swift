@@ -19,16 +19,16 @@ struct Demo: ParsableCommand {
     var json = false
 
     func run() throws {
-        let (memory, backing, vcpus) = (guest.memory, guest.backing, guest.vcpus)
+        let (layout, backing, vcpus) = (guest.memory.layout, guest.backing, guest.vcpus)
         let vm = SoftVM(vcpus: vcpus)
-        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: memory.bytes, backing: backing)
+        let ram = try vm.addRAM(layout, backing: backing)
         // Preallocate, so the run shows the MMU rather than the host's own first-touch faults
         // (very slow on a nested host; `vmm bench translate` reports them apart).
-        try mem.populate()
+        try ram.populate()
         // The guest runs until the demo stops it on the destination.
-        let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), base: GPA(0), workingSet: memory.bytes,
+        let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), base: GPA(0), workingSet: layout.size,
                                 writeFraction: 0.3, accessSize: 8, seed: 42, stop: .duration(3600))
-        print("== soft VM: \(vcpus) vCPUs, \(formatBytes(memory.bytes)) of \(backing)-backed guest memory at \(GPA(0)), preallocated")
+        print("== soft VM: \(vcpus) vCPUs, \(layout) of \(backing)-backed guest memory at \(GPA(0)), preallocated")
         print("== workload: \(spec)")
         try vm.start(spec)
 
@@ -37,11 +37,12 @@ struct Demo: ParsableCommand {
         try vm.pause()
         let pausedMicros = Double(monotonicNanos() - t0) / 1e3
         let before = vm.mmu.census()
-        // Give back the top quarter of guest memory to the host, as a balloon would: an MMU-notifier
+        // Give back the top quarter of the last slot to the host, as a balloon would: an MMU-notifier
         // invalidation unmaps it and shoots it out of every TLB first.
-        let quarter = memory.bytes / 4 & ~(PageSize.bytes2M - 1)
+        let top = ram.slots.count - 1, topSize = ram.slots[top].size
+        let quarter = topSize / 4 & ~(PageSize.bytes2M - 1)
         let shootdowns0 = vm.mmu.tlbs.shootdowns
-        try vm.mmu.discard(slot: 0, offset: memory.bytes - quarter, length: quarter)
+        try vm.mmu.discard(slot: top, offset: topSize - quarter, length: quarter)
         let after = vm.mmu.census()
         print(String(format: "== midway: paused %d vCPUs in %.0f µs; discarded the top %@ (invalidation: %d -> %d 2M and %d -> %d 4K leaves, %d shootdown)",
                      vcpus, pausedMicros, formatBytes(quarter), before.leaves[2], after.leaves[2],
@@ -52,12 +53,12 @@ struct Demo: ParsableCommand {
         // Live-migrate the running guest to a second VM over loopback TCP, with a per-run key.
         print("== migrating to a second VM over loopback TCP (pre-shared key, a MAC on every record)")
         let line = ProgressLine(prefix: "   ")
-        let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, memory: mem), spec: spec,
+        let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, ram: ram), spec: spec,
                                                          options: MigrationOptions(key: .random()), progress: line.show)
         line.end()
         print("== migrated: \(migration)")
 
-        let report = RunReport(stats: vm.vcpus.map(\.stats), census: vm.mmu.census(), backing: mem.report(),
+        let report = RunReport(stats: vm.vcpus.map(\.stats), census: vm.mmu.census(), backing: ram.report(),
                                shootdowns: vm.mmu.tlbs.shootdowns)
         print("")
         print("on the source, until the migration:")

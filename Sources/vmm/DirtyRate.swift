@@ -34,7 +34,7 @@ struct DirtyRate: ParsableCommand {
         var spec = try guest.workload(workload)
         spec.stop = .duration(window.value * 2 + 30)
         let vm = try guest.makeVM()
-        try vm.memory.populate()
+        try vm.ram.populate()
         try vm.start(spec, from: nil)
         Thread.sleep(forTimeInterval: 0.2)   // warm up: blocks mapped, TLBs filled
         try vm.enableDirtyLogging(DirtyLogConfig(strategy: DirtyStrategy(rawValue: strategy)!))

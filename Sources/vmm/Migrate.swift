@@ -32,7 +32,7 @@ struct Migrate: ParsableCommand {
         spec.stop = .duration(3600)
         let key = try keyFile.map { try MigrationKey(file: $0) }
         let vm = try guest.makeVM()
-        try vm.memory.populate()
+        try vm.ram.populate()
         try vm.start(spec, from: nil)
         defer { _ = try? vm.stop() }
         print("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
@@ -92,7 +92,7 @@ struct Receive: ParsableCommand {
         print("destination: the guest made \(accesses) more accesses here" + (spec.pattern == .counter ? ", \(mismatches) counter mismatches" : ""))
         if json {
             print(jsonLine([
-                ("command", "receive"), ("backend", vm.backend.rawValue), ("memory_bytes", vm.memory.size),
+                ("command", "receive"), ("backend", vm.backend.rawValue), ("memory_bytes", vm.ram.size),
                 ("bytes_received", connection.bytesReceived), ("receive_ms", seconds * 1e3), ("resumed", true),
                 ("accesses_after", accesses), ("mismatches", mismatches),
             ]))

@@ -12,8 +12,10 @@ extension BackendKind: ExpressibleByArgument {}
 struct GuestOptions: ParsableArguments {
     @Option(help: "Backend: soft (our MMU and software vCPUs) or kvm (/dev/kvm, the guest program at CPL3).")
     var backend: BackendKind = .soft
-    @Option(help: "Guest memory size (e.g. 256M, 1G).")
-    var memory: ByteSize = ByteSize(argument: "512M")!
+    @Option(help: ArgumentHelp("Guest memory: a size (256M, 1G), or memslots SIZE[@GPA],... (1G,6G@4G).",
+                               discussion: "Several slots: each size and address a multiple of 2 MiB; a slot without an address follows the one before. The workload's addresses run across the slots in order."),
+            transform: LayoutArgument.parse)
+    var memory = LayoutArgument(RAMLayout(size: 512 << 20))
     @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
     var backing: Backing = .thp
     @Option(help: "Number of vCPUs (1-64).")
@@ -21,19 +23,21 @@ struct GuestOptions: ParsableArguments {
 
     func validate() throws {
         guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1...64") }
-        guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4 KiB (got \(memory.bytes) bytes)") }
         if backend == .kvm && vcpus > X86Layout.maxVCPUs { throw ValidationError("the kvm backend runs at most \(X86Layout.maxVCPUs) vCPUs") }
-        if backend == .kvm && memory.bytes <= X86Layout.reservedEnd.raw { throw ValidationError("--memory must exceed 1 MiB on the kvm backend") }
+        if backend == .kvm && memory.layout.regions[0].size <= X86Layout.reservedEnd.raw {
+            throw ValidationError("--memory: the first slot must exceed 1 MiB on the kvm backend")
+        }
     }
 
     func makeVM() throws -> any VirtualMachine {
-        try makeVirtualMachine(VMConfig(backend: backend, memory: memory.bytes, backing: backing, vcpus: vcpus))
+        try makeVirtualMachine(VMConfig(backend: backend, layout: memory.layout, backing: backing, vcpus: vcpus))
     }
 
     /// Parses a workload spec for this guest; the working set defaults to all memory above the base.
     func workload(_ text: String) throws -> WorkloadSpec {
         let base = backend.workloadBase
-        let spec = try parseWorkload(text, memory: memory.bytes, defaults: WorkloadSpec(base: base, workingSet: memory.bytes - base.raw))
+        let size = memory.layout.size
+        let spec = try parseWorkload(text, memory: size, defaults: WorkloadSpec(base: base, workingSet: size - base.raw))
         guard spec.base >= base else {
             throw ValidationError("on the \(backend) backend the working set starts at \(base) or above (the guest program's pages lie below)")
         }
@@ -49,6 +53,18 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
         bytes = b
     }
     var description: String { formatBytes(bytes) }
+}
+
+/// A memory layout: a size, or slots like 1G,6G@4G.
+struct LayoutArgument: CustomStringConvertible {
+    let layout: RAMLayout
+    init(_ layout: RAMLayout) { self.layout = layout }
+    /// Keeps RAMLayout's own message (what was wrong) for a bad value.
+    static func parse(_ text: String) throws -> LayoutArgument {
+        do { return LayoutArgument(try RAMLayout(parsing: text)) } catch { throw ValidationError("--memory \(text): \(error)") }
+    }
+    var description: String { layout.description }
+    var defaultValueDescription: String { layout.argument }
 }
 
 /// A duration like 2s, 500ms.

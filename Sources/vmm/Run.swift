@@ -24,15 +24,15 @@ struct Run: ParsableCommand {
 
     func run() throws {
         if guest.backend == .kvm { return try runKVM() }
-        var spec = try parseWorkload(workload, memory: guest.memory.bytes)
+        var spec = try guest.workload(workload)
         if let duration { spec.stop = .duration(duration.value) }
         let vm = SoftVM(vcpus: guest.vcpus)
-        let mem = try vm.addMemory(slot: 0, gpa: GPA(0), size: guest.memory.bytes, backing: guest.backing)
-        if prealloc { try mem.populate() }
+        let ram = try vm.addRAM(guest.memory.layout, backing: guest.backing)
+        if prealloc { try ram.populate() }
         print("soft VM: \(guest.vcpus) vCPUs, \(guest.memory) \(guest.backing) memory")
         print("workload: \(spec)")
         let stats = try vm.run(spec, timeout: runTimeout(spec))
-        let report = RunReport(stats: stats, census: vm.mmu.census(), backing: mem.report(),
+        let report = RunReport(stats: stats, census: vm.mmu.census(), backing: ram.report(),
                                shootdowns: vm.mmu.tlbs.shootdowns)
         report.printRows()
         if json { print(report.json(spec: spec, backend: "soft")) }
@@ -46,7 +46,7 @@ extension Run {
         let vm = try guest.makeVM()
         var spec = try guest.workload(workload)
         if let duration { spec.stop = .duration(duration.value) }
-        if prealloc { try vm.memory.populate() }
+        if prealloc { try vm.ram.populate() }
         print("kvm VM: \(vm.vcpuCount) vCPU(s), \(guest.memory) \(guest.backing) memory")
         print("workload: \(spec)")
         let runs = try vm.run(spec, timeout: runTimeout(spec))
@@ -64,7 +64,7 @@ extension Run {
                    compact(Double(r.accesses) / secs).leftPad(8), compact(Double(r.writes)).leftPad(7),
                    String(r.exits).leftPad(6)].joined(separator: " "))
         }
-        let report = vm.memory.report()
+        let report = vm.ram.report()
         print("")
         print("backing: \(report)")
         if json {

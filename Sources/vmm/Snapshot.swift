@@ -58,7 +58,7 @@ struct SnapshotRestore: ParsableCommand {
 
     func run() throws {
         let (vm, spec, state) = try restoreSnapshots(files)
-        print("restored \(formatBytes(vm.memory.size)), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
+        print("restored \(vm.ram.layout), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
         try vm.start(spec, from: state)
         Thread.sleep(forTimeInterval: runFor.value)
         let runs = try vm.stop()
