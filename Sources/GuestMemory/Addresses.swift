@@ -116,6 +116,14 @@ public func formatBytes(_ v: UInt64) -> String {
 }
 
 /// Parses "4096", "4K", "2M", "1G", "512MiB" (binary units). Returns nil on anything else.
+/// `v` exactly, in the largest unit `parseByteCount` reads that divides it: 3G, 1536M, 12K, 100.
+public func exactByteCount(_ v: UInt64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] where v != 0 && v % (1 << UInt64(shift)) == 0 {
+        return "\(v >> UInt64(shift))\(unit)"
+    }
+    return String(v)
+}
+
 public func parseByteCount(_ text: String) -> UInt64? {
     var s = text.trimmingCharacters(in: .whitespaces).uppercased()
     if s.hasSuffix("IB") { s.removeLast(2) } else if s.hasSuffix("B") && s.count > 1 { s.removeLast() }

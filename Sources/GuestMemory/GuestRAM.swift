@@ -108,10 +108,7 @@ public struct RAMLayout: Equatable, Sendable, CustomStringConvertible {
 
     /// The layout in the form `init(parsing:)` reads.
     public var argument: String {
-        regions.map { r in
-            let size = r.size.isMultiple(of: 1 << 30) ? "\(r.size >> 30)G" : r.size.isMultiple(of: 1 << 20) ? "\(r.size >> 20)M" : "\(r.size)"
-            return r.gpa.raw == 0 ? size : "\(size)@\(hex(r.gpa.raw))"
-        }.joined(separator: ",")
+        regions.map { r in r.gpa.raw == 0 ? exactByteCount(r.size) : "\(exactByteCount(r.size))@\(hex(r.gpa.raw))" }.joined(separator: ",")
     }
 }
 

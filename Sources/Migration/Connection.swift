@@ -52,6 +52,12 @@ public final class Connection: @unchecked Sendable {
         if !isFile { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
+    /// Shuts the connection down from any thread, so a send or receive blocked on it returns (a
+    /// failure on another channel of the same migration), without marking it cancelled.
+    func abort() {
+        if !isFile { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
     /// A failure as the caller should see it: after `cancel()` every failure is the cancellation.
     func failure(_ e: MigrationError) -> MigrationError { isCancelled ? .cancelled : e }
 
@@ -109,6 +115,15 @@ public final class Connection: @unchecked Sendable {
     }
 
     /// Connects to `endpoint`, giving up after `timeout` seconds.
+    /// The `channels` connections of one migration: the main one and the others.
+    public static func connect(to endpoint: Endpoint, channels: Int, timeout: Double = 10) throws -> (Connection, [Connection]) {
+        guard (1...Int(StreamHeader.maxChannels)).contains(channels) else {
+            throw MigrationError.connection("\(channels) channels: give 1 to \(StreamHeader.maxChannels)")
+        }
+        let main = try connect(to: endpoint, timeout: timeout)
+        return (main, try (1..<channels).map { _ in try connect(to: endpoint, timeout: timeout) })
+    }
+
     public static func connect(to endpoint: Endpoint, timeout: Double = 10) throws -> Connection {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
@@ -228,7 +243,7 @@ public final class Listener: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         var a = try endpoint.sockaddr()
         let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard rc == 0, listen(fd, 4) == 0 else {
+        guard rc == 0, listen(fd, 16) == 0 else {
             let e = errno
             close(fd)
             throw MigrationError.connection("listen on \(endpoint): \(String(cString: strerror(e)))")

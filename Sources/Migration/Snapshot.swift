@@ -131,7 +131,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
         guard h.sequence == expected else {
             throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
         }
-        let (state, digest) = try applyRecords(from: file, into: vm!, written: written!)
+        let (state, digest) = try applyRecords(from: file, into: vm!, written: written!)!
         last = (state, digest)
         // Every file's digest must hold for the memory as restored up to it.
         guard memoryDigest(vm!.ram) == digest else { throw MigrationError.digestMismatch }

@@ -14,15 +14,18 @@ public struct MigrationOptions: Sendable {
     public var timeout: Double = 30
     /// The pre-shared key; nil sends an unauthenticated stream.
     public var key: MigrationKey?
-    /// Bytes per second at most (nil: unlimited).
+    /// Bytes per second at most, over all channels (nil: unlimited).
     public var maxBandwidth: Double?
+    /// TCP connections carrying page data (multifd); the first also carries the rest of the stream.
+    public var channels: Int
     public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30, key: MigrationKey? = nil,
-                maxBandwidth: Double? = nil) {
+                maxBandwidth: Double? = nil, channels: Int = 1) {
         self.downtimeLimit = downtimeLimit
         self.maxIterations = maxIterations
         self.timeout = timeout
         self.key = key
         self.maxBandwidth = maxBandwidth
+        self.channels = channels
     }
 }
 
@@ -50,27 +53,34 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     }
 }
 
-/// The source side: pre-copy `vm` (running `spec`) to the destination at the other end of `connection`.
+/// The source side: pre-copy `vm` (running `spec`) to the destination at the other end of `connection`,
+/// page data spread over it and the `more` connections to the same destination (multifd channels).
 /// On any failure or cancellation (`connection.cancel()`) the guest is resumed with its memory intact
 /// and dirty logging switched off, and the error is rethrown; on success the source guest is stopped
 /// (it now runs on the destination).
-public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connection: Connection,
+public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connection: Connection, more: [Connection] = [],
                     options: MigrationOptions = MigrationOptions(),
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
     var report = MigrationReport()
     let start = Date()
     var paused = false
     let out = ProgressReporter(progress)
-    func tell(_ event: String? = nil, force: Bool = true) { out.report(bytes: connection.bytesSent, event: event, force: force) }
-    connection.maxBandwidth = options.maxBandwidth
-    // A wrong key stops here, before logging starts or any guest memory is sent.
-    if let key = options.key { try connection.authenticate(with: key, asSource: true) }
-    try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
+    let all = [connection] + more
+    guard all.count <= Int(StreamHeader.maxChannels) else { throw MigrationError.connection("at most \(StreamHeader.maxChannels) channels") }
+    let channels = ChannelSenders(ram: vm.ram, connections: all)
+    func tell(_ event: String? = nil, force: Bool = true) { out.report(bytes: channels.bytesSent, event: event, force: force) }
+    for c in all { c.maxBandwidth = options.maxBandwidth.map { $0 / Double(all.count) } }
     do {
-        try connection.send(StreamHeader(guest: GuestDescription(vm, spec: spec)).encoded())
+        // A wrong key stops here, before logging starts or any guest memory is sent.
+        let token = UInt32.random(in: 0...UInt32.max)
+        if let key = options.key { try connection.authenticate(with: key, asSource: true) }
+        // The header tells the destination how many further channels to accept; each then says hello.
+        try connection.send(StreamHeader(guest: GuestDescription(vm, spec: spec), channels: UInt32(all.count), token: token).encoded())
+        try connection.flush()
+        try channels.open(key: options.key, token: token)
+        try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
         report.setupSeconds = Date().timeIntervalSince(start)
-        let sender = PageSender(ram: vm.ram, connection: connection)
-        sender.tick = { pages in
+        channels.tick = { pages in
             out.status.pagesDone = pages
             tell(force: false)
         }
@@ -88,10 +98,10 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             out.status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
             out.status.pagesDone = 0
             let t0 = Date()
-            let sentBefore = connection.bytesSent
-            try sender.send(pending, report: &report)
+            let sentBefore = channels.bytesSent
+            try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: false, report: &report)
             let seconds = max(Date().timeIntervalSince(t0), 1e-6)
-            let bytes = Double(connection.bytesSent - sentBefore)
+            let bytes = Double(channels.bytesSent - sentBefore)
             if bytes > 1_048_576 { report.bandwidth = bytes / seconds }
             report.iterations += 1
             pending = try vm.getDirtyLog()
@@ -134,7 +144,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         // Memory no longer changes: hash what is left on other threads while the last pages go out.
         let final = BackgroundDigest(digest)
         defer { _ = final.result() }
-        try sender.send(pending, report: &report)
+        try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: true, report: &report)
         try connection.sendState(try vm.vcpuStates())
         try connection.sendEnd(digest: final.result())
         vm.setThrottle(percent: 0)
@@ -143,13 +153,15 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
         _ = try vm.stop()
         try? vm.disableDirtyLogging()
-        report.bytesSent = connection.bytesSent
+        report.bytesSent = channels.bytesSent
         report.totalSeconds = Date().timeIntervalSince(start)
         out.status.phase = .done
         tell("the destination runs the guest")
         return report
     } catch {
-        // Nothing is lost: the guest goes on here, at full speed, with logging off.
+        // Nothing is lost: the guest goes on here, at full speed, with logging off. The destination
+        // learns at once: every channel is shut.
+        for c in all { c.abort() }
         vm.setThrottle(percent: 0)
         try? vm.disableDirtyLogging()
         if paused { try? vm.resume() }
@@ -166,7 +178,7 @@ final class PageSender {
     /// A run is copied here before it is checksummed and sent: the guest keeps writing its memory
     /// meanwhile (a page changed after the copy is dirty again and goes in a later iteration).
     private let staging: UnsafeMutableRawPointer
-    /// Called after each record with the pages this `send` has sent so far.
+    /// Called after each record with the pages it held.
     var tick: ((UInt64) -> Void)?
 
     init(ram: GuestRAM, connection: Connection) {
@@ -177,10 +189,10 @@ final class PageSender {
 
     deinit { staging.deallocate() }
 
-    func send(_ bitmap: [UInt64], report: inout MigrationReport) throws {
+    /// Sends the pages `bitmap` names (in its words `words`, by default all).
+    func send(_ bitmap: [UInt64], words: Range<Int>? = nil, report: inout MigrationReport) throws {
         var failure: Error?
-        var sent: UInt64 = 0
-        forEachRun(bitmap) { start, count in
+        forEachRun(bitmap, words: words) { start, count in
             guard failure == nil else { return }
             var p = start
             let end = start + count
@@ -202,8 +214,7 @@ final class PageSender {
                 report.pagesSent += n
                 if zero { report.zeroPages += n }
                 p += n
-                sent += n
-                tick?(sent)
+                tick?(n)
             }
         }
         if let failure { throw failure }
@@ -248,12 +259,15 @@ public func migrateOverLoopback(_ vm: any VirtualMachine, spec: WorkloadSpec, op
     let box = Box()
     let key = options.key, timeout = options.timeout
     Thread {
-        box.result = Result { try receive(over: try listener.accept(timeout: timeout), key: key) }
+        box.result = Result {
+            try receive(over: try listener.accept(timeout: timeout), more: { try listener.accept(timeout: timeout) }, key: key)
+        }
         box.done.signal()
     }.start()
     let report: MigrationReport
     do {
-        report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.endpoint), options: options, progress: progress)
+        let (main, more) = try Connection.connect(to: listener.endpoint, channels: options.channels)
+        report = try migrate(vm, spec: spec, over: main, more: more, options: options, progress: progress)
     } catch {
         box.done.wait()
         throw error

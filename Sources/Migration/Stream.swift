@@ -8,6 +8,9 @@ public enum RecordType: UInt8, Sendable {
     case pages = 1
     case state = 2
     case end = 3
+    /// Closes a pass on one channel: no record of the next pass is applied before every channel has
+    /// closed this one.
+    case sync = 4
 }
 
 /// What went wrong in a migration, on either side.
@@ -136,6 +139,12 @@ extension Connection {
     func sendEnd(digest: [UInt8]) throws {
         try digest.withUnsafeBytes { p in try sendRecord(Record.header(.end, payload: p), p) }
     }
+
+    /// A SYNC record closing pass `pass` on this channel (`last`: the pass sent while paused).
+    func sendSync(pass: UInt32, last: Bool) throws {
+        let none = UnsafeRawBufferPointer(start: nil, count: 0)
+        try sendRecord(Record.header(.sync, flags: last ? Record.lastPass : 0, count: pass, payload: none), none)
+    }
 }
 
 extension VirtualMachine {
@@ -155,10 +164,13 @@ public struct StreamHeader: Equatable, Sendable {
     public var guest: GuestDescription
     /// Connections carrying page records (the first is this one).
     public var channels: UInt32
+    /// Names this migration in the hello of its other channels.
+    public var token: UInt32
 
-    public init(guest: GuestDescription, channels: UInt32 = 1) {
+    public init(guest: GuestDescription, channels: UInt32 = 1, token: UInt32 = 0) {
         self.guest = guest
         self.channels = channels
+        self.token = token
     }
 
     public func encoded() -> [UInt8] {
@@ -166,7 +178,7 @@ public struct StreamHeader: Equatable, Sendable {
         b.append(le: Self.version)
         b.append(le: UInt32(4096))
         b.append(le: channels)
-        b.append(le: UInt32(0))
+        b.append(le: token)
         return sealHeader(b, guest.encoded())
     }
 
@@ -177,7 +189,7 @@ public struct StreamHeader: Equatable, Sendable {
         guard h.le(UInt32.self, at: 12) == 4096 else { throw MigrationError.badStream("page size \(h.le(UInt32.self, at: 12)), expected 4096") }
         let channels = h.le(UInt32.self, at: 16)
         guard (1...maxChannels).contains(channels) else { throw MigrationError.badStream("\(channels) channels") }
-        return StreamHeader(guest: try GuestDescription.decode(tail, context: ""), channels: channels)
+        return StreamHeader(guest: try GuestDescription.decode(tail, context: ""), channels: channels, token: h.le(UInt32.self, at: 20))
     }
 
     public static let maxChannels: UInt32 = 16
@@ -210,17 +222,21 @@ func readSealedHeader(from c: Connection, fixedSize: Int, magic: [UInt8], what: 
 public struct Record {
     public var type: RecordType
     public var zero: Bool
+    /// SYNC: the pass sent while the source was paused.
+    public var last: Bool
     public var count: UInt32
     public var firstPage: UInt64
     public var payload: [UInt8]
 
     public static let headerSize = 24
     public static let maxPagesPerRecord: UInt32 = 256
+    /// Flag bits: PAGES all zero; SYNC closing the last pass.
+    static let zeroRun: UInt8 = 1, lastPass: UInt8 = 2
 
     /// Encodes a record header for `payload` (the CRC covers header and payload).
-    static func header(_ type: RecordType, zero: Bool = false, count: UInt32 = 0, firstPage: UInt64 = 0,
+    static func header(_ type: RecordType, zero: Bool = false, flags: UInt8 = 0, count: UInt32 = 0, firstPage: UInt64 = 0,
                        payload: UnsafeRawBufferPointer) -> [UInt8] {
-        var h: [UInt8] = [type.rawValue, zero ? 1 : 0, 0, 0]
+        var h: [UInt8] = [type.rawValue, (zero ? zeroRun : 0) | flags, 0, 0]
         h.reserveCapacity(headerSize)
         h.append(le: count)
         h.append(le: firstPage)
@@ -236,7 +252,7 @@ public struct Record {
     static func read(from c: Connection, pageLimit: UInt64, into buffer: inout [UInt8]) throws -> Record {
         let h = try c.receive(headerSize)
         guard let type = RecordType(rawValue: h[0]) else { throw MigrationError.badStream("unknown record type \(h[0])") }
-        let zero = h[1] & 1 != 0
+        let zero = type == .pages && h[1] & zeroRun != 0
         let count = h.le(UInt32.self, at: 4), first = h.le(UInt64.self, at: 8), length = Int(h.le(UInt32.self, at: 16))
         switch type {
         case .pages:
@@ -246,6 +262,7 @@ public struct Record {
             guard length == (zero ? 0 : Int(count) * 4096) else { throw MigrationError.badStream("page record of \(length) bytes for \(count) pages") }
         case .state: guard length <= 1 << 20 else { throw MigrationError.badStream("state record of \(length) bytes") }
         case .end: guard length == 32 else { throw MigrationError.badStream("end record of \(length) bytes") }
+        case .sync: guard length == 0 else { throw MigrationError.badStream("sync record of \(length) bytes") }
         }
         if buffer.count < length { buffer = [UInt8](repeating: 0, count: length) }
         try buffer.withUnsafeMutableBytes { b in try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<length])) }
@@ -259,7 +276,8 @@ public struct Record {
                 throw MigrationError.authentication("a \(type) record's MAC does not match: the stream was altered")
             }
         }
-        return Record(type: type, zero: zero, count: count, firstPage: first, payload: type == .pages ? [] : Array(buffer[0..<length]))
+        return Record(type: type, zero: zero, last: type == .sync && h[1] & lastPass != 0, count: count, firstPage: first,
+                      payload: type == .pages ? [] : Array(buffer[0..<length]))
     }
 }
 

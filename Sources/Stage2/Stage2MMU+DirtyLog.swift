@@ -242,11 +242,12 @@ extension Stage2MMU {
     }
 }
 
-/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap, a word at a
-/// time (an all-dirty GiB is 4096 words and one call, not 262,144).
+/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap (or of its words
+/// `range`; a run ends at the range's end), a word at a time (an all-dirty GiB is 4096 words and one
+/// call, not 262,144).
 @inlinable
-public func forEachRun(_ bitmap: [UInt64], _ body: (UInt64, UInt64) -> Void) {
-    let words = bitmap.count
+public func forEachRun(_ bitmap: [UInt64], words range: Range<Int>? = nil, _ body: (UInt64, UInt64) -> Void) {
+    let words = range?.upperBound ?? bitmap.count
     /// The first bit at or after `from` whose value is `set`, or words * 64.
     func next(_ set: Bool, from: Int) -> Int {
         var w = from >> 6
@@ -259,7 +260,7 @@ public func forEachRun(_ bitmap: [UInt64], _ body: (UInt64, UInt64) -> Void) {
         }
         return w * 64 + word.trailingZeroBitCount
     }
-    var i = 0
+    var i = (range?.lowerBound ?? 0) * 64
     while true {
         let start = next(true, from: i)
         guard start < words * 64 else { return }

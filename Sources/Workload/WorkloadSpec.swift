@@ -99,7 +99,7 @@ public struct WorkloadSpec: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String {
-        var s = "pattern=\(pattern),base=0x\(String(base.raw, radix: 16)),ws=\(formatBytes(workingSet).replacingOccurrences(of: " ", with: "")),write=\(writeFraction),size=\(accessSize),seed=\(seed),\(stop)"
+        var s = "pattern=\(pattern),base=0x\(String(base.raw, radix: 16)),ws=\(exactByteCount(workingSet)),write=\(writeFraction),size=\(accessSize),seed=\(seed),\(stop)"
         if let rate { s += ",rate=\(rate)" }
         return s
     }

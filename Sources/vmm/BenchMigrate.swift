@@ -24,16 +24,19 @@ struct BenchMigrate: ParsableCommand {
     var rates: String = "0,100,400,1000"
     @Option(help: "Downtime limit.")
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
+    @Option(help: "TCP connections carrying page data (1-16).")
+    var channels: Int = 1
     @Flag(help: "One JSON line per rate.")
     var json = false
 
     func validate() throws {
         guard workingSet.bytes <= memory.bytes else { throw ValidationError("--working-set must fit in --memory") }
         guard rates.split(separator: ",").allSatisfy({ Int($0) != nil }) else { throw ValidationError("--rates is a comma-separated list of MiB/s") }
+        guard (1...Int(StreamHeader.maxChannels)).contains(channels) else { throw ValidationError("--channels must be 1...\(StreamHeader.maxChannels)") }
     }
 
     func run() throws {
-        print("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth")
+        print("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth, \(channels) channel(s)")
         print("  rate MiB/s     total   downtime    setup      sent  iterations  throttle  converged")
         // Warm the host first: the first few GiB a fresh process touches cost this nested host seconds
         // more (the outer hypervisor backs them on first touch), which would land on the first row only.
@@ -54,14 +57,14 @@ struct BenchMigrate: ParsableCommand {
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
             try vm.start(spec, from: nil)
             Thread.sleep(forTimeInterval: 0.5)
-            let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(downtimeLimit: downtimeLimit.value))
+            let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(downtimeLimit: downtimeLimit.value, channels: channels))
             _ = try moved.stop()
             print(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
                          report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
             if json {
                 print(jsonLine([
-                    ("bench", "migrate"), ("backend", backend.rawValue), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
+                    ("bench", "migrate"), ("backend", backend.rawValue), ("channels", channels), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
                     ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
                     ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),
                     ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),

@@ -23,8 +23,14 @@ struct Migrate: ParsableCommand {
     var keyFile: String?
     @Option(help: "Bandwidth limit in bytes per second (e.g. 128M); unlimited by default.")
     var maxBandwidth: ByteSize?
+    @Option(help: "TCP connections carrying page data in parallel (1-16), like QEMU's multifd channels.")
+    var channels: Int = 1
     @Flag(help: "Print one JSON line with the report last.")
     var json = false
+
+    func validate() throws {
+        guard (1...Int(StreamHeader.maxChannels)).contains(channels) else { throw ValidationError("--channels must be 1...\(StreamHeader.maxChannels)") }
+    }
 
     func run() throws {
         guard let endpoint = Endpoint(to) else { throw ValidationError("--to is HOST:PORT, e.g. 127.0.0.1:7000") }
@@ -38,9 +44,11 @@ struct Migrate: ParsableCommand {
         print("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
         if key == nil { print("source: warning: no --key-file, the channel is not authenticated") }
-        let connection = try Connection.connect(to: endpoint)
+        let (connection, more) = try Connection.connect(to: endpoint, channels: channels)
         let options = MigrationOptions(downtimeLimit: downtimeLimit.value, key: key, maxBandwidth: maxBandwidth.map { Double($0.bytes) })
-        let result = whileCancellable(connection, prefix: "source: ") { try migrate(vm, spec: spec, over: connection, options: options, progress: $0) }
+        let result = whileCancellable(connection, prefix: "source: ") {
+            try migrate(vm, spec: spec, over: connection, more: more, options: options, progress: $0)
+        }
         switch result {
         case let .success(report):
             print("source: migrated to \(endpoint): \(report)")
@@ -77,14 +85,19 @@ struct Receive: ParsableCommand {
         let connection = try listener.accept(timeout: timeout.value)
         let start = Date()
         let vm: any VirtualMachine, spec: WorkloadSpec
-        switch whileCancellable(connection, prefix: "destination: ", { try receive(over: connection, key: key, progress: $0) }) {
-        case let .success(received): (vm, spec) = received
+        var received: UInt64 = 0   // over every channel
+        let result = whileCancellable(connection, prefix: "destination: ") { show in
+            try receive(over: connection, more: { try listener.accept(timeout: 10) }, key: key,
+                        progress: { p in received = p.bytes; show(p) })
+        }
+        switch result {
+        case let .success(got): (vm, spec) = got
         case let .failure(error):
             print("destination: \(describe(error, failed: "refused the guest")); the partial VM was discarded, nothing was resumed")
             throw ExitCode.failure
         }
         let seconds = Date().timeIntervalSince(start)
-        print(String(format: "destination: received %@ in %.0f ms; running %@ for %g s", formatBytes(connection.bytesReceived),
+        print(String(format: "destination: received %@ in %.0f ms; running %@ for %g s", formatBytes(received),
                      seconds * 1e3, spec.description, runFor.value))
         Thread.sleep(forTimeInterval: runFor.value)
         let runs = try vm.stop()
@@ -93,7 +106,7 @@ struct Receive: ParsableCommand {
         if json {
             print(jsonLine([
                 ("command", "receive"), ("backend", vm.backend.rawValue), ("memory_bytes", vm.ram.size),
-                ("bytes_received", connection.bytesReceived), ("receive_ms", seconds * 1e3), ("resumed", true),
+                ("bytes_received", received), ("receive_ms", seconds * 1e3), ("resumed", true),
                 ("accesses_after", accesses), ("mismatches", mismatches),
             ]))
         }

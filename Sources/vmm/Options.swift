@@ -14,7 +14,7 @@ struct GuestOptions: ParsableArguments {
     var backend: BackendKind = .soft
     @Option(help: ArgumentHelp("Guest memory: a size (256M, 1G), or memslots SIZE[@GPA],... (1G,6G@4G).",
                                discussion: "Several slots: each size and address a multiple of 2 MiB; a slot without an address follows the one before. The workload's addresses run across the slots in order."),
-            transform: LayoutArgument.parse)
+            transform: { try LayoutArgument.parse($0) })
     var memory = LayoutArgument(RAMLayout(size: 512 << 20))
     @Option(help: "Host backing: 4k, thp, hugetlb, hugetlb1g, memfd.")
     var backing: Backing = .thp

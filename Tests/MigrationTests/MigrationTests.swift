@@ -115,9 +115,10 @@ final class FaultyProxy: @unchecked Sendable {
     /// set (one word per vCPU) and checks each before it bumps it. It migrates mid-pass, makes more full
     /// passes on the destination, and no check fails; the counters then step down by one at most once
     /// across the pages, where the guest stopped. Also with RAM in three slots of different sizes (one
-    /// beyond 4 GiB), the working set spanning all three.
-    @Test(arguments: BackendKind.allCases, ["32M", "12M,8M@1G,12M@6G"])
-    func counterGuestFindsEveryPageAfterMigration(_ backend: BackendKind, _ layout: String) throws {
+    /// beyond 4 GiB), the working set spanning all three, and with pages spread over several channels.
+    @Test(arguments: [(BackendKind.soft, "32M", 1), (.kvm, "32M", 1), (.soft, "12M,8M@1G,12M@6G", 1), (.kvm, "12M,8M@1G,12M@6G", 1),
+                      (.soft, "32M", 3), (.kvm, "12M,8M@1G,12M@6G", 4)])
+    func counterGuestFindsEveryPageAfterMigration(_ backend: BackendKind, _ layout: String, _ channels: Int) throws {
         if backend == .kvm, case let .failure(e) = KVMSystem.availability() {
             print("KVM TESTS SKIPPED: \(e)")
             return
@@ -131,10 +132,10 @@ final class FaultyProxy: @unchecked Sendable {
         // Three quarters into a pass: with three slots the guest is writing the last slot as the stream
         // goes out, so a slot whose dirty pages went missing would show.
         Thread.sleep(forTimeInterval: 0.35)
-        let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(key: .random()))
+        let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(key: .random(), channels: channels))
         Thread.sleep(forTimeInterval: 0.6)
         let runs = try moved.stop()
-        print("counter guest (\(backend), \(layout)): \(report); on the destination \(runs.map(\.accesses)) accesses")
+        print("counter guest (\(backend), \(layout), \(channels) channel(s)): \(report); on the destination \(runs.map(\.accesses)) accesses")
         // Soft vCPUs count the check's load and store; KVM's count steps.
         let perStep: UInt64 = backend == .soft ? 2 : 1
         #expect(runs.allSatisfy { $0.accesses >= pages * perStep }, "at least one full pass on the destination")
@@ -236,5 +237,72 @@ final class FaultyProxy: @unchecked Sendable {
         #expect(zip(p0, p1).contains { $0.done < $1.done }, "the source guest keeps running")
         try src.resume()
         _ = try src.stop()
+    }
+
+    /// With three channels, a fault on one of the further channels ends the migration the same way:
+    /// neither side finishes, the source runs on with logging off.
+    @Test(arguments: [FaultyProxy.Fault.cut(100), .flip(5000), .truncate(65_536), .cut(1 << 20)])
+    func faultOnAFurtherChannelLeavesTheSourceRunning(_ fault: FaultyProxy.Fault) throws {
+        let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let key = MigrationKey.random()
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
+            try receive(over: try listener.accept(timeout: 10), more: { try listener.accept(timeout: 10) }, key: key)
+        }
+        let main = try Connection.connect(to: listener.endpoint)
+        let proxy = try FaultyProxy(to: listener.endpoint, fault: fault)
+        let more = [try Connection.connect(to: proxy.listener.endpoint), try Connection.connect(to: listener.endpoint)]
+        #expect(throws: (any Error).self, "fault \(fault)") {
+            _ = try migrate(src, spec: spec, over: main, more: more, options: MigrationOptions(timeout: 5, key: key))
+        }
+        #expect(throws: (any Error).self) { _ = try dest() }
+        #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
+        let p0 = try positions(src)
+        Thread.sleep(forTimeInterval: 0.02)
+        try src.pause()
+        #expect(zip(p0, try positions(src)).contains { $0.done < $1.done }, "the source guest keeps running")
+        try src.resume()
+        _ = try src.stop()
+    }
+
+    /// A page resent in a later pass on one channel lands after its earlier copy from another, however
+    /// late that one arrives: here pass 1's copy comes 0.2 s after pass 2's, on another channel.
+    @Test func laterPassWinsAcrossChannels() throws {
+        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
+            try receive(over: try listener.accept(timeout: 10), more: { try listener.accept(timeout: 10) })
+        }
+        let spec = WorkloadSpec(workingSet: 1 << 20, stop: .count(1))
+        let main = try Connection.connect(to: listener.endpoint), other = try Connection.connect(to: listener.endpoint)
+        try main.send(StreamHeader(guest: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0,
+                                                           spec: spec.description), channels: 2, token: 7).encoded())
+        try main.flush()
+        try ChannelHello.send(on: other, token: 7, index: 1)
+        @Sendable func page(_ c: Connection, _ byte: UInt8) throws {
+            try [UInt8](repeating: byte, count: 4096).withUnsafeBytes { p in
+                try c.sendRecord(Record.header(.pages, count: 1, firstPage: 5, payload: p), p)
+            }
+        }
+        let late = background { () throws -> Void in
+            Thread.sleep(forTimeInterval: 0.2)
+            try page(other, 0xAA)                       // pass 1
+            try other.sendSync(pass: 1, last: false)
+            try other.sendSync(pass: 2, last: true)
+            try other.flush()
+        }
+        try main.sendSync(pass: 1, last: false)
+        try page(main, 0xBB)                             // pass 2: the page as it must end up
+        try main.sendSync(pass: 2, last: true)
+        let expected = try GuestRAM(layout: RAMLayout(size: 1 << 20), backing: .pages4K)
+        memset(expected.pointer(page: 5), 0xBB, 4096)
+        let state = try makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1)).vcpuStates()
+        try main.sendState(state)
+        try main.sendEnd(digest: memoryDigest(expected))
+        try main.flush()
+        try late()
+        let (vm, _) = try dest()
+        #expect(try main.receive(1) == [1])
+        #expect(vm.ram.pointer(page: 5).load(as: UInt8.self) == 0xBB)
+        _ = try? vm.stop()
     }
 }

@@ -12,6 +12,11 @@ import Testing
         #expect(try WorkloadSpec.parse("duration=2s").stop == .duration(2))
         // The description parses back to the same spec.
         #expect(try WorkloadSpec.parse(s.description) == s)
+        // Also for working sets that are no round number of MiB (the stream carries the description).
+        for ws: UInt64 in [3 << 30, (3 << 30) - (1 << 20), (1 << 30) + 4096, 12 << 10] {
+            let t = WorkloadSpec(workingSet: ws)
+            #expect(try WorkloadSpec.parse(t.description) == t, "\(t)")
+        }
     }
 
     @Test func rejectsBadSpecs() {

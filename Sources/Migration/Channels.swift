@@ -1,0 +1,161 @@
+import Foundation
+import GuestMemory
+import Stage2
+import Synchronization
+
+/// The first message on each further channel of a migration (after its key handshake): the magic,
+/// the token of the main stream's header and the channel's index.
+enum ChannelHello {
+    static let magic = Array("VMMCHAN1".utf8)
+
+    static func send(on c: Connection, token: UInt32, index: UInt32) throws {
+        var b = magic
+        b.append(le: token)
+        b.append(le: index)
+        try c.send(b)
+        try c.flush()
+    }
+
+    /// Reads a hello; returns the channel's index.
+    static func read(from c: Connection, token: UInt32) throws -> UInt32 {
+        let b = try c.receive(16)
+        guard Array(b[0..<8]) == magic else { throw MigrationError.badStream("a further channel did not start with its hello") }
+        guard b.le(UInt32.self, at: 8) == token else { throw MigrationError.badStream("a channel of another migration connected") }
+        return b.le(UInt32.self, at: 12)
+    }
+}
+
+/// The source's channels: each pass's pages are spread over every connection, a 2 MiB block of the
+/// bitmap at a time (a channel takes the next block no channel took), and each channel then closes
+/// the pass with a SYNC. The first connection is sent on by the calling thread, the others by a thread
+/// each; a failure on any shuts all of them down, so no thread stays blocked.
+final class ChannelSenders: @unchecked Sendable {
+    let connections: [Connection]
+    private let senders: [PageSender]
+    private let pagesDone = Atomic<UInt64>(0)
+    /// Called on the calling thread with the pages this pass has sent so far, on every channel.
+    var tick: ((UInt64) -> Void)?
+
+    init(ram: GuestRAM, connections: [Connection]) {
+        self.connections = connections
+        senders = connections.map { PageSender(ram: ram, connection: $0) }
+        for (i, s) in senders.enumerated() {
+            s.tick = { [unowned self] n in
+                let total = pagesDone.add(n, ordering: .relaxed).newValue
+                if i == 0 { tick?(total) }
+            }
+        }
+    }
+
+    var bytesSent: UInt64 { connections.reduce(0) { $0 + $1.bytesSent } }
+
+    /// Authenticates every further channel and sends its hello, all at once: the destination takes
+    /// them in the order they reached it, which need not be ours.
+    func open(key: MigrationKey?, token: UInt32) throws {
+        let failure = Mutex<Error?>(nil)
+        let group = DispatchGroup()
+        for (i, c) in connections.enumerated().dropFirst() {
+            group.enter()
+            Thread {
+                do {
+                    if let key { try c.authenticate(with: key, asSource: true) }
+                    try ChannelHello.send(on: c, token: token, index: UInt32(i))
+                } catch {
+                    failure.withLock { if $0 == nil { $0 = error } }
+                    for c in self.connections { c.abort() }
+                }
+                group.leave()
+            }.start()
+        }
+        group.wait()
+        if let e = failure.withLock({ $0 }) { throw e }
+    }
+
+    /// Sends pass `pass`: the pages `bitmap` names, then a SYNC on every channel.
+    func sendPass(_ bitmap: [UInt64], pass: UInt32, last: Bool, report: inout MigrationReport) throws {
+        pagesDone.store(0, ordering: .relaxed)
+        let blocks = (bitmap.count + 7) / 8
+        let nextBlock = Atomic<Int>(0)
+        let failure = Mutex<Error?>(nil)
+        let reports = Mutex<[MigrationReport]>([])
+        @Sendable func channel(_ i: Int) {
+            var r = MigrationReport()
+            do {
+                while true {
+                    let b = nextBlock.add(1, ordering: .relaxed).oldValue
+                    guard b < blocks, failure.withLock({ $0 == nil }) else { break }
+                    try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
+                }
+                try connections[i].sendSync(pass: pass, last: last)
+                try connections[i].flush()
+            } catch {
+                failure.withLock { if $0 == nil { $0 = error } }
+                for c in connections { c.abort() }
+            }
+            reports.withLock { $0.append(r) }
+        }
+        let group = DispatchGroup()
+        for i in connections.indices.dropFirst() {
+            group.enter()
+            Thread { channel(i); group.leave() }.start()
+        }
+        channel(0)
+        group.wait()
+        for r in reports.withLock({ $0 }) {
+            report.pagesSent += r.pagesSent
+            report.zeroPages += r.zeroPages
+        }
+        if let e = failure.withLock({ $0 }) { throw e }
+    }
+}
+
+/// The destination's meeting point at the end of each pass: a channel that read its SYNC waits here
+/// until every channel has read the same pass's SYNC, so a page resent in a later pass on one channel
+/// never lands before its earlier copy from another. A failure on any channel releases everyone.
+final class PassBarrier: @unchecked Sendable {
+    private let parties: Int
+    private let timeout: Double
+    private let condition = NSCondition()
+    private var arrived = 0
+    private var generation = 0
+    private var pass: UInt32?
+    private var failed = false
+
+    init(parties: Int, timeout: Double) {
+        self.parties = parties
+        self.timeout = timeout
+    }
+
+    func arrive(pass p: UInt32) throws {
+        condition.lock()
+        defer { condition.unlock() }
+        if failed { throw MigrationError.badStream("another channel failed") }
+        if let pass, pass != p { throw MigrationError.badStream("channels disagree on the pass: \(pass) and \(p)") }
+        pass = p
+        arrived += 1
+        let g = generation
+        if arrived == parties {
+            arrived = 0
+            pass = nil
+            generation += 1
+            condition.broadcast()
+            return
+        }
+        let deadline = Date().addingTimeInterval(timeout)
+        while generation == g && !failed {
+            guard condition.wait(until: deadline) else {
+                failed = true
+                condition.broadcast()
+                throw MigrationError.timeout("the other channels did not close pass \(p) within \(timeout) s")
+            }
+        }
+        if failed { throw MigrationError.badStream("another channel failed") }
+    }
+
+    func fail() {
+        condition.lock()
+        failed = true
+        condition.broadcast()
+        condition.unlock()
+    }
+}
