@@ -91,6 +91,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         let digest = SourceDigest(vm.ram)
         defer { digest.stop() }   // never leave it reading memory behind us
         var lastHashTime = Double.infinity
+        var lastHarvest = Date()   // logging began just before the first pass
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             digest.start()
@@ -105,6 +106,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             if bytes > 1_048_576 { report.bandwidth = bytes / seconds }
             report.iterations += 1
             pending = try vm.getDirtyLog()
+            let dirtiedOver = max(Date().timeIntervalSince(lastHarvest), 1e-3)
+            lastHarvest = Date()
             digest.harvested(pending)
             // The pause sends what is dirty and hashes what the digest has not confirmed, side by side.
             // More passes shrink the hashing left only while the guest leaves chunks alone: once a pass
@@ -119,11 +122,15 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             out.status.expectedDowntime = expectedDowntime
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
-            if sendTime <= options.downtimeLimit && hashSettled { report.converged = true; break }
+            // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
+            // what the guest dirties while it sends what is dirty now (at the rate just seen).
+            let predicted = max(remaining / dirtiedOver * sendTime / max(report.bandwidth, 1), hashTime)
+            let anotherPassPays = predicted < expectedDowntime * 0.67 && sendTime > options.downtimeLimit / 4
+            if sendTime <= options.downtimeLimit && hashSettled && !anotherPassPays { report.converged = true; break }
             if report.iterations >= options.maxIterations { break }
-            // Auto-converge: the guest dirtied more than half of what we sent meanwhile: slow it in
-            // growing steps (20%, then +10% each time), as QEMU does.
-            if remaining > bytes / 2 && report.iterations >= 2 {
+            // Auto-converge: over the limit, and the guest dirtied more than half of what we sent
+            // meanwhile: slow it in growing steps (20%, then +10% each time), as QEMU does.
+            if expectedDowntime > options.downtimeLimit && remaining > bytes / 2 && report.iterations >= 2 {
                 report.throttlePercent = min(99, report.throttlePercent == 0 ? 20 : report.throttlePercent + 10)
                 vm.setThrottle(percent: report.throttlePercent)
                 out.status.throttlePercent = report.throttlePercent
