@@ -44,8 +44,13 @@ public func receive(over connection: Connection, more: (() throws -> Connection)
         defer { local.stop() }
         let written = DirtyBitmap(pages: vm.pages)
         let barrier = PassBarrier(parties: channels.count + 1, timeout: 60)
+        // A failure on a further channel releases the barrier and shuts every connection, so the main
+        // channel stops at once and reports it.
+        let all = [connection] + channels
         readers = channels.map { c in
-            ChannelReader { try applyRecords(from: c, into: vm, written: written, digest: local, barrier: barrier, main: false) }
+            ChannelReader(onFailure: { barrier.fail(); for c in all { c.abort() } }) {
+                try applyRecords(from: c, into: vm, written: written, digest: local, barrier: barrier, main: false)
+            }
         }
         let state: VCPUStates, digest: [UInt8]
         do {
@@ -83,9 +88,12 @@ final class ChannelReader: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     private var joined = false
 
-    init(_ body: @escaping () throws -> Any?) {
+    init(onFailure: @escaping () -> Void, _ body: @escaping () throws -> Any?) {
         Thread { [self] in
-            do { _ = try body() } catch { failure = error }
+            do { _ = try body() } catch {
+                failure = error
+                onFailure()
+            }
             done.signal()
         }.start()
     }
