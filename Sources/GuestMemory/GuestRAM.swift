@@ -168,9 +168,14 @@ public struct GuestRAM: Sendable {
 
     /// The host address of RAM page `page`.
     @inline(__always)
-    public func pointer(page: UInt64) -> UnsafeMutableRawPointer {
+    public func pointer(page: UInt64) -> UnsafeMutableRawPointer { location(page: page).host }
+
+    /// The host address of RAM page `page`, and the first RAM page beyond its slot (a run of pages
+    /// from `page` is contiguous in host memory up to there).
+    @inline(__always)
+    public func location(page: UInt64) -> (host: UnsafeMutableRawPointer, slotEnd: UInt64) {
         let s = slot(ofPage: page)
-        return slots[s].pointer + Int((page - firstPage[s]) << PageSize.shift4K)
+        return (slots[s].pointer + Int((page - firstPage[s]) << PageSize.shift4K), pages(ofSlot: s).upperBound)
     }
 
     /// The host address of linear address `linear`.

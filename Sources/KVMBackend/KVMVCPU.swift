@@ -63,27 +63,23 @@ public final class KVMVCPU: @unchecked Sendable {
         close(fd)
     }
 
-    public func registers() throws(KVMError) -> kvm_regs {
-        var r = kvm_regs()
-        guard cvmm_ioctl(fd, cvmm_KVM_GET_REGS, &r) == 0 else { throw .ioctl("KVM_GET_REGS", errno: errno) }
-        return r
+    /// A vCPU state structure read with a KVM_GET_* ioctl (`name` for the error).
+    func getState<T: BitwiseCopyable>(_ request: UInt, _ name: String, _ empty: T) throws(KVMError) -> T {
+        var v = empty
+        guard cvmm_ioctl(fd, request, &v) == 0 else { throw .ioctl(name, errno: errno) }
+        return v
     }
 
-    public func setRegisters(_ regs: kvm_regs) throws(KVMError) {
-        var r = regs
-        guard cvmm_ioctl(fd, cvmm_KVM_SET_REGS, &r) == 0 else { throw .ioctl("KVM_SET_REGS", errno: errno) }
+    /// A vCPU state structure written with a KVM_SET_* ioctl.
+    func setState<T: BitwiseCopyable>(_ request: UInt, _ name: String, _ value: T) throws(KVMError) {
+        var v = value
+        guard cvmm_ioctl(fd, request, &v) == 0 else { throw .ioctl(name, errno: errno) }
     }
 
-    public func specialRegisters() throws(KVMError) -> kvm_sregs {
-        var s = kvm_sregs()
-        guard cvmm_ioctl(fd, cvmm_KVM_GET_SREGS, &s) == 0 else { throw .ioctl("KVM_GET_SREGS", errno: errno) }
-        return s
-    }
-
-    public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) {
-        var s = sregs
-        guard cvmm_ioctl(fd, cvmm_KVM_SET_SREGS, &s) == 0 else { throw .ioctl("KVM_SET_SREGS", errno: errno) }
-    }
+    public func registers() throws(KVMError) -> kvm_regs { try getState(cvmm_KVM_GET_REGS, "KVM_GET_REGS", kvm_regs()) }
+    public func setRegisters(_ regs: kvm_regs) throws(KVMError) { try setState(cvmm_KVM_SET_REGS, "KVM_SET_REGS", regs) }
+    public func specialRegisters() throws(KVMError) -> kvm_sregs { try getState(cvmm_KVM_GET_SREGS, "KVM_GET_SREGS", kvm_sregs()) }
+    public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) { try setState(cvmm_KVM_SET_SREGS, "KVM_SET_SREGS", sregs) }
 
     /// Runs the vCPU until its next exit to user space and decodes it. Fatal exits (failed entry,
     /// internal error, anything unknown) throw with the vCPU's registers in the message.

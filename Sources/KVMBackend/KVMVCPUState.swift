@@ -12,16 +12,13 @@ public struct KVMVCPUState {
 
 extension KVMVCPU {
     public func saveState() throws(KVMError) -> KVMVCPUState {
-        var fpu = kvm_fpu()
-        guard cvmm_ioctl(fd, cvmm_KVM_GET_FPU, &fpu) == 0 else { throw .ioctl("KVM_GET_FPU", errno: errno) }
-        return KVMVCPUState(regs: try registers(), sregs: try specialRegisters(), fpu: fpu)
+        KVMVCPUState(regs: try registers(), sregs: try specialRegisters(), fpu: try getState(cvmm_KVM_GET_FPU, "KVM_GET_FPU", kvm_fpu()))
     }
 
     /// Restores a saved state (special registers first: they decide how the rest is read).
     public func restoreState(_ state: KVMVCPUState) throws(KVMError) {
         try setSpecialRegisters(state.sregs)
-        var fpu = state.fpu
-        guard cvmm_ioctl(fd, cvmm_KVM_SET_FPU, &fpu) == 0 else { throw .ioctl("KVM_SET_FPU", errno: errno) }
+        try setState(cvmm_KVM_SET_FPU, "KVM_SET_FPU", state.fpu)
         try setRegisters(state.regs)
     }
 }

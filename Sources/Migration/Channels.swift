@@ -52,23 +52,10 @@ final class ChannelSenders: @unchecked Sendable {
     /// Authenticates every further channel and sends its hello, all at once: the destination takes
     /// them in the order they reached it, which need not be ours.
     func open(key: MigrationKey?, token: UInt32) throws {
-        let failure = Mutex<Error?>(nil)
-        let group = DispatchGroup()
-        for (i, c) in connections.enumerated().dropFirst() {
-            group.enter()
-            Thread {
-                do {
-                    if let key { try c.authenticate(with: key, asSource: true) }
-                    try ChannelHello.send(on: c, token: token, index: UInt32(i))
-                } catch {
-                    failure.withLock { if $0 == nil { $0 = error } }
-                    for c in self.connections { c.abort() }
-                }
-                group.leave()
-            }.start()
+        try onEachChannel(from: 1) { [self] i in
+            if let key { try connections[i].authenticate(with: key, asSource: true) }
+            try ChannelHello.send(on: connections[i], token: token, index: UInt32(i))
         }
-        group.wait()
-        if let e = failure.withLock({ $0 }) { throw e }
     }
 
     /// Sends pass `pass`: the pages `bitmap` names, then a SYNC on every channel.
@@ -76,35 +63,45 @@ final class ChannelSenders: @unchecked Sendable {
         pagesDone.store(0, ordering: .relaxed)
         let blocks = (bitmap.count + 7) / 8
         let nextBlock = Atomic<Int>(0)
-        let failure = Mutex<Error?>(nil)
         let reports = Mutex<[MigrationReport]>([])
-        @Sendable func channel(_ i: Int) {
+        defer {
+            for r in reports.withLock({ $0 }) {
+                report.pagesSent += r.pagesSent
+                report.zeroPages += r.zeroPages
+            }
+        }
+        try onEachChannel(from: 0) { [self] i in
             var r = MigrationReport()
-            do {
-                while true {
-                    let b = nextBlock.add(1, ordering: .relaxed).oldValue
-                    guard b < blocks, failure.withLock({ $0 == nil }) else { break }
-                    try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
-                }
-                try connections[i].sendSync(pass: pass, last: last)
-                try connections[i].flush()
-            } catch {
+            defer { reports.withLock { $0.append(r) } }
+            while true {
+                let b = nextBlock.add(1, ordering: .relaxed).oldValue
+                guard b < blocks else { break }
+                try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
+            }
+            try connections[i].sendSync(pass: pass, last: last)
+            try connections[i].flush()
+        }
+    }
+
+    /// Runs `body(i)` for channels `first...`: channel 0 on the calling thread, the others on a thread
+    /// each. The first failure shuts every connection (so no channel stays blocked) and is rethrown
+    /// once all are done.
+    private func onEachChannel(from first: Int, _ body: @escaping @Sendable (Int) throws -> Void) throws {
+        let failure = Mutex<Error?>(nil)
+        let connections = connections
+        @Sendable func run(_ i: Int) {
+            do { try body(i) } catch {
                 failure.withLock { if $0 == nil { $0 = error } }
                 for c in connections { c.abort() }
             }
-            reports.withLock { $0.append(r) }
         }
         let group = DispatchGroup()
-        for i in connections.indices.dropFirst() {
+        for i in connections.indices.dropFirst() where i >= first {
             group.enter()
-            Thread { channel(i); group.leave() }.start()
+            Thread { run(i); group.leave() }.start()
         }
-        channel(0)
+        if first == 0 { run(0) }
         group.wait()
-        for r in reports.withLock({ $0 }) {
-            report.pagesSent += r.pagesSent
-            report.zeroPages += r.zeroPages
-        }
         if let e = failure.withLock({ $0 }) { throw e }
     }
 }

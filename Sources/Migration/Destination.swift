@@ -124,10 +124,10 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, writ
         switch r.type {
         case .pages:
             let run = r.firstPage..<(r.firstPage + UInt64(r.count))
-            guard ram.slot(ofPage: run.lowerBound) == ram.slot(ofPage: run.upperBound - 1) else {
+            let (host, slotEnd) = ram.location(page: r.firstPage)
+            guard run.upperBound <= slotEnd else {
                 throw MigrationError.badStream("page run \(r.firstPage)+\(r.count) crosses the end of a memory slot")
             }
-            let host = ram.pointer(page: r.firstPage)
             let apply = {
                 if r.zero {
                     for p in run where written.isSet(p) { memset(host + Int((p - run.lowerBound) << 12), 0, 4096) }

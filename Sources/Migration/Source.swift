@@ -205,9 +205,8 @@ final class PageSender {
             let end = start + count
             while p < end && failure == nil {
                 // A run of zero pages, or of non-zero pages, up to 256, not beyond the slot.
-                let slot = ram.slot(ofPage: p)
-                let runEnd = min(end, ram.pages(ofSlot: slot).upperBound)
-                let host = ram.pointer(page: p)
+                let (host, slotEnd) = ram.location(page: p)
+                let runEnd = min(end, slotEnd)
                 let zero = isZero(host)
                 var n: UInt64 = 1
                 while p + n < runEnd && n < UInt64(Record.maxPagesPerRecord) && isZero(host + Int(n << 12)) == zero { n += 1 }
