@@ -66,6 +66,25 @@ public final class DirtyBitmap: @unchecked Sendable {
         (0..<wordCount).map { words[$0].load(ordering: .acquiring) }
     }
 
+    /// ORs the bits into `out` (`wordCount` words), leaving them set: a get under manual protect,
+    /// which keeps reporting a page until a clear names it.
+    public func copy(into out: inout [UInt64]) {
+        if out.count < wordCount { out += [UInt64](repeating: 0, count: wordCount - out.count) }
+        for i in 0..<wordCount { out[i] |= words[i].load(ordering: .acquiring) }
+    }
+
+    /// Clears the pages `bitmap` names, its bit 0 being page `firstPage` (a multiple of 64); pages
+    /// beyond this bitmap are ignored. A page marked again after this is reported again.
+    public func clear(bitmap: [UInt64], firstPage: UInt64 = 0) {
+        precondition(firstPage % 64 == 0, "clear must start at a multiple of 64 pages")
+        let first = Int(firstPage >> 6)
+        for (i, w) in bitmap.enumerated() where w != 0 && first + i < wordCount {
+            if words[first + i].load(ordering: .relaxed) & w != 0 {
+                words[first + i].bitwiseAnd(~w, ordering: .acquiring)
+            }
+        }
+    }
+
     /// Pages currently marked.
     public var count: Int { (0..<wordCount).reduce(0) { $0 + words[$1].load(ordering: .relaxed).nonzeroBitCount } }
 

@@ -29,6 +29,8 @@ public struct Memslot: Sendable, Hashable, CustomStringConvertible {
 
     @inlinable public var size: UInt64 { gpaRange.size }
     @inlinable public var pageCount: UInt64 { size >> PageSize.shift4K }
+    /// Whether page `page` (counted from the slot's start) lies inside the slot.
+    @inlinable public func contains(page: UInt64) -> Bool { page < pageCount }
     @inlinable public var firstGFN: GFN { gpaRange.start.gfn }
     @inlinable public var hvaRange: HVARange { HVARange(start: hvaStart, size: size) }
 

@@ -10,6 +10,8 @@ public final class KVMDirtyRing: @unchecked Sendable {
     /// kvm_dirty_gfn flags (the ABI's bit 0 and bit 1).
     static let flagDirty: UInt32 = 1
     static let flagReset: UInt32 = 2
+    /// Bytes of one ring entry (struct kvm_dirty_gfn).
+    public static let entryBytes = MemoryLayout<kvm_dirty_gfn>.stride
 
     private let base: UnsafeMutableRawPointer
     private let bytes: Int
@@ -57,11 +59,25 @@ extension KVMVM {
         dirtyRingBytes = bytes
     }
 
-    /// KVM_RESET_DIRTY_RINGS: re-protects every harvested page and frees the entries.
-    @discardableResult
-    public func resetDirtyRings() throws(KVMError) -> Int {
-        let n = cvmm_ioctl_value(fd, cvmm_KVM_RESET_DIRTY_RINGS, 0)
-        guard n >= 0 else { throw .ioctl("KVM_RESET_DIRTY_RINGS", errno: errno) }
-        return Int(n)
+    /// KVM_RESET_DIRTY_RINGS until all `entries` harvested entries are reset: their pages re-protected
+    /// and their room freed. KVM stops a reset early when the calling thread has a signal pending (a
+    /// vCPU kick) and returns a short count or EINTR; a harvested page left unreset stays writable, so
+    /// the guest's later writes to it would never be logged. The loop makes the reset whole.
+    public func resetDirtyRings(entries: Int) throws(KVMError) {
+        var left = entries
+        var stalls = 0
+        while left > 0 {
+            let n = cvmm_ioctl_value(fd, cvmm_KVM_RESET_DIRTY_RINGS, 0)
+            if n < 0 && errno != EINTR { throw .ioctl("KVM_RESET_DIRTY_RINGS", errno: errno) }
+            if n > 0 {
+                left -= Int(n)
+                stalls = 0
+            } else {
+                stalls += 1
+                guard stalls < 10_000 else {
+                    throw .refused("KVM_RESET_DIRTY_RINGS reset nothing 10000 times with \(left) harvested entries left: the rings are out of step")
+                }
+            }
+        }
     }
 }

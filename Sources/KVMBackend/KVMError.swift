@@ -12,6 +12,8 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
     case unexpectedExit(String, state: String)
     case badWorkload(String)
     case timedOut(seconds: Double, state: String)
+    /// A call this VM's memslots or KVM's rules refuse; the text says why and what to do.
+    case refused(String)
 
     public var description: String {
         switch self {
@@ -35,6 +37,8 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
             return "the guest did not finish within \(seconds) s; it was stopped here:\n\(state)"
         case let .badWorkload(why):
             return "workload not runnable by the guest program: \(why)"
+        case let .refused(why):
+            return why
         }
     }
 }

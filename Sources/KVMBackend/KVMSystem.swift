@@ -50,5 +50,7 @@ public struct KVMCapability: Sendable, Equatable {
     public static let userMemory = KVMCapability(raw: KVM_CAP_USER_MEMORY, name: "KVM_CAP_USER_MEMORY")
     public static let manualDirtyLogProtect2 = KVMCapability(raw: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, name: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
     public static let dirtyLogRing = KVMCapability(raw: KVM_CAP_DIRTY_LOG_RING, name: "KVM_CAP_DIRTY_LOG_RING")
+    public static let readOnlyMemory = KVMCapability(raw: KVM_CAP_READONLY_MEM, name: "KVM_CAP_READONLY_MEM")
+    public static let memslots = KVMCapability(raw: KVM_CAP_NR_MEMSLOTS, name: "KVM_CAP_NR_MEMSLOTS")
     public static let immediateExit = KVMCapability(raw: KVM_CAP_IMMEDIATE_EXIT, name: "KVM_CAP_IMMEDIATE_EXIT")
 }

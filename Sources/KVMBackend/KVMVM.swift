@@ -1,18 +1,38 @@
 import CVMMSys
+import Foundation
 import Glibc
 import GuestMemory
 
 /// A KVM virtual machine: its memslots and vCPUs.
+///
+/// The slot map is read by the VMM's writes and dirty-log calls and changed by slot and logging
+/// changes, from any thread: one lock guards it, held across each KVM_SET_USER_MEMORY_REGION so the
+/// map and KVM's own never disagree, and across each VMM write so a slot cannot change under it.
 public final class KVMVM: @unchecked Sendable {
     public let system: KVMSystem
     public let fd: Int32
-    /// Keeps every slot's host memory alive as long as KVM may map it.
-    private var memories: [UInt32: HostMemory] = [:]
-    private var bases: [UInt32: GPA] = [:]
-    /// Writes the VMM itself made into logging slots: KVM only sees the guest's.
-    var vmmDirty: [UInt32: DirtyBitmap] = [:]
+
+    /// A memslot as KVM holds it, with the log of the VMM's own writes while it logs (KVM only sees
+    /// the guest's).
+    struct Slot {
+        var gpa: GPA
+        let memory: HostMemory
+        var logDirty: Bool
+        var readOnly: Bool
+        /// Pages the VMM wrote (and, under dirty rings, pages harvested from the rings) not yet
+        /// reported. Kept across a move and a flags change while logging stays on, as KVM keeps its
+        /// dirty bitmap.
+        var vmmDirty: DirtyBitmap?
+        func contains(_ gpa: GPA, _ length: UInt64) -> Bool {
+            gpa >= self.gpa && gpa.raw - self.gpa.raw <= memory.size && length <= memory.size - (gpa.raw - self.gpa.raw)
+        }
+    }
+    private let lock = NSLock()
+    private var slots: [UInt32: Slot] = [:]
     /// Bytes of each vCPU's dirty ring, once enabled.
     public internal(set) var dirtyRingBytes = 0
+    /// Manual protect as last enabled: a page then stays reported until a clear names it.
+    public internal(set) var manualProtect = false
 
     public init(system: KVMSystem) throws(KVMError) {
         self.system = system
@@ -23,56 +43,115 @@ public final class KVMVM: @unchecked Sendable {
 
     deinit { close(fd) }
 
-    /// KVM_SET_USER_MEMORY_REGION: maps `memory` at `gpa` as slot `slot` (size 0 deletes the slot).
+    /// Runs `body` on the slot map under its lock.
+    func withSlots<T, E: Error>(_ body: (inout [UInt32: Slot]) throws(E) -> T) throws(E) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&slots)
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION: creates slot `slot` over `memory` at `gpa`, or changes an existing
+    /// one (a new `gpa` moves it; `logDirty` starts or stops logging). KVM refuses a change of the
+    /// host memory, size or read-only flag of an existing slot: delete and add it again.
     public func setMemory(slot: UInt32, gpa: GPA, memory: HostMemory, logDirty: Bool = false, readOnly: Bool = false) throws(KVMError) {
+        try withSlots { (slots) throws(KVMError) in
+            if let old = slots[slot], old.memory !== memory || old.readOnly != readOnly {
+                throw .refused("memslot \(slot) exists with other memory or another read-only flag: delete it and add it again (KVM cannot change them in place)")
+            }
+            if logDirty && readOnly { throw .refused("memslot \(slot) cannot be read-only and dirty logging: the guest cannot dirty it") }
+            try setRegion(slot: slot, gpa: gpa, size: memory.size, host: memory.base.raw, logDirty: logDirty, readOnly: readOnly)
+            let kept = logDirty ? slots[slot]?.vmmDirty : nil
+            slots[slot] = Slot(gpa: gpa, memory: memory, logDirty: logDirty, readOnly: readOnly,
+                               vmmDirty: logDirty ? kept ?? DirtyBitmap(pages: memory.size >> 12) : nil)
+        }
+    }
+
+    /// Deletes slot `slot` (KVM_SET_USER_MEMORY_REGION with size 0): the guest no longer reaches it,
+    /// and its unreported dirty pages are gone with it.
+    public func deleteMemory(slot: UInt32) throws(KVMError) {
+        try withSlots { (slots) throws(KVMError) in
+            guard let old = slots[slot] else { throw .refused("there is no memslot \(slot)") }
+            try setRegion(slot: slot, gpa: old.gpa, size: 0, host: 0, logDirty: false, readOnly: false)
+            slots[slot] = nil
+        }
+    }
+
+    private func setRegion(slot: UInt32, gpa: GPA, size: UInt64, host: UInt64, logDirty: Bool, readOnly: Bool) throws(KVMError) {
         var flags: UInt32 = 0
         if logDirty { flags |= UInt32(KVM_MEM_LOG_DIRTY_PAGES) }
         if readOnly { flags |= UInt32(KVM_MEM_READONLY) }
         var region = kvm_userspace_memory_region(slot: slot, flags: flags, guest_phys_addr: gpa.raw,
-                                                 memory_size: memory.size, userspace_addr: memory.base.raw)
+                                                 memory_size: size, userspace_addr: host)
         guard cvmm_ioctl(fd, cvmm_KVM_SET_USER_MEMORY_REGION, &region) == 0 else {
-            throw .ioctl("KVM_SET_USER_MEMORY_REGION(slot \(slot), \(formatBytes(memory.size)) at \(gpa))", errno: errno)
-        }
-        memories[slot] = memory
-        bases[slot] = gpa
-        if logDirty {
-            if vmmDirty[slot] == nil { vmmDirty[slot] = DirtyBitmap(pages: memory.size >> 12) }
-        } else {
-            vmmDirty[slot] = nil
+            throw .ioctl("KVM_SET_USER_MEMORY_REGION(slot \(slot), \(formatBytes(size)) at \(gpa))", errno: errno)
         }
     }
 
     /// Copies `bytes` into guest memory as the VMM (a device, a loader); in a logging slot the pages
-    /// are recorded in our own bitmap, which getDirtyLog merges with KVM's.
+    /// are recorded in our own log, which getDirtyLog merges with KVM's.
     public func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(KVMError) {
-        guard let (slot, base) = bases.first(where: { s in
-            gpa >= s.value && gpa.raw + UInt64(bytes.count) <= s.value.raw + (memories[s.key]?.size ?? 0)
-        }).map({ ($0.key, $0.value) }), let memory = memories[slot] else {
-            throw .ioctl("write of \(bytes.count) bytes at \(gpa) outside every memslot", errno: EFAULT)
-        }
-        guard !bytes.isEmpty else { return }
-        (memory.pointer + Int(gpa - base)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-        if let log = vmmDirty[slot] {
-            let first = (gpa - base) >> 12, last = (gpa - base + UInt64(bytes.count) - 1) >> 12
-            log.set(first: first, count: last - first + 1)
+        try withSlots { (slots) throws(KVMError) in
+            guard let (id, s) = slots.first(where: { $0.value.contains(gpa, UInt64(bytes.count)) }) else {
+                throw .refused("\(bytes.count) bytes at \(gpa) are not all inside one memslot")
+            }
+            guard !s.readOnly else { throw .refused("memslot \(id) is read-only: the VMM's writes are refused as the guest's are") }
+            guard !bytes.isEmpty else { return }
+            (s.memory.pointer + Int(gpa - s.gpa)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            s.vmmDirty?.set(first: (gpa - s.gpa) >> 12, count: ((gpa - s.gpa + UInt64(bytes.count) - 1) >> 12) - ((gpa - s.gpa) >> 12) + 1)
         }
     }
 
-    /// Pages the VMM wrote into a logging slot since the last call (for dirty-ring users, whose
-    /// guest pages come from the rings).
-    public func getVMMDirty(slot: UInt32) throws(KVMError) -> [UInt64] {
-        var words: [UInt64] = []
-        vmmDirty[slot]?.harvest(into: &words)
-        return words
+    /// Records that the VMM wrote `length` bytes at `gpa` by other means (the guest program's loader
+    /// stores straight into slot memory): logged like writeGuest.
+    public func recordWrite(_ gpa: GPA, length: UInt64) {
+        guard length > 0 else { return }
+        withSlots { slots in
+            for s in slots.values where s.vmmDirty != nil {
+                let lo = max(gpa.raw, s.gpa.raw), hi = min(gpa.raw + length, s.gpa.raw + s.memory.size)
+                guard lo < hi else { continue }
+                let first = (lo - s.gpa.raw) >> 12
+                s.vmmDirty!.set(first: first, count: ((hi - 1 - s.gpa.raw) >> 12) - first + 1)
+            }
+        }
     }
 
-    /// Puts pages back into a logging slot's log (reported by the next getDirtyLog).
+    /// Pages the VMM wrote into a logging slot (and ring pages put there) not yet reported: taken
+    /// away, or under manual protect left until a clear names them.
+    public func takeVMMDirty(slot: UInt32, into words: inout [UInt64]) {
+        let manual = manualProtect
+        withSlots { slots in
+            guard let log = slots[slot]?.vmmDirty else { return }
+            if manual { log.copy(into: &words) } else { log.harvest(into: &words) }
+        }
+    }
+
+    /// Puts pages back into a logging slot's log (reported by the next get); pages outside the slot,
+    /// or of a slot not logging, are dropped.
     public func markDirty(slot: UInt32, bitmap: [UInt64]) {
-        vmmDirty[slot]?.set(bitmap: bitmap)
+        withSlots { slots in slots[slot]?.vmmDirty?.set(bitmap: bitmap) }
+    }
+
+    /// Puts dirty-ring entries (slot, page) into their slots' logs. An entry of a slot deleted or no
+    /// longer logging, or beyond the slot now holding its id, is dropped.
+    public func markDirty(entries: [(slot: UInt32, page: UInt64)]) {
+        withSlots { slots in
+            for e in entries {
+                guard let log = slots[e.slot]?.vmmDirty, e.page < log.pages else { continue }
+                log.set(e.page)
+            }
+        }
     }
 
     /// The host memory behind a slot.
-    public func memory(slot: UInt32) -> HostMemory? { memories[slot] }
+    public func memory(slot: UInt32) -> HostMemory? { withSlots { $0[slot]?.memory } }
+
+    /// Every slot: id, base, size and flags.
+    public func slotList() -> [(id: UInt32, gpa: GPA, size: UInt64, readOnly: Bool, logDirty: Bool)] {
+        withSlots { $0.map { ($0.key, $0.value.gpa, $0.value.memory.size, $0.value.readOnly, $0.value.logDirty) } }
+    }
+
+    /// Whether a slot exists and logs.
+    public func isLogging(slot: UInt32) -> Bool { withSlots { $0[slot]?.logDirty == true } }
 
     public func createVCPU(id: Int32) throws(KVMError) -> KVMVCPU {
         try KVMVCPU(vm: self, id: id)

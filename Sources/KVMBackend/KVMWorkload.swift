@@ -68,6 +68,7 @@ extension KVMVCPU {
             var p = (mem + Int(params.raw)).load(as: WorkloadParams.self)
             p.count = count
             withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            vm.recordWrite(params, length: UInt64(MemoryLayout<WorkloadParams>.size))
             try setEntryRegisters(entry: X86Layout.code, stack: stack, argument: params.raw)
             return
         }
@@ -84,6 +85,10 @@ extension KVMVCPU {
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
                                seq: UInt64(index) << 48, reportEvery: Self.reportInterval(spec), counterOffset: gen.counterOffset)
         withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        // The loader's stores are the VMM's writes: a logging slot must report them.
+        vm.recordWrite(X86Layout.code, length: UInt64(GuestProgram.bytes.count))
+        vm.recordWrite(X86Layout.zipfTable, length: UInt64(gen.zipfQuantiles.count * MemoryLayout<UInt32>.stride))
+        vm.recordWrite(params, length: UInt64(MemoryLayout<WorkloadParams>.size))
         try enterLongModeUser(memory: memory, layout: layout, entry: X86Layout.code, stack: stack, argument: params.raw)
     }
 
@@ -167,60 +172,6 @@ extension KVMVCPU {
         }
     }
 }
-
-extension KVMVM {
-    /// KVM_ENABLE_CAP on the VM.
-    public func enable(_ cap: KVMCapability, _ args: UInt64...) throws(KVMError) {
-        var e = kvm_enable_cap()
-        e.cap = UInt32(cap.raw)
-        withUnsafeMutableBytes(of: &e.args) { raw in
-            for (i, a) in args.prefix(4).enumerated() { raw.storeBytes(of: a, toByteOffset: i * 8, as: UInt64.self) }
-        }
-        guard cvmm_ioctl(fd, cvmm_KVM_ENABLE_CAP, &e) == 0 else { throw .ioctl("KVM_ENABLE_CAP(\(cap.name))", errno: errno) }
-    }
-
-    /// Turns on manual dirty-log protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), optionally with
-    /// initially-all-set. Must come before dirty logging is enabled on a slot.
-    public func enableManualProtect(initiallySet: Bool) throws(KVMError) {
-        try system.require(.manualDirtyLogProtect2)
-        // Bit 0: manual protect; bit 1: initially all set.
-        try enable(.manualDirtyLogProtect2, initiallySet ? 3 : 1)
-    }
-
-    /// KVM_CLEAR_DIRTY_LOG: re-protects the pages `bitmap` names, bit 0 being page `firstPage`
-    /// (a multiple of 64) of the slot.
-    public func clearDirtyLog(slot: UInt32, firstPage: UInt64, bitmap: [UInt64]) throws(KVMError) {
-        var words = bitmap
-        let rc = words.withUnsafeMutableBytes { buf -> Int32 in
-            var c = kvm_clear_dirty_log()
-            c.slot = slot
-            // KVM wants the count to end at the slot's end when it is not a multiple of 64.
-            let slotPages = (memory(slot: slot)?.size ?? 0) >> 12
-            c.num_pages = UInt32(min(UInt64(bitmap.count * 64), slotPages &- firstPage))
-            c.first_page = firstPage
-            c.dirty_bitmap = buf.baseAddress
-            return cvmm_ioctl(fd, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
-        }
-        guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
-    }
-
-    /// KVM_GET_DIRTY_LOG for `slot` of `pages` pages: the bitmap (bit i of word w = page 64w+i), which
-    /// KVM clears and re-protects as it returns it (or leaves protected, under manual protect), with
-    /// the pages the VMM wrote itself merged in.
-    public func getDirtyLog(slot: UInt32, pages: UInt64) throws(KVMError) -> [UInt64] {
-        var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-        let rc = words.withUnsafeMutableBytes { buf -> Int32 in
-            var log = kvm_dirty_log()
-            log.slot = slot
-            log.dirty_bitmap = buf.baseAddress
-            return cvmm_ioctl(fd, cvmm_KVM_GET_DIRTY_LOG, &log)
-        }
-        guard rc == 0 else { throw .ioctl("KVM_GET_DIRTY_LOG(slot \(slot))", errno: errno) }
-        vmmDirty[slot]?.harvest(into: &words)
-        return words
-    }
-}
-
 
 /// Kicks a vCPU thread out of KVM_RUN once a deadline passes, unless cancelled first.
 final class Watchdog: @unchecked Sendable {

@@ -70,6 +70,11 @@ extension KVMVCPU {
             tssBase >> 32,
         ]
         for (i, d) in descriptors.enumerated() { put(X86Layout.gdt, i, d) }
+        // The VMM wrote these pages: a logging slot must report them.
+        vm.recordWrite(X86Layout.pml4, length: 0x1000)
+        vm.recordWrite(X86Layout.pdpt, length: 0x1000)
+        vm.recordWrite(X86Layout.firstPD, length: gib * 0x1000)
+        vm.recordWrite(X86Layout.gdt, length: UInt64(descriptors.count * 8))
 
         var s = try specialRegisters()
         s.cr3 = X86Layout.pml4.raw

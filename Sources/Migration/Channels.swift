@@ -1,6 +1,6 @@
 import Foundation
 import GuestMemory
-import Stage2
+import DirtyLog
 import Synchronization
 
 /// The first message on each further channel of a migration (after its key handshake): the magic,

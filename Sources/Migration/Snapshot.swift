@@ -1,7 +1,7 @@
 import Foundation
 import Glibc
 import GuestMemory
-import Stage2
+import DirtyLog
 import VirtualMachine
 import Workload
 

@@ -1,6 +1,6 @@
 import Foundation
 import GuestMemory
-import Stage2
+import DirtyLog
 import VirtualMachine
 import Workload
 

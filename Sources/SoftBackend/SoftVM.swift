@@ -1,3 +1,4 @@
+import DirtyLog
 import Foundation
 import GuestMemory
 import Stage2
@@ -50,8 +51,9 @@ public final class SoftVM: @unchecked Sendable {
     /// Creates host memory of `size` with `backing` and adds it as a memslot at `gpa`.
     @discardableResult
     public func addMemory(slot: Int, gpa: GPA, size: UInt64, backing: Backing,
-                          flags: MemslotFlags = []) throws(GuestMemoryError) -> HostMemory {
-        let memory = try HostMemory(size: size, backing: backing)
+                          flags: MemslotFlags = []) throws(DirtyLogError) -> HostMemory {
+        let memory: HostMemory
+        do { memory = try HostMemory(size: size, backing: backing) } catch { throw .memory(error) }
         try mmu.addSlot(id: slot, gpa: gpa, size: size, memory: memory, flags: flags)
         return memory
     }
@@ -61,7 +63,11 @@ public final class SoftVM: @unchecked Sendable {
     public func addRAM(_ layout: RAMLayout, backing: Backing) throws(GuestMemoryError) -> GuestRAM {
         let ram = try GuestRAM(layout: layout, backing: backing)
         for (i, (r, m)) in zip(layout.regions, ram.slots).enumerated() {
-            try mmu.addSlot(id: i, gpa: r.gpa, size: r.size, memory: m)
+            do { try mmu.addSlot(id: i, gpa: r.gpa, size: r.size, memory: m) } catch {
+                // Without the logging flag only the slot table can refuse.
+                guard case let .memory(e) = error else { preconditionFailure("\(error)") }
+                throw e
+            }
         }
         if layout.regions.count > 1 { for v in vcpus { v.linearLayout = layout } }
         return ram

@@ -1,3 +1,4 @@
+import DirtyLog
 import GuestMemory
 
 /// Dirty logging: the same API for every strategy (and, later, for the KVM backend).
@@ -6,9 +7,14 @@ extension Stage2MMU {
     /// is protected (or, for DBM, made writable-clean) and flushed before this returns, so every later
     /// write is seen; eager split first splits every block, from a pre-filled table cache.
     public func enableDirtyLogging(slot id: Int, _ config: DirtyLogConfig) throws(DirtyLogError) {
-        if config.initiallySet && !config.manualProtect { throw .initiallySetNeedsManualProtect }
+        if let problem = config.problem { throw problem }
         lock.lockExclusive()
         defer { lock.unlock() }
+        try enableLocked(slot: id, config)
+    }
+
+    /// Starts logging on a slot under the exclusive lock (also for a slot added with the logging flag).
+    func enableLocked(slot id: Int, _ config: DirtyLogConfig) throws(DirtyLogError) {
         guard let slot = slotTable.slot(id: id) else { throw .memory(.noSuchSlot(id)) }
         guard !slot.flags.contains(.readOnly) else { throw .readOnlySlot(id) }
         guard dirtyLogs[id] == nil else { throw .alreadyLogging(slot: id) }
@@ -48,12 +54,13 @@ extension Stage2MMU {
 
     /// The pages of `slot` dirtied since the last call (bit i of word w = page 64w + i). Without manual
     /// protect, the reported pages are re-protected and flushed before this returns
-    /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected until clearDirtyLog names the pages.
+    /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected and nothing forgotten: a page is reported
+    /// by every get until clearDirtyLog names it (KVM's manual protect).
     /// vCPUs keep running; their faults wait for the lock while pages are re-protected (under DBM
     /// the harvest runs beside them, by compare-and-swap).
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
-        if log.strategy == .ring { drainRings() }
+        if log.strategy == .ring { drainDirtyRings() }
         let exclusive = Self.reprotectsExclusively(log)
         exclusive ? lock.lockExclusive() : lock.lockShared()
         defer { lock.unlock() }
@@ -67,8 +74,10 @@ extension Stage2MMU {
                 if let r = v.touched.range { touched.add(r) }
             }
         }
-        log.bitmap.harvest(into: &out)
-        if !log.config.manualProtect {
+        if log.config.manualProtect {
+            log.bitmap.copy(into: &out)
+        } else {
+            log.bitmap.harvest(into: &out)
             protectPages(out, firstPage: 0, of: log, shared: !exclusive, touched: &touched)
         }
         flush(touched)
@@ -80,8 +89,10 @@ extension Stage2MMU {
     /// be overwritten). Exclusive plain stores cost a fraction of a locked compare-and-swap per leaf.
     static func reprotectsExclusively(_ log: SlotDirtyLog) -> Bool { log.strategy != .dbm }
 
-    /// Re-protects exactly the pages named by `bitmap`, whose bit 0 is page `firstPage` of the slot
-    /// (KVM_CLEAR_DIRTY_LOG). Eager split splits the blocks over those pages first, chunk by chunk.
+    /// Forgets and re-protects exactly the pages named by `bitmap`, whose bit 0 is page `firstPage` of
+    /// the slot (KVM_CLEAR_DIRTY_LOG): their bits go first, then their write permission, so a write
+    /// after the clear faults and is reported again. Eager split splits the blocks over those pages
+    /// first, chunk by chunk.
     public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(DirtyLogError) {
         guard firstPage % 64 == 0 else { throw .unalignedClear(firstPage: firstPage) }
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
@@ -94,6 +105,7 @@ extension Stage2MMU {
         guard firstPage + last <= log.slot.pageCount else {
             throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
         }
+        log.bitmap.clear(bitmap: bitmap, firstPage: firstPage)
         var touched = TouchedRange()
         protectPages(bitmap, firstPage: firstPage, of: log, shared: !exclusive, touched: &touched)
         flush(touched)
@@ -189,6 +201,9 @@ extension Stage2MMU {
                         current = bitmaps.count - 1
                     }
                 }
+                // An entry of a slot deleted meanwhile may not fit the slot now holding its id: drop
+                // it (KVM's reset does the same).
+                guard dirtyLogs[e.slot]?.slot.contains(page: e.page) == true else { return }
                 bitmaps[current].words[Int(e.page >> 6)] |= 1 << (e.page & 63)
             })
         }
@@ -201,13 +216,16 @@ extension Stage2MMU {
         return zip(all, ends).reduce(0) { $0 + $1.0.reset(upTo: $1.1) }
     }
 
-    /// For getDirtyLog under the ring strategy: moves every ring entry into its slot's bitmap and
-    /// resets the rings.
-    private func drainRings() {
+    /// Moves every ring entry into its slot's bitmap and resets the rings: what getDirtyLog does under
+    /// the ring strategy, and what a VMM does when a vCPU exits on a full ring. Entries of slots
+    /// deleted or no longer logging are dropped.
+    public func drainDirtyRings() {
         var entries: [DirtyRingEntry] = []
         for ring in rings.withLock({ $0 }) { _ = ring.harvest(into: &entries) }
         lock.shared {
-            for e in entries { dirtyLogs[e.slot]?.bitmap.set(e.page) }
+            for e in entries {
+                if let log = dirtyLogs[e.slot], log.slot.contains(page: e.page) { log.bitmap.set(e.page) }
+            }
         }
         resetDirtyRings()
     }
@@ -239,33 +257,5 @@ extension Stage2MMU {
             throw .outsideGuestMemory(gpa, length: buffer.count)
         }
         buffer.baseAddress!.copyMemory(from: slot.hva(for: gpa).pointer, byteCount: buffer.count)
-    }
-}
-
-/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap (or of its words
-/// `range`; a run ends at the range's end), a word at a time (an all-dirty GiB is 4096 words and one
-/// call, not 262,144).
-@inlinable
-public func forEachRun(_ bitmap: [UInt64], words range: Range<Int>? = nil, _ body: (UInt64, UInt64) -> Void) {
-    let words = range?.upperBound ?? bitmap.count
-    /// The first bit at or after `from` whose value is `set`, or words * 64.
-    func next(_ set: Bool, from: Int) -> Int {
-        var w = from >> 6
-        guard w < words else { return words * 64 }
-        var word = (set ? bitmap[w] : ~bitmap[w]) & (~0 << UInt64(from & 63))
-        while word == 0 {
-            w += 1
-            guard w < words else { return words * 64 }
-            word = set ? bitmap[w] : ~bitmap[w]
-        }
-        return w * 64 + word.trailingZeroBitCount
-    }
-    var i = (range?.lowerBound ?? 0) * 64
-    while true {
-        let start = next(true, from: i)
-        guard start < words * 64 else { return }
-        let end = next(false, from: start)
-        body(UInt64(start), UInt64(end - start))
-        i = end
     }
 }

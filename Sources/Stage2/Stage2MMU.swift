@@ -1,4 +1,5 @@
 import Foundation
+import DirtyLog
 import GuestMemory
 import Synchronization
 
@@ -99,12 +100,26 @@ public final class Stage2MMU: @unchecked Sendable {
 
     public var memslots: MemslotTable { lock.shared { slotTable } }
 
+    /// Adds a slot. With `.dirtyLogging` in `flags` it logs from the start, with `logging` (by default
+    /// write-protect), as KVM logs a slot created with KVM_MEM_LOG_DIRTY_PAGES.
     @discardableResult
     public func addSlot(id: Int, gpa: GPA, size: UInt64, memory: HostMemory, memoryOffset: UInt64 = 0,
-                        flags: MemslotFlags = []) throws(GuestMemoryError) -> Memslot {
+                        flags: MemslotFlags = [], logging: DirtyLogConfig = DirtyLogConfig(strategy: .writeProtect))
+        throws(DirtyLogError) -> Memslot {
+        if flags.contains(.dirtyLogging) {
+            if flags.contains(.readOnly) { throw .readOnlySlot(id) }
+            if let problem = logging.problem { throw problem }
+        }
         lock.lockExclusive()
         defer { lock.unlock() }
-        return try slotTable.add(id: id, gpa: gpa, size: size, memory: memory, memoryOffset: memoryOffset, flags: flags)
+        let slot: Memslot
+        do {
+            slot = try slotTable.add(id: id, gpa: gpa, size: size, memory: memory, memoryOffset: memoryOffset,
+                                     flags: flags.subtracting(.dirtyLogging))
+        } catch { throw .memory(error) }
+        guard flags.contains(.dirtyLogging) else { return slot }
+        try enableLocked(slot: id, logging)
+        return slotTable.slot(id: id)!
     }
 
     /// Deletes a slot: its range is unmapped and flushed before this returns, so no vCPU can reach it,
@@ -123,25 +138,33 @@ public final class Stage2MMU: @unchecked Sendable {
         invalidateSeq.add(1, ordering: .releasing)
     }
 
-    /// Moves a slot to a new guest-physical base; the old range is unmapped first.
+    /// Moves a slot to a new guest-physical base (KVM_MR_MOVE). A logging slot keeps logging, and
+    /// keeps the pages it has not reported yet (page numbers count from the slot's start). The old range
+    /// is unmapped while the slot still holds it, so dirty state the unmap takes is kept.
     public func moveSlot(id: Int, to gpa: GPA) throws(GuestMemoryError) {
         lock.lockExclusive()
         defer { lock.unlock() }
-        guard dirtyLogs[id] == nil else { throw .noSuchSlot(id) }
-        if let s = slotTable.slot(id: id), hasNested.load(ordering: .acquiring) { invalidateNested(s.gpaRange) }
-        let old = try slotTable.move(id: id, to: gpa)
-        _ = unmapLocked(old.gpaRange)
+        guard let s = slotTable.slot(id: id) else { throw .noSuchSlot(id) }
+        var moved = slotTable
+        _ = try moved.move(id: id, to: gpa)    // validated before anything is unmapped
+        if hasNested.load(ordering: .acquiring) { invalidateNested(s.gpaRange) }
+        _ = unmapLocked(s.gpaRange)
+        slotTable = moved
+        dirtyLogs[id]?.slot = moved.slot(id: id)!
         invalidateSeq.add(1, ordering: .releasing)
     }
 
     /// Sets a slot's flags. Making a slot read-only write-protects its mappings before returning.
-    /// Turning `.dirtyLogging` on or off starts or stops write-protect logging (see enableDirtyLogging
-    /// for the other strategies).
-    public func setSlotFlags(id: Int, _ flags: MemslotFlags) throws(DirtyLogError) {
-        guard let old = lock.shared({ slotTable.slot(id: id) }) else { throw .memory(.noSuchSlot(id)) }
-        if flags.contains(.dirtyLogging) && !old.flags.contains(.dirtyLogging) {
-            try enableDirtyLogging(slot: id, DirtyLogConfig(strategy: .writeProtect))
-        } else if !flags.contains(.dirtyLogging) && old.flags.contains(.dirtyLogging) {
+    /// Turning `.dirtyLogging` on or off starts (with `logging`, by default write-protect) or stops
+    /// logging; the slot's log, not its flag word, says whether it logs.
+    public func setSlotFlags(id: Int, _ flags: MemslotFlags,
+                             logging: DirtyLogConfig = DirtyLogConfig(strategy: .writeProtect)) throws(DirtyLogError) {
+        guard lock.shared({ slotTable.slot(id: id) }) != nil else { throw .memory(.noSuchSlot(id)) }
+        if flags.contains(.readOnly) && flags.contains(.dirtyLogging) { throw .loggingSlot(id) }
+        let logs = dirtyLog(slot: id) != nil
+        if flags.contains(.dirtyLogging) && !logs {
+            try enableDirtyLogging(slot: id, logging)
+        } else if !flags.contains(.dirtyLogging) && logs {
             try disableDirtyLogging(slot: id)
         }
         lock.lockExclusive()

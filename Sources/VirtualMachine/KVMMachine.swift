@@ -1,4 +1,5 @@
 import Foundation
+import DirtyLog
 import GuestMemory
 import KVMBackend
 import SoftBackend
@@ -14,12 +15,12 @@ final class KVMMachine: VirtualMachine {
     let ram: GuestRAM
     private var vcpus: [KVMVCPU] = []
     private let vcpuTotal: Int
-    private let ringBytes: Int
-    private var logging: DirtyLogConfig?
-    /// Ring entries harvested (on ring-full exits, or by getDirtyLog) and not yet reported; the lock
-    /// also serializes ring harvests, which KVM requires to go in order.
+    private let ringEntries: Int
+    /// The mode of the logging slots, while any logs. Changed under `modeLock`.
+    private var mode: DirtyLogConfig?
+    private let modeLock = NSLock()
+    /// Serializes ring harvests and resets, which KVM requires to go in order.
     private let ringLock = NSLock()
-    private var ringPending: [UInt64] = []
     var backend: BackendKind { .kvm }
     var vcpuCount: Int { vcpuTotal }
 
@@ -32,14 +33,13 @@ final class KVMMachine: VirtualMachine {
         vm = try KVMVM(system: system)
         ram = try GuestRAM(layout: config.layout, backing: config.backing)
         vcpuTotal = config.vcpus
-        ringBytes = config.dirtyRingBytes
-        try mapSlots()
-    }
-
-    /// (Re)maps every RAM slot, logging dirty pages or not.
-    private func mapSlots(logDirty: Bool = false) throws {
+        ringEntries = config.dirtyRingEntries
+        let maxRing = Int(system.capability(.dirtyLogRing)) / KVMDirtyRing.entryBytes
+        if maxRing > 0 && ringEntries > maxRing {
+            throw VMError.unsupported("a dirty ring of \(ringEntries) entries: KVM here allows at most \(maxRing)")
+        }
         for (i, (r, m)) in zip(ram.layout.regions, ram.slots).enumerated() {
-            try vm.setMemory(slot: UInt32(i), gpa: r.gpa, memory: m, logDirty: logDirty)
+            try vm.setMemory(slot: UInt32(i), gpa: r.gpa, memory: m)
         }
     }
 
@@ -47,6 +47,157 @@ final class KVMMachine: VirtualMachine {
     private func ensureVCPUs() throws {
         if vcpus.isEmpty { vcpus = try (0..<vcpuTotal).map { i throws(KVMError) in try vm.createVCPU(id: Int32(i)) } }
     }
+
+    var capabilities: VMCapabilities {
+        let ring = Int(system.capability(.dirtyLogRing)) / KVMDirtyRing.entryBytes
+        return VMCapabilities(strategies: ring > 0 ? [.writeProtect, .ring] : [.writeProtect],
+                              manualProtect: system.capability(.manualDirtyLogProtect2) > 0, maxRingEntries: ring,
+                              ringsAnyTime: false, readOnlySlots: system.capability(.readOnlyMemory) > 0,
+                              maxSlots: Int(system.capability(.memslots)))
+    }
+
+    var slots: [SlotInfo] {
+        let mode = modeLock.withLock { self.mode }
+        return vm.slotList().sorted { $0.gpa < $1.gpa }.map { s in
+            SlotInfo(id: Int(s.id), gpa: s.gpa, size: s.size, readOnly: s.readOnly, logging: s.logDirty ? mode : nil,
+                     isRAM: Int(s.id) < ram.slots.count)
+        }
+    }
+
+    private func info(_ id: Int) throws -> SlotInfo {
+        guard let s = slots.first(where: { $0.id == id }) else { throw VMError.failed("there is no memslot \(id)") }
+        return s
+    }
+
+    // MARK: Memslots
+
+    func addSlot(id: Int, gpa: GPA, memory: HostMemory, flags: MemslotFlags) throws {
+        guard id >= 0, id < capabilities.maxSlots else { throw VMError.unsupported("memslot id \(id): KVM here takes ids 0..<\(capabilities.maxSlots)") }
+        guard !slots.contains(where: { $0.id == id }) else { throw GuestMemoryError.duplicateSlot(id) }
+        if flags.contains(.dirtyLogging) && flags.contains(.readOnly) { throw DirtyLogError.readOnlySlot(id) }
+        if flags.contains(.dirtyLogging) {
+            try startLogging(dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect))
+        }
+        do { try vm.setMemory(slot: UInt32(id), gpa: gpa, memory: memory, logDirty: flags.contains(.dirtyLogging), readOnly: flags.contains(.readOnly)) }
+        catch { endLoggingIfIdle(); throw error }
+    }
+
+    func moveSlot(id: Int, to gpa: GPA) throws {
+        let s = try ownSlot(id, for: "moved")
+        guard let memory = vm.memory(slot: UInt32(id)) else { throw VMError.failed("there is no memslot \(id)") }
+        try vm.setMemory(slot: UInt32(id), gpa: gpa, memory: memory, logDirty: s.logging != nil, readOnly: s.readOnly)
+    }
+
+    func deleteSlot(id: Int) throws {
+        _ = try ownSlot(id, for: "deleted")
+        try vm.deleteMemory(slot: UInt32(id))
+        endLoggingIfIdle()
+    }
+
+    func setSlotFlags(id: Int, _ flags: MemslotFlags) throws {
+        let s = try info(id)
+        if flags.contains(.dirtyLogging) && flags.contains(.readOnly) { throw DirtyLogError.loggingSlot(id) }
+        if flags.contains(.readOnly) != s.readOnly {
+            // KVM cannot change the read-only flag in place: delete the slot and add it again.
+            _ = try ownSlot(id, for: "made \(flags.contains(.readOnly) ? "read-only" : "writable")")
+            guard let memory = vm.memory(slot: UInt32(id)) else { throw VMError.failed("there is no memslot \(id)") }
+            try vm.deleteMemory(slot: UInt32(id))
+            endLoggingIfIdle()
+            try addSlot(id: id, gpa: s.gpa, memory: memory, flags: flags)
+            return
+        }
+        if flags.contains(.dirtyLogging) && s.logging == nil {
+            try enableDirtyLogging(slot: id, dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect))
+        } else if !flags.contains(.dirtyLogging) && s.logging != nil {
+            try disableDirtyLogging(slot: id)
+        }
+    }
+
+    // MARK: Dirty logging
+
+    /// Sets KVM up for `config` if no slot logs yet (manual protect, rings), or checks it is the mode
+    /// the logging slots already share.
+    private func startLogging(_ config: DirtyLogConfig) throws {
+        try admit(config)
+        try modeLock.withLock {
+            if mode != nil { return }
+            switch config.strategy {
+            case .ring:
+                if vm.dirtyRingBytes == 0 {
+                    guard vcpus.isEmpty else {
+                        throw VMError.unsupported("KVM's dirty ring must be chosen before the vCPUs first run: enable ring logging before start")
+                    }
+                    try vm.enableDirtyRing(bytes: ringEntries * KVMDirtyRing.entryBytes)
+                }
+            default:
+                guard vm.dirtyRingBytes == 0 else {
+                    throw VMError.unsupported("this VM's vCPUs were made with dirty rings, and KVM then keeps no dirty bitmap: log with ring")
+                }
+                if capabilities.manualProtect { try vm.setManualProtect(config.manualProtect, initiallySet: config.initiallySet) }
+            }
+            mode = config
+        }
+    }
+
+    /// Forgets the mode once no slot logs, so the next enable may choose another.
+    private func endLoggingIfIdle() {
+        modeLock.withLock { if !vm.slotList().contains(where: \.logDirty) { mode = nil } }
+    }
+
+    func enableDirtyLogging(slot: Int, _ config: DirtyLogConfig) throws {
+        let s = try info(slot)
+        guard s.logging == nil else { throw DirtyLogError.alreadyLogging(slot: slot) }
+        guard !s.readOnly else { throw DirtyLogError.readOnlySlot(slot) }
+        guard let memory = vm.memory(slot: UInt32(slot)) else { throw VMError.failed("there is no memslot \(slot)") }
+        try startLogging(config)
+        do { try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: true) }
+        catch { endLoggingIfIdle(); throw error }
+    }
+
+    func disableDirtyLogging(slot: Int) throws {
+        let s = try info(slot)
+        guard s.logging != nil, let memory = vm.memory(slot: UInt32(slot)) else { throw DirtyLogError.notLogging(slot: slot) }
+        try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: false)
+        endLoggingIfIdle()
+    }
+
+    func getDirtyLog(slot: Int) throws -> [UInt64] {
+        let s = try info(slot)
+        guard let logging = s.logging else { throw DirtyLogError.notLogging(slot: slot) }
+        if logging.strategy == .ring {
+            try harvestRings()
+            var words = [UInt64](repeating: 0, count: Int((s.size >> 12 + 63) / 64))
+            vm.takeVMMDirty(slot: UInt32(slot), into: &words)
+            return words
+        }
+        return try vm.getDirtyLog(slot: UInt32(slot), pages: s.size >> 12)
+    }
+
+    /// Collects every vCPU ring into the slot logs, then resets the rings (re-protecting those pages)
+    /// in full before returning.
+    private func harvestRings() throws(KVMError) {
+        ringLock.lock()
+        defer { ringLock.unlock() }
+        var entries: [(slot: UInt32, page: UInt64)] = []
+        for v in vcpus { _ = v.dirtyRing?.harvest { slot, page in entries.append((slot, page)) } }
+        vm.markDirty(entries: entries)
+        try vm.resetDirtyRings(entries: entries.count)
+    }
+
+    func clearDirtyLog(slot: Int, firstPage: UInt64, bitmap: [UInt64]) throws {
+        try clearable(slot)
+        guard firstPage % 64 == 0 else { throw DirtyLogError.unalignedClear(firstPage: firstPage) }
+        try vm.clearDirtyLog(slot: UInt32(slot), firstPage: firstPage, bitmap: bitmap)
+    }
+
+    func markDirty(slot: Int, bitmap: [UInt64]) throws {
+        guard try info(slot).logging != nil else { throw DirtyLogError.notLogging(slot: slot) }
+        vm.markDirty(slot: UInt32(slot), bitmap: bitmap)
+    }
+
+    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.writeGuest(gpa, bytes) }
+
+    // MARK: Running
 
     /// Runs `spec` to its end in the background machinery, waiting at most `timeout` seconds.
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
@@ -57,75 +208,6 @@ final class KVMMachine: VirtualMachine {
         }
         return try stop()
     }
-
-    func enableDirtyLogging(_ config: DirtyLogConfig) throws {
-        switch config.strategy {
-        case .writeProtect:
-            if config.manualProtect { try vm.enableManualProtect(initiallySet: config.initiallySet) }
-            else if config.initiallySet { throw DirtyLogError.initiallySetNeedsManualProtect }
-        case .ring:
-            guard vcpus.isEmpty else { throw VMError.unsupported("KVM's dirty ring must be enabled before the first run") }
-            try vm.enableDirtyRing(bytes: min(ringBytes, Int(system.capability(.dirtyLogRing))))
-        default:
-            throw VMError.unsupported("the kvm backend logs with wp (KVM's dirty bitmap) or ring (KVM's dirty ring); \(config.strategy) is the soft MMU's")
-        }
-        try mapSlots(logDirty: true)
-        logging = config
-    }
-
-    func disableDirtyLogging() throws {
-        guard logging != nil else { throw DirtyLogError.notLogging(slot: 0) }
-        try mapSlots()
-        logging = nil
-    }
-
-    func getDirtyLog() throws -> [UInt64] {
-        guard let logging else { throw DirtyLogError.notLogging(slot: 0) }
-        if logging.strategy == .ring {
-            try harvestRings()
-            ringLock.lock()
-            var words = ringPending
-            ringPending = [UInt64](repeating: 0, count: words.count)
-            ringLock.unlock()
-            for s in ram.slots.indices {
-                let w = ram.words(ofSlot: s)
-                for (i, v) in try vm.getVMMDirty(slot: UInt32(s)).enumerated() where i < w.count { words[w.lowerBound + i] |= v }
-            }
-            return words
-        }
-        var words = [UInt64](repeating: 0, count: ram.bitmapWords)
-        for s in ram.slots.indices {
-            words.replaceSubrange(ram.words(ofSlot: s), with: try vm.getDirtyLog(slot: UInt32(s), pages: ram.slots[s].size >> 12))
-        }
-        return words
-    }
-
-    /// Collects every vCPU ring into the pending bitmap and resets the rings (re-protecting those pages).
-    private func harvestRings() throws(KVMError) {
-        ringLock.lock()
-        defer { ringLock.unlock() }
-        if ringPending.isEmpty { ringPending = [UInt64](repeating: 0, count: ram.bitmapWords) }
-        for v in vcpus {
-            _ = v.dirtyRing?.harvest { slot, page in
-                let s = Int(slot)
-                guard s < self.ram.slots.count, page < UInt64(self.ram.pages(ofSlot: s).count) else { return }
-                let p = self.ram.firstPage[s] + page
-                self.ringPending[Int(p >> 6)] |= 1 << (p & 63)
-            }
-        }
-        try vm.resetDirtyRings()
-    }
-
-    func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws {
-        guard logging?.strategy == .writeProtect, logging?.manualProtect == true else {
-            throw VMError.unsupported("clearDirtyLog needs wp logging with manual protect on the kvm backend")
-        }
-        try ram.forEachSlot(firstPage: firstPage, bitmap: bitmap) { s, first, part in
-            try vm.clearDirtyLog(slot: UInt32(s), firstPage: first, bitmap: part)
-        }
-    }
-
-    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.writeGuest(gpa, bytes) }
 
     private var runner: KVMRunner?
 
@@ -154,9 +236,8 @@ final class KVMMachine: VirtualMachine {
             restore = state.bytes.withUnsafeBytes { raw in (0..<vcpus.count).map { raw.load(fromByteOffset: $0 * size, as: KVMVCPUState.self) } }
             for (v, s) in zip(vcpus, restore!) { try v.restoreState(s) }
         }
-        let ringed = logging?.strategy == .ring
-        let harvest: () throws(KVMError) -> Void = ringed ? harvestRings : {}
-        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: restore != nil, onRingFull: harvest)
+        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: restore != nil,
+                           onRingFull: { [weak self] () throws(KVMError) in try self?.harvestRings() })
     }
 
     func pause() throws {
@@ -198,10 +279,6 @@ final class KVMMachine: VirtualMachine {
 
     func setThrottle(percent: Int) { runner?.control.throttlePercent = percent }
 
-    func markDirty(_ bitmap: [UInt64]) throws {
-        guard logging != nil else { throw DirtyLogError.notLogging(slot: 0) }
-        ram.forEachSlot(firstPage: 0, bitmap: bitmap) { s, _, part in vm.markDirty(slot: UInt32(s), bitmap: part) }
-    }
 }
 
 /// The vCPU threads of a background run: each runs the guest program in chunks of accesses (continuing

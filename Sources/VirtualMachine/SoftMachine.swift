@@ -1,3 +1,4 @@
+import DirtyLog
 import Foundation
 import GuestMemory
 import SoftBackend
@@ -11,53 +12,91 @@ final class SoftMachine: VirtualMachine {
     var backend: BackendKind { .soft }
     var vcpuCount: Int { vm.vcpus.count }
 
-    init(_ config: VMConfig) throws {
-        vm = SoftVM(vcpus: config.vcpus)
-        ram = try vm.addRAM(config.layout, backing: config.backing)
+    convenience init(_ config: VMConfig) throws {
+        let vm = SoftVM(vcpus: config.vcpus, ringCapacity: config.dirtyRingEntries)
+        self.init(vm: vm, ram: try vm.addRAM(config.layout, backing: config.backing))
     }
 
     init(vm: SoftVM, ram: GuestRAM) {
         self.vm = vm
         self.ram = ram
+        // A vCPU whose ring is full exits to us: move the rings into the slot logs and reset them, so
+        // it runs on (KVM's backend does the same on KVM_EXIT_DIRTY_RING_FULL).
+        let mmu = vm.mmu
+        for v in vm.vcpus where v.nested == nil {
+            let previous = v.exitHandler
+            v.exitHandler = { exit in
+                if case .dirtyRingFull = exit { mmu.drainDirtyRings(); return 0 }
+                return previous(exit)
+            }
+        }
     }
 
-    private var slotIDs: Range<Int> { 0..<ram.slots.count }
+    var capabilities: VMCapabilities {
+        VMCapabilities(strategies: DirtyStrategy.allCases, manualProtect: true, maxRingEntries: 1 << 16,
+                       ringsAnyTime: true, readOnlySlots: true, maxSlots: vm.mmu.memslots.maxSlots)
+    }
+
+    var slots: [SlotInfo] {
+        vm.mmu.memslots.slots.map { s in
+            SlotInfo(id: s.id, gpa: s.gpaRange.start, size: s.size, readOnly: s.flags.contains(.readOnly),
+                     logging: vm.mmu.dirtyLog(slot: s.id)?.config, isRAM: s.id < ram.slots.count)
+        }
+    }
+
+    // MARK: Memslots
+
+    func addSlot(id: Int, gpa: GPA, memory: HostMemory, flags: MemslotFlags) throws {
+        let mode = dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect)
+        if flags.contains(.dirtyLogging) { try admit(mode) }
+        try vm.mmu.addSlot(id: id, gpa: gpa, size: memory.size, memory: memory, flags: flags, logging: mode)
+    }
+
+    func moveSlot(id: Int, to gpa: GPA) throws {
+        _ = try ownSlot(id, for: "moved")
+        try vm.mmu.moveSlot(id: id, to: gpa)
+    }
+
+    func deleteSlot(id: Int) throws {
+        _ = try ownSlot(id, for: "deleted")
+        try vm.mmu.deleteSlot(id: id)
+    }
+
+    func setSlotFlags(id: Int, _ flags: MemslotFlags) throws {
+        let mode = dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect)
+        if flags.contains(.readOnly) { _ = try ownSlot(id, for: "made read-only") }
+        if flags.contains(.dirtyLogging) && vm.mmu.dirtyLog(slot: id) == nil { try admit(mode) }
+        try vm.mmu.setSlotFlags(id: id, flags, logging: mode)
+    }
+
+    // MARK: Dirty logging
+
+    func enableDirtyLogging(slot: Int, _ config: DirtyLogConfig) throws {
+        try admit(config)
+        try vm.mmu.enableDirtyLogging(slot: slot, config)
+    }
+
+    func disableDirtyLogging(slot: Int) throws { try vm.mmu.disableDirtyLogging(slot: slot) }
+
+    func getDirtyLog(slot: Int) throws -> [UInt64] { try vm.mmu.getDirtyLog(slot: slot) }
+
+    func clearDirtyLog(slot: Int, firstPage: UInt64, bitmap: [UInt64]) throws {
+        try clearable(slot)
+        try vm.mmu.clearDirtyLog(slot: slot, firstPage: firstPage, bitmap: bitmap)
+    }
+
+    func markDirty(slot: Int, bitmap: [UInt64]) throws {
+        guard let log = vm.mmu.dirtyLog(slot: slot) else { throw DirtyLogError.notLogging(slot: slot) }
+        log.bitmap.set(bitmap: bitmap)
+    }
+
+    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.mmu.writeGuest(gpa, bytes) }
+
+    // MARK: Running
 
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
         try vm.run(spec, timeout: timeout).map(VCPURun.init)
     }
-
-    func enableDirtyLogging(_ config: DirtyLogConfig) throws {
-        for s in slotIDs { try vm.mmu.enableDirtyLogging(slot: s, config) }
-    }
-
-    func disableDirtyLogging() throws {
-        for s in slotIDs { try vm.mmu.disableDirtyLogging(slot: s) }
-    }
-
-    func getDirtyLog() throws -> [UInt64] {
-        guard let log = vm.mmu.dirtyLog(slot: 0) else { throw DirtyLogError.notLogging(slot: 0) }
-        var words = [UInt64](repeating: 0, count: ram.bitmapWords)
-        if log.strategy == .ring {
-            // Rings and the VMM's writes, as one bitmap; the harvested pages are re-protected.
-            for e in vm.mmu.harvestDirtyRings() where slotIDs.contains(e.slot) {
-                let p = ram.firstPage[e.slot] + e.page
-                words[Int(p >> 6)] |= 1 << (p & 63)
-            }
-            vm.mmu.resetDirtyRings()
-            return words
-        }
-        for s in slotIDs { words.replaceSubrange(ram.words(ofSlot: s), with: try vm.mmu.getDirtyLog(slot: s)) }
-        return words
-    }
-
-    func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws {
-        try ram.forEachSlot(firstPage: firstPage, bitmap: bitmap) { s, first, part in
-            try vm.mmu.clearDirtyLog(slot: s, firstPage: first, bitmap: part)
-        }
-    }
-
-    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.mmu.writeGuest(gpa, bytes) }
 
     func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws {
         var positions: [VCPUPosition]?
@@ -73,13 +112,6 @@ final class SoftMachine: VirtualMachine {
 
     func pause() throws { try vm.pause() }
     func setThrottle(percent: Int) { vm.setThrottle(percent: percent) }
-
-    func markDirty(_ bitmap: [UInt64]) throws {
-        try ram.forEachSlot(firstPage: 0, bitmap: bitmap) { s, _, part in
-            guard let log = vm.mmu.dirtyLog(slot: s) else { throw DirtyLogError.notLogging(slot: s) }
-            log.bitmap.set(bitmap: part)
-        }
-    }
     func resume() throws { try vm.resume() }
 
     func stop() throws -> [VCPURun] {

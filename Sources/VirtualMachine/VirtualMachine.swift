@@ -1,3 +1,5 @@
+import DirtyLog
+import DirtyLog
 import GuestMemory
 import KVMBackend
 import SoftBackend
@@ -23,17 +25,67 @@ public struct VMConfig: Sendable {
     public var layout: RAMLayout
     public var backing: Backing
     public var vcpus: Int
-    /// Bytes per vCPU dirty ring on KVM (16 per entry); the soft backend's rings hold 4096 entries.
-    public var dirtyRingBytes: Int
-    public init(backend: BackendKind, memory: UInt64, backing: Backing, vcpus: Int, dirtyRingBytes: Int = 1 << 20) {
-        self.init(backend: backend, layout: RAMLayout(size: memory), backing: backing, vcpus: vcpus, dirtyRingBytes: dirtyRingBytes)
+    /// Entries of each vCPU's dirty ring (16 bytes each on KVM): a power of two from 64 to the
+    /// backend's `maxRingEntries`.
+    public var dirtyRingEntries: Int
+    public init(backend: BackendKind, memory: UInt64, backing: Backing, vcpus: Int, dirtyRingEntries: Int = 1 << 16) {
+        self.init(backend: backend, layout: RAMLayout(size: memory), backing: backing, vcpus: vcpus, dirtyRingEntries: dirtyRingEntries)
     }
-    public init(backend: BackendKind, layout: RAMLayout, backing: Backing, vcpus: Int, dirtyRingBytes: Int = 1 << 20) {
+    public init(backend: BackendKind, layout: RAMLayout, backing: Backing, vcpus: Int, dirtyRingEntries: Int = 1 << 16) {
         self.backend = backend
         self.layout = layout
         self.backing = backing
         self.vcpus = vcpus
-        self.dirtyRingBytes = dirtyRingBytes
+        self.dirtyRingEntries = dirtyRingEntries
+    }
+
+    /// Why this configuration cannot make a VM on any backend, if it cannot.
+    var problem: VMError? {
+        guard vcpus >= 1 && vcpus <= 256 else { return .unsupported("\(vcpus) vCPUs: a VM has 1 to 256") }
+        guard dirtyRingEntries >= 64, dirtyRingEntries & (dirtyRingEntries - 1) == 0 else {
+            return .unsupported("a dirty ring of \(dirtyRingEntries) entries: give a power of two of at least 64")
+        }
+        return nil
+    }
+}
+
+/// What a backend can do: callers choose before they call, and the contract tests run each case on
+/// every backend that claims it. What a backend lacks it refuses with a clear error, never ignores.
+public struct VMCapabilities: Sendable, Equatable {
+    /// The dirty-logging strategies it implements.
+    public var strategies: [DirtyStrategy]
+    /// Get and clear with manual protect, and initially-all-set with it.
+    public var manualProtect: Bool
+    /// The most entries a vCPU's dirty ring may hold (0: no rings).
+    public var maxRingEntries: Int
+    /// Whether rings can start after the vCPUs first ran, and the VM switch between rings and bitmaps
+    /// (KVM: rings must be chosen before its vCPUs exist, and then the bitmap is gone for good).
+    public var ringsAnyTime: Bool
+    /// Read-only memslots.
+    public var readOnlySlots: Bool
+    /// The most memslots a VM can have.
+    public var maxSlots: Int
+}
+
+/// A memslot as a VM reports it.
+public struct SlotInfo: Sendable, Equatable, CustomStringConvertible {
+    public var id: Int
+    public var gpa: GPA
+    public var size: UInt64
+    public var readOnly: Bool
+    /// Its dirty logging, while on.
+    public var logging: DirtyLogConfig?
+    /// Guest RAM (from the VM's layout, fixed for its life), or a slot the VMM added.
+    public var isRAM: Bool
+    public var description: String {
+        "slot \(id): \(formatBytes(size)) at \(gpa)\(isRAM ? " RAM" : "")\(readOnly ? " read-only" : "")"
+            + (logging.map { " logging \($0.strategy)\($0.manualProtect ? " manual" : "")\($0.initiallySet ? " initially-set" : "")" } ?? "")
+    }
+    public var flags: MemslotFlags {
+        var f: MemslotFlags = []
+        if readOnly { f.insert(.readOnly) }
+        if logging != nil { f.insert(.dirtyLogging) }
+        return f
     }
 }
 
@@ -60,27 +112,57 @@ public enum VMError: Error, CustomStringConvertible {
     }
 }
 
-/// A guest with RAM in one or more memslots, as either backend runs it. Migration, snapshots and the
-/// CLI drive this interface without knowing which backend is behind it. Dirty bitmaps number RAM
-/// pages across the slots (GuestRAM); workloads use linear addresses (RAMLayout).
+/// A guest with RAM in one or more memslots, as either backend runs it: the memory contract that
+/// migration, snapshots and the CLI drive without knowing which backend is behind it, and that one
+/// suite of contract tests checks on every backend (docs/vm-contract.md says what each call means).
+///
+/// Memslots: RAM slots (ids 0..<n, from the layout) live as long as the VM; the VMM adds, moves and
+/// deletes slots of its own (devices, ROMs) with other ids. Dirty logging is per slot, with one mode
+/// (strategy, manual protect, initially-set) for every slot logging at a time, as KVM's capabilities
+/// are per VM. Slot bitmaps number a slot's pages from its start; RAM-wide bitmaps (the calls without
+/// a slot) number RAM pages across the RAM slots (GuestRAM). Workloads use linear addresses (RAMLayout).
 public protocol VirtualMachine: AnyObject {
     var backend: BackendKind { get }
     var vcpuCount: Int { get }
     /// The guest's RAM: slot 0 at GPA 0, then any others.
     var ram: GuestRAM { get }
+    var capabilities: VMCapabilities { get }
+    /// Every memslot, in GPA order.
+    var slots: [SlotInfo] { get }
+
+    // Memslots the VMM adds (KVM_SET_USER_MEMORY_REGION's add, move, delete and flags).
+
+    /// Adds slot `id` over all of `memory` at `gpa`; with `.dirtyLogging` it logs from the start, in
+    /// the VM's current mode (write-protect if nothing logs).
+    func addSlot(id: Int, gpa: GPA, memory: HostMemory, flags: MemslotFlags) throws
+    /// Moves a slot the VMM added; a logging slot keeps logging and keeps its unreported pages.
+    func moveSlot(id: Int, to gpa: GPA) throws
+    /// Deletes a slot the VMM added; its unreported pages and any ring entries still queued for it go.
+    func deleteSlot(id: Int) throws
+    /// Sets a slot's flags: `.dirtyLogging` on or off (as enable/disable), `.readOnly` on a slot the
+    /// VMM added (KVM: by deleting and adding it again).
+    func setSlotFlags(id: Int, _ flags: MemslotFlags) throws
+
+    // Dirty logging, per slot.
+
+    func enableDirtyLogging(slot: Int, _ config: DirtyLogConfig) throws
+    func disableDirtyLogging(slot: Int) throws
+    /// The slot's pages dirtied since they were last reported. Without manual protect they are
+    /// forgotten and re-protected before this returns; with it, a page is reported again by every get
+    /// until a clear names it. Rings are harvested and reset by it.
+    func getDirtyLog(slot: Int) throws -> [UInt64]
+    /// Forgets and re-protects the pages `bitmap` names, its bit 0 being page `firstPage` (a multiple
+    /// of 64) of the slot. Manual protect only.
+    func clearDirtyLog(slot: Int, firstPage: UInt64, bitmap: [UInt64]) throws
+    /// Puts pages back into a logging slot's log (reported by the next get).
+    func markDirty(slot: Int, bitmap: [UInt64]) throws
+
+    /// Writes into guest memory as the VMM; recorded in the dirty log of a logging slot. A write to a
+    /// read-only slot or outside every slot is refused.
+    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws
 
     /// Runs `spec` on every vCPU (vCPU i with its own stream) until it ends.
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun]
-
-    func enableDirtyLogging(_ config: DirtyLogConfig) throws
-    func disableDirtyLogging() throws
-    /// Pages dirtied since the last call (bit i of word w = RAM page 64w+i); see DirtyLogConfig for
-    /// when they are re-protected.
-    func getDirtyLog() throws -> [UInt64]
-    /// Re-protects the pages `bitmap` names, its first bit being RAM page `firstPage` (a multiple of 64).
-    func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws
-    /// Writes into guest memory as the VMM; recorded in the dirty log.
-    func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws
 
     // Running in the background, as a migration needs: start, pause, resume, stop, and the vCPUs'
     // place in their streams (to continue them on another VM).
@@ -92,16 +174,91 @@ public protocol VirtualMachine: AnyObject {
     func vcpuStates() throws -> VCPUStates
     /// Slows the guest's vCPUs to (100 - percent)% of their time, so a migration can converge.
     func setThrottle(percent: Int)
-    /// Puts pages back into the dirty log (a snapshot that failed to write them reports them again).
-    func markDirty(_ bitmap: [UInt64]) throws
 }
 
 extension VirtualMachine {
-    /// Pages of RAM, the size of a dirty bitmap.
+    /// Pages of RAM, the size of a RAM-wide dirty bitmap.
     public var pages: UInt64 { ram.pages }
 
     /// The lowest GPA a workload may use (the KVM guest program keeps the first MiB for itself).
     public var workloadBase: GPA { backend.workloadBase }
+
+    /// The mode every logging slot shares, while any logs.
+    public var dirtyLogMode: DirtyLogConfig? { slots.lazy.compactMap(\.logging).first }
+
+    // The whole RAM at once: what migration, snapshots and dirty-rate use.
+
+    /// Starts logging on every RAM slot; if one refuses, none logs.
+    public func enableDirtyLogging(_ config: DirtyLogConfig) throws {
+        var done: [Int] = []
+        do {
+            for s in ram.slots.indices {
+                try enableDirtyLogging(slot: s, config)
+                done.append(s)
+            }
+        } catch {
+            for s in done { try? disableDirtyLogging(slot: s) }
+            throw error
+        }
+    }
+
+    /// Stops logging on every RAM slot.
+    public func disableDirtyLogging() throws {
+        let logging = slots.filter { $0.isRAM && $0.logging != nil }
+        guard !logging.isEmpty else { throw DirtyLogError.notLogging(slot: 0) }
+        for s in logging { try disableDirtyLogging(slot: s.id) }
+    }
+
+    /// getDirtyLog of every RAM slot, as one RAM-wide bitmap (bit i of word w = RAM page 64w+i).
+    public func getDirtyLog() throws -> [UInt64] {
+        var words = [UInt64](repeating: 0, count: ram.bitmapWords)
+        for s in ram.slots.indices { words.replaceSubrange(ram.words(ofSlot: s), with: try getDirtyLog(slot: s)) }
+        return words
+    }
+
+    /// clearDirtyLog over RAM: bit 0 of `bitmap` is RAM page `firstPage` (a multiple of 64).
+    public func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws {
+        try ram.forEachSlot(firstPage: firstPage, bitmap: bitmap) { s, first, part in
+            try clearDirtyLog(slot: s, firstPage: first, bitmap: part)
+        }
+    }
+
+    /// markDirty over RAM (a snapshot that failed to write pages reports them again).
+    public func markDirty(_ bitmap: [UInt64]) throws {
+        try ram.forEachSlot(firstPage: 0, bitmap: bitmap) { s, _, part in try markDirty(slot: s, bitmap: part) }
+    }
+
+    /// The checks every backend makes before a slot starts logging with `config`.
+    func admit(_ config: DirtyLogConfig) throws {
+        if let problem = config.problem { throw problem }
+        let caps = capabilities
+        guard caps.strategies.contains(config.strategy) else {
+            throw VMError.unsupported("the \(backend) backend logs with \(caps.strategies.map(\.rawValue).joined(separator: ", ")), not \(config.strategy)")
+        }
+        if config.manualProtect && !caps.manualProtect {
+            throw VMError.unsupported("the \(backend) backend has no manual protect on this host")
+        }
+        if let mode = dirtyLogMode, mode != config {
+            throw VMError.unsupported("other slots log with \(mode.strategy)\(mode.manualProtect ? " (manual protect)" : ""): every logging slot shares one mode, as KVM's are per VM; stop them first")
+        }
+    }
+
+    /// The slot `id` as the VMM may change it: one it added, not RAM.
+    func ownSlot(_ id: Int, for what: String) throws -> SlotInfo {
+        guard let s = slots.first(where: { $0.id == id }) else { throw VMError.failed("there is no memslot \(id)") }
+        guard !s.isRAM else {
+            throw VMError.unsupported("memslot \(id) is guest RAM, which lives as long as the VM: it cannot be \(what); add slots of your own with ids from \(ram.slots.count)")
+        }
+        return s
+    }
+
+    /// The logging slot `id` for a clear, which needs manual protect.
+    func clearable(_ id: Int) throws {
+        guard let log = slots.first(where: { $0.id == id })?.logging else { throw DirtyLogError.notLogging(slot: id) }
+        guard log.manualProtect else {
+            throw VMError.unsupported("clearDirtyLog needs manual protect: without it getDirtyLog re-protects what it reports")
+        }
+    }
 }
 
 /// The vCPUs' state a migration carries, opaque to the engine: encoded by the backend.
@@ -121,6 +278,7 @@ public func makeVirtualMachine(wrapping vm: SoftVM, ram: GuestRAM) -> any Virtua
 
 /// Builds a VM on the chosen backend.
 public func makeVirtualMachine(_ config: VMConfig) throws -> any VirtualMachine {
+    if let problem = config.problem { throw problem }
     switch config.backend {
     case .soft: return try SoftMachine(config)
     case .kvm: return try KVMMachine(config)

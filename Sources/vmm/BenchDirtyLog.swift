@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import DirtyLog
 import GuestMemory
 import KVMBackend
 import SoftBackend
@@ -172,10 +173,15 @@ struct BenchDirtyLog: ParsableCommand {
         // With rings, a full ring exits to us: harvest and reset, as a KVM VMM does.
         // Distinct pages harvested from the ring this pass (KVM may log a page more than once).
         var harvested = [UInt64](repeating: 0, count: Int((mem.size >> 12 + 63) / 64))
-        func collect() { _ = vcpu.dirtyRing?.harvest { _, page in harvested[Int(page >> 6)] |= 1 << (page & 63) } }
+        var unreset = 0
+        func collect() { unreset += vcpu.dirtyRing?.harvest { _, page in harvested[Int(page >> 6)] |= 1 << (page & 63) } ?? 0 }
+        func reset() throws(KVMError) {
+            try vm.resetDirtyRings(entries: unreset)
+            unreset = 0
+        }
         func drain() throws(KVMError) {
             collect()
-            try vm.resetDirtyRings()
+            try reset()
         }
         func pass() throws {
             try vcpu.loadWorkload(spec, index: 0, memory: mem, pagePass: true)
@@ -198,7 +204,7 @@ struct BenchDirtyLog: ParsableCommand {
             p.pass = try timeMs { try pass() }
             if ring {
                 p.get = timeMs { collect() }
-                p.clear = try timeMs { try vm.resetDirtyRings() }
+                p.clear = try timeMs { try reset() }
                 var reported = 0
                 forEachSetBit(harvested) { if $0 >= reserved >> 12 { reported += 1 } }
                 p.reported = reported

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import DirtyLog
 import GuestMemory
 import Stage2
 import VirtualMachine

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import DirtyLog
 @testable import GuestMemory
 @testable import KVMBackend
 @testable import SoftBackend
@@ -74,8 +75,8 @@ import Testing
         var pages = Set<UInt64>()
         var fulls = 0
         func harvest() throws(KVMError) {
-            _ = ring.harvest { slot, page in if slot == 0 && page >= 256 { pages.insert(page) } }
-            try vm.resetDirtyRings()
+            let n = ring.harvest { slot, page in if slot == 0 && page >= 256 { pages.insert(page) } }
+            try vm.resetDirtyRings(entries: n)
         }
         try vcpu.loadWorkload(spec, index: 0, memory: mem)
         _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 60) { () throws(KVMError) in

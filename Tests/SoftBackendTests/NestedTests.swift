@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+import DirtyLog
 @testable import GuestMemory
 @testable import SoftBackend
 @testable import Stage2

@@ -1,3 +1,4 @@
+import DirtyLog
 import Foundation
 import Synchronization
 import Testing
@@ -252,7 +253,7 @@ import Testing
     @Test func ipa39RejectsHighAddresses() throws {
         let mmu = Stage2MMU(ipaBits: 39)
         let mem = try HostMemory(size: 1 << 20, backing: .pages4K)
-        #expect(throws: GuestMemoryError.self) { try mmu.addSlot(id: 0, gpa: GPA(1 << 39), size: 1 << 20, memory: mem) }
+        #expect(throws: DirtyLogError.self) { try mmu.addSlot(id: 0, gpa: GPA(1 << 39), size: 1 << 20, memory: mem) }
         try mmu.addSlot(id: 0, gpa: GPA((1 << 39) - (1 << 20)), size: 1 << 20, memory: mem)
         var cache = TableCache(allocator: mmu.allocator)
         #expect(mmu.handleFault(GPA((1 << 39) - 8), .write, cache: &cache) == .mapped(.size4K))

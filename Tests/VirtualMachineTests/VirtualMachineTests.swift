@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import DirtyLog
 @testable import GuestMemory
 @testable import KVMBackend
 @testable import Stage2
@@ -23,7 +24,7 @@ import Testing
         var results: [BackendKind: Set<UInt64>] = [:]
         for backend in backends() {
             // A 256-entry KVM ring fills many times: ring-full exits must lose nothing.
-            let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: 8 << 20, backing: .pages4K, vcpus: 2, dirtyRingBytes: 4096))
+            let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: 8 << 20, backing: .pages4K, vcpus: 2, dirtyRingEntries: 256))
             let spec = WorkloadSpec(pattern: .hotCold(hotFraction: 0.1, hotProbability: 0.9), base: GPA(1 << 20),
                                     workingSet: 4 << 20, writeFraction: 0.3, accessSize: 8, seed: 77, stop: .count(15_000))
             try vm.enableDirtyLogging(config)

@@ -1,3 +1,4 @@
+import DirtyLog
 import GuestMemory
 
 /// Write-protects leaves for dirty logging: W is removed and SW_LOGGED set, so the next write faults

@@ -1,0 +1,360 @@
+import DirtyLog
+import Foundation
+import Synchronization
+import Testing
+@testable import GuestMemory
+@testable import KVMBackend
+@testable import SoftBackend
+@testable import VirtualMachine
+@testable import Workload
+
+/// One backend, one dirty-log mode, one backing: a cell of the contract suite. Every case below runs
+/// on every cell whose backend claims what the case needs (VMCapabilities).
+struct Cell: CustomStringConvertible, Sendable {
+    var backend: BackendKind
+    var log: DirtyLogConfig
+    var backing: Backing
+    var description: String {
+        "\(backend)/\(log.strategy)/\(backing)" + (log.manualProtect ? "/manual" : "") + (log.initiallySet ? "/initially-set" : "")
+    }
+
+    /// The backends this host can run; KVM's absence is said out loud.
+    static let backends: [BackendKind] = {
+        if case let .failure(e) = KVMSystem.availability() {
+            print("KVM TESTS SKIPPED: \(e)")
+            return [.soft]
+        }
+        return BackendKind.allCases
+    }()
+
+    /// What each backend claims, from a VM of its own.
+    static func capabilities(_ b: BackendKind) -> VMCapabilities {
+        try! makeVirtualMachine(VMConfig(backend: b, memory: 4 << 20, backing: .pages4K, vcpus: 1)).capabilities
+    }
+
+    /// Every mode each backend claims: each strategy plain, and the bitmap strategies with manual
+    /// protect, with and without initially-all-set.
+    static func modes(_ b: BackendKind) -> [DirtyLogConfig] {
+        let caps = capabilities(b)
+        return caps.strategies.flatMap { s -> [DirtyLogConfig] in
+            guard s != .ring, caps.manualProtect else { return [DirtyLogConfig(strategy: s)] }
+            return [DirtyLogConfig(strategy: s), DirtyLogConfig(strategy: s, manualProtect: true),
+                    DirtyLogConfig(strategy: s, manualProtect: true, initiallySet: true)]
+        }
+    }
+
+    static let all: [Cell] = backends.flatMap { b in
+        modes(b).flatMap { m in [Backing.pages4K, .thp].map { Cell(backend: b, log: m, backing: $0) } }
+    }
+    static let manual = all.filter { $0.log.manualProtect && !$0.log.initiallySet && $0.backing == .pages4K }
+    /// One cell per backend and strategy, plain, on 4 KiB pages.
+    static let plain = all.filter { !$0.log.manualProtect && $0.backing == .pages4K }
+    static let rings = all.filter { $0.log.strategy == .ring && $0.backing == .pages4K }
+}
+
+/// The guest's RAM in two slots, the second far above the first; the workload runs across both.
+let contractLayout = try! RAMLayout(parsing: "16M,8M@1G")
+
+func makeContractVM(_ cell: Cell, vcpus: Int = 2, ringEntries: Int = 256) throws -> any VirtualMachine {
+    try makeVirtualMachine(VMConfig(backend: cell.backend, layout: contractLayout, backing: cell.backing, vcpus: vcpus,
+                                    dirtyRingEntries: ringEntries))
+}
+
+/// A copy of guest RAM kept only from what the dirty log reports (KVM's dirty_log_test oracle, with
+/// our own iteration: every store writes a new sequence number). Every page whose content changed
+/// since logging began must have been reported, so after a final harvest with the guest paused the
+/// copy equals RAM byte for byte; a lost dirty page shows as a page that differs.
+final class ShadowOracle {
+    let vm: any VirtualMachine
+    let shadow: UnsafeMutableRawPointer
+    private(set) var reported = 0
+    private(set) var checks = 0
+
+    /// Logging must start after this (fresh RAM is all zeros, and so is the copy).
+    init(_ vm: any VirtualMachine) {
+        self.vm = vm
+        shadow = .allocate(byteCount: Int(vm.ram.pages << 12), alignment: 4096)
+        shadow.initializeMemory(as: UInt8.self, repeating: 0, count: Int(vm.ram.pages << 12))
+    }
+    deinit { shadow.deallocate() }
+
+    /// Get (and, under manual protect, clear) the log, then copy every reported page.
+    func harvest() throws {
+        let log = try vm.getDirtyLog()
+        if vm.dirtyLogMode?.manualProtect == true { try vm.clearDirtyLog(firstPage: 0, bitmap: log) }
+        forEachSetBit(log) { p in
+            shadow.advanced(by: Int(p << 12)).copyMemory(from: vm.ram.pointer(page: p), byteCount: 4096)
+            reported += 1
+        }
+    }
+
+    /// RAM pages that differ from the copy (the guest must be paused or stopped).
+    func stalePages() -> [UInt64] {
+        checks += 1
+        return (0..<vm.ram.pages).filter { p in memcmp(shadow.advanced(by: Int(p << 12)), vm.ram.pointer(page: p), 4096) != 0 }
+    }
+}
+
+/// A uniform writer over all of RAM above the workload base, running until stopped.
+func busyWriter(_ vm: any VirtualMachine) -> WorkloadSpec {
+    WorkloadSpec(pattern: .uniform, base: vm.workloadBase, workingSet: vm.ram.size - vm.workloadBase.raw,
+                 writeFraction: 0.5, accessSize: 8, seed: 21, stop: .duration(120))
+}
+
+/// Runs `body` on a thread of its own until `stop` is set; returns a join that rethrows its error.
+func background(_ name: String, _ stop: StopFlag, _ body: @escaping () throws -> Void) -> () throws -> Void {
+    let done = DispatchSemaphore(value: 0)
+    let failure = Mutex<String?>(nil)
+    let t = Thread {
+        while !stop.isSet {
+            do { try body() } catch { failure.withLock { $0 = "\(name): \(error)" }; break }
+        }
+        done.signal()
+    }
+    t.name = name
+    t.start()
+    return {
+        guard done.wait(timeout: .now() + 30) == .success else { throw VMError.failed("\(name) did not finish") }
+        if let f = failure.withLock({ $0 }) { throw VMError.failed(f) }
+    }
+}
+
+final class StopFlag: @unchecked Sendable {
+    private let flag = Atomic<Bool>(false)
+    var isSet: Bool { flag.load(ordering: .acquiring) }
+    func set() { flag.store(true, ordering: .releasing) }
+}
+
+@Suite(.serialized) struct ContractTests {
+    /// No lost dirty page: the guest writes all over RAM while the VMM harvests every few
+    /// milliseconds, pausing and resuming the vCPUs every fourth round (kicks while rings fill: 256
+    /// entries per vCPU) and checking the copy against RAM while paused. Logging starts before the
+    /// guest does, so the loader's writes must be reported too.
+    @Test(arguments: Cell.all)
+    func iterationOracle(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell)
+        let oracle = ShadowOracle(vm)
+        try vm.enableDirtyLogging(cell.log)
+        try vm.start(busyWriter(vm), from: nil)
+        var stale: [UInt64] = []
+        for round in 1...24 where stale.isEmpty {
+            Thread.sleep(forTimeInterval: 0.004)
+            try oracle.harvest()
+            if round % 4 == 0 {
+                try vm.pause()
+                try oracle.harvest()
+                stale = oracle.stalePages()
+                try vm.resume()
+            }
+        }
+        let runs = try vm.stop()
+        if stale.isEmpty {
+            try oracle.harvest()
+            stale = oracle.stalePages()
+        }
+        #expect(runs.count == 2 && oracle.reported > 1000, "\(cell): the guest wrote (\(oracle.reported) pages reported)")
+        #expect(stale.isEmpty, "\(cell): \(stale.count) dirty pages never reported, first \(stale.prefix(8).map { "0x" + String($0, radix: 16) })")
+        print("contract oracle \(cell): \(oracle.reported) pages reported, \(oracle.checks) checks, none lost")
+    }
+
+    /// With manual protect a page stays reported until a clear names it: a get repeated without a
+    /// clear reports it again, guest and VMM writes alike, and after a clear nothing is left.
+    @Test(arguments: Cell.manual)
+    func getTwiceWithoutClear(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        try vm.enableDirtyLogging(cell.log)
+        let spec = WorkloadSpec(pattern: .sequential, base: vm.workloadBase, workingSet: 64 << 12, writeFraction: 1,
+                                accessSize: 8, seed: 1, stop: .count(64 * 512))
+        _ = try vm.run(spec, timeout: 30)
+        var marker: UInt64 = 0xFEED
+        try withUnsafeBytes(of: &marker) { try vm.writeGuest(GPA(1 << 30) + 0x5000, $0) }
+        let first = try vm.getDirtyLog()
+        let second = try vm.getDirtyLog()
+        let base = vm.workloadBase.raw >> 12
+        let guestPages = Set((base..<base + 64))
+        let markerPage = vm.ram.firstPage[1] + 5
+        var reported = Set<UInt64>()
+        forEachSetBit(first) { reported.insert($0) }
+        #expect(reported.isSuperset(of: guestPages), "\(cell): the guest's pages are reported")
+        #expect(reported.contains(markerPage), "\(cell): the VMM's write is reported")
+        #expect(second == first, "\(cell): a second get without a clear reports the same pages")
+        try vm.clearDirtyLog(firstPage: 0, bitmap: second)
+        #expect(try vm.getDirtyLog().allSatisfy { $0 == 0 }, "\(cell): nothing is left after the clear")
+        _ = try vm.run(spec, timeout: 30)
+        var again = Set<UInt64>()
+        forEachSetBit(try vm.getDirtyLog()) { again.insert($0) }
+        #expect(again.isSuperset(of: guestPages), "\(cell): pages written after the clear are reported again")
+    }
+
+    /// A second slot churns (added, written, moved, logging toggled, made read-only, deleted) while
+    /// the vCPUs write RAM and a VMM thread writes RAM and the second slot; no crash, and the oracle
+    /// still finds every RAM page.
+    @Test(arguments: Cell.plain.filter { $0.log.strategy != .blockGranular && $0.log.strategy != .eagerSplit })
+    func churnWhileRunning(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell)
+        let caps = vm.capabilities
+        let oracle = ShadowOracle(vm)
+        try vm.enableDirtyLogging(cell.log)
+        try vm.start(busyWriter(vm), from: nil)
+        let extra = try HostMemory(size: 2 << 20, backing: .pages4K)
+        let stop = StopFlag()
+        nonisolated(unsafe) let machine = vm
+        let ramPages = vm.ram.pages
+        let writer = background("vmm-writer", stop) {
+            var seq: UInt64 = 0
+            for _ in 0..<64 {
+                seq &+= 1
+                let page = (seq &* 0x9E37_79B9) % ramPages
+                let gpa = machine.ram.layout.gpa(linear: page << 12)
+                try withUnsafeBytes(of: &seq) { try machine.writeGuest(gpa + 8, $0) }
+                let extraGPA = GPA(2 << 30) + (seq % 512) << 12
+                try? withUnsafeBytes(of: &seq) { try machine.writeGuest(extraGPA, $0) }
+            }
+        }
+        var cycles = 0
+        let churn = background("slot-churn", stop) {
+            try machine.addSlot(id: 8, gpa: GPA(2 << 30), memory: extra, flags: cycles % 2 == 0 ? [.dirtyLogging] : [])
+            var v: UInt64 = 7
+            try withUnsafeBytes(of: &v) { try machine.writeGuest(GPA(2 << 30) + 0x3000, $0) }
+            try machine.moveSlot(id: 8, to: GPA(3 << 30))
+            try machine.setSlotFlags(id: 8, [.dirtyLogging])
+            _ = try machine.getDirtyLog(slot: 8)
+            try machine.setSlotFlags(id: 8, [])
+            if caps.readOnlySlots { try machine.setSlotFlags(id: 8, [.readOnly]) }
+            try machine.moveSlot(id: 8, to: GPA(2 << 30))
+            try machine.deleteSlot(id: 8)
+            cycles += 1
+        }
+        // Harvest while everything runs, with a pause and resume now and then; check once the VMM's
+        // threads are done (their writes would change RAM under a check).
+        for round in 1...30 {
+            Thread.sleep(forTimeInterval: 0.01)
+            try oracle.harvest()
+            if round % 8 == 0 {
+                try vm.pause()
+                try vm.resume()
+            }
+        }
+        stop.set()
+        try writer()
+        try churn()
+        try vm.pause()
+        try oracle.harvest()
+        let stale = oracle.stalePages()
+        _ = try vm.stop()
+        #expect(cycles > 0, "\(cell): the second slot churned")
+        #expect(stale.isEmpty, "\(cell): \(stale.count) RAM pages never reported while a slot churned")
+        print("contract churn \(cell): \(cycles) slot cycles, \(oracle.reported) pages reported, none lost")
+    }
+
+    /// A slot added with the logging flag logs from the start (KVM_MEM_LOG_DIRTY_PAGES at creation),
+    /// and the flag turns logging off and on again; `slots` says so each time.
+    @Test(arguments: Cell.plain.filter { $0.log.strategy == .writeProtect })
+    func slotAddedWithTheLoggingFlagLogs(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        let extra = try HostMemory(size: 2 << 20, backing: .pages4K)
+        try vm.addSlot(id: 8, gpa: GPA(2 << 30), memory: extra, flags: [.dirtyLogging])
+        #expect(vm.slots.first { $0.id == 8 }?.logging?.strategy == .writeProtect, "\(cell): \(vm.slots)")
+        var v: UInt64 = 1
+        try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(2 << 30) + 0x3000, $0) }
+        #expect(setBits(try vm.getDirtyLog(slot: 8)) == [3], "\(cell): the VMM's write into the new slot is reported")
+        try vm.setSlotFlags(id: 8, [])
+        #expect(vm.slots.first { $0.id == 8 }?.logging == nil)
+        #expect(throws: (any Error).self) { _ = try vm.getDirtyLog(slot: 8) }
+        try vm.setSlotFlags(id: 8, [.dirtyLogging])
+        try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(2 << 30) + 0x5000, $0) }
+        #expect(setBits(try vm.getDirtyLog(slot: 8)) == [5], "\(cell): logging is back on through the flag")
+        try vm.deleteSlot(id: 8)
+        #expect(!vm.slots.contains { $0.id == 8 })
+    }
+
+    /// A logging slot moves (KVM allows it): it keeps logging and keeps what it has not reported.
+    @Test(arguments: Cell.plain.filter { $0.log.strategy == .writeProtect })
+    func movingALoggingSlot(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        let extra = try HostMemory(size: 2 << 20, backing: .pages4K)
+        try vm.addSlot(id: 8, gpa: GPA(2 << 30), memory: extra, flags: [])
+        try vm.enableDirtyLogging(slot: 8, cell.log)
+        var v: UInt64 = 1
+        try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(2 << 30) + 0x2000, $0) }
+        try vm.moveSlot(id: 8, to: GPA(3 << 30))
+        #expect(vm.slots.first { $0.id == 8 }.map { ($0.gpa, $0.logging != nil) } ?? (GPA(0), false) == (GPA(3 << 30), true))
+        try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(3 << 30) + 0x7000, $0) }
+        #expect(setBits(try vm.getDirtyLog(slot: 8)) == [2, 7], "\(cell): pages from before and after the move")
+        #expect(throws: (any Error).self) { try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(2 << 30), $0) } }
+        // RAM is the VM's for life.
+        #expect(throws: (any Error).self) { try vm.moveSlot(id: 1, to: GPA(4 << 30)) }
+        #expect(throws: (any Error).self) { try vm.deleteSlot(id: 0) }
+    }
+
+    /// Rings are harvested and reset: manual protect and initially-all-set mean nothing for them, and
+    /// every backend refuses them alike (KVM's own ioctls ignore them silently).
+    @Test(arguments: Cell.rings)
+    func ringRefusesManualProtectAndInitiallySet(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        #expect(throws: DirtyLogError.ringTakesNoManualProtect) {
+            try vm.enableDirtyLogging(DirtyLogConfig(strategy: .ring, manualProtect: true, initiallySet: true))
+        }
+        #expect(throws: DirtyLogError.ringTakesNoManualProtect) {
+            try vm.enableDirtyLogging(DirtyLogConfig(strategy: .ring, manualProtect: true))
+        }
+        #expect(vm.dirtyLogMode == nil, "\(cell): nothing logs after a refusal")
+        try vm.enableDirtyLogging(cell.log)
+        #expect(throws: (any Error).self) { try vm.clearDirtyLog(firstPage: 0, bitmap: [1]) }
+    }
+
+    /// What every backend refuses the same way: a second mode while one is on, a clear without
+    /// manual protect, a VMM write outside RAM or into a read-only slot, marking a slot not logging.
+    @Test(arguments: Cell.plain.filter { $0.log.strategy == .writeProtect })
+    func refusals(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        try vm.enableDirtyLogging(slot: 0, cell.log)
+        #expect(throws: (any Error).self) { try vm.enableDirtyLogging(slot: 1, DirtyLogConfig(strategy: .writeProtect, manualProtect: true)) }
+        #expect(throws: DirtyLogError.alreadyLogging(slot: 0)) { try vm.enableDirtyLogging(slot: 0, cell.log) }
+        #expect(throws: (any Error).self) { try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: [1]) }
+        #expect(throws: (any Error).self) { try vm.markDirty(slot: 1, bitmap: [1]) }
+        var v: UInt64 = 1
+        #expect(throws: (any Error).self) { try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(512 << 20), $0) } }
+        if vm.capabilities.readOnlySlots {
+            let rom = try HostMemory(size: 2 << 20, backing: .pages4K)
+            try vm.addSlot(id: 9, gpa: GPA(2 << 30), memory: rom, flags: [.readOnly])
+            #expect(vm.slots.first { $0.id == 9 }?.readOnly == true)
+            #expect(throws: (any Error).self) { try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(2 << 30), $0) } }
+            #expect(throws: (any Error).self) { try vm.setSlotFlags(id: 9, [.readOnly, .dirtyLogging]) }
+            try vm.setSlotFlags(id: 9, [])
+            try withUnsafeBytes(of: &v) { try vm.writeGuest(GPA(2 << 30), $0) }
+        }
+        #expect(throws: (any Error).self) { try vm.setSlotFlags(id: 0, [.readOnly]) }
+        try vm.disableDirtyLogging()
+        try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect, manualProtect: vm.capabilities.manualProtect))
+    }
+
+    /// Ring entries queued for a slot that is then deleted, and a smaller slot added with its id:
+    /// the stale entries beyond the new slot are dropped, never written past its log. Soft vCPUs
+    /// write the slot directly (the built-in guest program writes only RAM).
+    @Test func staleRingEntriesOfADeletedSlot() throws {
+        let soft = SoftVM(vcpus: 1, ringCapacity: 4096)
+        let ram = try soft.addRAM(RAMLayout(size: 4 << 20), backing: .pages4K)
+        let vm = makeVirtualMachine(wrapping: soft, ram: ram)
+        try vm.enableDirtyLogging(DirtyLogConfig(strategy: .ring))
+        let big = try HostMemory(size: 4 << 20, backing: .pages4K)
+        try vm.addSlot(id: 8, gpa: GPA(1 << 30), memory: big, flags: [.dirtyLogging])
+        let cpu = soft.vcpus[0]
+        cpu.enterGuest()
+        for p in 0..<1024 as Range<UInt64> { cpu.store(GPA(1 << 30) + (p << 12), p) }
+        cpu.exitGuest()
+        try vm.deleteSlot(id: 8)
+        let small = try HostMemory(size: 1 << 20, backing: .pages4K)
+        try vm.addSlot(id: 8, gpa: GPA(1 << 30), memory: small, flags: [.dirtyLogging])
+        let log = try vm.getDirtyLog(slot: 8)
+        #expect(log.count == 4, "one word per 64 of the new slot's 256 pages")
+        #expect(setBits(log).allSatisfy { $0 < 256 })
+        _ = try vm.getDirtyLog()
+    }
+}
+
+func setBits(_ words: [UInt64]) -> [UInt64] {
+    var out: [UInt64] = []
+    forEachSetBit(words) { out.append($0) }
+    return out
+}
