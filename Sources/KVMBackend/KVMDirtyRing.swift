@@ -61,9 +61,17 @@ extension KVMVM {
 
     /// KVM_RESET_DIRTY_RINGS until all `entries` harvested entries are reset: their pages re-protected
     /// and their room freed. KVM stops a reset early when the calling thread has a signal pending (a
-    /// vCPU kick) and returns a short count or EINTR; a harvested page left unreset stays writable, so
-    /// the guest's later writes to it would never be logged. The loop makes the reset whole.
+    /// vCPU kick, on a vCPU thread that harvests at a ring-full exit) and returns a short count or
+    /// EINTR; a harvested page left unprotected stays writable, so the guest's later writes to it would
+    /// never be logged (seen here even with the reset retried). So the kick signal is held off while
+    /// the reset runs (a kick also sets immediate_exit, so the next KVM_RUN still returns at once), and
+    /// the loop makes any short reset whole.
     public func resetDirtyRings(entries: Int) throws(KVMError) {
+        var kick = sigset_t(), saved = sigset_t()
+        sigemptyset(&kick)
+        sigaddset(&kick, KVMVCPU.kickSignal)
+        pthread_sigmask(SIG_BLOCK, &kick, &saved)
+        defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
         var left = entries
         var stalls = 0
         while left > 0 {

@@ -157,6 +157,29 @@ final class StopFlag: @unchecked Sendable {
         print("contract oracle \(cell): \(oracle.reported) pages reported, \(oracle.checks) checks, none lost")
     }
 
+    /// Rings of 256 entries fill over and over while the VMM pauses and resumes the vCPUs hundreds of
+    /// times: a kick that lands while a vCPU thread resets the rings must not leave harvested pages
+    /// writable and unlogged.
+    @Test(arguments: Cell.rings)
+    func ringFullWithPauseKicks(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell)
+        let oracle = ShadowOracle(vm)
+        try vm.enableDirtyLogging(cell.log)
+        try vm.start(busyWriter(vm), from: nil)
+        for round in 1...1000 {
+            try vm.pause()
+            try vm.resume()
+            usleep(200)
+            if round % 20 == 0 { try oracle.harvest() }
+        }
+        try vm.pause()
+        try oracle.harvest()
+        let stale = oracle.stalePages()
+        _ = try vm.stop()
+        #expect(stale.isEmpty, "\(cell): \(stale.count) dirty pages never reported, first \(stale.prefix(8).map { "0x" + String($0, radix: 16) })")
+        print("contract ring kicks \(cell): \(oracle.reported) pages reported, none lost")
+    }
+
     /// With manual protect a page stays reported until a clear names it: a get repeated without a
     /// clear reports it again, guest and VMM writes alike, and after a clear nothing is left.
     @Test(arguments: Cell.manual)
