@@ -187,29 +187,29 @@ extension Stage2MMU {
         let all = rings.withLock { $0 }
         lock.lockShared()
         // Gather the entries per slot into a bitmap, so each run of pages is one walk.
-        var bitmaps: [(slot: Int, words: [UInt64])] = []
+        var bitmaps: [(log: SlotDirtyLog, words: [UInt64])] = []
         var current = -1
         var ends: [Int] = []
         for ring in all {
             ends.append(ring.forEachHarvested { e in
-                if current < 0 || bitmaps[current].slot != e.slot {
-                    if let i = bitmaps.firstIndex(where: { $0.slot == e.slot }) {
+                if current < 0 || bitmaps[current].log.slot.id != e.slot {
+                    if let i = bitmaps.firstIndex(where: { $0.log.slot.id == e.slot }) {
                         current = i
                     } else {
                         guard let log = dirtyLogs[e.slot] else { return }
-                        bitmaps.append((e.slot, [UInt64](repeating: 0, count: log.bitmap.wordCount)))
+                        bitmaps.append((log, [UInt64](repeating: 0, count: log.bitmap.wordCount)))
                         current = bitmaps.count - 1
                     }
                 }
                 // An entry of a slot deleted meanwhile may not fit the slot now holding its id: drop
                 // it (KVM's reset does the same).
-                guard dirtyLogs[e.slot]?.slot.contains(page: e.page) == true else { return }
+                guard bitmaps[current].log.slot.contains(page: e.page) else { return }
                 bitmaps[current].words[Int(e.page >> 6)] |= 1 << (e.page & 63)
             })
         }
         var touched = TouchedRange()
-        for (slot, words) in bitmaps {
-            if let log = dirtyLogs[slot] { protectPages(words, firstPage: 0, of: log, shared: true, touched: &touched) }
+        for (log, words) in bitmaps {
+            protectPages(words, firstPage: 0, of: log, shared: true, touched: &touched)
         }
         flush(touched)
         lock.unlock()

@@ -45,7 +45,7 @@ struct BenchDirtyLog: ParsableCommand {
 
     func run() throws {
         let pages = memory.bytes >> 12
-        print("bench dirty-log: \(backend) backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect")
+        print("bench dirty-log: \(backend) backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect (rings: harvest and reset)")
         if backend == "kvm" {
             for s in strategy == "all" ? ["wp", "ring"] : [strategy] { try runKVM(pages: pages, ring: s == "ring") }
             return
@@ -97,7 +97,7 @@ struct BenchDirtyLog: ParsableCommand {
         for i in 1...iterations {
             var p = Phases()
             p.populate = populate
-            p.enable = try timeMs { try mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: s, manualProtect: true)) }
+            p.enable = try timeMs { try mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: s, manualProtect: s != .ring)) }
             ringReported.reset()
             p.pass = timeMs { dirtyPass(vm, pages: pages, value: UInt64(i + 1)) }
             var bitmap: [UInt64] = []
