@@ -28,9 +28,9 @@ extension Stage2MMU {
         if config.strategy == .eagerSplit {
             log.splitTablesUsed = eagerSplit(slot.gpaRange)
         }
-        var v = LogProtectVisitor(strategy: config.strategy)
+        var v = LogProtectVisitor(strategy: config.strategy, changes: changeHook)
         _ = walk(slot.gpaRange, shared: false, &v)
-        flush(v.touched)
+        commit(v.changes)
     }
 
     /// Stops dirty logging. Where the backing allows blocks, the slot's small leaves are dropped so
@@ -44,8 +44,12 @@ extension Stage2MMU {
         if slot.backing.hostPageSize > .size4K {
             _ = unmapLocked(log.slot.gpaRange)
         } else {
-            var v = ProtectVisitor(set: Descriptor.write, clear: Descriptor.swLogged | Descriptor.dbm)
+            // Logging is over: whatever dirty state the leaves still hold is not wanted any more.
+            var changes = changeHook
+            changes.forgetDirty()
+            var v = ProtectVisitor(set: Descriptor.write, clear: Descriptor.swLogged | Descriptor.dbm, changes: changes)
             _ = walk(log.slot.gpaRange, shared: false, &v)
+            commit(v.changes)
         }
     }
 
@@ -56,38 +60,34 @@ extension Stage2MMU {
     /// protect, the reported pages are re-protected and flushed before this returns
     /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected and nothing forgotten: a page is reported
     /// by every get until clearDirtyLog names it (KVM's manual protect).
-    /// vCPUs keep running; their faults wait for the lock while pages are re-protected (under DBM
-    /// the harvest runs beside them, by compare-and-swap).
+    /// vCPUs keep running; their faults wait for the lock while pages are re-protected, and DBM
+    /// vCPUs go on setting W beside it (the hook exchanges any leaf they could be setting).
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
         if log.strategy == .ring { drainDirtyRings() }
-        let exclusive = Self.reprotectsExclusively(log)
-        exclusive ? lock.lockExclusive() : lock.lockShared()
+        lock.lockExclusive()
         defer { lock.unlock() }
         guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
-        var touched = TouchedRange()
+        var changes = changeHook
         if log.strategy == .dbm {
             out.withUnsafeMutableBufferPointer { words in
-                var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !log.config.manualProtect)
-                _ = walk(log.slot.gpaRange, shared: true, &v)
-                if let r = v.touched.range { touched.add(r) }
+                var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !log.config.manualProtect,
+                                          changes: changes)
+                _ = walk(log.slot.gpaRange, shared: false, &v)
+                changes = v.changes
             }
         }
         if log.config.manualProtect {
             log.bitmap.copy(into: &out)
         } else {
             log.bitmap.harvest(into: &out)
-            protectPages(out, firstPage: 0, of: log, shared: !exclusive, touched: &touched)
+            changes.forgetDirty()    // reported just now
+            protectPages(out, firstPage: 0, of: log, shared: false, changes: &changes)
         }
-        flush(touched)
+        commit(changes)
         return out
     }
-
-    /// Re-protecting needs no compare-and-swap when nothing writes descriptors outside the MMU lock:
-    /// true for every strategy but DBM, whose vCPUs set W themselves (only the access-flag hint can
-    /// be overwritten). Exclusive plain stores cost a fraction of a locked compare-and-swap per leaf.
-    static func reprotectsExclusively(_ log: SlotDirtyLog) -> Bool { log.strategy != .dbm }
 
     /// Forgets and re-protects exactly the pages named by `bitmap`, whose bit 0 is page `firstPage` of
     /// the slot (KVM_CLEAR_DIRTY_LOG): their bits go first, then their write permission, so a write
@@ -96,8 +96,7 @@ extension Stage2MMU {
     public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(DirtyLogError) {
         guard firstPage % 64 == 0 else { throw .unalignedClear(firstPage: firstPage) }
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
-        let exclusive = Self.reprotectsExclusively(log)
-        exclusive ? lock.lockExclusive() : lock.lockShared()
+        lock.lockExclusive()
         defer { lock.unlock() }
         guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         let pages = UInt64(bitmap.count) * 64
@@ -106,14 +105,15 @@ extension Stage2MMU {
             throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
         }
         log.bitmap.clear(bitmap: bitmap, firstPage: firstPage)
-        var touched = TouchedRange()
-        protectPages(bitmap, firstPage: firstPage, of: log, shared: !exclusive, touched: &touched)
-        flush(touched)
+        var changes = changeHook
+        changes.forgetDirty()    // the caller has these pages
+        protectPages(bitmap, firstPage: firstPage, of: log, shared: false, changes: &changes)
+        commit(changes)
     }
 
     /// Re-protects the runs of set bits of `bitmap` (bit 0 = page `firstPage` of the slot).
     private func protectPages(_ bitmap: [UInt64], firstPage: UInt64, of log: SlotDirtyLog, shared: Bool,
-                              touched: inout TouchedRange) {
+                              changes: inout ChangeHook) {
         let base = log.slot.gpaRange.start
         var cache = log.strategy == .eagerSplit ? TableCache(allocator: allocator) : nil
         forEachRun(bitmap) { start, count in
@@ -122,13 +122,14 @@ extension Stage2MMU {
                 // Split the blocks over this chunk first, so no vCPU splits inside a write fault.
                 let blocks = GPARange(start: range.start.alignedDown(to: PageSize.bytes2M),
                                       end: GPA((range.end.raw + PageSize.bytes2M - 1) & ~(PageSize.bytes2M - 1)))
-                var s = SplitVisitor(to: .size4K, ops: bbm, cache: cache!)
+                var s = SplitVisitor(to: .size4K, changes: changes, cache: cache!)
                 _ = walk(blocks.clamped(to: log.slot.gpaRange), shared: shared, &s)
                 cache = s.cache
+                changes = s.changes
             }
-            var v = LogProtectVisitor(strategy: log.strategy)
+            var v = LogProtectVisitor(strategy: log.strategy, changes: changes)
             _ = walk(range, shared: shared, &v)
-            if let r = v.touched.range { touched.add(r) }
+            changes = v.changes
         }
         if var c = cache {
             log.splitTablesUsed += c.used
@@ -145,9 +146,10 @@ extension Stage2MMU {
         guard needed > 0 else { return 0 }
         var cache = TableCache(allocator: allocator)
         cache.topUp(to: needed)
-        var v = SplitVisitor(to: .size4K, ops: bbm, cache: cache)
+        var v = SplitVisitor(to: .size4K, changes: changeHook, cache: cache)
         _ = walk(range, shared: false, &v)
         cache = v.cache
+        commit(v.changes)
         let used = cache.used
         cache.drain()
         return used
@@ -207,11 +209,12 @@ extension Stage2MMU {
                 bitmaps[current].words[Int(e.page >> 6)] |= 1 << (e.page & 63)
             })
         }
-        var touched = TouchedRange()
+        var changes = changeHook
+        changes.forgetDirty()    // harvested
         for (log, words) in bitmaps {
-            protectPages(words, firstPage: 0, of: log, shared: true, touched: &touched)
+            protectPages(words, firstPage: 0, of: log, shared: true, changes: &changes)
         }
-        flush(touched)
+        commit(changes)
         lock.unlock()
         return zip(all, ends).reduce(0) { $0 + $1.0.reset(upTo: $1.1) }
     }

@@ -14,6 +14,10 @@ public struct Translation {
         self.level = level
         self.entry = entry
     }
+    /// The leaf as a shared walk's visit sees it, for a change made outside a walk.
+    @inlinable @inline(__always) public func context(_ gpa: GPA) -> VisitContext {
+        VisitContext(entry: entry, old: leaf, addr: gpa.alignedDown(to: Stage2Geometry.entrySize(level)), level: level, shared: true)
+    }
     /// Host address of the 4 KiB page containing the guest address.
     @inlinable @inline(__always) public func hostPage(for gpa: GPA) -> HVA {
         let size = Stage2Geometry.entrySize(level)
@@ -59,7 +63,8 @@ public final class Stage2MMU: @unchecked Sendable {
     public let tlbs = TLBDomain()
     public let lock = MMULock()
     let retired = RetireList()
-    public var bbm: BreakBeforeMake { BreakBeforeMake(tlbs: tlbs, retired: retired) }
+    /// A fresh hook for one walk's changes; `commit` acts on what it gathered.
+    public var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: retired) }
 
     /// Guarded by `lock`: read under shared, written under exclusive.
     var slotTable: MemslotTable
@@ -130,7 +135,7 @@ public final class Stage2MMU: @unchecked Sendable {
         // Nested shadow leaves are found through the slot's rmap: clear them while the slot exists.
         if let s = slotTable.slot(id: id), hasNested.load(ordering: .acquiring) { invalidateNested(s.gpaRange) }
         let old = try slotTable.delete(id: id)
-        dirtyLogs[id] = nil
+        dirtyLogs[id] = nil    // its dirty state goes with it
         _ = unmapLocked(old.gpaRange)
         nestedLock.lock()
         rmaps[id] = nil
@@ -173,9 +178,9 @@ public final class Stage2MMU: @unchecked Sendable {
         let before: Memslot
         do { before = try slotTable.setFlags(id: id, flags) } catch { throw .memory(error) }
         if flags.contains(.readOnly) && !before.flags.contains(.readOnly) {
-            var v = ProtectVisitor(clear: Descriptor.write | Descriptor.dbm)
+            var v = ProtectVisitor(clear: Descriptor.write | Descriptor.dbm, changes: changeHook)
             _ = walk(before.gpaRange, shared: false, &v)
-            flush(v.touched)
+            commit(v.changes)
         }
     }
 
@@ -187,6 +192,13 @@ public final class Stage2MMU: @unchecked Sendable {
         // Past the IPA size the table indices would wrap around to low addresses.
         let r = range.clamped(to: GPARange(start: GPA(0), end: GPA(1 << UInt64(ipaBits))))
         return walkStage2(root: root, startLevel: startLevel, range: r, shared: shared, &visitor)
+    }
+
+    /// Acts on what a walk's changes gathered: the dirty state they took goes into the slot logs, and
+    /// the range they touched leaves every vCPU TLB and nested shadow table. The caller holds `lock`.
+    public func commit(_ changes: ChangeHook) {
+        keepDirty(changes.dirtyPages)
+        flush(changes.touched)
     }
 
     /// Shoots down a touched range from every vCPU TLB, and from nested guests' shadow tables built on
@@ -211,10 +223,10 @@ public final class Stage2MMU: @unchecked Sendable {
         lock.lockExclusive()
         defer { lock.unlock() }
         var v = MapVisitor(start: range.start, output: output, size: size,
-                           attributes: permissions.rawValue | Descriptor.accessFlag, ops: bbm, cache: cache)
+                           attributes: permissions.rawValue | Descriptor.accessFlag, changes: changeHook, cache: cache)
         _ = walk(range, shared: false, &v)
         cache = v.cache
-        flush(v.touched)
+        commit(v.changes)
         reclaim()
     }
 
@@ -227,15 +239,15 @@ public final class Stage2MMU: @unchecked Sendable {
     }
 
     func unmapLocked(_ range: GPARange) -> Int {
-        var v = UnmapVisitor(ops: bbm)
+        var v = UnmapVisitor(changes: changeHook)
         _ = walk(range, shared: false, &v)
-        flush(v.touched)
+        commit(v.changes)
         reclaim()
-        keepDirty(v.dirtyPages)
         return v.leavesCleared
     }
 
-    /// Records in their slots' dirty bitmaps the DBM-dirty pages an unmap took away. Exclusive lock.
+    /// Records in their slots' dirty bitmaps the DBM-dirty pages a change took away (an unmap, a
+    /// replacement). The caller holds `lock`.
     func keepDirty(_ pages: [GPA]) {
         for gpa in pages {
             guard let slot = slotTable.lookup(gpa), let log = dirtyLogs[slot.id] else { continue }
@@ -249,9 +261,9 @@ public final class Stage2MMU: @unchecked Sendable {
     public func protect(_ range: GPARange, set: UInt64 = 0, clear: UInt64 = 0, shared: Bool = false) -> Int {
         shared ? lock.lockShared() : lock.lockExclusive()
         defer { lock.unlock() }
-        var v = ProtectVisitor(set: set, clear: clear)
+        var v = ProtectVisitor(set: set, clear: clear, changes: changeHook)
         _ = walk(range, shared: shared, &v)
-        if clear != 0 { flush(v.touched) }
+        commit(v.changes)
         return v.leavesChanged
     }
 
@@ -260,9 +272,10 @@ public final class Stage2MMU: @unchecked Sendable {
     public func split(_ range: GPARange, to size: PageSize, cache: inout TableCache, shared: Bool = false) -> Int {
         shared ? lock.lockShared() : lock.lockExclusive()
         defer { lock.unlock() }
-        var v = SplitVisitor(to: size, ops: bbm, cache: cache)
+        var v = SplitVisitor(to: size, changes: changeHook, cache: cache)
         _ = walk(range, shared: shared, &v)
         cache = v.cache
+        commit(v.changes)
         return v.blocksSplit
     }
 
@@ -273,8 +286,9 @@ public final class Stage2MMU: @unchecked Sendable {
         defer { lock.unlock() }
         // Logging slots keep their small leaves: a block would hide per-page dirty state.
         if dirtyLogs.values.contains(where: { $0.slot.gpaRange.overlaps(range) }) { return 0 }
-        var v = CollapseVisitor(range: range, maxSize: maxSize, ops: bbm)
+        var v = CollapseVisitor(range: range, maxSize: maxSize, changes: changeHook)
         _ = walk(range, shared: false, &v)
+        commit(v.changes)
         reclaim()
         return v.collapsed
     }
@@ -283,8 +297,9 @@ public final class Stage2MMU: @unchecked Sendable {
     public func testAndClearYoung(_ range: GPARange) -> Int {
         lock.lockShared()
         defer { lock.unlock() }
-        var v = AccessFlagVisitor()
+        var v = AccessFlagVisitor(changes: changeHook)
         _ = walk(range, shared: true, &v)
+        commit(v.changes)
         return v.young
     }
 
@@ -343,7 +358,8 @@ public final class Stage2MMU: @unchecked Sendable {
             // While logging, write permission comes back only through loggedWrite, which records it.
             let grant = log == nil ? permissions : permissions.subtracting(.write)
             let relaxed = t.leaf.setting(grant.rawValue)
-            _ = t.entry.compareExchange(t.leaf, log == nil ? relaxed.clearing(Descriptor.swLogged) : relaxed)
+            var changes = changeHook
+            _ = changes.update(t.context(gpa), log == nil ? relaxed.clearing(Descriptor.swLogged) : relaxed)
             return .retry
         }
 
@@ -368,9 +384,10 @@ public final class Stage2MMU: @unchecked Sendable {
             }
         }
         var v = MapVisitor(start: blockStart, output: slot.hva(for: blockStart), size: size,
-                           attributes: attributes, ops: bbm, cache: cache)
+                           attributes: attributes, changes: changeHook, cache: cache)
         walk(GPARange(start: blockStart, size: size.bytes), shared: true, &v)
         cache = v.cache
+        commit(v.changes)
         if recordAfter, let log { record(GPARange(start: blockStart, size: size.bytes), log, ring) }
         return .mapped(size)
     }
@@ -384,17 +401,19 @@ public final class Stage2MMU: @unchecked Sendable {
         let range = GPARange(start: gpa.alignedDown(to: size), size: size)
         if t.level < 3 && log.strategy != .blockGranular {
             let dbm = log.strategy == .dbm
-            var v = SplitVisitor(to: .size4K, ops: bbm, cache: cache,
+            var v = SplitVisitor(to: .size4K, changes: changeHook, cache: cache,
                                  leafSet: dbm ? Descriptor.dbm : 0, leafClear: dbm ? Descriptor.swLogged : 0)
             walk(range, shared: true, &v)
             cache = v.cache
+            commit(v.changes)
             return .retry
         }
         if log.strategy == .ring, let ring, ring.isSoftFull { return .dirtyRingFull }
         // Writable first, then recorded (as KVM's fast page fault): the guest's write comes after
         // both, and a harvest that takes the record before the leaf turns writable would otherwise
         // re-protect nothing and lose every later write. A DBM leaf is recorded by its own W bit.
-        guard t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.write).clearing(Descriptor.swLogged)) else { return .retry }
+        var changes = changeHook
+        guard changes.update(t.context(gpa), t.leaf.setting(Descriptor.write).clearing(Descriptor.swLogged)) else { return .retry }
         if !t.leaf.has(Descriptor.dbm) { record(range, log, ring) }
         return .retry
     }
@@ -437,17 +456,10 @@ public final class Stage2MMU: @unchecked Sendable {
         invalidatesInProgress += 1
         invalidateRange = invalidatesInProgress == 1 ? range
             : HVARange(start: min(invalidateRange.start, range.start), end: max(invalidateRange.end, range.end))
-        var touched = TouchedRange()
-        var dirty: [GPA] = []
-        for (_, gpaRange) in slotTable.slots(overlapping: range) {
-            var v = UnmapVisitor(ops: bbm)
-            _ = walk(gpaRange, shared: false, &v)
-            if let r = v.touched.range { touched.add(r) }
-            dirty += v.dirtyPages
-        }
-        flush(touched)
+        var v = UnmapVisitor(changes: changeHook)
+        for (_, gpaRange) in slotTable.slots(overlapping: range) { _ = walk(gpaRange, shared: false, &v) }
+        commit(v.changes)
         reclaim()
-        keepDirty(dirty)
     }
 
     public func invalidateRangeEnd(_ range: HVARange) {

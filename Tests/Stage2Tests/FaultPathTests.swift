@@ -199,7 +199,7 @@ import Testing
         mmu.map(GPARange(start: GPA(0), size: 4096), to: mem.base, size: .size4K, permissions: .all, cache: &cache)
         _ = mmu.protect(GPARange(start: GPA(0), size: 4096), set: Descriptor.swLogged, clear: Descriptor.write)
         var v = MapVisitor(start: GPA(0), output: mem.base, size: .size4K,
-                           attributes: Permissions.all.rawValue | Descriptor.accessFlag, ops: mmu.bbm, cache: cache)
+                           attributes: Permissions.all.rawValue | Descriptor.accessFlag, changes: mmu.changeHook, cache: cache)
         mmu.lock.shared { _ = mmu.walk(GPARange(start: GPA(0), size: 4096), shared: true, &v) }
         cache = v.cache
         let d = try #require(mmu.translate(GPA(0))).leaf

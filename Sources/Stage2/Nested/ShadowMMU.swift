@@ -96,7 +96,9 @@ public final class ShadowMMU: @unchecked Sendable {
             // widen it in place. Under the nested lock, no invalidation can slip in between.
             _ = t.entry.compareExchange(t.leaf, .leaf(host, level: size.level, attributes: attributes))
         } else {
-            var v = MapVisitor(start: gpa2Block, output: host, size: size, attributes: attributes, ops: bbm, cache: cache)
+            // Shadow leaves carry no dirty state and have no shadows of their own: the break's own
+            // shootdown of this guest's TLBs is all the flushing a replaced shadow leaf needs.
+            var v = MapVisitor(start: gpa2Block, output: host, size: size, attributes: attributes, changes: changeHook, cache: cache)
             _ = walkStage2(root: root, startLevel: Self.startLevel, range: GPARange(start: gpa2Block, size: size.bytes), shared: true, &v)
             cache = v.cache
         }
@@ -105,7 +107,7 @@ public final class ShadowMMU: @unchecked Sendable {
         return .mapped(size)
     }
 
-    var bbm: BreakBeforeMake { BreakBeforeMake(tlbs: tlbs, retired: l0.retired) }
+    var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: l0.retired) }
 
     /// L1 changed its table and asks for an invalidation: of `range` of L2 GPAs, or all of it.
     public func invalidateByL1(_ range: GPARange? = nil) {

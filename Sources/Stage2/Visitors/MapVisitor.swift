@@ -5,25 +5,25 @@ import GuestMemory
 /// On the way down it creates missing tables (from the walker's table cache). Where a block already
 /// maps part of the range at a higher level, or a table sits where the new block goes, the old entry is
 /// replaced by break-before-make. A valid leaf with the same output only has its attributes updated.
+/// Every change goes through the hook: a replaced leaf's range leaves the TLBs and nested shadows, a
+/// replaced DBM-dirty leaf keeps its dirty state, a replaced subtree is retired.
 public struct MapVisitor: Stage2Visitor {
     public let start: GPA
     public let output: HVA
     public let level: Int
     public let attributes: UInt64
-    @usableFromInline let ops: BreakBeforeMake
+    public var changes: ChangeHook
     public var cache: TableCache
     /// Leaves written and tables created, for the caller.
     public private(set) var leavesInstalled = 0
     public private(set) var tablesCreated = 0
-    /// Leaves whose permissions were reduced in place: the caller flushes them from the TLBs.
-    public private(set) var touched = TouchedRange()
 
-    public init(start: GPA, output: HVA, size: PageSize, attributes: UInt64, ops: BreakBeforeMake, cache: TableCache) {
+    public init(start: GPA, output: HVA, size: PageSize, attributes: UInt64, changes: ChangeHook, cache: TableCache) {
         self.start = start
         self.output = output
         self.level = size.level
         self.attributes = attributes
-        self.ops = ops
+        self.changes = changes
         self.cache = cache
     }
 
@@ -34,9 +34,8 @@ public struct MapVisitor: Stage2Visitor {
     public mutating func visitTablePre(_ ctx: VisitContext) -> VisitResult {
         guard ctx.level == level else { return .proceed }
         let new = leafFor(ctx)
-        guard ops.breakEntry(ctx) else { return .retry }
-        ops.retireSubtree(ctx.old.tablePointer, level: ctx.level + 1)
-        ops.make(ctx, new)
+        guard changes.breakEntry(ctx) else { return .retry }
+        changes.make(ctx, new)
         leavesInstalled += 1
         return .proceed
     }
@@ -48,7 +47,7 @@ public struct MapVisitor: Stage2Visitor {
             let new = leafFor(ctx)
             if old == new { return .proceed }
             if !old.isValid {
-                guard ctx.update(new) else { return .retry }
+                guard changes.update(ctx, new) else { return .retry }
             } else if old.output == new.output {
                 // Already mapped. A fault (shared walk) leaves it alone: whoever mapped it, or
                 // write-protected it since, decided its attributes, and widening them is the
@@ -57,11 +56,10 @@ public struct MapVisitor: Stage2Visitor {
                 // An explicit map sets the attributes in place (no break needed), keeping the access
                 // flag a vCPU may have set; a removed permission must leave the TLBs.
                 let merged = new.setting(old.raw & Descriptor.accessFlag)
-                guard ctx.update(merged) else { return .retry }
-                if old.permissions.subtracting(merged.permissions) != [] { touched.add(ctx.range) }
+                guard changes.update(ctx, merged) else { return .retry }
             } else {
-                guard ops.breakEntry(ctx) else { return .retry }
-                ops.make(ctx, new)
+                guard changes.breakEntry(ctx) else { return .retry }
+                changes.make(ctx, new)
             }
             leavesInstalled += 1
             return .proceed
@@ -71,9 +69,9 @@ public struct MapVisitor: Stage2Visitor {
         if old.isValid {
             // A larger block covers the range: break it and start an empty table; the rest of the
             // block's pages fault back in on demand.
-            guard ops.breakEntry(ctx) else { cache.giveBack(table); return .retry }
-            ops.make(ctx, .table(table.raw))
-        } else if !ctx.update(.table(table.raw)) {
+            guard changes.breakEntry(ctx) else { cache.giveBack(table); return .retry }
+            changes.make(ctx, .table(table.raw))
+        } else if !changes.update(ctx, .table(table.raw)) {
             cache.giveBack(table)
             return .retry
         }

@@ -3,16 +3,17 @@ import GuestMemory
 /// Changes the attributes of every valid leaf overlapping the range: sets `set`, clears `clear`.
 /// In a shared walk each change is a compare-and-swap; a lost race re-reads the entry and tries again,
 /// so a concurrent change (a vCPU setting the access flag, another walker) is never overwritten.
-/// When a permission is removed the caller flushes `touched` from the TLBs.
+/// Removed permissions are gathered by the hook for the caller's flush.
 public struct ProtectVisitor: Stage2Visitor {
     public let set: UInt64
     public let clear: UInt64
-    public private(set) var touched = TouchedRange()
+    public var changes: ChangeHook
     public private(set) var leavesChanged = 0
 
-    public init(set: UInt64 = 0, clear: UInt64 = 0) {
+    public init(set: UInt64 = 0, clear: UInt64 = 0, changes: ChangeHook) {
         self.set = set
         self.clear = clear
+        self.changes = changes
     }
 
     public var visitPoints: VisitPoints { .leaf }
@@ -22,8 +23,7 @@ public struct ProtectVisitor: Stage2Visitor {
         guard ctx.old.isValid else { return .proceed }
         let new = Descriptor(raw: (ctx.old.raw & ~clear) | set)
         guard new != ctx.old else { return .proceed }
-        guard ctx.update(new) else { return .retry }
-        touched.add(ctx.range)
+        guard changes.update(ctx, new) else { return .retry }
         leavesChanged += 1
         return .proceed
     }
@@ -35,15 +35,19 @@ public struct AccessFlagVisitor: Stage2Visitor {
     public private(set) var young = 0
     public private(set) var youngPages: [GPARange] = []
     public let record: Bool
+    public var changes: ChangeHook
 
-    public init(record: Bool = false) { self.record = record }
+    public init(record: Bool = false, changes: ChangeHook) {
+        self.record = record
+        self.changes = changes
+    }
 
     public var visitPoints: VisitPoints { .leaf }
 
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         if ctx.old.isLocked { return .retry }
         guard ctx.old.isValid, ctx.old.has(Descriptor.accessFlag) else { return .proceed }
-        guard ctx.update(ctx.old.clearing(Descriptor.accessFlag)) else { return .retry }
+        guard changes.update(ctx, ctx.old.clearing(Descriptor.accessFlag)) else { return .retry }
         young += 1
         if record { youngPages.append(ctx.range) }
         return .proceed

@@ -5,16 +5,16 @@ import GuestMemory
 /// the walker then descends into it, so a 1 GiB block splits all the way to 4 KiB in one walk.
 public struct SplitVisitor: Stage2Visitor {
     public let target: Int
-    @usableFromInline let ops: BreakBeforeMake
+    public var changes: ChangeHook
     public var cache: TableCache
     /// Attribute bits set and cleared on the target-size leaves (e.g. DBM-clean pages from a logged block).
     public let leafSet: UInt64
     public let leafClear: UInt64
     public private(set) var blocksSplit = 0
 
-    public init(to size: PageSize, ops: BreakBeforeMake, cache: TableCache, leafSet: UInt64 = 0, leafClear: UInt64 = 0) {
+    public init(to size: PageSize, changes: ChangeHook, cache: TableCache, leafSet: UInt64 = 0, leafClear: UInt64 = 0) {
         self.target = size.level
-        self.ops = ops
+        self.changes = changes
         self.cache = cache
         self.leafSet = leafSet
         self.leafClear = leafClear
@@ -36,12 +36,12 @@ public struct SplitVisitor: Stage2Visitor {
             table.entry(i).store(.leaf(out, level: childLevel, attributes: attributes))
             out = out + childSize
         }
-        guard ops.breakEntry(ctx) else {
+        guard changes.breakEntry(ctx) else {
             for i in 0..<DescriptorTable.entries { table.entry(i).store(.invalid) }
             cache.giveBack(table)
             return .retry
         }
-        ops.make(ctx, .table(table.raw))
+        changes.make(ctx, .table(table.raw))
         blocksSplit += 1
         return .proceed
     }
@@ -54,13 +54,13 @@ public struct SplitVisitor: Stage2Visitor {
 public struct CollapseVisitor: Stage2Visitor {
     public let range: GPARange
     public let maxLevel: Int
-    @usableFromInline let ops: BreakBeforeMake
+    public var changes: ChangeHook
     public private(set) var collapsed = 0
 
-    public init(range: GPARange, maxSize: PageSize, ops: BreakBeforeMake) {
+    public init(range: GPARange, maxSize: PageSize, changes: ChangeHook) {
         self.range = range
         self.maxLevel = maxSize.level
-        self.ops = ops
+        self.changes = changes
     }
 
     public var visitPoints: VisitPoints { .tablePost }
@@ -87,9 +87,8 @@ public struct CollapseVisitor: Stage2Visitor {
         var attributes = first.raw & mustMatch
         if anyYoung { attributes |= Descriptor.accessFlag }
         if anyDirty { attributes |= Descriptor.swDirty }
-        guard ops.breakEntry(ctx) else { return .retry }
-        ops.retireSubtree(child, level: childLevel)
-        ops.make(ctx, .leaf(first.output, level: ctx.level, attributes: attributes))
+        guard changes.breakEntry(ctx) else { return .retry }
+        changes.make(ctx, .leaf(first.output, level: ctx.level, attributes: attributes))
         collapsed += 1
         return .proceed
     }

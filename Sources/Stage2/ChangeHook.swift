@@ -1,0 +1,133 @@
+import GuestMemory
+import Synchronization
+
+/// The one place every stage-2 descriptor change passes through (the TDP MMU's handle_changed_spte):
+/// updates, breaks, makes and exchanges all call `changed`, which
+/// - records dirty state the change takes away (a DBM leaf's W bit is a page's only dirty record),
+/// - gathers the range every cached copy of the old entry must leave: vCPU TLBs and nested shadow
+///   tables, flushed once by the MMU when the walk is done (`Stage2MMU.commit`),
+/// - retires a table the change unlinks, to be freed once no walker can be inside it.
+///
+/// Break-before-make is three steps on it: break (invalidate to a locked marker, so other walkers back
+/// off), shoot the old entry down from every TLB, make the new one.
+public struct ChangeHook {
+    let tlbs: TLBDomain
+    let retired: RetireList
+    /// The guest range whose cached translations changed.
+    public internal(set) var touched = TouchedRange()
+    /// Pages whose dirty record a change took away, when no bitmap is given for them.
+    public internal(set) var dirtyPages: [GPA] = []
+    /// Where taken dirty state goes when it falls inside: bit i = the page at `dirtyBase` + 4 KiB * i.
+    var dirtyBase = GPA(0)
+    var dirtyBitmap: UnsafeMutableBufferPointer<UInt64>?
+    /// The walk consumes dirty state on purpose: a clear the VMM asked for forgets what it takes.
+    var forgetsDirty = false
+
+    public init(tlbs: TLBDomain, retired: RetireList) {
+        self.tlbs = tlbs
+        self.retired = retired
+    }
+
+    /// Sends taken dirty state for pages from `base` on into `bitmap` (a harvest's own output).
+    public mutating func recordDirty(into bitmap: UnsafeMutableBufferPointer<UInt64>, base: GPA) {
+        dirtyBitmap = bitmap
+        dirtyBase = base
+    }
+
+    /// Makes the walk a clear: dirty state it takes is forgotten, as the VMM asked.
+    public mutating func forgetDirty() { forgetsDirty = true }
+
+    /// Replaces `ctx.old` with `new`. A shared walk compares and swaps (false: it lost a race; the
+    /// walker re-reads and revisits). An exclusive walk stores, except over a writable-clean DBM leaf,
+    /// which a vCPU may make dirty at any moment without the lock: it exchanges, and the value it took
+    /// away is what `changed` judges.
+    @inline(__always)
+    public mutating func update(_ ctx: VisitContext, _ new: Descriptor) -> Bool {
+        var old = ctx.old
+        #if VMM_UNSAFE_NO_CAS
+        // Test-only build setting: a blind store, to show the lost-update tests fail without CAS.
+        ctx.entry.store(new)
+        #else
+        if ctx.shared {
+            guard ctx.entry.compareExchange(old, new) else { return false }
+        } else if old.has(Descriptor.dbm) && !old.has(Descriptor.write) {
+            old = ctx.entry.exchange(new)
+        } else {
+            ctx.entry.store(new)
+        }
+        #endif
+        changed(ctx, from: old, to: new)
+        return true
+    }
+
+    /// Break-before-make, steps 1 and 2: the entry is invalidated (to a locked marker) and shot down
+    /// from every vCPU TLB before anything new is made. False if a shared walk lost the race.
+    @inline(__always)
+    public mutating func breakEntry(_ ctx: VisitContext) -> Bool {
+        guard update(ctx, .locked) else { return false }
+        if ctx.old.isValid { tlbs.shootdown(ctx.range) }
+        return true
+    }
+
+    /// Step 3: publish the new entry over the locked marker (nothing was cached of the marker).
+    @inline(__always)
+    public func make(_ ctx: VisitContext, _ new: Descriptor) {
+        ctx.entry.store(new)
+    }
+
+    /// What changing an entry from `old` to `new` means for dirty state, cached translations and
+    /// table memory. Every change above goes through here.
+    @inline(__always)
+    public mutating func changed(_ ctx: VisitContext, from old: Descriptor, to new: Descriptor) {
+        guard old.isValid else { return }
+        if old.isTable(level: ctx.level) {
+            guard new != old else { return }
+            touched.add(ctx.range)
+            retired.add(old.tablePointer, level: ctx.level + 1)
+            return
+        }
+        let sameOutput = new.isLeaf(level: ctx.level) && new.output == old.output
+        if ctx.level == 3 && old.has(Descriptor.dbm | Descriptor.write) && !(sameOutput && new.has(Descriptor.write)) {
+            takeDirty(ctx.addr)
+        }
+        if !sameOutput || !old.permissions.subtracting(new.permissions).isEmpty { touched.add(ctx.range) }
+    }
+
+    mutating func takeDirty(_ gpa: GPA) {
+        if forgetsDirty { return }
+        if let bitmap = dirtyBitmap, gpa >= dirtyBase {
+            let page = (gpa - dirtyBase) >> 12
+            if page < UInt64(bitmap.count) << 6 {
+                bitmap[Int(page >> 6)] |= 1 << (page & 63)
+                return
+            }
+        }
+        dirtyPages.append(gpa)
+    }
+}
+
+/// Tables unlinked from the tree but perhaps still being read by a walker. They are freed only under
+/// the MMU write lock (no host walker inside) after a TLB shootdown (no vCPU mid-walk): an RCU grace
+/// period whose quiescent states are the vCPUs' safe points.
+public final class RetireList: @unchecked Sendable {
+    private let tables = Mutex<[(DescriptorTable, Int)]>([])
+    public init() {}
+    public func add(_ t: DescriptorTable, level: Int) { tables.withLock { $0.append((t, level)) } }
+
+    /// Every retired table and the tables below it. Only when no walker can be inside them.
+    func takeSubtrees() -> [DescriptorTable] {
+        let roots = tables.withLock { t in defer { t = [] }; return t }
+        var out: [DescriptorTable] = []
+        for (t, level) in roots { Self.collect(t, level: level, into: &out) }
+        return out
+    }
+
+    private static func collect(_ t: DescriptorTable, level: Int, into out: inout [DescriptorTable]) {
+        out.append(t)
+        guard level < 3 else { return }
+        for i in 0..<DescriptorTable.entries {
+            let d = t.load(i)
+            if d.isTable(level: level) { collect(d.tablePointer, level: level + 1, into: &out) }
+        }
+    }
+}
