@@ -3,7 +3,8 @@ import Synchronization
 
 /// The one place every stage-2 descriptor change passes through (the TDP MMU's handle_changed_spte):
 /// updates, breaks, makes and exchanges all call `changed`, which
-/// - records dirty state the change takes away (a DBM leaf's W bit is a page's only dirty record),
+/// - records dirty state the change takes away (a DBM leaf's W bit is a page's only dirty record) in
+///   its slot's log, or in the harvest's own bitmap,
 /// - gathers the range every cached copy of the old entry must leave: vCPU TLBs and nested shadow
 ///   tables, flushed once by the MMU when the walk is done (`Stage2MMU.commit`),
 /// - retires a table the change unlinks, to be freed once no walker can be inside it.
@@ -11,21 +12,27 @@ import Synchronization
 /// Break-before-make is three steps on it: break (invalidate to a locked marker, so other walkers back
 /// off), shoot the old entry down from every TLB, make the new one.
 public struct ChangeHook {
-    let tlbs: TLBDomain
-    let retired: RetireList
+    // Unowned: a hook lives for one walk of the MMU that owns both, and the fault path makes one per
+    // fault, where retain/release traffic on the two references cost ~30 ns a write fault.
+    unowned(unsafe) let tlbs: TLBDomain
+    unowned(unsafe) let retired: RetireList
+    /// The MMU whose slot logs keep dirty state a change takes outside a harvest (none for nested
+    /// shadow tables, which carry no dirty state). Every walk holds its lock.
+    unowned(unsafe) let logs: Stage2MMU?
     /// The guest range whose cached translations changed.
     public internal(set) var touched = TouchedRange()
-    /// Pages whose dirty record a change took away, when no bitmap is given for them.
-    public internal(set) var dirtyPages: [GPA] = []
     /// Where taken dirty state goes when it falls inside: bit i = the page at `dirtyBase` + 4 KiB * i.
     var dirtyBase = GPA(0)
     var dirtyBitmap: UnsafeMutableBufferPointer<UInt64>?
     /// The walk consumes dirty state on purpose: a clear the VMM asked for forgets what it takes.
     var forgetsDirty = false
 
-    public init(tlbs: TLBDomain, retired: RetireList) {
+    // Only plain values and unowned references: a hook is made per walk and per fault, and a visitor
+    // carrying it stays a trivial struct the walk loop keeps in registers.
+    public init(tlbs: TLBDomain, retired: RetireList, logs: Stage2MMU?) {
         self.tlbs = tlbs
         self.retired = retired
+        self.logs = logs
     }
 
     /// Sends taken dirty state for pages from `base` on into `bitmap` (a harvest's own output).
@@ -50,7 +57,7 @@ public struct ChangeHook {
         #else
         if ctx.shared {
             guard ctx.entry.compareExchange(old, new) else { return false }
-        } else if old.has(Descriptor.dbm) && !old.has(Descriptor.write) {
+        } else if old.raw & (Descriptor.dbm | Descriptor.write) == Descriptor.dbm && !forgetsDirty {
             old = ctx.entry.exchange(new)
         } else {
             ctx.entry.store(new)
@@ -58,6 +65,17 @@ public struct ChangeHook {
         #endif
         changed(ctx, from: old, to: new)
         return true
+    }
+
+    /// A change that only grants (write permission back after a logged fault, permissions relaxed to
+    /// what the slot allows): it takes no dirty state and leaves no cached copy stale, so there is
+    /// nothing to record, and the fault path makes no hook for it. By compare-and-swap: vCPUs and other
+    /// faults may be changing the leaf.
+    @inline(__always)
+    public static func grant(_ ctx: VisitContext, _ new: Descriptor) -> Bool {
+        assert(ctx.old.raw & ~new.raw & (Descriptor.read | Descriptor.write | Descriptor.execute | Descriptor.dbm | Descriptor.addressMask) == 0,
+               "a grant takes nothing away")
+        return ctx.entry.compareExchange(ctx.old, new)
     }
 
     /// Break-before-make, steps 1 and 2: the entry is invalidated (to a locked marker) and shot down
@@ -80,19 +98,33 @@ public struct ChangeHook {
     @inline(__always)
     public mutating func changed(_ ctx: VisitContext, from old: Descriptor, to new: Descriptor) {
         guard old.isValid else { return }
-        if old.isTable(level: ctx.level) {
-            guard new != old else { return }
-            touched.add(ctx.range)
-            retired.add(old.tablePointer, level: ctx.level + 1)
+        let kind = Descriptor.valid | Descriptor.tableOrPage | Descriptor.addressMask
+        if (old.raw ^ new.raw) & kind == 0 {
+            // The same table, or a leaf with the same output whose attributes changed: what matters
+            // is a permission taken (cached copies must go) and a DBM leaf's W taken (its dirty record).
+            let removed = old.raw & ~new.raw
+            if removed & (Descriptor.read | Descriptor.write | Descriptor.execute) != 0 {
+                touched.add(ctx.range)
+                if removed & Descriptor.write != 0 && old.raw & Descriptor.dbm != 0 && ctx.level == 3 { takeDirty(ctx.addr) }
+            }
             return
         }
-        let sameOutput = new.isLeaf(level: ctx.level) && new.output == old.output
-        if ctx.level == 3 && old.has(Descriptor.dbm | Descriptor.write) && !(sameOutput && new.has(Descriptor.write)) {
-            takeDirty(ctx.addr)
-        }
-        if !sameOutput || !old.permissions.subtracting(new.permissions).isEmpty { touched.add(ctx.range) }
+        replaced(ctx, old)
     }
 
+    /// Unmapped, broken, replaced or redirected: every cached copy goes, an unlinked table is retired,
+    /// a dirty DBM leaf's record is kept. Out of line: the hot walks change attributes only.
+    @inline(never)
+    mutating func replaced(_ ctx: VisitContext, _ old: Descriptor) {
+        touched.add(ctx.range)
+        if old.isTable(level: ctx.level) {
+            retired.add(old.tablePointer, level: ctx.level + 1)
+        } else if ctx.level == 3 && old.has(Descriptor.dbm | Descriptor.write) {
+            takeDirty(ctx.addr)
+        }
+    }
+
+    @inline(never)
     mutating func takeDirty(_ gpa: GPA) {
         if forgetsDirty { return }
         if let bitmap = dirtyBitmap, gpa >= dirtyBase {
@@ -102,7 +134,8 @@ public struct ChangeHook {
                 return
             }
         }
-        dirtyPages.append(gpa)
+        assert(logs != nil, "a shadow table change took dirty state")
+        logs?.keepDirty(gpa)
     }
 }
 

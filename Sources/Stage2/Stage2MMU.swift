@@ -64,7 +64,7 @@ public final class Stage2MMU: @unchecked Sendable {
     public let lock = MMULock()
     let retired = RetireList()
     /// A fresh hook for one walk's changes; `commit` acts on what it gathered.
-    public var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: retired) }
+    public var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: retired, logs: self) }
 
     /// Guarded by `lock`: read under shared, written under exclusive.
     var slotTable: MemslotTable
@@ -194,10 +194,9 @@ public final class Stage2MMU: @unchecked Sendable {
         return walkStage2(root: root, startLevel: startLevel, range: r, shared: shared, &visitor)
     }
 
-    /// Acts on what a walk's changes gathered: the dirty state they took goes into the slot logs, and
-    /// the range they touched leaves every vCPU TLB and nested shadow table. The caller holds `lock`.
+    /// Acts on what a walk's changes gathered: the range they touched leaves every vCPU TLB and nested
+    /// shadow table (the dirty state they took is in the slot logs already). The caller holds `lock`.
     public func commit(_ changes: ChangeHook) {
-        keepDirty(changes.dirtyPages)
         flush(changes.touched)
     }
 
@@ -246,13 +245,11 @@ public final class Stage2MMU: @unchecked Sendable {
         return v.leavesCleared
     }
 
-    /// Records in their slots' dirty bitmaps the DBM-dirty pages a change took away (an unmap, a
-    /// replacement). The caller holds `lock`.
-    func keepDirty(_ pages: [GPA]) {
-        for gpa in pages {
-            guard let slot = slotTable.lookup(gpa), let log = dirtyLogs[slot.id] else { continue }
-            log.bitmap.set((gpa - slot.gpaRange.start) >> 12)
-        }
+    /// Records in its slot's dirty log a DBM-dirty page a change took away (an unmap, a replacement).
+    /// The caller holds `lock`; a page of no logging slot has nobody to tell.
+    func keepDirty(_ gpa: GPA) {
+        guard let slot = slotTable.lookup(gpa), let log = dirtyLogs[slot.id] else { return }
+        log.bitmap.set((gpa - slot.gpaRange.start) >> 12)
     }
 
     /// Sets and clears attribute bits on every leaf in `range`, flushing TLBs if anything was removed.
@@ -358,8 +355,7 @@ public final class Stage2MMU: @unchecked Sendable {
             // While logging, write permission comes back only through loggedWrite, which records it.
             let grant = log == nil ? permissions : permissions.subtracting(.write)
             let relaxed = t.leaf.setting(grant.rawValue)
-            var changes = changeHook
-            _ = changes.update(t.context(gpa), log == nil ? relaxed.clearing(Descriptor.swLogged) : relaxed)
+            _ = ChangeHook.grant(t.context(gpa), log == nil ? relaxed.clearing(Descriptor.swLogged) : relaxed)
             return .retry
         }
 
@@ -395,6 +391,7 @@ public final class Stage2MMU: @unchecked Sendable {
     /// A guest write to a leaf that dirty logging protects. Blocks are split (the written page then
     /// faults on its own 4 KiB leaf), except under block-granular logging, where the whole block is
     /// marked and unprotected. A 4 KiB page is marked, then made writable.
+    @inline(__always)
     private func loggedWrite(_ gpa: GPA, _ t: Translation, _ log: SlotDirtyLog, _ cache: inout TableCache,
                              _ ring: DirtyRing?) -> FaultOutcome {
         let size = Stage2Geometry.entrySize(t.level)
@@ -412,14 +409,14 @@ public final class Stage2MMU: @unchecked Sendable {
         // Writable first, then recorded (as KVM's fast page fault): the guest's write comes after
         // both, and a harvest that takes the record before the leaf turns writable would otherwise
         // re-protect nothing and lose every later write. A DBM leaf is recorded by its own W bit.
-        var changes = changeHook
-        guard changes.update(t.context(gpa), t.leaf.setting(Descriptor.write).clearing(Descriptor.swLogged)) else { return .retry }
+        guard ChangeHook.grant(t.context(gpa), t.leaf.setting(Descriptor.write).clearing(Descriptor.swLogged)) else { return .retry }
         if !t.leaf.has(Descriptor.dbm) { record(range, log, ring) }
         return .retry
     }
 
     /// Marks a range of a logging slot dirty: in the faulting vCPU's ring for the ring strategy,
     /// else in the slot bitmap.
+    @inline(__always)
     private func record(_ range: GPARange, _ log: SlotDirtyLog, _ ring: DirtyRing?) {
         let first = (range.start - log.slot.gpaRange.start) >> 12
         if log.strategy == .ring, let ring {

@@ -66,12 +66,16 @@ public struct VisitContext {
 /// specialized and inlined into its own walk loop: no existential or closure per entry.
 public protocol Stage2Visitor {
     var visitPoints: VisitPoints { get }
+    /// The deepest level whose entries the visitor wants to see: the walk does not descend into tables
+    /// below it (a split to 4 KiB has nothing to do inside a table of 4 KiB leaves).
+    var deepestLevel: Int { get }
     mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult
     mutating func visitTablePre(_ ctx: VisitContext) -> VisitResult
     mutating func visitTablePost(_ ctx: VisitContext) -> VisitResult
 }
 
 extension Stage2Visitor {
+    @inlinable public var deepestLevel: Int { 3 }
     @inlinable public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult { .proceed }
     @inlinable public mutating func visitTablePre(_ ctx: VisitContext) -> VisitResult { .proceed }
     @inlinable public mutating func visitTablePost(_ ctx: VisitContext) -> VisitResult { .proceed }
@@ -98,6 +102,7 @@ public func walkStage2<V: Stage2Visitor>(root: DescriptorTable, startLevel: Int,
     guard !range.isEmpty else { return true }
     let points = visitor.visitPoints
     let atLeaf = points.contains(.leaf), atPre = points.contains(.tablePre), atPost = points.contains(.tablePost)
+    let deepest = visitor.deepestLevel
     let end = range.end.raw
     var addr = range.start.raw
     var level = startLevel
@@ -152,7 +157,7 @@ public func walkStage2<V: Stage2Visitor>(root: DescriptorTable, startLevel: Int,
             case .retry: continue
             case .proceed: break
             }
-            if isTable {
+            if isTable && level < deepest {
                 parents[level] = table
                 parentIndex[level] = idx
                 table = old.tablePointer

@@ -107,7 +107,7 @@ public final class ShadowMMU: @unchecked Sendable {
         return .mapped(size)
     }
 
-    var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: l0.retired) }
+    var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: l0.retired, logs: nil) }
 
     /// L1 changed its table and asks for an invalidation: of `range` of L2 GPAs, or all of it.
     public func invalidateByL1(_ range: GPARange? = nil) {

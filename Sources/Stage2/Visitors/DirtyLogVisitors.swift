@@ -15,6 +15,7 @@ public struct LogProtectVisitor: Stage2Visitor {
 
     public var visitPoints: VisitPoints { .leaf }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         let old = ctx.old
         if old.isLocked { return .retry }
@@ -48,6 +49,7 @@ public struct DBMHarvestVisitor: Stage2Visitor {
 
     public var visitPoints: VisitPoints { .leaf }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         let old = ctx.old
         if old.isLocked { return .retry }

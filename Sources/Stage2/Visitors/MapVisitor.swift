@@ -40,6 +40,7 @@ public struct MapVisitor: Stage2Visitor {
         return .proceed
     }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         let old = ctx.old
         if old.isLocked { return .retry }

@@ -18,6 +18,7 @@ public struct ProtectVisitor: Stage2Visitor {
 
     public var visitPoints: VisitPoints { .leaf }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         if ctx.old.isLocked { return .retry }
         guard ctx.old.isValid else { return .proceed }
@@ -44,6 +45,7 @@ public struct AccessFlagVisitor: Stage2Visitor {
 
     public var visitPoints: VisitPoints { .leaf }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         if ctx.old.isLocked { return .retry }
         guard ctx.old.isValid, ctx.old.has(Descriptor.accessFlag) else { return .proceed }
@@ -60,6 +62,7 @@ public struct LeafLookupVisitor: Stage2Visitor {
     public private(set) var level = 0
     public init() {}
     public var visitPoints: VisitPoints { .leaf }
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         if ctx.old.isValid { leaf = ctx.old; level = ctx.level }
         return .stop
@@ -77,6 +80,7 @@ public struct CensusVisitor: Stage2Visitor {
         tables[ctx.level + 1] += 1
         return .proceed
     }
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         if ctx.old.isValid { leaves[ctx.level] += 1 }
         return .proceed

@@ -21,7 +21,10 @@ public struct SplitVisitor: Stage2Visitor {
     }
 
     public var visitPoints: VisitPoints { .leaf }
+    /// Only blocks larger than the target split: tables of target-size leaves are not entered.
+    public var deepestLevel: Int { target - 1 }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         let old = ctx.old
         if old.isLocked { return .retry }

@@ -11,6 +11,7 @@ public struct UnmapVisitor: Stage2Visitor {
 
     public var visitPoints: VisitPoints { [.leaf, .tablePost] }
 
+    @inline(__always)
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         guard ctx.old.raw != 0 else { return .proceed }
         precondition(!ctx.shared, "unmap frees tables and must run in an exclusive walk")
