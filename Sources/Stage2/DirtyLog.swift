@@ -8,6 +8,11 @@ public final class SlotDirtyLog: @unchecked Sendable {
     /// The slot as it is now (a move changes its range). Guarded by the MMU lock.
     public internal(set) var slot: Memslot
     public let config: DirtyLogConfig
+    /// The strategy's answers to the MMU's questions.
+    public let tracker: any DirtyTracker
+    /// The answers a write fault needs, read from the tracker once: a fault pays no existential call.
+    let usesRings: Bool
+    let splitOnWrite: (set: UInt64, clear: UInt64)?
     /// Pages dirtied by faults, by the VMM's own writes, and drained from rings.
     public let bitmap: DirtyBitmap
     /// Split tables taken from the cache by eager splitting.
@@ -16,6 +21,9 @@ public final class SlotDirtyLog: @unchecked Sendable {
     init(slot: Memslot, config: DirtyLogConfig) {
         self.slot = slot
         self.config = config
+        self.tracker = config.strategy.tracker
+        usesRings = tracker.usesRings
+        splitOnWrite = tracker.splitOnWrite
         self.bitmap = DirtyBitmap(pages: slot.pageCount)
     }
 

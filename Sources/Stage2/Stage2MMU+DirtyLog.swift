@@ -25,10 +25,10 @@ extension Stage2MMU {
             log.bitmap.set(first: 0, count: slot.pageCount)
             return
         }
-        if config.strategy == .eagerSplit {
+        if log.tracker.splitsAhead {
             log.splitTablesUsed = eagerSplit(slot.gpaRange)
         }
-        var v = LogProtectVisitor(strategy: config.strategy, changes: changeHook)
+        var v = LogProtectVisitor(tracker: log.tracker, changes: changeHook)
         _ = walk(slot.gpaRange, shared: false, &v)
         commit(v.changes)
     }
@@ -64,13 +64,13 @@ extension Stage2MMU {
     /// vCPUs go on setting W beside it (the hook exchanges any leaf they could be setting).
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
-        if log.strategy == .ring { drainDirtyRings() }
+        if log.tracker.usesRings { drainDirtyRings() }
         lock.lockExclusive()
         defer { lock.unlock() }
         guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         var changes = changeHook
-        if log.strategy == .dbm {
+        if log.tracker.leavesRecord {
             out.withUnsafeMutableBufferPointer { words in
                 var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !log.config.manualProtect,
                                           changes: changes)
@@ -115,7 +115,7 @@ extension Stage2MMU {
     private func protectPages(_ bitmap: [UInt64], firstPage: UInt64, of log: SlotDirtyLog, shared: Bool,
                               changes: inout ChangeHook) {
         let base = log.slot.gpaRange.start
-        var cache = log.strategy == .eagerSplit ? TableCache(allocator: allocator) : nil
+        var cache = log.tracker.splitsAhead ? TableCache(allocator: allocator) : nil
         forEachRun(bitmap) { start, count in
             let range = GPARange(start: base + ((firstPage + start) << 12), size: count << 12)
             if cache != nil {
@@ -127,7 +127,7 @@ extension Stage2MMU {
                 cache = s.cache
                 changes = s.changes
             }
-            var v = LogProtectVisitor(strategy: log.strategy, changes: changes)
+            var v = LogProtectVisitor(tracker: log.tracker, changes: changes)
             _ = walk(range, shared: shared, &v)
             changes = v.changes
         }
@@ -173,7 +173,7 @@ extension Stage2MMU {
     @discardableResult
     public func harvestDirtyRings(into out: inout [DirtyRingEntry]) -> Int {
         var n = rings.withLock { $0 }.reduce(0) { $0 + $1.harvest(into: &out) }
-        let logs = lock.shared { dirtyLogs.values.filter { $0.strategy == .ring } }
+        let logs = lock.shared { dirtyLogs.values.filter { $0.tracker.usesRings } }
         for log in logs where log.bitmap.count > 0 {
             var words: [UInt64] = []
             log.bitmap.harvest(into: &words)

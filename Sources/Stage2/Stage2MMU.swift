@@ -359,7 +359,8 @@ public final class Stage2MMU: @unchecked Sendable {
             return .retry
         }
 
-        let size = Self.mappingSize(for: gpa, in: slot, logging: log?.strategy)
+        let tracker = log?.tracker ?? NotLogging()
+        let size = Self.mappingSize(for: gpa, in: slot, tracker: tracker)
         let blockStart = gpa.alignedDown(to: size.bytes)
         // An invalidation of any host page the new leaf would map began or completed since we
         // started: our view may be stale.
@@ -367,18 +368,9 @@ public final class Stage2MMU: @unchecked Sendable {
         if invalidatesInProgress > 0 && invalidateRange.overlaps(hvaRange) { return .retry }
         if invalidateSeq.load(ordering: .acquiring) != seq { return .retry }
 
-        var attributes = permissions.rawValue | Descriptor.accessFlag
-        var recordAfter = false
-        if let log {
-            let dbmLeaf = log.strategy == .dbm && size == .size4K
-            if access == .write {
-                // A DBM leaf records itself (W set); anything else is recorded once the leaf is in.
-                if dbmLeaf { attributes |= Descriptor.dbm } else { recordAfter = true }
-                if log.strategy == .ring, let ring, ring.isSoftFull { return .dirtyRingFull }
-            } else {
-                attributes = (attributes & ~Descriptor.write) | (dbmLeaf ? Descriptor.dbm : Descriptor.swLogged)
-            }
-        }
+        if access == .write && tracker.usesRings, let ring, ring.isSoftFull { return .dirtyRingFull }
+        let (attributes, recordAfter) = tracker.faultLeaf(permissions.rawValue | Descriptor.accessFlag,
+                                                          write: access == .write, size: size)
         var v = MapVisitor(start: blockStart, output: slot.hva(for: blockStart), size: size,
                            attributes: attributes, changes: changeHook, cache: cache)
         walk(GPARange(start: blockStart, size: size.bytes), shared: true, &v)
@@ -388,24 +380,22 @@ public final class Stage2MMU: @unchecked Sendable {
         return .mapped(size)
     }
 
-    /// A guest write to a leaf that dirty logging protects. Blocks are split (the written page then
-    /// faults on its own 4 KiB leaf), except under block-granular logging, where the whole block is
-    /// marked and unprotected. A 4 KiB page is marked, then made writable.
+    /// A guest write to a leaf that dirty logging protects. A block is split if the tracker says so (the
+    /// written page then faults on its own 4 KiB leaf), else marked and unprotected whole. A 4 KiB page
+    /// is marked, then made writable.
     @inline(__always)
     private func loggedWrite(_ gpa: GPA, _ t: Translation, _ log: SlotDirtyLog, _ cache: inout TableCache,
                              _ ring: DirtyRing?) -> FaultOutcome {
         let size = Stage2Geometry.entrySize(t.level)
         let range = GPARange(start: gpa.alignedDown(to: size), size: size)
-        if t.level < 3 && log.strategy != .blockGranular {
-            let dbm = log.strategy == .dbm
-            var v = SplitVisitor(to: .size4K, changes: changeHook, cache: cache,
-                                 leafSet: dbm ? Descriptor.dbm : 0, leafClear: dbm ? Descriptor.swLogged : 0)
+        if t.level < 3, let split = log.splitOnWrite {
+            var v = SplitVisitor(to: .size4K, changes: changeHook, cache: cache, leafSet: split.set, leafClear: split.clear)
             walk(range, shared: true, &v)
             cache = v.cache
             commit(v.changes)
             return .retry
         }
-        if log.strategy == .ring, let ring, ring.isSoftFull { return .dirtyRingFull }
+        if log.usesRings, let ring, ring.isSoftFull { return .dirtyRingFull }
         // Writable first, then recorded (as KVM's fast page fault): the guest's write comes after
         // both, and a harvest that takes the record before the leaf turns writable would otherwise
         // re-protect nothing and lose every later write. A DBM leaf is recorded by its own W bit.
@@ -414,12 +404,12 @@ public final class Stage2MMU: @unchecked Sendable {
         return .retry
     }
 
-    /// Marks a range of a logging slot dirty: in the faulting vCPU's ring for the ring strategy,
+    /// Marks a range of a logging slot dirty: in the faulting vCPU's ring if the tracker uses rings,
     /// else in the slot bitmap.
     @inline(__always)
     private func record(_ range: GPARange, _ log: SlotDirtyLog, _ ring: DirtyRing?) {
         let first = (range.start - log.slot.gpaRange.start) >> 12
-        if log.strategy == .ring, let ring {
+        if log.usesRings, let ring {
             for p in first..<(first + (range.size >> 12)) { ring.push(DirtyRingEntry(slot: log.slot.id, page: p)) }
         } else {
             log.bitmap.set(first: first, count: range.size >> 12)
@@ -428,10 +418,18 @@ public final class Stage2MMU: @unchecked Sendable {
 
     /// The largest leaf that may map `gpa`: no larger than the host backing's page, wholly inside the
     /// slot, and with guest and host addresses congruent modulo the size (else a block would map the
-    /// wrong host pages: seed 003's force_pte). Logging slots get 4 KiB leaves, except under
-    /// block-granular logging, which keeps blocks.
+    /// wrong host pages: seed 003's force_pte). A logging slot's tracker may ask for less (most map
+    /// 4 KiB leaves; block-granular keeps blocks).
     public static func mappingSize(for gpa: GPA, in slot: Memslot, logging: DirtyStrategy? = nil) -> PageSize {
-        if let logging, logging != .blockGranular { return .size4K }
+        mappingSize(for: gpa, in: slot, tracker: logging?.tracker ?? NotLogging())
+    }
+
+    static func mappingSize(for gpa: GPA, in slot: Memslot, tracker: any DirtyTracker) -> PageSize {
+        tracker.mappingSize(hostFit(for: gpa, in: slot))
+    }
+
+    /// The largest leaf the backing and the slot's placement allow at `gpa`.
+    static func hostFit(for gpa: GPA, in slot: Memslot) -> PageSize {
         var size = slot.backing.hostPageSize
         while size > .size4K {
             let start = gpa.alignedDown(to: size.bytes)

@@ -1,15 +1,17 @@
 import DirtyLog
 import GuestMemory
 
-/// Write-protects leaves for dirty logging: W is removed and SW_LOGGED set, so the next write faults
-/// into the dirty tracker. For the DBM strategy 4 KiB leaves instead become writable-clean (DBM set,
-/// W clear): the vCPU sets W itself on the next write. The hook gathers what lost W for one flush.
+/// Protects leaves for dirty logging as the slot's tracker says, so the next write is seen: W goes
+/// and SW_LOGGED comes (the write faults), or for DBM 4 KiB leaves become writable-clean (the vCPU
+/// sets W itself). The hook gathers what lost W for one flush.
 public struct LogProtectVisitor: Stage2Visitor {
-    public let dbm: Bool
+    /// The tracker's bits for 4 KiB leaves and for blocks, read once (no call per leaf).
+    let pageSet: UInt64, pageClear: UInt64, blockSet: UInt64, blockClear: UInt64
     public var changes: ChangeHook
 
-    public init(strategy: DirtyStrategy, changes: ChangeHook) {
-        dbm = strategy == .dbm
+    public init(tracker: any DirtyTracker, changes: ChangeHook) {
+        (pageSet, pageClear) = tracker.protection(level: 3)
+        (blockSet, blockClear) = tracker.protection(level: 2)
         self.changes = changes
     }
 
@@ -20,9 +22,7 @@ public struct LogProtectVisitor: Stage2Visitor {
         let old = ctx.old
         if old.isLocked { return .retry }
         guard old.isValid else { return .proceed }
-        let new = dbm && ctx.level == 3
-            ? old.clearing(Descriptor.write | Descriptor.swLogged).setting(Descriptor.dbm)
-            : old.clearing(Descriptor.write | Descriptor.dbm).setting(Descriptor.swLogged)
+        let new = ctx.level == 3 ? old.clearing(pageClear).setting(pageSet) : old.clearing(blockClear).setting(blockSet)
         guard new != old else { return .proceed }
         return changes.update(ctx, new) ? .proceed : .retry
     }
