@@ -122,8 +122,9 @@ extension Stage2MMU {
                 // Split the blocks over this chunk first, so no vCPU splits inside a write fault.
                 let blocks = GPARange(start: range.start.alignedDown(to: PageSize.bytes2M),
                                       end: GPA((range.end.raw + PageSize.bytes2M - 1) & ~(PageSize.bytes2M - 1)))
-                var s = SplitVisitor(to: .size4K, changes: changes, cache: cache!)
-                _ = walk(blocks.clamped(to: log.slot.gpaRange), shared: shared, &s)
+                let chunk = blocks.clamped(to: log.slot.gpaRange)
+                var s = SplitVisitor(chunk, to: .size4K, changes: changes, cache: cache!)
+                _ = walk(chunk, shared: shared, &s)
                 cache = s.cache
                 changes = s.changes
             }
@@ -146,7 +147,7 @@ extension Stage2MMU {
         guard needed > 0 else { return 0 }
         var cache = TableCache(allocator: allocator)
         cache.topUp(to: needed)
-        var v = SplitVisitor(to: .size4K, changes: changeHook, cache: cache)
+        var v = SplitVisitor(range, to: .size4K, changes: changeHook, cache: cache)
         _ = walk(range, shared: false, &v)
         cache = v.cache
         commit(v.changes)

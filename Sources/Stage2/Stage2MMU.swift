@@ -269,7 +269,7 @@ public final class Stage2MMU: @unchecked Sendable {
     public func split(_ range: GPARange, to size: PageSize, cache: inout TableCache, shared: Bool = false) -> Int {
         shared ? lock.lockShared() : lock.lockExclusive()
         defer { lock.unlock() }
-        var v = SplitVisitor(to: size, changes: changeHook, cache: cache)
+        var v = SplitVisitor(range, to: size, changes: changeHook, cache: cache)
         _ = walk(range, shared: shared, &v)
         cache = v.cache
         commit(v.changes)
@@ -389,7 +389,9 @@ public final class Stage2MMU: @unchecked Sendable {
         let size = Stage2Geometry.entrySize(t.level)
         let range = GPARange(start: gpa.alignedDown(to: size), size: size)
         if t.level < 3, let split = log.splitOnWrite {
-            var v = SplitVisitor(to: .size4K, changes: changeHook, cache: cache, leafSet: split.set, leafClear: split.clear)
+            // Only the path to the written page goes down to 4 KiB; the rest stays in protected blocks.
+            var v = SplitVisitor(GPARange(start: gpa.alignedDown(to: PageSize.bytes4K), size: PageSize.bytes4K), to: .size4K,
+                                 changes: changeHook, cache: cache, leafSet: split.set, leafClear: split.clear)
             walk(range, shared: true, &v)
             cache = v.cache
             commit(v.changes)

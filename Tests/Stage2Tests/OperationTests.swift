@@ -81,6 +81,22 @@ import Testing
         cache.drain()
     }
 
+    /// A split builds the whole subtree off to the side and swaps it in by one break-before-make: one
+    /// shootdown for a 1 GiB block, not one per 2 MiB child (513 before).
+    @Test func aSplitIsSwappedInOnce() throws {
+        let (mmu, mem) = try makeMMU()
+        let tlb = SoftTLB()
+        mmu.tlbs.register(tlb)
+        defer { mmu.tlbs.unregister(tlb) }
+        var cache = TableCache(allocator: mmu.allocator)
+        mmu.map(GPARange(start: GPA(0), size: 1 << 30), to: mem.base, size: .size1G, permissions: .all, cache: &cache)
+        let before = mmu.tlbs.shootdowns
+        #expect(mmu.split(GPARange(start: GPA(0), size: 1 << 30), to: .size4K, cache: &cache) == 1 + 512)
+        #expect(mmu.tlbs.shootdowns - before <= 2, "one break-before-make and one flush, \(mmu.tlbs.shootdowns - before) shootdowns")
+        #expect(mmu.census().leaves[3] == 262_144)
+        cache.drain()
+    }
+
     @Test func splitOfPartOfABlockSplitsOnlyWhatCoversIt() throws {
         let (mmu, mem) = try makeMMU()
         var cache = TableCache(allocator: mmu.allocator)

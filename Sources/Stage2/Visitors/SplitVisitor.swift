@@ -1,18 +1,22 @@
 import GuestMemory
 
 /// Splits every block overlapping the range down to leaves of `target` size, keeping each translation
-/// and its attributes. The new table is filled off to the side, then swapped in by break-before-make;
-/// the walker then descends into it, so a 1 GiB block splits all the way to 4 KiB in one walk.
+/// and its attributes. The whole new subtree (a 1 GiB block's 512 tables of 4 KiB leaves, where they
+/// overlap the range) is built off to the side from the cache and swapped in by one break-before-make:
+/// one shootdown per block, and no vCPU ever sees a half-split block.
 public struct SplitVisitor: Stage2Visitor {
+    public let range: GPARange
     public let target: Int
     public var changes: ChangeHook
     public var cache: TableCache
     /// Attribute bits set and cleared on the target-size leaves (e.g. DBM-clean pages from a logged block).
     public let leafSet: UInt64
     public let leafClear: UInt64
+    /// Blocks replaced by tables, those inside a built subtree included.
     public private(set) var blocksSplit = 0
 
-    public init(to size: PageSize, changes: ChangeHook, cache: TableCache, leafSet: UInt64 = 0, leafClear: UInt64 = 0) {
+    public init(_ range: GPARange, to size: PageSize, changes: ChangeHook, cache: TableCache, leafSet: UInt64 = 0, leafClear: UInt64 = 0) {
+        self.range = range
         self.target = size.level
         self.changes = changes
         self.cache = cache
@@ -29,24 +33,48 @@ public struct SplitVisitor: Stage2Visitor {
         let old = ctx.old
         if old.isLocked { return .retry }
         guard old.isValid, ctx.level < target else { return .proceed }
-        let table = cache.take()
-        let childLevel = ctx.level + 1
-        let childSize = Stage2Geometry.entrySize(childLevel)
-        var attributes = (old.raw & Descriptor.attributeMask) | Descriptor.swSplit
-        if childLevel == target { attributes = (attributes & ~leafClear) | leafSet }
-        var out = old.output
-        for i in 0..<DescriptorTable.entries {
-            table.entry(i).store(.leaf(out, level: childLevel, attributes: attributes))
-            out = out + childSize
-        }
+        var built = 0
+        let table = subtree(of: old, at: ctx.addr, level: ctx.level, built: &built)
         guard changes.breakEntry(ctx) else {
-            for i in 0..<DescriptorTable.entries { table.entry(i).store(.invalid) }
-            cache.giveBack(table)
+            release(table, level: ctx.level + 1)
             return .retry
         }
         changes.make(ctx, .table(table.raw))
-        blocksSplit += 1
+        blocksSplit += built
         return .proceed
+    }
+
+    /// The table mapping what `block` (at `level`, mapping from `addr`) maps, one level down; children
+    /// still above the target that overlap the range are split the same way. Nothing is published.
+    mutating func subtree(of block: Descriptor, at addr: GPA, level: Int, built: inout Int) -> DescriptorTable {
+        let table = cache.take()
+        built += 1
+        let childLevel = level + 1
+        let childSize = Stage2Geometry.entrySize(childLevel)
+        var attributes = (block.raw & Descriptor.attributeMask) | Descriptor.swSplit
+        if childLevel == target { attributes = (attributes & ~leafClear) | leafSet }
+        var out = block.output
+        var childAddr = addr
+        for i in 0..<DescriptorTable.entries {
+            var d = Descriptor.leaf(out, level: childLevel, attributes: attributes)
+            if childLevel < target && GPARange(start: childAddr, size: childSize).overlaps(range) {
+                d = .table(subtree(of: d, at: childAddr, level: childLevel, built: &built).raw)
+            }
+            table.entry(i).store(d)
+            out = out + childSize
+            childAddr = childAddr + childSize
+        }
+        return table
+    }
+
+    /// Gives a subtree that lost its race back to the cache.
+    mutating func release(_ table: DescriptorTable, level: Int) {
+        for i in 0..<DescriptorTable.entries {
+            let d = table.load(i)
+            if d.isTable(level: level) { release(d.tablePointer, level: level + 1) }
+            table.entry(i).store(.invalid)
+        }
+        cache.giveBack(table)
     }
 }
 
