@@ -1,27 +1,34 @@
-/// Calls `body(start, count)` for every run of consecutive set bits of a word bitmap (or of its words
-/// `range`; a run ends at the range's end), a word at a time (an all-dirty GiB is 4096 words and one
-/// call, not 262,144).
+/// Calls `body(start, count)` for every run of consecutive set bits among bits `pages` of a word
+/// bitmap (bit i of word w = page 64w + i; a run ends at the range's end), a word at a time (an
+/// all-dirty GiB is 4096 words and one call, not 262,144).
 @inlinable
-public func forEachRun(_ bitmap: [UInt64], words range: Range<Int>? = nil, _ body: (UInt64, UInt64) -> Void) {
-    let words = range?.upperBound ?? bitmap.count
-    /// The first bit at or after `from` whose value is `set`, or words * 64.
+public func forEachRun(_ bitmap: UnsafeBufferPointer<UInt64>, pages: Range<UInt64>, _ body: (UInt64, UInt64) -> Void) {
+    let endBit = Int(min(pages.upperBound, UInt64(bitmap.count) << 6))
+    /// The first bit at or after `from` whose value is `set`, or `endBit`.
     func next(_ set: Bool, from: Int) -> Int {
+        guard from < endBit else { return endBit }
         var w = from >> 6
-        guard w < words else { return words * 64 }
         var word = (set ? bitmap[w] : ~bitmap[w]) & (~0 << UInt64(from & 63))
         while word == 0 {
             w += 1
-            guard w < words else { return words * 64 }
+            guard w << 6 < endBit else { return endBit }
             word = set ? bitmap[w] : ~bitmap[w]
         }
-        return w * 64 + word.trailingZeroBitCount
+        return min(endBit, w << 6 + word.trailingZeroBitCount)
     }
-    var i = (range?.lowerBound ?? 0) * 64
+    var i = Int(pages.lowerBound)
     while true {
         let start = next(true, from: i)
-        guard start < words * 64 else { return }
+        guard start < endBit else { return }
         let end = next(false, from: start)
         body(UInt64(start), UInt64(end - start))
         i = end
     }
+}
+
+/// The same over an array, or over its words `range`.
+@inlinable
+public func forEachRun(_ bitmap: [UInt64], words range: Range<Int>? = nil, _ body: (UInt64, UInt64) -> Void) {
+    let r = range ?? 0..<bitmap.count
+    bitmap.withUnsafeBufferPointer { forEachRun($0, pages: UInt64(r.lowerBound) << 6..<UInt64(r.upperBound) << 6, body) }
 }

@@ -3,34 +3,60 @@ import GuestMemory
 
 /// Dirty logging: the same API for every strategy (and, later, for the KVM backend).
 extension Stage2MMU {
+    /// Pages a long walk handles per hold of the exclusive lock (64 MiB): a fault waits for one chunk,
+    /// never for a whole slot. A multiple of 512, so chunks keep 2 MiB blocks whole.
+    public static let lockChunkPages: UInt64 = 16_384
+
+    /// Runs `body` over `log`'s slot a chunk at a time (its GPA range and first page), each under the
+    /// exclusive lock, letting faults in between. Throws if the slot stops logging meanwhile.
+    func forEachChunk(of log: SlotDirtyLog, id: Int, pages: Range<UInt64>? = nil,
+                      _ body: (GPARange, Range<UInt64>) -> Void) throws(DirtyLogError) {
+        var page = pages?.lowerBound ?? 0
+        while true {
+            lock.lockExclusive()
+            guard dirtyLogs[id] === log else { lock.unlock(); throw .notLogging(slot: id) }
+            let slot = log.slot    // as it is now: a move between chunks is followed
+            let end = min(pages?.upperBound ?? slot.pageCount, slot.pageCount)
+            guard page < end else { lock.unlock(); return }
+            let next = min(end, (page / Self.lockChunkPages + 1) * Self.lockChunkPages)
+            body(GPARange(start: slot.gpaRange.start + (page << 12), size: (next - page) << 12), page..<next)
+            lock.unlock()
+            page = next
+            chunkBoundaryHook?()
+        }
+    }
+
     /// Starts dirty logging on a slot while vCPUs may be running. Unless initially-all-set, every leaf
     /// is protected (or, for DBM, made writable-clean) and flushed before this returns, so every later
-    /// write is seen; eager split first splits every block, from a pre-filled table cache.
+    /// write is seen; eager split first splits every block, from a pre-filled table cache. The slot
+    /// logs from the first chunk on: a fault meanwhile already records.
     public func enableDirtyLogging(slot id: Int, _ config: DirtyLogConfig) throws(DirtyLogError) {
         if let problem = config.problem { throw problem }
         lock.lockExclusive()
-        defer { lock.unlock() }
-        try enableLocked(slot: id, config)
+        let log: SlotDirtyLog
+        do { log = try enableLocked(slot: id, config) } catch { lock.unlock(); throw error }
+        lock.unlock()
+        if config.initiallySet { return }
+        try forEachChunk(of: log, id: id) { range, _ in
+            if log.tracker.splitsAhead { log.splitTablesUsed += eagerSplit(range) }
+            var v = LogProtectVisitor(tracker: log.tracker, changes: changeHook)
+            _ = walk(range, shared: false, &v)
+            commit(v.changes)
+        }
     }
 
-    /// Starts logging on a slot under the exclusive lock (also for a slot added with the logging flag).
-    func enableLocked(slot id: Int, _ config: DirtyLogConfig) throws(DirtyLogError) {
+    /// Installs a slot's log under the exclusive lock (also for a slot added with the logging flag,
+    /// which has no mappings to protect yet). Initially-all-set reports every page at once.
+    @discardableResult
+    func enableLocked(slot id: Int, _ config: DirtyLogConfig) throws(DirtyLogError) -> SlotDirtyLog {
         guard let slot = slotTable.slot(id: id) else { throw .memory(.noSuchSlot(id)) }
         guard !slot.flags.contains(.readOnly) else { throw .readOnlySlot(id) }
         guard dirtyLogs[id] == nil else { throw .alreadyLogging(slot: id) }
         do { _ = try slotTable.setFlags(id: id, slot.flags.union(.dirtyLogging)) } catch { throw .memory(error) }
         let log = SlotDirtyLog(slot: slotTable.slot(id: id)!, config: config)
         dirtyLogs[id] = log
-        if config.initiallySet {
-            log.bitmap.set(first: 0, count: slot.pageCount)
-            return
-        }
-        if log.tracker.splitsAhead {
-            log.splitTablesUsed = eagerSplit(slot.gpaRange)
-        }
-        var v = LogProtectVisitor(tracker: log.tracker, changes: changeHook)
-        _ = walk(slot.gpaRange, shared: false, &v)
-        commit(v.changes)
+        if config.initiallySet { log.bitmap.set(first: 0, count: slot.pageCount) }
+        return log
     }
 
     /// Stops dirty logging. Where the backing allows blocks, the slot's small leaves are dropped so
@@ -60,66 +86,72 @@ extension Stage2MMU {
     /// protect, the reported pages are re-protected and flushed before this returns
     /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected and nothing forgotten: a page is reported
     /// by every get until clearDirtyLog names it (KVM's manual protect).
-    /// vCPUs keep running; their faults wait for the lock while pages are re-protected, and DBM
-    /// vCPUs go on setting W beside it (the hook exchanges any leaf they could be setting).
+    /// vCPUs keep running; their faults wait for one chunk at a time while pages are re-protected,
+    /// and DBM vCPUs go on setting W beside it (the hook exchanges any leaf they could be setting).
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
         if log.tracker.usesRings { drainDirtyRings() }
-        lock.lockExclusive()
-        defer { lock.unlock() }
-        guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
-        var changes = changeHook
-        if log.tracker.leavesRecord {
-            out.withUnsafeMutableBufferPointer { words in
-                var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !log.config.manualProtect,
-                                          changes: changes)
-                _ = walk(log.slot.gpaRange, shared: false, &v)
-                changes = v.changes
+        let manual = log.config.manualProtect
+        // What the bitmap holds now is reported by this get; a page marked from here on is in it or
+        // in a later one. (Without manual protect the harvest forgets it; each chunk then re-protects
+        // its reported pages, and a write to one before its chunk is done is in the copy the caller
+        // takes afterwards.)
+        if manual { log.bitmap.copy(into: &out) } else { log.bitmap.harvest(into: &out) }
+        try out.withUnsafeMutableBufferPointer { (words) throws(DirtyLogError) in
+            try forEachChunk(of: log, id: id) { range, pages in
+                var changes = changeHook
+                if log.tracker.leavesRecord {
+                    var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !manual, changes: changes)
+                    _ = walk(range, shared: false, &v)
+                    changes = v.changes
+                }
+                if !manual {
+                    changes.forgetDirty()    // reported now
+                    protectPages(UnsafeBufferPointer(words), pages: pages, of: log, shared: false, changes: &changes)
+                }
+                commit(changes)
             }
         }
-        if log.config.manualProtect {
-            log.bitmap.copy(into: &out)
-        } else {
-            log.bitmap.harvest(into: &out)
-            changes.forgetDirty()    // reported just now
-            protectPages(out, firstPage: 0, of: log, shared: false, changes: &changes)
-        }
-        commit(changes)
         return out
     }
 
     /// Forgets and re-protects exactly the pages named by `bitmap`, whose bit 0 is page `firstPage` of
     /// the slot (KVM_CLEAR_DIRTY_LOG): their bits go first, then their write permission, so a write
     /// after the clear faults and is reported again. Eager split splits the blocks over those pages
-    /// first, chunk by chunk.
+    /// first. A chunk at a time.
     public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(DirtyLogError) {
         guard firstPage % 64 == 0 else { throw .unalignedClear(firstPage: firstPage) }
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
-        lock.lockExclusive()
-        defer { lock.unlock() }
-        guard dirtyLogs[id] === log else { throw .notLogging(slot: id) }
         let pages = UInt64(bitmap.count) * 64
         let last = bitmap.lastIndex { $0 != 0 }.map { UInt64($0) * 64 + 64 - UInt64(bitmap[$0].leadingZeroBitCount) } ?? 0
         guard firstPage + last <= log.slot.pageCount else {
             throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
         }
         log.bitmap.clear(bitmap: bitmap, firstPage: firstPage)
-        var changes = changeHook
-        changes.forgetDirty()    // the caller has these pages
-        protectPages(bitmap, firstPage: firstPage, of: log, shared: false, changes: &changes)
-        commit(changes)
+        // Shift the caller's words to slot page numbers once; chunks then index them directly.
+        var words = [UInt64](repeating: 0, count: log.bitmap.wordCount)
+        for (i, w) in bitmap.enumerated() where Int(firstPage >> 6) + i < words.count { words[Int(firstPage >> 6) + i] = w }
+        try words.withUnsafeBufferPointer { (w) throws(DirtyLogError) in
+            try forEachChunk(of: log, id: id, pages: firstPage..<(firstPage + last)) { _, pages in
+                var changes = changeHook
+                changes.forgetDirty()    // the caller has these pages
+                protectPages(w, pages: pages, of: log, shared: false, changes: &changes)
+                commit(changes)
+            }
+        }
     }
 
-    /// Re-protects the runs of set bits of `bitmap` (bit 0 = page `firstPage` of the slot).
-    private func protectPages(_ bitmap: [UInt64], firstPage: UInt64, of log: SlotDirtyLog, shared: Bool,
-                              changes: inout ChangeHook) {
+    /// Re-protects the runs of set bits of `bitmap` (bit i = page i of the slot) among `pages`. The
+    /// caller holds the lock (shared for a shared walk).
+    private func protectPages(_ bitmap: UnsafeBufferPointer<UInt64>, pages: Range<UInt64>, of log: SlotDirtyLog,
+                              shared: Bool, changes: inout ChangeHook) {
         let base = log.slot.gpaRange.start
         var cache = log.tracker.splitsAhead ? TableCache(allocator: allocator) : nil
-        forEachRun(bitmap) { start, count in
-            let range = GPARange(start: base + ((firstPage + start) << 12), size: count << 12)
+        forEachRun(bitmap, pages: pages) { start, count in
+            let range = GPARange(start: base + (start << 12), size: count << 12)
             if cache != nil {
-                // Split the blocks over this chunk first, so no vCPU splits inside a write fault.
+                // Split the blocks over this run first, so no vCPU splits inside a write fault.
                 let blocks = GPARange(start: range.start.alignedDown(to: PageSize.bytes2M),
                                       end: GPA((range.end.raw + PageSize.bytes2M - 1) & ~(PageSize.bytes2M - 1)))
                 let chunk = blocks.clamped(to: log.slot.gpaRange)
@@ -213,7 +245,7 @@ extension Stage2MMU {
         var changes = changeHook
         changes.forgetDirty()    // harvested
         for (log, words) in bitmaps {
-            protectPages(words, firstPage: 0, of: log, shared: true, changes: &changes)
+            words.withUnsafeBufferPointer { protectPages($0, pages: 0..<log.slot.pageCount, of: log, shared: true, changes: &changes) }
         }
         commit(changes)
         lock.unlock()

@@ -85,6 +85,8 @@ public final class Stage2MMU: @unchecked Sendable {
 
     /// Test hook run by the fault path between reading the invalidation sequence and taking the lock.
     public var faultWindowHook: (@Sendable () -> Void)?
+    /// Test hook run by long walks between chunks, with the lock released.
+    public var chunkBoundaryHook: (@Sendable () -> Void)?
 
     public init(ipaBits: Int = 48, maxSlots: Int = MemslotTable.defaultMaxSlots, allocator: TableAllocator = TableAllocator()) {
         self.ipaBits = ipaBits

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import DirtyLog
 @testable import GuestMemory
@@ -68,6 +69,42 @@ import DirtyLog
         #expect(vm.mmu.translate(GPA(0))?.leaf.has(Descriptor.dbm) == true)
         v.write(GPA(5 << 12), 1)
         #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [5])
+    }
+
+    /// Long walks hold the MMU lock a chunk at a time: at each chunk boundary of a get, a clear and an
+    /// enable over 256 MiB, a write fault on another thread, into a chunk already re-protected, gets
+    /// through (with the lock held for the whole slot it would wait, and the wait time out).
+    @Test func faultsGetInBetweenChunksOfALongWalk() throws {
+        let vm = SoftVM(vcpus: 1)
+        let size: UInt64 = 256 << 20
+        try vm.addMemory(slot: 0, gpa: GPA(0), size: size, backing: .pages4K)
+        let v = vm.vcpus[0]
+        func writeAll(_ value: UInt64) {
+            v.enterGuest()
+            for p in stride(from: UInt64(0), to: size, by: 4096) { v.store(GPA(p), value) }
+            v.exitGuest()
+        }
+        writeAll(1)
+        // At boundary k, page 7 of chunk k (the walk has re-protected it) takes a write fault.
+        let boundaries = Mutex<[Bool]>([])
+        let probe: @Sendable () -> Void = {
+            let k = UInt64(boundaries.withLock { $0.count } % Int(size >> 12 / Stage2MMU.lockChunkPages))
+            let done = DispatchSemaphore(value: 0)
+            Thread { v.put(GPA((k * Stage2MMU.lockChunkPages + 7) << 12), 9); done.signal() }.start()
+            let ok = done.wait(timeout: .now() + 5) == .success
+            boundaries.withLock { $0.append(ok) }
+        }
+        vm.mmu.chunkBoundaryHook = probe
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .writeProtect, manualProtect: true))
+        vm.mmu.chunkBoundaryHook = nil
+        writeAll(2)
+        vm.mmu.chunkBoundaryHook = probe
+        let log = try vm.mmu.getDirtyLog(slot: 0)
+        try vm.mmu.clearDirtyLog(slot: 0, firstPage: 0, bitmap: log)
+        vm.mmu.chunkBoundaryHook = nil
+        let seen = boundaries.withLock { $0 }
+        #expect(seen.count >= 2 * Int(size >> 12 / Stage2MMU.lockChunkPages), "\(seen.count) chunk boundaries")
+        #expect(seen.allSatisfy { $0 }, "a fault between chunks waited for the walk")
     }
 
     @Test func manualProtectReprotectsOnlyWhatIsCleared() throws {
