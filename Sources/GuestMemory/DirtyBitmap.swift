@@ -17,6 +17,9 @@ public final class DirtyBitmap: @unchecked Sendable {
 
     deinit { words.deallocate() }
 
+    /// The atomic words themselves, for a writer that ORs whole masks (valid while the bitmap lives).
+    public var atomicWords: UnsafeMutablePointer<Atomic<UInt64>> { words }
+
     /// Marks `page` dirty. Release ordering: whoever harvests the bit also sees the write before it.
     @inlinable @inline(__always)
     public func set(_ page: UInt64) {

@@ -140,8 +140,8 @@ public final class SoftVCPU: @unchecked Sendable {
         var retries = 0
         while true {
             stats.walks &+= 1
-            if let t = nested.map({ $0.translate(gpa) }) ?? mmu.translate(gpa),
-               t.leaf.raw & required == required || dirtyBitModifier(t, access) {
+            if let t = nested.map({ $0.translate(gpa) }) ?? walk(gpa),
+               t.leaf.raw & required == required || dirtyBitModifier(gpa, t, access) {
                 if !t.leaf.has(Descriptor.accessFlag) {
                     _ = t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.accessFlag))
                 }
@@ -205,11 +205,27 @@ public final class SoftVCPU: @unchecked Sendable {
         return false
     }
 
-    /// The hardware dirty-bit modifier: a write to a writable-clean (DBM) 4 KiB leaf sets W itself, by
-    /// compare-and-swap, without a fault. True if the leaf is now dirty and writable.
+    /// This vCPU's MMU walk for `gpa`: through its paging-structure cache when the region matches.
     @inline(__always)
-    func dirtyBitModifier(_ t: Translation, _ access: AccessKind) -> Bool {
+    func walk(_ gpa: GPA) -> Translation? {
+        if let t = tlb.cachedWalk(gpa) { return t }
+        guard let t = mmu.translate(gpa) else { return nil }
+        tlb.rememberWalk(gpa, t)
+        return t
+    }
+
+    /// The hardware dirty-bit modifier: a write to a writable-clean (DBM) 4 KiB leaf needs no fault.
+    /// The page goes into this vCPU's dirty log and only its TLB entry gets W (as Intel PML logs a
+    /// GPA): a plain store, where setting W in the leaf took a locked compare-and-swap that waited
+    /// for the previous page's store to drain. A nested guest's leaf is its shadow's, set by
+    /// compare-and-swap. True if the write may go ahead.
+    @inline(__always)
+    func dirtyBitModifier(_ gpa: GPA, _ t: Translation, _ access: AccessKind) -> Bool {
         guard access == .write, t.leaf.has(Descriptor.dbm), t.leaf.has(Descriptor.read) else { return false }
+        if nested == nil {
+            tlb.logDirty(gpa.gfn)
+            return true
+        }
         return t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.write | Descriptor.accessFlag))
     }
 

@@ -39,6 +39,40 @@ public final class SoftTLB: @unchecked Sendable {
     let inGuest = Atomic<Bool>(false)
     private let pending = Mutex<(lo: UInt64, hi: UInt64)>((.max, 0))
 
+    /// Pages this vCPU dirtied through writable-clean (DBM) leaves and has not published yet: the
+    /// leaf stays clean and only this TLB gets W (Intel PML's log buffer, in software). Published into
+    /// the slot bitmaps when full, at every acknowledged shootdown and when leaving guest mode, so a
+    /// harvest that first shoots down every TLB sees them all.
+    @usableFromInline let dirtyBuffer: UnsafeMutablePointer<UInt64>
+    @usableFromInline var dirtyCount = 0
+    @usableFromInline static let dirtyBufferCapacity = 512
+    /// Paging-structure cache: the last-level table behind the 2 MiB region walked last (as MMUs
+    /// cache upper-level entries), so a TLB miss in that region reads one descriptor instead of
+    /// descending four levels. Dropped at every flush: a table is unlinked only together with a
+    /// shootdown, and freed only after every vCPU has acknowledged it.
+    @usableFromInline var walkRegion: UInt64 = 0     // (gpa >> 21) + 1; 0: empty
+    @usableFromInline var walkTable = UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: 8)!
+
+    /// The leaf for `gpa` from the cached last-level table, if the region matches and it is valid.
+    @inlinable @inline(__always)
+    public func cachedWalk(_ gpa: GPA) -> Translation? {
+        guard walkRegion == (gpa.raw >> 21) &+ 1 else { return nil }
+        let e = DescriptorPointer(walkTable + Stage2Geometry.index(gpa.raw, 3))
+        let d = e.load()
+        return d.isValid ? Translation(leaf: d, level: 3, entry: e) : nil
+    }
+
+    /// Caches the last-level table a walk for `gpa` ended in.
+    @inlinable @inline(__always)
+    public func rememberWalk(_ gpa: GPA, _ t: Translation) {
+        guard t.level == 3 else { return }
+        walkRegion = (gpa.raw >> 21) &+ 1
+        walkTable = t.entry.base - Stage2Geometry.index(gpa.raw, 3)
+    }
+
+    /// The domain whose targets this TLB publishes into (set when registered).
+    @usableFromInline unowned(unsafe) var domain: TLBDomain?
+
     /// Flushes this TLB applied (full or ranged), and entries they dropped. Read by the owner thread.
     public private(set) var flushes: UInt64 = 0
     public private(set) var entriesDropped: UInt64 = 0
@@ -48,11 +82,32 @@ public final class SoftTLB: @unchecked Sendable {
         entries.initialize(repeating: TLBEntry(tag: 0, hostAndPermissions: 0), count: Self.entryCount)
         blocks = .allocate(capacity: Self.blockEntryCount)
         blocks.initialize(repeating: TLBEntry(tag: 0, hostAndPermissions: 0), count: Self.blockEntryCount)
+        dirtyBuffer = .allocate(capacity: Self.dirtyBufferCapacity)
     }
 
     deinit {
         entries.deallocate()
         blocks.deallocate()
+        dirtyBuffer.deallocate()
+    }
+
+    /// Logs a write through a writable-clean leaf of frame `gfn`, before the write is made (in guest
+    /// mode, by the owner). Only logged writes that are done get published: a full buffer is published
+    /// before this entry goes in, never with it (a harvest taking the entry before its write lands
+    /// would copy the page too early, and nothing would report it again).
+    @inlinable @inline(__always)
+    public func logDirty(_ gfn: GFN) {
+        if dirtyCount == Self.dirtyBufferCapacity { publishDirty() }
+        dirtyBuffer[dirtyCount] = gfn.raw
+        dirtyCount &+= 1
+    }
+
+    /// Publishes the logged frames into their slots' bitmaps. Owner thread, in guest mode.
+    @usableFromInline @inline(never)
+    func publishDirty() {
+        guard dirtyCount > 0 else { return }
+        domain?.publish(dirtyBuffer, count: dirtyCount)
+        dirtyCount = 0
     }
 
     /// Permissions as kept in an entry's low 12 bits: R and W at their descriptor positions (6, 7),
@@ -109,8 +164,10 @@ public final class SoftTLB: @unchecked Sendable {
     /// Whether the owner is in guest mode (read by the owner thread only).
     public var isInGuest: Bool { inGuest.load(ordering: .relaxed) }
 
-    /// Marks the vCPU as outside guest mode (in a fault, an exit, paused): shootdowns need not wait for it.
+    /// Marks the vCPU as outside guest mode (in a fault, an exit, paused): shootdowns need not wait for
+    /// it, so what it logged is published first.
     public func exitGuest() {
+        if dirtyCount > 0 { publishDirty() }
         inGuest.store(false, ordering: .releasing)
     }
 
@@ -122,6 +179,8 @@ public final class SoftTLB: @unchecked Sendable {
             return (r, requestSeq.load(ordering: .relaxed))
         }
         if range.0 < range.1 { flush(gfnStart: range.0, gfnEnd: range.1) }
+        walkRegion = 0
+        publishDirty()
         seenSeq = seq
         ackSeq.store(seq, ordering: .releasing)
     }
@@ -130,6 +189,7 @@ public final class SoftTLB: @unchecked Sendable {
     /// is small and sweeping the array otherwise.
     func flush(gfnStart: UInt64, gfnEnd: UInt64) {
         flushes &+= 1
+        walkRegion = 0
         entriesDropped &+= Self.drop(entries, Self.entryCount, from: gfnStart, to: gfnEnd)
         entriesDropped &+= Self.drop(blocks, Self.blockEntryCount, from: gfnStart >> 9, to: (gfnEnd + 511) >> 9)
     }
@@ -178,8 +238,49 @@ public final class TLBDomain: @unchecked Sendable {
 
     public init() {}
 
-    public func register(_ tlb: SoftTLB) { members.withLock { $0.append(tlb) } }
+    public func register(_ tlb: SoftTLB) {
+        tlb.domain = self
+        members.withLock { $0.append(tlb) }
+    }
     public func unregister(_ tlb: SoftTLB) { members.withLock { $0.removeAll { $0 === tlb } } }
+
+    /// The current DirtyTargets, retained (a bit pattern of Unmanaged; 0 for none).
+    private let targets = Atomic<UInt>(0)
+
+    deinit { replaceDirtyTargets(nil)?.release() }
+
+    /// Publishes `count` frames a vCPU logged. Sequentially consistent with the MMU's replacement and
+    /// its reading of the vCPU's guest-mode flag: either the MMU waits for this vCPU, or this reads
+    /// the new targets.
+    func publish(_ frames: UnsafeMutablePointer<UInt64>, count: Int) {
+        let bits = targets.load(ordering: .sequentiallyConsistent)
+        guard bits != 0 else { return }
+        Unmanaged<DirtyTargets>.fromOpaque(UnsafeRawPointer(bitPattern: bits)!)._withUnsafeGuaranteedRef { $0.mark(frames, count: count) }
+    }
+
+    /// Points vCPUs at the bitmaps of the DBM-logging slots (their ranges and bitmaps) if they
+    /// changed; the caller then shoots down every TLB, after which the old targets are released.
+    /// Under the MMU's exclusive lock.
+    func setDirtyTargets(_ list: [(range: GPARange, bitmap: DirtyBitmap)]) -> Bool {
+        let bits = targets.load(ordering: .acquiring)
+        if bits != 0, Unmanaged<DirtyTargets>.fromOpaque(UnsafeRawPointer(bitPattern: bits)!).takeUnretainedValue().same(as: list) {
+            return false
+        }
+        if bits == 0 && list.isEmpty { return false }
+        let old = replaceDirtyTargets(list.isEmpty ? nil : DirtyTargets(list))
+        // Every vCPU in guest mode passes a safe point (publishing what it logged, into the old
+        // targets or the new) before the old ones go.
+        shootdown(GPARange(start: GPA(0), end: GPA(1 << 52)))
+        old?.release()
+        return true
+    }
+
+    @discardableResult
+    private func replaceDirtyTargets(_ new: DirtyTargets?) -> Unmanaged<DirtyTargets>? {
+        let newBits = new.map { UInt(bitPattern: Unmanaged.passRetained($0).toOpaque()) } ?? 0
+        let oldBits = targets.exchange(newBits, ordering: .sequentiallyConsistent)
+        return oldBits == 0 ? nil : Unmanaged<DirtyTargets>.fromOpaque(UnsafeRawPointer(bitPattern: oldBits)!)
+    }
 
     /// Shootdowns issued, and the total time spent waiting for acknowledgements.
     public var shootdowns: UInt64 { shootdownCount.load(ordering: .relaxed) }
@@ -209,5 +310,79 @@ public final class TLBDomain: @unchecked Sendable {
             }
         }
         shootdownWaitNanos.add(monotonicNanos() - t0, ordering: .relaxed)
+    }
+}
+
+/// Where vCPUs publish the pages they dirtied through writable-clean (DBM) leaves: each DBM-logging
+/// slot's range and bitmap, immutable. The MMU replaces it whenever those slots change
+/// (read-copy-update): a vCPU reads it only while in guest mode, and the MMU releases the old one only
+/// after a shootdown every vCPU in guest mode has acknowledged.
+final class DirtyTargets: @unchecked Sendable {
+    let starts: UnsafeMutablePointer<UInt64>
+    let ends: UnsafeMutablePointer<UInt64>
+    /// The bitmaps' words, raw: publishing touches no reference count.
+    let words: UnsafeMutablePointer<UnsafeMutablePointer<Atomic<UInt64>>>
+    let count: Int
+    /// Keeps the bitmaps alive as long as their words are reachable here.
+    let bitmaps: [DirtyBitmap]
+
+    init(_ targets: [(range: GPARange, bitmap: DirtyBitmap)]) {
+        count = targets.count
+        starts = .allocate(capacity: max(1, count))
+        ends = .allocate(capacity: max(1, count))
+        words = .allocate(capacity: max(1, count))
+        for (i, t) in targets.enumerated() {
+            starts[i] = t.range.start.raw >> 12
+            ends[i] = t.range.end.raw >> 12
+            words[i] = t.bitmap.atomicWords
+        }
+        bitmaps = targets.map(\.bitmap)
+    }
+
+    deinit {
+        starts.deallocate()
+        ends.deallocate()
+        words.deallocate()
+    }
+
+    func same(as targets: [(range: GPARange, bitmap: DirtyBitmap)]) -> Bool {
+        targets.count == count && targets.indices.allSatisfy {
+            targets[$0].range.start.raw >> 12 == starts[$0] && targets[$0].range.end.raw >> 12 == ends[$0] && targets[$0].bitmap === bitmaps[$0]
+        }
+    }
+
+    /// Marks `count` frames in the bitmaps of the slots holding them, one atomic OR per run of frames
+    /// sharing a word (a sequential writer's 64 pages cost one). A frame no DBM slot holds any more
+    /// (deleted, moved, logging stopped) has nobody to tell.
+    func mark(_ frames: UnsafeMutablePointer<UInt64>, count n: Int) {
+        var target = -1, word = -1
+        var mask: UInt64 = 0
+        for k in 0..<n {
+            let gfn = frames[k]
+            if target < 0 || gfn < starts[target] || gfn >= ends[target] {
+                var found = -1
+                for i in 0..<count where gfn >= starts[i] && gfn < ends[i] { found = i; break }
+                guard found >= 0 else { continue }
+                if mask != 0 { Self.or(words[target], word, mask) }
+                target = found
+                word = -1
+                mask = 0
+            }
+            let page = gfn - starts[target]
+            let w = Int(truncatingIfNeeded: page >> 6)
+            if w != word {
+                if mask != 0 { Self.or(words[target], word, mask) }
+                word = w
+                mask = 0
+            }
+            mask |= 1 << (page & 63)
+        }
+        if mask != 0 { Self.or(words[target], word, mask) }
+    }
+
+    @inline(__always)
+    static func or(_ words: UnsafeMutablePointer<Atomic<UInt64>>, _ w: Int, _ mask: UInt64) {
+        // Release: a harvest that sees the bits sees the writes logged before them.
+        if words[w].load(ordering: .relaxed) & mask != mask { words[w].bitwiseOr(mask, ordering: .releasing) }
     }
 }

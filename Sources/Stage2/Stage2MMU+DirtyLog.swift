@@ -93,6 +93,9 @@ extension Stage2MMU {
         if log.tracker.usesRings { drainDirtyRings() }
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         let manual = log.config.manualProtect
+        // DBM vCPUs log writes in their own buffers (SoftTLB.logDirty): a shootdown of every TLB has
+        // each publish what it logged, and drops the write permission it cached with it.
+        if log.tracker.leavesRecord { tlbs.shootdown(GPARange(start: GPA(0), end: GPA(1 << 52))) }
         // What the bitmap holds now is reported by this get; a page marked from here on is in it or
         // in a later one. (Without manual protect the harvest forgets it; each chunk then re-protects
         // its reported pages, and a write to one before its chunk is done is in the copy the caller
@@ -163,6 +166,9 @@ extension Stage2MMU {
             var v = LogProtectVisitor(tracker: log.tracker, changes: changes)
             _ = walk(range, shared: shared, &v)
             changes = v.changes
+            // A DBM page a vCPU logged in its own buffer kept a clean leaf, and W in that vCPU's TLB
+            // only: forgetting the page must take W from every TLB, or later writes go unlogged.
+            if log.tracker.leavesRecord { changes.touched.add(range) }
         }
         if var c = cache {
             log.splitTablesUsed += c.used

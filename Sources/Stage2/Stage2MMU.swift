@@ -69,7 +69,7 @@ public final class Stage2MMU: @unchecked Sendable {
     /// Guarded by `lock`: read under shared, written under exclusive.
     var slotTable: MemslotTable
     /// Logging slots, by id. Guarded by `lock`.
-    var dirtyLogs: [Int: SlotDirtyLog] = [:]
+    var dirtyLogs: [Int: SlotDirtyLog] = [:] { didSet { refreshDirtyTargets() } }
     /// Every vCPU's dirty ring.
     let rings = Mutex<[DirtyRing]>([])
     /// Nested guests and the rmaps of the L1 frames their shadow leaves map. `nestedLock` serializes
@@ -158,6 +158,7 @@ public final class Stage2MMU: @unchecked Sendable {
         _ = unmapLocked(s.gpaRange)
         slotTable = moved
         dirtyLogs[id]?.slot = moved.slot(id: id)!
+        refreshDirtyTargets()
         invalidateSeq.add(1, ordering: .releasing)
     }
 
@@ -194,6 +195,13 @@ public final class Stage2MMU: @unchecked Sendable {
         // Past the IPA size the table indices would wrap around to low addresses.
         let r = range.clamped(to: GPARange(start: GPA(0), end: GPA(1 << UInt64(ipaBits))))
         return walkStage2(root: root, startLevel: startLevel, range: r, shared: shared, &visitor)
+    }
+
+    /// Points the vCPUs' dirty logs (SoftTLB.logDirty) at the DBM-logging slots as they are now.
+    /// Under the exclusive lock, after any change of a log or of a logging slot's range.
+    func refreshDirtyTargets() {
+        let list = dirtyLogs.values.filter { $0.tracker.leavesRecord }.map { (range: $0.slot.gpaRange, bitmap: $0.bitmap) }
+        _ = tlbs.setDirtyTargets(list.sorted { $0.range.start < $1.range.start })
     }
 
     /// Acts on what a walk's changes gathered: the range they touched leaves every vCPU TLB and nested
