@@ -126,7 +126,6 @@ public struct ChangeHook {
 
     @inline(never)
     mutating func takeDirty(_ gpa: GPA) {
-        if forgetsDirty { return }
         if let bitmap = dirtyBitmap, gpa >= dirtyBase {
             let page = (gpa - dirtyBase) >> 12
             if page < UInt64(bitmap.count) << 6 {
@@ -134,6 +133,7 @@ public struct ChangeHook {
                 return
             }
         }
+        if forgetsDirty { return }
         assert(logs != nil, "a shadow table change took dirty state")
         logs?.keepDirty(gpa)
     }

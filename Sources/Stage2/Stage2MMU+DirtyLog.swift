@@ -7,19 +7,27 @@ extension Stage2MMU {
     /// never for a whole slot. A multiple of 512, so chunks keep 2 MiB blocks whole.
     public static let lockChunkPages: UInt64 = 16_384
 
-    /// Runs `body` over `log`'s slot a chunk at a time (its GPA range and first page), each under the
-    /// exclusive lock, letting faults in between. Throws if the slot stops logging meanwhile.
-    func forEachChunk(of log: SlotDirtyLog, id: Int, pages: Range<UInt64>? = nil,
-                      _ body: (GPARange, Range<UInt64>) -> Void) throws(DirtyLogError) {
+    /// Runs `body` over `log`'s slot a chunk at a time (its GPA range and pages), each under the
+    /// exclusive lock, letting faults in between; the chunks' changes go through one hook, committed
+    /// (flushed) once at the end, before this returns: a write let in between through a translation
+    /// not flushed yet is one that completes before the operation returns. Throws if the slot stops
+    /// logging meanwhile.
+    func forEachChunk(of log: SlotDirtyLog, id: Int, pages: Range<UInt64>? = nil, changes: ChangeHook,
+                      _ body: (GPARange, Range<UInt64>, inout ChangeHook) -> Void) throws(DirtyLogError) {
+        var changes = changes
         var page = pages?.lowerBound ?? 0
         while true {
             lock.lockExclusive()
-            guard dirtyLogs[id] === log else { lock.unlock(); throw .notLogging(slot: id) }
             let slot = log.slot    // as it is now: a move between chunks is followed
             let end = min(pages?.upperBound ?? slot.pageCount, slot.pageCount)
-            guard page < end else { lock.unlock(); return }
+            guard dirtyLogs[id] === log, page < end else {
+                commit(changes)
+                lock.unlock()
+                if dirtyLogs[id] !== log { throw .notLogging(slot: id) }
+                return
+            }
             let next = min(end, (page / Self.lockChunkPages + 1) * Self.lockChunkPages)
-            body(GPARange(start: slot.gpaRange.start + (page << 12), size: (next - page) << 12), page..<next)
+            body(GPARange(start: slot.gpaRange.start + (page << 12), size: (next - page) << 12), page..<next, &changes)
             lock.unlock()
             page = next
             chunkBoundaryHook?()
@@ -37,11 +45,11 @@ extension Stage2MMU {
         do { log = try enableLocked(slot: id, config) } catch { lock.unlock(); throw error }
         lock.unlock()
         if config.initiallySet { return }
-        try forEachChunk(of: log, id: id) { range, _ in
+        try forEachChunk(of: log, id: id, changes: changeHook) { range, _, changes in
             if log.tracker.splitsAhead { log.splitTablesUsed += eagerSplit(range) }
-            var v = LogProtectVisitor(tracker: log.tracker, changes: changeHook)
+            var v = LogProtectVisitor(tracker: log.tracker, changes: changes)
             _ = walk(range, shared: false, &v)
-            commit(v.changes)
+            changes = v.changes
         }
     }
 
@@ -93,8 +101,10 @@ extension Stage2MMU {
         if log.tracker.usesRings { drainDirtyRings() }
         var out = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         let manual = log.config.manualProtect
-        // DBM vCPUs log writes in their own buffers (SoftTLB.logDirty): a shootdown of every TLB has
-        // each publish what it logged, and drops the write permission it cached with it.
+        // DBM vCPUs log writes in their own buffers (SoftTLB.logDirty) and publish them when full, at
+        // safe points with a flush and on leaving guest mode. A shootdown of every TLB first has each
+        // publish now (as KVM flushes PML buffers before a get): nothing would be lost without it, a
+        // page logged and not yet published is reported by a later get, but this one is complete.
         if log.tracker.leavesRecord { tlbs.shootdown(GPARange(start: GPA(0), end: GPA(1 << 52))) }
         // What the bitmap holds now is reported by this get; a page marked from here on is in it or
         // in a later one. (Without manual protect the harvest forgets it; each chunk then re-protects
@@ -102,18 +112,15 @@ extension Stage2MMU {
         // takes afterwards.)
         if manual { log.bitmap.copy(into: &out) } else { log.bitmap.harvest(into: &out) }
         try out.withUnsafeMutableBufferPointer { (words) throws(DirtyLogError) in
-            try forEachChunk(of: log, id: id) { range, pages in
-                var changes = changeHook
+            var changes = changeHook
+            if !manual { changes.forgetDirty() }    // reported now (what a DBM walk takes goes to `out` first)
+            try forEachChunk(of: log, id: id, changes: changes) { range, pages, changes in
                 if log.tracker.leavesRecord {
                     var v = DBMHarvestVisitor(slotStart: log.slot.gpaRange.start, bitmap: words, clean: !manual, changes: changes)
                     _ = walk(range, shared: false, &v)
                     changes = v.changes
                 }
-                if !manual {
-                    changes.forgetDirty()    // reported now
-                    protectPages(UnsafeBufferPointer(words), pages: pages, of: log, shared: false, changes: &changes)
-                }
-                commit(changes)
+                if !manual { protectPages(UnsafeBufferPointer(words), pages: pages, of: log, shared: false, changes: &changes) }
             }
         }
         return out
@@ -136,11 +143,10 @@ extension Stage2MMU {
         var words = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         for (i, w) in bitmap.enumerated() where Int(firstPage >> 6) + i < words.count { words[Int(firstPage >> 6) + i] = w }
         try words.withUnsafeBufferPointer { (w) throws(DirtyLogError) in
-            try forEachChunk(of: log, id: id, pages: firstPage..<(firstPage + last)) { _, pages in
-                var changes = changeHook
-                changes.forgetDirty()    // the caller has these pages
+            var changes = changeHook
+            changes.forgetDirty()    // the caller has these pages
+            try forEachChunk(of: log, id: id, pages: firstPage..<(firstPage + last), changes: changes) { _, pages, changes in
                 protectPages(w, pages: pages, of: log, shared: false, changes: &changes)
-                commit(changes)
             }
         }
     }
