@@ -51,6 +51,8 @@ public enum DirtyLogError: Error, Equatable, CustomStringConvertible {
     case alreadyLogging(slot: Int)
     case readOnlySlot(Int)
     case loggingSlot(Int)
+    case readOnlyAndLogging(Int)
+    case vmmWriteToReadOnly(Int)
     case initiallySetNeedsManualProtect
     case ringTakesNoManualProtect
     case clearOutOfRange(slot: Int, firstPage: UInt64, pages: UInt64, slotPages: UInt64)
@@ -64,6 +66,9 @@ public enum DirtyLogError: Error, Equatable, CustomStringConvertible {
         case let .alreadyLogging(s): return "memslot \(s) is already dirty logging: disable it before changing the strategy"
         case let .readOnlySlot(s): return "memslot \(s) is read-only: the guest cannot dirty it, so there is nothing to log"
         case let .loggingSlot(s): return "memslot \(s) is dirty logging: stop logging before making it read-only"
+        case let .readOnlyAndLogging(s):
+            return "memslot \(s) cannot be read-only and dirty logging at once: the guest cannot dirty a read-only slot"
+        case let .vmmWriteToReadOnly(s): return "memslot \(s) is read-only: the VMM's writes are refused as the guest's are"
         case .initiallySetNeedsManualProtect: return "initially-all-set needs manual protect (as KVM_DIRTY_LOG_INITIALLY_SET does)"
         case .ringTakesNoManualProtect:
             return "dirty rings are harvested and reset, not got and cleared: manual protect and initially-all-set apply to the bitmap strategies only"

@@ -59,33 +59,24 @@ extension KVMVM {
         dirtyRingBytes = bytes
     }
 
-    /// KVM_RESET_DIRTY_RINGS until all `entries` harvested entries are reset: their pages re-protected
-    /// and their room freed. KVM stops a reset early when the calling thread has a signal pending (a
-    /// vCPU kick, on a vCPU thread that harvests at a ring-full exit) and returns a short count or
-    /// EINTR; a harvested page left unprotected stays writable, so the guest's later writes to it would
-    /// never be logged (seen here even with the reset retried). So the kick signal is held off while
-    /// the reset runs (a kick also sets immediate_exit, so the next KVM_RUN still returns at once), and
-    /// the loop makes any short reset whole.
-    public func resetDirtyRings(entries: Int) throws(KVMError) {
+    /// KVM_RESET_DIRTY_RINGS until every harvested entry is reset: its page re-protected and its room
+    /// freed. KVM stops a reset early when the calling thread has a signal pending (a vCPU kick, on a
+    /// vCPU thread that harvests at a ring-full exit) and returns a short count or EINTR; and a reset
+    /// cut short this way was seen here to leave harvested pages writable, so the guest's later writes
+    /// to them went unlogged (100-150 pages a run). So the kick signal is held off while the reset
+    /// runs (a kick also sets immediate_exit, so the next KVM_RUN still returns at once), and the reset
+    /// is repeated until it finds nothing left. Callers serialize harvests and resets.
+    public func resetDirtyRings() throws(KVMError) {
         var kick = sigset_t(), saved = sigset_t()
         sigemptyset(&kick)
         sigaddset(&kick, KVMVCPU.kickSignal)
         pthread_sigmask(SIG_BLOCK, &kick, &saved)
         defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
-        var left = entries
-        var stalls = 0
-        while left > 0 {
+        for _ in 0..<100_000 {
             let n = cvmm_ioctl_value(fd, cvmm_KVM_RESET_DIRTY_RINGS, 0)
+            if n == 0 { return }
             if n < 0 && errno != EINTR { throw .ioctl("KVM_RESET_DIRTY_RINGS", errno: errno) }
-            if n > 0 {
-                left -= Int(n)
-                stalls = 0
-            } else {
-                stalls += 1
-                guard stalls < 10_000 else {
-                    throw .refused("KVM_RESET_DIRTY_RINGS reset nothing 10000 times with \(left) harvested entries left: the rings are out of step")
-                }
-            }
         }
+        throw .refused("KVM_RESET_DIRTY_RINGS kept finding entries to reset: the rings are out of step")
     }
 }

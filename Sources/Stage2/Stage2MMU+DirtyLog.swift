@@ -288,9 +288,10 @@ extension Stage2MMU {
         guard let slot = slotTable.lookup(gpa), gpa.raw + UInt64(bytes.count) <= slot.gpaRange.end.raw else {
             throw .outsideGuestMemory(gpa, length: bytes.count)
         }
-        guard !slot.flags.contains(.readOnly) else { throw .readOnlySlot(slot.id) }
+        guard !slot.flags.contains(.readOnly) else { throw .vmmWriteToReadOnly(slot.id) }
+        guard !bytes.isEmpty else { return }
         slot.hva(for: gpa).pointer.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-        if let log = dirtyLogs[slot.id], !bytes.isEmpty {
+        if let log = dirtyLogs[slot.id] {
             let first = (gpa - slot.gpaRange.start) >> 12
             let last = (gpa - slot.gpaRange.start + UInt64(bytes.count) - 1) >> 12
             log.bitmap.set(first: first, count: last - first + 1)

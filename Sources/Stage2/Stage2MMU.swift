@@ -114,7 +114,7 @@ public final class Stage2MMU: @unchecked Sendable {
                         flags: MemslotFlags = [], logging: DirtyLogConfig = DirtyLogConfig(strategy: .writeProtect))
         throws(DirtyLogError) -> Memslot {
         if flags.contains(.dirtyLogging) {
-            if flags.contains(.readOnly) { throw .readOnlySlot(id) }
+            if flags.contains(.readOnly) { throw .readOnlyAndLogging(id) }
             if let problem = logging.problem { throw problem }
         }
         lock.lockExclusive()
@@ -167,22 +167,33 @@ public final class Stage2MMU: @unchecked Sendable {
     /// logging; the slot's log, not its flag word, says whether it logs.
     public func setSlotFlags(id: Int, _ flags: MemslotFlags,
                              logging: DirtyLogConfig = DirtyLogConfig(strategy: .writeProtect)) throws(DirtyLogError) {
-        guard lock.shared({ slotTable.slot(id: id) }) != nil else { throw .memory(.noSuchSlot(id)) }
-        if flags.contains(.readOnly) && flags.contains(.dirtyLogging) { throw .loggingSlot(id) }
+        guard let old = lock.shared({ slotTable.slot(id: id) }) else { throw .memory(.noSuchSlot(id)) }
+        if flags.contains(.readOnly) && flags.contains(.dirtyLogging) { throw .readOnlyAndLogging(id) }
+        // Writable first (a read-only slot cannot log), logging next, read-only last (a logging slot
+        // cannot become read-only).
+        if !flags.contains(.readOnly) && old.flags.contains(.readOnly) { try setReadOnly(id, false) }
         let logs = dirtyLog(slot: id) != nil
         if flags.contains(.dirtyLogging) && !logs {
             try enableDirtyLogging(slot: id, logging)
         } else if !flags.contains(.dirtyLogging) && logs {
             try disableDirtyLogging(slot: id)
         }
+        if flags.contains(.readOnly) { try setReadOnly(id, true) }
+    }
+
+    /// Sets or clears a slot's read-only flag under the exclusive lock, leaving its logging flag as its
+    /// log says (a racing enable or disable is never undone). Making it read-only write-protects its
+    /// mappings before returning.
+    private func setReadOnly(_ id: Int, _ readOnly: Bool) throws(DirtyLogError) {
         lock.lockExclusive()
         defer { lock.unlock() }
-        if flags.contains(.readOnly) && dirtyLogs[id] != nil { throw .loggingSlot(id) }
-        let before: Memslot
-        do { before = try slotTable.setFlags(id: id, flags) } catch { throw .memory(error) }
-        if flags.contains(.readOnly) && !before.flags.contains(.readOnly) {
+        guard let slot = slotTable.slot(id: id) else { throw .memory(.noSuchSlot(id)) }
+        if readOnly && dirtyLogs[id] != nil { throw .loggingSlot(id) }
+        let flags = readOnly ? slot.flags.union(.readOnly) : slot.flags.subtracting(.readOnly)
+        do { _ = try slotTable.setFlags(id: id, flags) } catch { throw .memory(error) }
+        if readOnly && !slot.flags.contains(.readOnly) {
             var v = ProtectVisitor(clear: Descriptor.write | Descriptor.dbm, changes: changeHook)
-            _ = walk(before.gpaRange, shared: false, &v)
+            _ = walk(slot.gpaRange, shared: false, &v)
             commit(v.changes)
         }
     }

@@ -16,9 +16,11 @@ final class KVMMachine: VirtualMachine {
     private var vcpus: [KVMVCPU] = []
     private let vcpuTotal: Int
     private let ringEntries: Int
-    /// The mode of the logging slots, while any logs. Changed under `modeLock`.
+    /// The mode of the logging slots, while any logs.
     private var mode: DirtyLogConfig?
-    private let modeLock = NSLock()
+    /// Serializes slot and logging changes (and guards `mode`): each reads a slot and writes it back
+    /// whole, so a racing change is never undone.
+    private let changeLock = NSLock()
     /// Serializes ring harvests and resets, which KVM requires to go in order.
     private let ringLock = NSLock()
     var backend: BackendKind { .kvm }
@@ -56,113 +58,155 @@ final class KVMMachine: VirtualMachine {
                               maxSlots: Int(system.capability(.memslots)))
     }
 
-    var slots: [SlotInfo] {
-        let mode = modeLock.withLock { self.mode }
-        return vm.slotList().sorted { $0.gpa < $1.gpa }.map { s in
+    var slots: [SlotInfo] { changeLock.withLock { slotsLocked() } }
+
+    /// Every slot as it is; the caller holds `changeLock`.
+    private func slotsLocked() -> [SlotInfo] {
+        vm.slotList().sorted { $0.gpa < $1.gpa }.map { s in
             SlotInfo(id: Int(s.id), gpa: s.gpa, size: s.size, readOnly: s.readOnly, logging: s.logDirty ? mode : nil,
                      isRAM: Int(s.id) < ram.slots.count)
         }
     }
 
-    private func info(_ id: Int) throws -> SlotInfo {
-        guard let s = slots.first(where: { $0.id == id }) else { throw VMError.failed("there is no memslot \(id)") }
-        return s
+    /// Slot `id` as it is; the caller holds `changeLock`.
+    private func slotLocked(_ id: Int) throws -> (info: SlotInfo, memory: HostMemory) {
+        guard let s = slotsLocked().first(where: { $0.id == id }), let m = vm.memory(slot: UInt32(id)) else {
+            throw VMError.failed("there is no memslot \(id)")
+        }
+        return (s, m)
     }
 
     // MARK: Memslots
 
     func addSlot(id: Int, gpa: GPA, memory: HostMemory, flags: MemslotFlags) throws {
-        guard id >= 0, id < capabilities.maxSlots else { throw VMError.unsupported("memslot id \(id): KVM here takes ids 0..<\(capabilities.maxSlots)") }
-        guard !slots.contains(where: { $0.id == id }) else { throw GuestMemoryError.duplicateSlot(id) }
-        if flags.contains(.dirtyLogging) && flags.contains(.readOnly) { throw DirtyLogError.readOnlySlot(id) }
-        if flags.contains(.dirtyLogging) {
-            try startLogging(dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect))
+        let caps = capabilities
+        guard id >= 0, id < caps.maxSlots else { throw VMError.unsupported("memslot id \(id): KVM here takes ids 0..<\(caps.maxSlots)") }
+        if flags.contains(.dirtyLogging) && flags.contains(.readOnly) { throw DirtyLogError.readOnlyAndLogging(id) }
+        if flags.contains(.readOnly) && !caps.readOnlySlots { throw VMError.unsupported("KVM here has no read-only memslots (KVM_CAP_READONLY_MEM)") }
+        if flags.contains(.dirtyLogging) { try admit(changeLock.withLock { defaultMode }) }
+        try changeLock.withLock {
+            guard vm.memory(slot: UInt32(id)) == nil else { throw GuestMemoryError.duplicateSlot(id) }
+            if flags.contains(.dirtyLogging) { try startLogging(defaultMode) }
+            do {
+                try vm.setMemory(slot: UInt32(id), gpa: gpa, memory: memory, logDirty: flags.contains(.dirtyLogging),
+                                 readOnly: flags.contains(.readOnly))
+            } catch { endLoggingIfIdle(); throw error }
         }
-        do { try vm.setMemory(slot: UInt32(id), gpa: gpa, memory: memory, logDirty: flags.contains(.dirtyLogging), readOnly: flags.contains(.readOnly)) }
-        catch { endLoggingIfIdle(); throw error }
     }
 
     func moveSlot(id: Int, to gpa: GPA) throws {
-        let s = try ownSlot(id, for: "moved")
-        guard let memory = vm.memory(slot: UInt32(id)) else { throw VMError.failed("there is no memslot \(id)") }
-        try vm.setMemory(slot: UInt32(id), gpa: gpa, memory: memory, logDirty: s.logging != nil, readOnly: s.readOnly)
+        _ = try ownSlot(id, for: "moved")
+        try changeLock.withLock {
+            let (s, memory) = try slotLocked(id)
+            try vm.setMemory(slot: UInt32(id), gpa: gpa, memory: memory, logDirty: s.logging != nil, readOnly: s.readOnly)
+        }
     }
 
     func deleteSlot(id: Int) throws {
         _ = try ownSlot(id, for: "deleted")
-        try vm.deleteMemory(slot: UInt32(id))
-        endLoggingIfIdle()
+        try changeLock.withLock {
+            try vm.deleteMemory(slot: UInt32(id))
+            endLoggingIfIdle()
+        }
     }
 
     func setSlotFlags(id: Int, _ flags: MemslotFlags) throws {
-        let s = try info(id)
-        if flags.contains(.dirtyLogging) && flags.contains(.readOnly) { throw DirtyLogError.loggingSlot(id) }
-        if flags.contains(.readOnly) != s.readOnly {
-            // KVM cannot change the read-only flag in place: delete the slot and add it again.
+        if flags.contains(.dirtyLogging) && flags.contains(.readOnly) { throw DirtyLogError.readOnlyAndLogging(id) }
+        if flags.contains(.dirtyLogging) { try admit(changeLock.withLock { defaultMode }) }
+        let before = try changeLock.withLock { try slotLocked(id).info }
+        if flags.contains(.readOnly) != before.readOnly {
             _ = try ownSlot(id, for: "made \(flags.contains(.readOnly) ? "read-only" : "writable")")
-            guard let memory = vm.memory(slot: UInt32(id)) else { throw VMError.failed("there is no memslot \(id)") }
-            try vm.deleteMemory(slot: UInt32(id))
-            endLoggingIfIdle()
-            try addSlot(id: id, gpa: s.gpa, memory: memory, flags: flags)
-            return
+            guard capabilities.readOnlySlots else { throw VMError.unsupported("KVM here has no read-only memslots (KVM_CAP_READONLY_MEM)") }
         }
-        if flags.contains(.dirtyLogging) && s.logging == nil {
-            try enableDirtyLogging(slot: id, dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect))
-        } else if !flags.contains(.dirtyLogging) && s.logging != nil {
-            try disableDirtyLogging(slot: id)
+        try changeLock.withLock {
+            let (s, memory) = try slotLocked(id)
+            let logDirty = flags.contains(.dirtyLogging)
+            if logDirty && s.logging == nil { try startLogging(defaultMode) }
+            if flags.contains(.readOnly) != s.readOnly {
+                // KVM cannot change the read-only flag in place: delete the slot and add it again (the
+                // guest program reaches only RAM, which stays writable); on failure, put it back.
+                try vm.deleteMemory(slot: UInt32(id))
+                do {
+                    try vm.setMemory(slot: UInt32(id), gpa: s.gpa, memory: memory, logDirty: logDirty, readOnly: flags.contains(.readOnly))
+                } catch {
+                    try? vm.setMemory(slot: UInt32(id), gpa: s.gpa, memory: memory, logDirty: s.logging != nil, readOnly: s.readOnly)
+                    endLoggingIfIdle()
+                    throw error
+                }
+            } else if logDirty != (s.logging != nil) {
+                do { try vm.setMemory(slot: UInt32(id), gpa: s.gpa, memory: memory, logDirty: logDirty) }
+                catch { endLoggingIfIdle(); throw error }
+            }
+            endLoggingIfIdle()
         }
     }
 
     // MARK: Dirty logging
 
-    /// Sets KVM up for `config` if no slot logs yet (manual protect, rings), or checks it is the mode
-    /// the logging slots already share.
-    private func startLogging(_ config: DirtyLogConfig) throws {
-        try admit(config)
-        try modeLock.withLock {
-            if mode != nil { return }
-            switch config.strategy {
-            case .ring:
-                if vm.dirtyRingBytes == 0 {
-                    guard vcpus.isEmpty else {
-                        throw VMError.unsupported("KVM's dirty ring must be chosen before the vCPUs first run: enable ring logging before start")
-                    }
-                    try vm.enableDirtyRing(bytes: ringEntries * KVMDirtyRing.entryBytes)
-                }
-            default:
-                guard vm.dirtyRingBytes == 0 else {
-                    throw VMError.unsupported("this VM's vCPUs were made with dirty rings, and KVM then keeps no dirty bitmap: log with ring")
-                }
-                if capabilities.manualProtect { try vm.setManualProtect(config.manualProtect, initiallySet: config.initiallySet) }
-            }
-            mode = config
-        }
+    /// The mode a slot logs in when only the flag asks: the VM's current one; else write-protect, or
+    /// ring once this VM's vCPUs were made with rings (KVM then has no bitmap). The caller holds
+    /// `changeLock`.
+    private var defaultMode: DirtyLogConfig {
+        mode ?? DirtyLogConfig(strategy: vm.dirtyRingBytes > 0 ? .ring : .writeProtect)
     }
 
-    /// Forgets the mode once no slot logs, so the next enable may choose another.
+    /// Sets KVM up for `config` if no slot logs yet (manual protect, rings), or refuses a mode other
+    /// than the one the logging slots share. The caller holds `changeLock`.
+    private func startLogging(_ config: DirtyLogConfig) throws {
+        if let mode {
+            guard mode == config else {
+                throw VMError.unsupported("other slots log with \(mode.strategy)\(mode.manualProtect ? " (manual protect)" : ""): every logging slot shares one mode, as KVM's are per VM; stop them first")
+            }
+            return
+        }
+        switch config.strategy {
+        case .ring:
+            if vm.dirtyRingBytes == 0 {
+                guard vcpus.isEmpty else {
+                    throw VMError.unsupported("KVM's dirty ring must be chosen before the vCPUs first run: enable ring logging before start")
+                }
+                try vm.enableDirtyRing(bytes: ringEntries * KVMDirtyRing.entryBytes)
+            }
+            // Rings are harvested and reset: the VMM's own log forgets what a get reports.
+            if vm.manualProtect { try vm.setManualProtect(false) }
+        default:
+            guard vm.dirtyRingBytes == 0 else {
+                throw VMError.unsupported("this VM's vCPUs were made with dirty rings, and KVM then keeps no dirty bitmap: log with ring")
+            }
+            if capabilities.manualProtect { try vm.setManualProtect(config.manualProtect, initiallySet: config.initiallySet) }
+        }
+        mode = config
+    }
+
+    /// Forgets the mode once no slot logs, so the next enable may choose another. The caller holds
+    /// `changeLock`.
     private func endLoggingIfIdle() {
-        modeLock.withLock { if !vm.slotList().contains(where: \.logDirty) { mode = nil } }
+        if !vm.slotList().contains(where: \.logDirty) { mode = nil }
     }
 
     func enableDirtyLogging(slot: Int, _ config: DirtyLogConfig) throws {
-        let s = try info(slot)
-        guard s.logging == nil else { throw DirtyLogError.alreadyLogging(slot: slot) }
-        guard !s.readOnly else { throw DirtyLogError.readOnlySlot(slot) }
-        guard let memory = vm.memory(slot: UInt32(slot)) else { throw VMError.failed("there is no memslot \(slot)") }
-        try startLogging(config)
-        do { try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: true) }
-        catch { endLoggingIfIdle(); throw error }
+        try admit(config)
+        try changeLock.withLock {
+            let (s, memory) = try slotLocked(slot)
+            guard s.logging == nil else { throw DirtyLogError.alreadyLogging(slot: slot) }
+            guard !s.readOnly else { throw DirtyLogError.readOnlySlot(slot) }
+            try startLogging(config)
+            do { try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: true) }
+            catch { endLoggingIfIdle(); throw error }
+        }
     }
 
     func disableDirtyLogging(slot: Int) throws {
-        let s = try info(slot)
-        guard s.logging != nil, let memory = vm.memory(slot: UInt32(slot)) else { throw DirtyLogError.notLogging(slot: slot) }
-        try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: false)
-        endLoggingIfIdle()
+        try changeLock.withLock {
+            let (s, memory) = try slotLocked(slot)
+            guard s.logging != nil else { throw DirtyLogError.notLogging(slot: slot) }
+            try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: false)
+            endLoggingIfIdle()
+        }
     }
 
     func getDirtyLog(slot: Int) throws -> [UInt64] {
-        let s = try info(slot)
+        let s = try changeLock.withLock { try slotLocked(slot).info }
         guard let logging = s.logging else { throw DirtyLogError.notLogging(slot: slot) }
         if logging.strategy == .ring {
             try harvestRings()
@@ -181,17 +225,16 @@ final class KVMMachine: VirtualMachine {
         var entries: [(slot: UInt32, page: UInt64)] = []
         for v in vcpus { _ = v.dirtyRing?.harvest { slot, page in entries.append((slot, page)) } }
         vm.markDirty(entries: entries)
-        try vm.resetDirtyRings(entries: entries.count)
+        try vm.resetDirtyRings()
     }
 
     func clearDirtyLog(slot: Int, firstPage: UInt64, bitmap: [UInt64]) throws {
-        try clearable(slot)
-        guard firstPage % 64 == 0 else { throw DirtyLogError.unalignedClear(firstPage: firstPage) }
+        guard try clearable(slot, firstPage: firstPage, bitmap: bitmap) else { return }
         try vm.clearDirtyLog(slot: UInt32(slot), firstPage: firstPage, bitmap: bitmap)
     }
 
     func markDirty(slot: Int, bitmap: [UInt64]) throws {
-        guard try info(slot).logging != nil else { throw DirtyLogError.notLogging(slot: slot) }
+        guard try requireSlot(slot).logging != nil else { throw DirtyLogError.notLogging(slot: slot) }
         vm.markDirty(slot: UInt32(slot), bitmap: bitmap)
     }
 

@@ -10,6 +10,8 @@ final class SoftMachine: VirtualMachine {
     let vm: SoftVM
     let ram: GuestRAM
     var backend: BackendKind { .soft }
+    /// Serializes logging changes, so two enables cannot both pass the one-mode check.
+    private let changeLock = NSLock()
     var vcpuCount: Int { vm.vcpus.count }
 
     convenience init(_ config: VMConfig) throws {
@@ -47,9 +49,11 @@ final class SoftMachine: VirtualMachine {
     // MARK: Memslots
 
     func addSlot(id: Int, gpa: GPA, memory: HostMemory, flags: MemslotFlags) throws {
-        let mode = dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect)
-        if flags.contains(.dirtyLogging) { try admit(mode) }
-        try vm.mmu.addSlot(id: id, gpa: gpa, size: memory.size, memory: memory, flags: flags, logging: mode)
+        try changeLock.withLock { () throws in
+            let mode = dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect)
+            if flags.contains(.dirtyLogging) { try admit(mode) }
+            try vm.mmu.addSlot(id: id, gpa: gpa, size: memory.size, memory: memory, flags: flags, logging: mode)
+        }
     }
 
     func moveSlot(id: Int, to gpa: GPA) throws {
@@ -63,29 +67,40 @@ final class SoftMachine: VirtualMachine {
     }
 
     func setSlotFlags(id: Int, _ flags: MemslotFlags) throws {
-        let mode = dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect)
         if flags.contains(.readOnly) { _ = try ownSlot(id, for: "made read-only") }
-        if flags.contains(.dirtyLogging) && vm.mmu.dirtyLog(slot: id) == nil { try admit(mode) }
-        try vm.mmu.setSlotFlags(id: id, flags, logging: mode)
+        try changeLock.withLock { () throws in
+            let mode = dirtyLogMode ?? DirtyLogConfig(strategy: .writeProtect)
+            if flags.contains(.dirtyLogging) && vm.mmu.dirtyLog(slot: id) == nil { try admit(mode) }
+            try vm.mmu.setSlotFlags(id: id, flags, logging: mode)
+        }
     }
 
     // MARK: Dirty logging
 
     func enableDirtyLogging(slot: Int, _ config: DirtyLogConfig) throws {
-        try admit(config)
-        try vm.mmu.enableDirtyLogging(slot: slot, config)
+        try changeLock.withLock { () throws in
+            try admit(config)
+            try vm.mmu.enableDirtyLogging(slot: slot, config)
+        }
     }
 
-    func disableDirtyLogging(slot: Int) throws { try vm.mmu.disableDirtyLogging(slot: slot) }
+    func disableDirtyLogging(slot: Int) throws {
+        _ = try requireSlot(slot)
+        try vm.mmu.disableDirtyLogging(slot: slot)
+    }
 
-    func getDirtyLog(slot: Int) throws -> [UInt64] { try vm.mmu.getDirtyLog(slot: slot) }
+    func getDirtyLog(slot: Int) throws -> [UInt64] {
+        _ = try requireSlot(slot)
+        return try vm.mmu.getDirtyLog(slot: slot)
+    }
 
     func clearDirtyLog(slot: Int, firstPage: UInt64, bitmap: [UInt64]) throws {
-        try clearable(slot)
+        guard try clearable(slot, firstPage: firstPage, bitmap: bitmap) else { return }
         try vm.mmu.clearDirtyLog(slot: slot, firstPage: firstPage, bitmap: bitmap)
     }
 
     func markDirty(slot: Int, bitmap: [UInt64]) throws {
+        _ = try requireSlot(slot)
         guard let log = vm.mmu.dirtyLog(slot: slot) else { throw DirtyLogError.notLogging(slot: slot) }
         log.bitmap.set(bitmap: bitmap)
     }

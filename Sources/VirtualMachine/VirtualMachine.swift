@@ -252,12 +252,28 @@ extension VirtualMachine {
         return s
     }
 
-    /// The logging slot `id` for a clear, which needs manual protect.
-    func clearable(_ id: Int) throws {
-        guard let log = slots.first(where: { $0.id == id })?.logging else { throw DirtyLogError.notLogging(slot: id) }
+    /// Slot `id`, or an error saying there is none.
+    func requireSlot(_ id: Int) throws -> SlotInfo {
+        guard let s = slots.first(where: { $0.id == id }) else { throw VMError.failed("there is no memslot \(id)") }
+        return s
+    }
+
+    /// The checks of a clear, alike on every backend: a logging slot with manual protect, a first page
+    /// that is a multiple of 64, and set bits all inside the slot (KVM_CLEAR_DIRTY_LOG refuses the
+    /// rest). False when there is nothing to clear.
+    func clearable(_ id: Int, firstPage: UInt64, bitmap: [UInt64]) throws -> Bool {
+        let s = try requireSlot(id)
+        guard let log = s.logging else { throw DirtyLogError.notLogging(slot: id) }
         guard log.manualProtect else {
             throw VMError.unsupported("clearDirtyLog needs manual protect: without it getDirtyLog re-protects what it reports")
         }
+        guard firstPage % 64 == 0 else { throw DirtyLogError.unalignedClear(firstPage: firstPage) }
+        guard let w = bitmap.lastIndex(where: { $0 != 0 }) else { return false }
+        let end = firstPage + UInt64(w) * 64 + 64 - UInt64(bitmap[w].leadingZeroBitCount)
+        guard end <= s.size >> 12 else {
+            throw DirtyLogError.clearOutOfRange(slot: id, firstPage: firstPage, pages: UInt64(bitmap.count) * 64, slotPages: s.size >> 12)
+        }
+        return true
     }
 }
 

@@ -173,12 +173,8 @@ struct BenchDirtyLog: ParsableCommand {
         // With rings, a full ring exits to us: harvest and reset, as a KVM VMM does.
         // Distinct pages harvested from the ring this pass (KVM may log a page more than once).
         var harvested = [UInt64](repeating: 0, count: Int((mem.size >> 12 + 63) / 64))
-        var unreset = 0
-        func collect() { unreset += vcpu.dirtyRing?.harvest { _, page in harvested[Int(page >> 6)] |= 1 << (page & 63) } ?? 0 }
-        func reset() throws(KVMError) {
-            try vm.resetDirtyRings(entries: unreset)
-            unreset = 0
-        }
+        func collect() { _ = vcpu.dirtyRing?.harvest { _, page in harvested[Int(page >> 6)] |= 1 << (page & 63) } }
+        func reset() throws(KVMError) { try vm.resetDirtyRings() }
         func drain() throws(KVMError) {
             collect()
             try reset()

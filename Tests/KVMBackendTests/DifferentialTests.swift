@@ -75,8 +75,8 @@ import DirtyLog
         var pages = Set<UInt64>()
         var fulls = 0
         func harvest() throws(KVMError) {
-            let n = ring.harvest { slot, page in if slot == 0 && page >= 256 { pages.insert(page) } }
-            try vm.resetDirtyRings(entries: n)
+            _ = ring.harvest { slot, page in if slot == 0 && page >= 256 { pages.insert(page) } }
+            try vm.resetDirtyRings()
         }
         try vcpu.loadWorkload(spec, index: 0, memory: mem)
         _ = try vcpu.runWorkload(index: 0, memory: mem, timeout: 60) { () throws(KVMError) in

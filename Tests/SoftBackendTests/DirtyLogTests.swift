@@ -204,7 +204,10 @@ import DirtyLog
         v.write(GPA(0x5000), 7)
         try vm.mmu.discard(slot: 0, offset: 0x4000, length: 0x4000)
         #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [5])
-        #expect(throws: DirtyLogError.loggingSlot(0)) { try vm.mmu.setSlotFlags(id: 0, [.dirtyLogging, .readOnly]) }
+        #expect(throws: DirtyLogError.readOnlyAndLogging(0)) { try vm.mmu.setSlotFlags(id: 0, [.dirtyLogging, .readOnly]) }
+        // Flags are set as given: logging stops, then the slot turns read-only.
+        try vm.mmu.setSlotFlags(id: 0, [.readOnly])
+        #expect(vm.mmu.dirtyLog(slot: 0) == nil && vm.mmu.memslots.slot(id: 0)?.flags == [.readOnly])
     }
 
     @Test func ringHarvestIncludesVMMWrites() throws {

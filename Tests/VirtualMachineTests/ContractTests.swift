@@ -352,6 +352,28 @@ final class StopFlag: @unchecked Sendable {
         try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect, manualProtect: vm.capabilities.manualProtect))
     }
 
+    /// Flag changes and clears answered alike (found in review): a read-only slot asked to log becomes
+    /// writable and logs; flags are set as given (a logging slot asked to be read-only stops logging);
+    /// a clear naming pages past the slot is refused and an empty one is a no-op; an empty VMM write is
+    /// a no-op.
+    @Test(arguments: Cell.manual.filter { $0.log.strategy == .writeProtect })
+    func flagsAndClearsAlike(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        guard vm.capabilities.readOnlySlots else { return }
+        let extra = try HostMemory(size: 2 << 20, backing: .pages4K)
+        try vm.addSlot(id: 9, gpa: GPA(2 << 30), memory: extra, flags: [.readOnly])
+        try vm.enableDirtyLogging(slot: 0, cell.log)
+        try vm.setSlotFlags(id: 9, [.dirtyLogging])
+        #expect(vm.slots.first { $0.id == 9 }.map { !$0.readOnly && $0.logging == cell.log } == true, "\(vm.slots)")
+        try vm.setSlotFlags(id: 9, [.readOnly])
+        #expect(vm.slots.first { $0.id == 9 }.map { $0.readOnly && $0.logging == nil } == true, "\(vm.slots)")
+        #expect(throws: DirtyLogError.clearOutOfRange(slot: 0, firstPage: 4096, pages: 64, slotPages: 4096)) {
+            try vm.clearDirtyLog(slot: 0, firstPage: 4096, bitmap: [1])
+        }
+        try vm.clearDirtyLog(slot: 0, firstPage: 8192, bitmap: [0])
+        try vm.writeGuest(GPA(0x20_0000), UnsafeRawBufferPointer(start: nil, count: 0))
+    }
+
     /// Ring entries queued for a slot that is then deleted, and a smaller slot added with its id:
     /// the stale entries beyond the new slot are dropped, never written past its log. Soft vCPUs
     /// write the slot directly (the built-in guest program writes only RAM).
