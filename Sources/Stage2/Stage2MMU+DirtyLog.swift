@@ -234,29 +234,30 @@ extension Stage2MMU {
         let all = rings.withLock { $0 }
         lock.lockShared()
         // Gather the entries per slot into a bitmap, so each run of pages is one walk.
-        var bitmaps: [(log: SlotDirtyLog, words: [UInt64])] = []
+        // (Slot id and size copied out: the loop per entry touches no reference.)
+        var bitmaps: [(id: Int, pages: UInt64, log: SlotDirtyLog, words: [UInt64])] = []
         var current = -1
         var ends: [Int] = []
         for ring in all {
             ends.append(ring.forEachHarvested { e in
-                if current < 0 || bitmaps[current].log.slot.id != e.slot {
-                    if let i = bitmaps.firstIndex(where: { $0.log.slot.id == e.slot }) {
+                if current < 0 || bitmaps[current].id != e.slot {
+                    if let i = bitmaps.firstIndex(where: { $0.id == e.slot }) {
                         current = i
                     } else {
                         guard let log = dirtyLogs[e.slot] else { return }
-                        bitmaps.append((log, [UInt64](repeating: 0, count: log.bitmap.wordCount)))
+                        bitmaps.append((e.slot, log.slot.pageCount, log, [UInt64](repeating: 0, count: log.bitmap.wordCount)))
                         current = bitmaps.count - 1
                     }
                 }
                 // An entry of a slot deleted meanwhile may not fit the slot now holding its id: drop
                 // it (KVM's reset does the same).
-                guard bitmaps[current].log.slot.contains(page: e.page) else { return }
+                guard e.page < bitmaps[current].pages else { return }
                 bitmaps[current].words[Int(e.page >> 6)] |= 1 << (e.page & 63)
             })
         }
         var changes = changeHook
         changes.forgetDirty()    // harvested
-        for (log, words) in bitmaps {
+        for (_, _, log, words) in bitmaps {
             words.withUnsafeBufferPointer { protectPages($0, pages: 0..<log.slot.pageCount, of: log, shared: true, changes: &changes) }
         }
         commit(changes)
