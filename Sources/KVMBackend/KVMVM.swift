@@ -150,9 +150,6 @@ public final class KVMVM: @unchecked Sendable {
         withSlots { $0.map { ($0.key, $0.value.gpa, $0.value.memory.size, $0.value.readOnly, $0.value.logDirty) } }
     }
 
-    /// Whether a slot exists and logs.
-    public func isLogging(slot: UInt32) -> Bool { withSlots { $0[slot]?.logDirty == true } }
-
     public func createVCPU(id: Int32) throws(KVMError) -> KVMVCPU {
         try KVMVCPU(vm: self, id: id)
     }
