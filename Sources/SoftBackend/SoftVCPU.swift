@@ -100,11 +100,27 @@ public final class SoftVCPU: @unchecked Sendable {
             Self.write(p, value, size)
             return
         }
-        guard let p = slowPath(gpa, .write) else {
+        guard let p = writeMiss(gpa) else {
             _ = exit(gpa, .write, size: size, value: value)
             return
         }
         Self.write(p, value, size)
+    }
+
+    /// A write that missed the TLB. The common case under DBM logging, a first write to a
+    /// writable-clean page of the region walked last, is handled here in a few instructions: the frame
+    /// is logged and the TLB gets W (see dirtyBitModifier). Anything else takes the slow path.
+    @usableFromInline @inline(never)
+    func writeMiss(_ gpa: GPA) -> UnsafeMutableRawPointer? {
+        let clean = Descriptor.dbm | Descriptor.read | Descriptor.accessFlag
+        if nested == nil, let t = tlb.cachedWalk(gpa), t.leaf.raw & (clean | Descriptor.write) == clean {
+            stats.walks &+= 1
+            tlb.logDirty(gpa.gfn)
+            let host = t.hostPage(for: gpa)
+            tlb.insert(gpa.gfn, host: host, permissions: t.leaf.permissions.union(.write))
+            return (host + gpa.pageOffset).pointer
+        }
+        return slowPath(gpa, .write)
     }
 
     @inlinable @inline(__always)
