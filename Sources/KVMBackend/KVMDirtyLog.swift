@@ -47,7 +47,7 @@ extension KVMVM {
             return cvmm_ioctl(fd, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
         }
         guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
-        withSlots { slots in slots[slot]?.vmmDirty?.clear(bitmap: bitmap, firstPage: firstPage) }
+        vmmWrites.forget(slot: Int(slot), bitmap: bitmap, firstPage: firstPage)
     }
 
     /// KVM_GET_DIRTY_LOG for `slot` of `pages` pages: the bitmap (bit i of word w = page 64w+i), which

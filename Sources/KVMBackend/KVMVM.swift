@@ -12,23 +12,22 @@ public final class KVMVM: @unchecked Sendable {
     public let system: KVMSystem
     public let fd: Int32
 
-    /// A memslot as KVM holds it, with the log of the VMM's own writes while it logs (KVM only sees
-    /// the guest's).
+    /// A memslot as KVM holds it.
     struct Slot {
         var gpa: GPA
         let memory: HostMemory
         var logDirty: Bool
         var readOnly: Bool
-        /// Pages the VMM wrote (and, under dirty rings, pages harvested from the rings) not yet
-        /// reported. Kept across a move and a flags change while logging stays on, as KVM keeps its
-        /// dirty bitmap.
-        var vmmDirty: DirtyBitmap?
         func contains(_ gpa: GPA, _ length: UInt64) -> Bool {
             gpa >= self.gpa && gpa.raw - self.gpa.raw <= memory.size && length <= memory.size - (gpa.raw - self.gpa.raw)
         }
     }
     private let lock = NSLock()
     private var slots: [UInt32: Slot] = [:]
+    /// The VMM's own writes into logging slots (KVM sees only the guest's), and, under dirty rings,
+    /// the pages harvested from the rings until a get reports them. Kept across a move and a flags
+    /// change while logging stays on, as KVM keeps its dirty bitmap.
+    public let vmmWrites = VMMWriteLog()
     /// Bytes of each vCPU's dirty ring, once enabled.
     public internal(set) var dirtyRingBytes = 0
     /// Manual protect as last enabled: a page then stays reported until a clear names it.
@@ -60,9 +59,8 @@ public final class KVMVM: @unchecked Sendable {
             }
             if logDirty && readOnly { throw .refused("memslot \(slot) cannot be read-only and dirty logging: the guest cannot dirty it") }
             try setRegion(slot: slot, gpa: gpa, size: memory.size, host: memory.base.raw, logDirty: logDirty, readOnly: readOnly)
-            let kept = logDirty ? slots[slot]?.vmmDirty : nil
-            slots[slot] = Slot(gpa: gpa, memory: memory, logDirty: logDirty, readOnly: readOnly,
-                               vmmDirty: logDirty ? kept ?? DirtyBitmap(pages: memory.size >> 12) : nil)
+            slots[slot] = Slot(gpa: gpa, memory: memory, logDirty: logDirty, readOnly: readOnly)
+            if logDirty { vmmWrites.start(slot: Int(slot), pages: memory.size >> 12) } else { vmmWrites.stop(slot: Int(slot)) }
         }
     }
 
@@ -73,6 +71,7 @@ public final class KVMVM: @unchecked Sendable {
             guard let old = slots[slot] else { throw .refused("there is no memslot \(slot)") }
             try setRegion(slot: slot, gpa: old.gpa, size: 0, host: 0, logDirty: false, readOnly: false)
             slots[slot] = nil
+            vmmWrites.stop(slot: Int(slot))
         }
     }
 
@@ -97,7 +96,7 @@ public final class KVMVM: @unchecked Sendable {
             guard !s.readOnly else { throw .refused("memslot \(id) is read-only: the VMM's writes are refused as the guest's are") }
             guard !bytes.isEmpty else { return }
             (s.memory.pointer + Int(gpa - s.gpa)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-            s.vmmDirty?.set(first: (gpa - s.gpa) >> 12, count: ((gpa - s.gpa + UInt64(bytes.count) - 1) >> 12) - ((gpa - s.gpa) >> 12) + 1)
+            vmmWrites.record(slot: Int(id), offset: gpa - s.gpa, length: UInt64(bytes.count))
         }
     }
 
@@ -106,11 +105,10 @@ public final class KVMVM: @unchecked Sendable {
     public func recordWrite(_ gpa: GPA, length: UInt64) {
         guard length > 0 else { return }
         withSlots { slots in
-            for s in slots.values where s.vmmDirty != nil {
+            for (id, s) in slots where s.logDirty {
                 let lo = max(gpa.raw, s.gpa.raw), hi = min(gpa.raw + length, s.gpa.raw + s.memory.size)
                 guard lo < hi else { continue }
-                let first = (lo - s.gpa.raw) >> 12
-                s.vmmDirty!.set(first: first, count: ((hi - 1 - s.gpa.raw) >> 12) - first + 1)
+                vmmWrites.record(slot: Int(id), offset: lo - s.gpa.raw, length: hi - lo)
             }
         }
     }
@@ -118,28 +116,16 @@ public final class KVMVM: @unchecked Sendable {
     /// Pages the VMM wrote into a logging slot (and ring pages put there) not yet reported: taken
     /// away, or under manual protect left until a clear names them.
     public func takeVMMDirty(slot: UInt32, into words: inout [UInt64]) {
-        let manual = manualProtect
-        withSlots { slots in
-            guard let log = slots[slot]?.vmmDirty else { return }
-            if manual { log.copy(into: &words) } else { log.harvest(into: &words) }
-        }
+        vmmWrites.report(slot: Int(slot), keep: manualProtect, into: &words)
     }
 
-    /// Puts pages back into a logging slot's log (reported by the next get); pages outside the slot,
-    /// or of a slot not logging, are dropped.
-    public func markDirty(slot: UInt32, bitmap: [UInt64]) {
-        withSlots { slots in slots[slot]?.vmmDirty?.set(bitmap: bitmap) }
-    }
+    /// Puts pages back into a logging slot's log (reported by the next get).
+    public func markDirty(slot: UInt32, bitmap: [UInt64]) { vmmWrites.mark(slot: Int(slot), bitmap: bitmap) }
 
     /// Puts dirty-ring entries (slot, page) into their slots' logs. An entry of a slot deleted or no
     /// longer logging, or beyond the slot now holding its id, is dropped.
     public func markDirty(entries: [(slot: UInt32, page: UInt64)]) {
-        withSlots { slots in
-            for e in entries {
-                guard let log = slots[e.slot]?.vmmDirty, e.page < log.pages else { continue }
-                log.set(e.page)
-            }
-        }
+        vmmWrites.mark(entries.map { (Int($0.slot), $0.page) })
     }
 
     /// The host memory behind a slot.

@@ -34,6 +34,10 @@ public final class SlotDirtyLog: @unchecked Sendable {
 public struct DirtyRingEntry: Hashable, Sendable {
     public var slot: Int
     public var page: UInt64
+    public init(slot: Int, page: UInt64) {
+        self.slot = slot
+        self.page = page
+    }
 }
 
 /// A vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING): the vCPU pushes each page it newly dirties; the VMM

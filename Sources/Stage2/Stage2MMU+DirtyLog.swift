@@ -63,6 +63,7 @@ extension Stage2MMU {
         do { _ = try slotTable.setFlags(id: id, slot.flags.union(.dirtyLogging)) } catch { throw .memory(error) }
         let log = SlotDirtyLog(slot: slotTable.slot(id: id)!, config: config)
         dirtyLogs[id] = log
+        vmmWrites.start(slot: id, pages: slot.pageCount)
         if config.initiallySet { log.bitmap.set(first: 0, count: slot.pageCount) }
         return log
     }
@@ -74,6 +75,7 @@ extension Stage2MMU {
         defer { lock.unlock() }
         guard let log = dirtyLogs[id], let slot = slotTable.slot(id: id) else { throw .notLogging(slot: id) }
         dirtyLogs[id] = nil
+        vmmWrites.stop(slot: id)
         do { _ = try slotTable.setFlags(id: id, slot.flags.subtracting(.dirtyLogging)) } catch { throw .memory(error) }
         if slot.backing.hostPageSize > .size4K {
             _ = unmapLocked(log.slot.gpaRange)
@@ -111,6 +113,7 @@ extension Stage2MMU {
         // its reported pages, and a write to one before its chunk is done is in the copy the caller
         // takes afterwards.)
         if manual { log.bitmap.copy(into: &out) } else { log.bitmap.harvest(into: &out) }
+        vmmWrites.report(slot: id, keep: manual, into: &out)
         try out.withUnsafeMutableBufferPointer { (words) throws(DirtyLogError) in
             var changes = changeHook
             if !manual { changes.forgetDirty() }    // reported now (what a DBM walk takes goes to `out` first)
@@ -139,6 +142,7 @@ extension Stage2MMU {
             throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
         }
         log.bitmap.clear(bitmap: bitmap, firstPage: firstPage)
+        vmmWrites.forget(slot: id, bitmap: bitmap, firstPage: firstPage)
         // Shift the caller's words to slot page numbers once; chunks then index them directly.
         var words = [UInt64](repeating: 0, count: log.bitmap.wordCount)
         for (i, w) in bitmap.enumerated() where Int(firstPage >> 6) + i < words.count { words[Int(firstPage >> 6) + i] = w }
@@ -212,16 +216,18 @@ extension Stage2MMU {
         return out
     }
 
-    /// Appends the entries pushed since the last harvest to `out`; returns how many. Pages the VMM
-    /// itself wrote into ring-logged slots come along too (they sit in the slot bitmap, as KVM's
-    /// ring-with-bitmap); they need no re-protecting.
+    /// Appends the entries pushed since the last harvest to `out`; returns how many. Pages of
+    /// ring-logged slots kept elsewhere come along too (the VMM's own writes, and ring entries a
+    /// ring-full exit drained into the slot bitmap), as KVM's ring-with-bitmap; they need no
+    /// re-protecting.
     @discardableResult
     public func harvestDirtyRings(into out: inout [DirtyRingEntry]) -> Int {
         var n = rings.withLock { $0 }.reduce(0) { $0 + $1.harvest(into: &out) }
         let logs = lock.shared { dirtyLogs.values.filter { $0.tracker.usesRings } }
-        for log in logs where log.bitmap.count > 0 {
+        for log in logs {
             var words: [UInt64] = []
             log.bitmap.harvest(into: &words)
+            vmmWrites.report(slot: log.slot.id, keep: false, into: &words)
             forEachSetBit(words) { out.append(DirtyRingEntry(slot: log.slot.id, page: $0)); n += 1 }
         }
         return n
@@ -292,11 +298,7 @@ extension Stage2MMU {
         guard !slot.flags.contains(.readOnly) else { throw .vmmWriteToReadOnly(slot.id) }
         guard !bytes.isEmpty else { return }
         slot.hva(for: gpa).pointer.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-        if let log = dirtyLogs[slot.id] {
-            let first = (gpa - slot.gpaRange.start) >> 12
-            let last = (gpa - slot.gpaRange.start + UInt64(bytes.count) - 1) >> 12
-            log.bitmap.set(first: first, count: last - first + 1)
-        }
+        vmmWrites.record(slot: slot.id, offset: gpa - slot.gpaRange.start, length: UInt64(bytes.count))
     }
 
     /// Copies guest memory at `gpa` out, as the VMM.

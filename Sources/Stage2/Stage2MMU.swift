@@ -68,6 +68,9 @@ public final class Stage2MMU: @unchecked Sendable {
 
     /// Guarded by `lock`: read under shared, written under exclusive.
     var slotTable: MemslotTable
+    /// The VMM's own writes into logging slots (`writeGuest`), kept apart from what the guest's faults
+    /// record and merged into every get: the same log the KVM backend keeps.
+    public let vmmWrites = VMMWriteLog()
     /// Logging slots, by id. Guarded by `lock`.
     var dirtyLogs: [Int: SlotDirtyLog] = [:] { didSet { refreshDirtyTargets() } }
     /// Every vCPU's dirty ring.
@@ -138,6 +141,7 @@ public final class Stage2MMU: @unchecked Sendable {
         if let s = slotTable.slot(id: id), hasNested.load(ordering: .acquiring) { invalidateNested(s.gpaRange) }
         let old = try slotTable.delete(id: id)
         dirtyLogs[id] = nil    // its dirty state goes with it
+        vmmWrites.stop(slot: id)
         _ = unmapLocked(old.gpaRange)
         nestedLock.lock()
         rmaps[id] = nil

@@ -101,8 +101,8 @@ final class SoftMachine: VirtualMachine {
 
     func markDirty(slot: Int, bitmap: [UInt64]) throws {
         _ = try requireSlot(slot)
-        guard let log = vm.mmu.dirtyLog(slot: slot) else { throw DirtyLogError.notLogging(slot: slot) }
-        log.bitmap.set(bitmap: bitmap)
+        guard vm.mmu.dirtyLog(slot: slot) != nil else { throw DirtyLogError.notLogging(slot: slot) }
+        vm.mmu.vmmWrites.mark(slot: slot, bitmap: bitmap)
     }
 
     func writeGuest(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws { try vm.mmu.writeGuest(gpa, bytes) }
