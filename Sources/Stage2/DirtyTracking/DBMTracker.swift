@@ -3,7 +3,7 @@ import GuestMemory
 
 /// The hardware dirty bit: 4 KiB leaves are writable-clean (DBM set, W clear) and the vCPU sets W
 /// itself on the first write, with no fault; W is the page's dirty record, which a harvest walks for
-/// and cleans. Blocks still fault and split, into writable-clean pages.
+/// and cleans. Blocks are split ahead, into writable-clean pages.
 public struct DBMTracker: DirtyTracker {
     public init() {}
     public var strategy: DirtyStrategy? { .dbm }
@@ -17,5 +17,8 @@ public struct DBMTracker: DirtyTracker {
         return ((attributes & ~p.clear) | p.set, false)
     }
     public var splitOnWrite: (set: UInt64, clear: UInt64)? { (Descriptor.dbm, Descriptor.swLogged) }
+    /// Blocks split when logging starts: a write to a block would fault and split it, and the point of
+    /// DBM is that writes do not fault.
+    public var splitsAhead: Bool { true }
     public var leavesRecord: Bool { true }
 }
