@@ -46,8 +46,8 @@ public struct ChangeHook {
 
     /// Replaces `ctx.old` with `new`. A shared walk compares and swaps (false: it lost a race; the
     /// walker re-reads and revisits). An exclusive walk stores, except over a writable-clean DBM leaf,
-    /// which a vCPU may make dirty at any moment without the lock: it exchanges, and the value it took
-    /// away is what `changed` judges.
+    /// the one kind a vCPU could make dirty without the lock (ours log such writes in their TLB's
+    /// buffer, but nothing here may rely on that): it exchanges, and judges the value it took away.
     @inline(__always)
     public mutating func update(_ ctx: VisitContext, _ new: Descriptor) -> Bool {
         var old = ctx.old

@@ -97,7 +97,7 @@ extension Stage2MMU {
     /// (KVM_GET_DIRTY_LOG); with it, nothing is re-protected and nothing forgotten: a page is reported
     /// by every get until clearDirtyLog names it (KVM's manual protect).
     /// vCPUs keep running; their faults wait for one chunk at a time while pages are re-protected,
-    /// and DBM vCPUs go on setting W beside it (the hook exchanges any leaf they could be setting).
+    /// and DBM vCPUs go on logging their writes beside it, in their own buffers.
     public func getDirtyLog(slot id: Int) throws(DirtyLogError) -> [UInt64] {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
         if log.tracker.usesRings { drainDirtyRings() }
