@@ -112,6 +112,7 @@ public final class SoftVCPU: @unchecked Sendable {
     /// is logged and the TLB gets W (see dirtyBitModifier). Anything else takes the slow path.
     @usableFromInline @inline(never)
     func writeMiss(_ gpa: GPA) -> UnsafeMutableRawPointer? {
+        assert(tlb.isInGuest, "guest accesses run between enterGuest() and exitGuest()")
         let clean = Descriptor.dbm | Descriptor.read | Descriptor.accessFlag
         if nested == nil, let t = tlb.cachedWalk(gpa), t.leaf.raw & (clean | Descriptor.write) == clean {
             stats.walks &+= 1

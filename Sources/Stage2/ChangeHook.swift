@@ -102,11 +102,14 @@ public struct ChangeHook {
         if (old.raw ^ new.raw) & kind == 0 {
             // The same table, or a leaf with the same output whose attributes changed: what matters
             // is a permission taken (cached copies must go) and a DBM leaf's W taken (its dirty record).
+            // A DBM leaf is writable in vCPU TLBs through DBM alone, and DBM+W is its dirty record.
             let removed = old.raw & ~new.raw
-            if removed & (Descriptor.read | Descriptor.write | Descriptor.execute) != 0 {
+            let writable = Descriptor.write | Descriptor.dbm
+            if removed & (Descriptor.read | Descriptor.write | Descriptor.execute) != 0
+                || (old.raw & writable != 0 && new.raw & writable == 0) {
                 touched.add(ctx.range)
-                if removed & Descriptor.write != 0 && old.raw & Descriptor.dbm != 0 && ctx.level == 3 { takeDirty(ctx.addr) }
             }
+            if ctx.level == 3 && old.has(writable) && !new.has(writable) { takeDirty(ctx.addr) }
             return
         }
         replaced(ctx, old)

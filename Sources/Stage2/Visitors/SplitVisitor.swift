@@ -32,7 +32,7 @@ public struct SplitVisitor: Stage2Visitor {
     public mutating func visitLeaf(_ ctx: VisitContext) -> VisitResult {
         let old = ctx.old
         if old.isLocked { return .retry }
-        guard old.isValid, ctx.level < target else { return .proceed }
+        guard old.isValid, ctx.level < target, ctx.range.overlaps(range) else { return .proceed }
         var built = 0
         let table = subtree(of: old, at: ctx.addr, level: ctx.level, built: &built)
         guard changes.breakEntry(ctx) else {
