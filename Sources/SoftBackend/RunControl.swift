@@ -12,7 +12,12 @@ public final class RunControl: @unchecked Sendable {
     private var finished = 0
     private let vcpuCount: Int
 
-    public init(vcpus: Int) { vcpuCount = vcpus }
+    /// `paused`: the vCPUs park before their first access until `resumeAll` (a migrated guest waiting
+    /// for the source to hand it over).
+    public init(vcpus: Int, paused: Bool = false) {
+        vcpuCount = vcpus
+        pause.store(paused, ordering: .relaxed)
+    }
 
     private let throttle = Atomic<Int>(0)
 

@@ -298,8 +298,10 @@ public final class SoftVCPU: @unchecked Sendable {
         var pacer = Pacer(start: start, deadline: deadline, rate: workload.rate, firstAccess: done)
         self.control = control
         defer { self.control = nil }
+        // Started paused: not one access before the resume.
+        if control.pauseRequested { control.parkWhilePaused() }
         enterGuest()
-        while done < limit {
+        while done < limit && !control.stopRequested {
             let n = min(batch, limit - done)
             if counting {
                 for _ in 0..<n {

@@ -74,6 +74,8 @@ public final class SoftVM: @unchecked Sendable {
     }
 
     public var isRunning: Bool { control != nil }
+    /// Running and asked to pause (parked, or about to park).
+    public var isPaused: Bool { control?.pauseRequested ?? false }
 
     /// The vCPU threads would run on without the VM: a VM dropped while running stops them first.
     deinit {
@@ -83,11 +85,12 @@ public final class SoftVM: @unchecked Sendable {
         }
     }
 
-    /// Starts one thread per vCPU running `workload` (from `positions`, to continue migrated streams).
-    public func start(_ workload: WorkloadSpec, from positions: [VCPUPosition]? = nil) throws(SoftVMError) {
+    /// Starts one thread per vCPU running `workload` (from `positions`, to continue migrated streams);
+    /// `paused`, they make no access until `resume()`.
+    public func start(_ workload: WorkloadSpec, from positions: [VCPUPosition]? = nil, paused: Bool = false) throws(SoftVMError) {
         guard control == nil else { throw .alreadyRunning }
         if let p = workload.problem() { throw .workload(p) }
-        let c = RunControl(vcpus: vcpus.count)
+        let c = RunControl(vcpus: vcpus.count, paused: paused)
         control = c
         threads = vcpus.map { v in
             let from = positions.flatMap { $0.indices.contains(v.index) ? $0[v.index] : nil }

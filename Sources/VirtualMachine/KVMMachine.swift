@@ -262,7 +262,7 @@ final class KVMMachine: VirtualMachine {
         }
     }
 
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws {
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?, paused: Bool) throws {
         guard runner == nil else { throw VMError.failed("the guest is already running: stop it first") }
         guard spec.base >= workloadBase else {
             throw VMError.unsupported("on the kvm backend the working set starts at 1 MiB or above (the guest program's pages lie below)")
@@ -279,9 +279,11 @@ final class KVMMachine: VirtualMachine {
             restore = state.bytes.withUnsafeBytes { raw in (0..<vcpus.count).map { raw.load(fromByteOffset: $0 * size, as: KVMVCPUState.self) } }
             for (v, s) in zip(vcpus, restore!) { try v.restoreState(s) }
         }
-        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: restore != nil,
+        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: restore != nil, paused: paused,
                            onRingFull: { [weak self] () throws(KVMError) in try self?.harvestRings() })
     }
+
+    var runState: RunState { runner == nil ? .stopped : runner!.control.pauseRequested ? .paused : .running }
 
     func pause() throws {
         guard let runner else { throw VMError.failed("the guest is not running") }
@@ -334,9 +336,10 @@ final class KVMRunner: @unchecked Sendable {
     private var threads: [pthread_t?]
     private let vcpus: [KVMVCPU]
 
-    init(vcpus: [KVMVCPU], ram: GuestRAM, spec: WorkloadSpec, restored: Bool, onRingFull: @escaping () throws(KVMError) -> Void) {
+    init(vcpus: [KVMVCPU], ram: GuestRAM, spec: WorkloadSpec, restored: Bool, paused: Bool,
+         onRingFull: @escaping () throws(KVMError) -> Void) {
         self.vcpus = vcpus
-        control = RunControl(vcpus: vcpus.count)
+        control = RunControl(vcpus: vcpus.count, paused: paused)
         results = RunResults(count: vcpus.count)
         threads = Array(repeating: nil, count: vcpus.count)
         for i in vcpus.indices {

@@ -113,7 +113,7 @@ final class SoftMachine: VirtualMachine {
         try vm.run(spec, timeout: timeout).map(VCPURun.init)
     }
 
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws {
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?, paused: Bool) throws {
         var positions: [VCPUPosition]?
         if let state {
             guard state.backend == .soft else { throw VMError.unsupported("vCPU state from a \(state.backend) VM cannot run on the soft backend") }
@@ -122,8 +122,10 @@ final class SoftMachine: VirtualMachine {
                 throw VMError.failed("the state holds \(positions!.count) vCPUs, this VM has \(vm.vcpus.count)")
             }
         }
-        try vm.start(spec, from: positions)
+        try vm.start(spec, from: positions, paused: paused)
     }
+
+    var runState: RunState { !vm.isRunning ? .stopped : vm.isPaused ? .paused : .running }
 
     func pause() throws { try vm.pause() }
     func setThrottle(percent: Int) { vm.setThrottle(percent: percent) }

@@ -166,17 +166,28 @@ public protocol VirtualMachine: AnyObject {
 
     // Running in the background, as a migration needs: start, pause, resume, stop, and the vCPUs'
     // place in their streams (to continue them on another VM).
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws
+    /// `paused`: the vCPUs are loaded but make no access until `resume()` (a migrated guest waits so
+    /// for the source to hand it over).
+    func start(_ spec: WorkloadSpec, from state: VCPUStates?, paused: Bool) throws
     func pause() throws
     func resume() throws
     func stop() throws -> [VCPURun]
+    /// Stopped (no vCPU threads), paused or running.
+    var runState: RunState { get }
     /// The vCPUs' state; meaningful while paused.
     func vcpuStates() throws -> VCPUStates
     /// Slows the guest's vCPUs to (100 - percent)% of their time, so a migration can converge.
     func setThrottle(percent: Int)
 }
 
+/// Whether a VM's guest runs.
+public enum RunState: String, Sendable {
+    case stopped, paused, running
+}
+
 extension VirtualMachine {
+    public func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws { try start(spec, from: state, paused: false) }
+
     /// Pages of RAM, the size of a RAM-wide dirty bitmap.
     public var pages: UInt64 { ram.pages }
 

@@ -396,6 +396,29 @@ final class StopFlag: @unchecked Sendable {
         #expect(setBits(log).allSatisfy { $0 < 256 })
         _ = try vm.getDirtyLog()
     }
+
+    /// A guest started paused (a migrated guest waiting for the source's GO) makes not one access
+    /// until it is resumed: its working set stays zero, and it then runs.
+    @Test(arguments: Cell.backends)
+    func startedPausedDoesNothingUntilResumed(_ backend: BackendKind) throws {
+        let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: 8 << 20, backing: .pages4K, vcpus: 2))
+        let spec = WorkloadSpec(pattern: .sequential, base: vm.workloadBase, workingSet: 4 << 20, writeFraction: 1,
+                                seed: 5, stop: .duration(30))
+        let bytes = Int(spec.workingSet)
+        let ws = UnsafeRawBufferPointer(start: vm.ram.pointer(linear: spec.base.raw), count: bytes)
+        #expect(vm.runState == .stopped)
+        try vm.start(spec, from: nil, paused: true)
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(vm.runState == .paused)
+        #expect(ws.allSatisfy { $0 == 0 }, "a paused guest wrote its memory")
+        try vm.resume()
+        #expect(vm.runState == .running)
+        Thread.sleep(forTimeInterval: 0.1)
+        let runs = try vm.stop()
+        #expect(vm.runState == .stopped)
+        #expect(runs.allSatisfy { $0.accesses > 0 })
+        #expect(ws.contains { $0 != 0 })
+    }
 }
 
 func setBits(_ words: [UInt64]) -> [UInt64] {
