@@ -3,28 +3,6 @@ import GuestMemory
 import DirtyLog
 import Synchronization
 
-/// The first message on each further channel of a migration (after its key handshake): the magic,
-/// the token of the main stream's header and the channel's index.
-enum ChannelHello {
-    static let magic = Array("VMMCHAN1".utf8)
-
-    static func send(on c: Connection, token: UInt32, index: UInt32) throws {
-        var b = magic
-        b.append(le: token)
-        b.append(le: index)
-        try c.send(b)
-        try c.flush()
-    }
-
-    /// Reads a hello; returns the channel's index.
-    static func read(from c: Connection, token: UInt32) throws -> UInt32 {
-        let b = try c.receive(16)
-        guard Array(b[0..<8]) == magic else { throw MigrationError.badStream("a further channel did not start with its hello") }
-        guard b.le(UInt32.self, at: 8) == token else { throw MigrationError.badStream("a channel of another migration connected") }
-        return b.le(UInt32.self, at: 12)
-    }
-}
-
 /// The source's channels: each pass's pages are spread over every connection, a 2 MiB block of the
 /// bitmap at a time (a channel takes the next block no channel took), and each channel then closes
 /// the pass with a SYNC. The first connection is sent on by the calling thread, the others by a thread
@@ -49,12 +27,13 @@ final class ChannelSenders: @unchecked Sendable {
 
     var bytesSent: UInt64 { connections.reduce(0) { $0 + $1.bytesSent } }
 
-    /// Authenticates every further channel and sends its hello, all at once: the destination takes
-    /// them in the order they reached it, which need not be ours.
-    func open(key: MigrationKey?, token: UInt32) throws {
+    /// Opens every further channel and names it (a CHANNEL record: the token and its index), all at
+    /// once: the destination takes them in the order they reached it, which need not be ours.
+    func open(key: MigrationKey?, token: UInt64) throws {
         try onEachChannel(from: 1) { [self] i in
-            if let key { try connections[i].authenticate(with: key, asSource: true) }
-            try ChannelHello.send(on: connections[i], token: token, index: UInt32(i))
+            try Handshake.open(connections[i], key: key, further: true)
+            try connections[i].sendRecord(.channel, count: UInt32(i), firstPage: token)
+            try connections[i].flush()
         }
     }
 
@@ -76,6 +55,8 @@ final class ChannelSenders: @unchecked Sendable {
             while true {
                 let b = nextBlock.add(1, ordering: .relaxed).oldValue
                 guard b < blocks else { break }
+                // The destination speaks mid-stream only to stop: then its reason ends the pass.
+                if i == 0, connections[0].peerHasSpoken, let e = peerReason(connections[0]) { throw e }
                 try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
             }
             try connections[i].sendSync(pass: pass, last: last)
@@ -92,7 +73,7 @@ final class ChannelSenders: @unchecked Sendable {
         @Sendable func run(_ i: Int) {
             do { try body(i) } catch {
                 failure.withLock { if $0 == nil { $0 = error } }
-                for c in connections { c.abort() }
+                for c in connections { c.interrupt() }
             }
         }
         let group = DispatchGroup()

@@ -2,82 +2,69 @@ import Foundation
 import Glibc
 import Synchronization
 
-/// HOST:PORT, parsed. HOST is an IPv4 address or "localhost".
-public struct Endpoint: Sendable, CustomStringConvertible {
-    public var host: String
-    public var port: UInt16
-
-    public init(host: String, port: UInt16) { self.host = host; self.port = port }
-
-    public init?(_ text: String) {
-        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
-        let host = String(text[..<colon])
-        self.host = host.isEmpty ? "127.0.0.1" : host
-        self.port = port
-    }
-
-    public var description: String { "\(host):\(port)" }
-
-    func sockaddr() throws -> sockaddr_in {
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = port.bigEndian
-        let h = host == "localhost" ? "127.0.0.1" : host
-        guard inet_pton(AF_INET, h, &a.sin_addr) == 1 else { throw MigrationError.connection("\(host) is not an IPv4 address") }
-        return a
-    }
-}
-
-/// One end of a stream: a TCP connection whose every send and receive has a timeout (so nothing
-/// waits forever), or a snapshot file.
+/// One end of a stream: a socket (TCP or Unix) or a snapshot file. On a socket every send and
+/// receive finishes within `timeout` seconds of its start or fails, however the peer trickles its
+/// bytes; `cancel()` and `interrupt()` stop one from any thread within a tenth of a second, without
+/// closing the socket, so the side can still tell its peer why.
 public final class Connection: @unchecked Sendable {
     let fd: Int32
     /// A regular file (a snapshot) rather than a socket.
     let isFile: Bool
+    /// Seconds a send or receive may take.
+    public var timeout: Double
     public private(set) var bytesSent: UInt64 = 0
     public private(set) var bytesReceived: UInt64 = 0
     /// Bytes per second this connection may send (nil: unlimited); sends sleep to stay under it.
-    public var maxBandwidth: Double?
+    public var maxBandwidth: Double? {
+        didSet { paceStart = Date(); pacedBytes = 0 }
+    }
     private var paceStart = Date()
     private var pacedBytes: Double = 0
 
-    private let cancelled = Atomic<Bool>(false)
+    /// 0 running, 1 interrupted (another channel failed), 2 cancelled.
+    private let stopped = Atomic<Int>(0)
     /// Set by `cancel()`.
-    public var isCancelled: Bool { cancelled.load(ordering: .acquiring) }
+    public var isCancelled: Bool { stopped.load(ordering: .acquiring) == 2 }
+    /// The record sealing of each direction once a key handshake is done (nil: records in clear).
+    var sendCipher: RecordCipher?
+    var receiveCipher: RecordCipher?
+    /// Where a record is sealed before it goes, and opened after it came.
+    var sealBuffer: [UInt8] = []
+    var openBuffer: [UInt8] = []
+    private var ignoringStop = false
 
-    /// Cancels the transfer from any thread (Ctrl-C): the connection is shut down, a send or receive
-    /// blocked on it returns, and the side using it fails with `.cancelled` and rolls back.
-    public func cancel() {
-        cancelled.store(true, ordering: .releasing)
-        if !isFile { shutdown(fd, Int32(SHUT_RDWR)) }
-    }
+    /// Cancels the transfer from any thread (Ctrl-C): a send or receive under way fails with
+    /// `.cancelled` within a tenth of a second, and the side using it rolls back and tells its peer.
+    public func cancel() { stopped.store(2, ordering: .releasing) }
 
-    /// Shuts the connection down from any thread, so a send or receive blocked on it returns (a
-    /// failure on another channel of the same migration), without marking it cancelled.
-    func abort() {
-        if !isFile { shutdown(fd, Int32(SHUT_RDWR)) }
-    }
+    /// Stops a send or receive under way from any thread (a failure on another channel of the same
+    /// migration), without marking it cancelled.
+    func interrupt() { _ = stopped.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing) }
 
     /// A failure as the caller should see it: after `cancel()` every failure is the cancellation.
     func failure(_ e: MigrationError) -> MigrationError { isCancelled ? .cancelled : e }
 
-    /// Set once a key handshake succeeded: every record then carries a MAC.
-    var sendMAC: RecordMAC?
-    var receiveMAC: RecordMAC?
+    /// Set while `sendRecord` writes one record: a stop then waits for the record's end (bounded by
+    /// the timeout), so the peer never sees half a record before the ERROR that explains the stop.
+    var sendingRecord = false
 
-    /// Sends one record: its header, its payload and, on an authenticated connection, its MAC.
-    func sendRecord(_ header: [UInt8], _ payload: UnsafeRawBufferPointer) throws {
-        try send(header)
-        if payload.count > 0 { try send(payload) }
-        if let mac = sendMAC { try send(mac.next(header: header, payload: payload)) }
+    func checkStopped(sending: Bool = false) throws {
+        if ignoringStop || (sending && sendingRecord) { return }
+        switch stopped.load(ordering: .acquiring) {
+        case 0: return
+        case 2: throw MigrationError.cancelled
+        default: throw MigrationError.connection("stopped: another channel of this migration failed")
+        }
     }
 
-    /// Runs the key handshake as the source (`asSource`) or destination; afterwards records are MAC'd.
-    public func authenticate(with key: MigrationKey, asSource: Bool) throws {
-        let session = asSource ? try Handshake.source(self, key: key) : try Handshake.destination(self, key: key)
-        // The source's records are direction 1, the destination's 2: never the same nonce twice.
-        sendMAC = RecordMAC(key: session, direction: asSource ? 1 : 2)
-        receiveMAC = RecordMAC(key: session, direction: asSource ? 2 : 1)
+    /// Runs `body` as if not cancelled or interrupted, with a timeout of at most 2 s: the last words
+    /// to the peer of a side that stops.
+    func withoutStop<T>(_ body: () throws -> T) throws -> T {
+        let saved = timeout
+        ignoringStop = true
+        timeout = min(timeout, 2)
+        defer { ignoringStop = false; timeout = saved }
+        return try body()
     }
 
     /// Opens a snapshot file for writing (created, truncated) or reading.
@@ -86,6 +73,7 @@ public final class Connection: @unchecked Sendable {
         guard fd >= 0 else { throw MigrationError.connection("open \(path): \(String(cString: strerror(errno)))") }
         self.fd = fd
         isFile = true
+        timeout = .infinity
     }
 
     /// Makes what was written durable (a snapshot is complete only after this).
@@ -94,49 +82,61 @@ public final class Connection: @unchecked Sendable {
         guard fsync(fd) == 0 else { throw MigrationError.connection("fsync: \(String(cString: strerror(errno)))") }
     }
 
-    init(fd: Int32, timeout: Double) {
+    /// Takes a connected socket.
+    init(socket fd: Int32, timeout: Double) {
         self.fd = fd
         isFile = false
-        var tv = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - Double(Int(timeout))) * 1e6))
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        self.timeout = timeout
         var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))   // fails harmlessly on Unix sockets
         var big: Int32 = 4 << 20
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, socklen_t(MemoryLayout<Int32>.size))
     }
 
+    /// Two connected ends of a Unix socket pair (tests, and a migration within one process).
+    public static func pair(timeout: Double = 10) throws -> (Connection, Connection) {
+        var fds: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            throw MigrationError.connection("socketpair: \(String(cString: strerror(errno)))")
+        }
+        return (Connection(socket: fds[0], timeout: timeout), Connection(socket: fds[1], timeout: timeout))
+    }
+
     deinit {
-        try? flush()
         close(fd)
         output.deallocate()
         input.deallocate()
     }
 
-    /// Connects to `endpoint`, giving up after `timeout` seconds.
-    /// The `channels` connections of one migration: the main one and the others.
-    public static func connect(to endpoint: Endpoint, channels: Int, timeout: Double = 10) throws -> (Connection, [Connection]) {
-        guard (1...Int(StreamHeader.maxChannels)).contains(channels) else {
-            throw MigrationError.connection("\(channels) channels: give 1 to \(StreamHeader.maxChannels)")
+    /// The `channels` connections of one migration to `address`: the main one and the others.
+    public static func connect(to address: MigrationAddress, channels: Int, timeout: Double = 10) throws -> (Connection, [Connection]) {
+        guard (1...Int(maxChannels)).contains(channels) else {
+            throw MigrationError.connection("\(channels) channels: give 1 to \(maxChannels)")
         }
-        let main = try connect(to: endpoint, timeout: timeout)
-        return (main, try (1..<channels).map { _ in try connect(to: endpoint, timeout: timeout) })
+        let main = try connect(to: address, timeout: timeout)
+        return (main, try (1..<channels).map { _ in try connect(to: address, timeout: timeout) })
     }
 
-    public static func connect(to endpoint: Endpoint, timeout: Double = 10) throws -> Connection {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
-        var a = try endpoint.sockaddr()
+    /// Connects to `address` (each address it resolves to in turn), retrying while nobody listens
+    /// yet, for up to `timeout` seconds.
+    public static func connect(to address: MigrationAddress, timeout: Double = 10) throws -> Connection {
+        let targets = try address.resolve(passive: false)
         let deadline = Date().addingTimeInterval(timeout)
+        var last = "no address"
         while true {
-            let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            if rc == 0 { return Connection(fd: fd, timeout: timeout) }
-            let e = errno
-            // Nobody listening yet: the destination may still be starting.
-            if (e == ECONNREFUSED || e == EINTR) && Date() < deadline { usleep(20_000); continue }
-            close(fd)
-            throw MigrationError.connection("connect to \(endpoint): \(String(cString: strerror(e)))")
+            for t in targets {
+                let fd = socket(t.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                guard fd >= 0 else { last = "socket: \(String(cString: strerror(errno)))"; continue }
+                if t.withSockaddr({ Glibc.connect(fd, $0, $1) }) == 0 { return Connection(socket: fd, timeout: timeout) }
+                let e = errno
+                close(fd)
+                last = String(cString: strerror(e))
+                // Nobody listening yet: the destination may still be starting.
+                guard e == ECONNREFUSED || e == ENOENT || e == EINTR else { throw MigrationError.connection("connect to \(address): \(last)") }
+            }
+            guard Date() < deadline else { throw MigrationError.connection("connect to \(address): \(last) (for \(timeout) s)") }
+            usleep(20_000)
         }
     }
 
@@ -161,7 +161,11 @@ public final class Connection: @unchecked Sendable {
             // Stay under the limit on average: sleep until the bytes sent so far are due.
             pacedBytes += Double(bytes.count)
             let due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
-            if due > 0.001 { try flush(); usleep(UInt32(min(due, 1) * 1e6)) }
+            if due > 0.001 {
+                try flush()
+                try checkStopped(sending: true)
+                usleep(UInt32(min(due, 0.1) * 1e6))
+            }
         }
     }
 
@@ -178,24 +182,43 @@ public final class Connection: @unchecked Sendable {
         try write(UnsafeRawBufferPointer(start: output, count: n))
     }
 
+    /// Waits until the socket is ready for `events`, in slices so a cancel is seen, until `deadline`.
+    private func wait(_ events: Int16, until deadline: Date, doing what: String) throws {
+        while true {
+            try checkStopped(sending: events == Int16(POLLOUT))
+            let left = deadline.timeIntervalSinceNow
+            guard left > 0 else { throw failure(.timeout("\(what) within \(formatSeconds(timeout))")) }
+            var p = pollfd(fd: fd, events: events, revents: 0)
+            let rc = poll(&p, 1, Int32(min(left, 0.1) * 1000) + 1)
+            if rc > 0 { return }
+            if rc < 0 && errno != EINTR { throw failure(.connection("poll: \(String(cString: strerror(errno)))")) }
+        }
+    }
+
     private func write(_ bytes: UnsafeRawBufferPointer) throws {
         var off = 0
+        let deadline = Date().addingTimeInterval(timeout)
         while off < bytes.count {
             let n = isFile ? Glibc.write(fd, bytes.baseAddress! + off, bytes.count - off)
-                           : Glibc.send(fd, bytes.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL))
+                           : Glibc.send(fd, bytes.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
-                if e == EAGAIN || e == EWOULDBLOCK { throw failure(.timeout("sending to the peer")) }
+                if e == EAGAIN || e == EWOULDBLOCK {
+                    try wait(Int16(POLLOUT), until: deadline, doing: "sending \(bytes.count) bytes to the peer")
+                    continue
+                }
                 throw failure(.connection("send: \(String(cString: strerror(e)))"))
             }
             off += n
         }
     }
 
-    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+    /// Fills `buffer`, waiting at most until `deadline` (by default `timeout` from now).
+    public func receive(into buffer: UnsafeMutableRawBufferPointer, deadline: Date? = nil) throws {
         try flush()
         var off = 0
+        let deadline = deadline ?? Date().addingTimeInterval(timeout)
         while off < buffer.count {
             if inputStart < inputEnd {
                 let n = min(inputEnd - inputStart, buffer.count - off)
@@ -207,7 +230,7 @@ public final class Connection: @unchecked Sendable {
             // Large reads go straight to the caller; small ones refill the buffer.
             let direct = buffer.count - off >= Self.bufferSize
             let (to, room) = direct ? (buffer.baseAddress! + off, buffer.count - off) : (input, Self.bufferSize)
-            let n = isFile ? read(fd, to, room) : recv(fd, to, room, 0)
+            let n = isFile ? read(fd, to, room) : recv(fd, to, room, Int32(MSG_DONTWAIT))
             if n == 0 {
                 throw failure(isFile ? .badStream("the file ends early, after \(bytesReceived + UInt64(off)) bytes (truncated)")
                                      : .connection("the peer closed the connection after \(bytesReceived + UInt64(off)) bytes"))
@@ -215,7 +238,11 @@ public final class Connection: @unchecked Sendable {
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
-                if e == EAGAIN || e == EWOULDBLOCK { throw failure(.timeout("waiting for the peer")) }
+                if e == EAGAIN || e == EWOULDBLOCK {
+                    try wait(Int16(POLLIN), until: deadline,
+                             doing: "waiting for the peer (\(off) of \(buffer.count) bytes came)")
+                    continue
+                }
                 throw failure(.connection("receive: \(String(cString: strerror(e)))"))
             }
             if direct { off += n } else { inputStart = 0; inputEnd = n }
@@ -223,47 +250,130 @@ public final class Connection: @unchecked Sendable {
         bytesReceived += UInt64(buffer.count)
     }
 
-    public func receive(_ count: Int) throws -> [UInt8] {
+    /// Whether the peer has sent something not yet read (a source sending pages hears from its
+    /// destination only when it stops: an ERROR).
+    var peerHasSpoken: Bool {
+        if inputStart < inputEnd { return true }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return !isFile && poll(&p, 1, 0) > 0
+    }
+
+    /// After telling the peer why this side stops: reads and drops what the peer still sends, until
+    /// it closes or `seconds` pass, so the peer can read that reason before this side closes (a
+    /// close with unread data would reset the connection under it).
+    func drain(for seconds: Double) {
+        guard !isFile else { return }
+        shutdown(fd, Int32(SHUT_WR))
+        let deadline = Date().addingTimeInterval(seconds)
+        var scratch = [UInt8](repeating: 0, count: 64 << 10)
+        while deadline.timeIntervalSinceNow > 0 {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, Int32(deadline.timeIntervalSinceNow * 1000) + 1) > 0 else { return }
+            let n = scratch.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) { return }
+        }
+    }
+
+    public func receive(_ count: Int, deadline: Date? = nil) throws -> [UInt8] {
         var b = [UInt8](repeating: 0, count: count)
-        try b.withUnsafeMutableBytes { p in try receive(into: p) }
+        try b.withUnsafeMutableBytes { p in try receive(into: p, deadline: deadline) }
         return b
     }
+
+    public static let maxChannels = 16
 }
 
-/// A listening TCP socket.
+func formatSeconds(_ s: Double) -> String { s == s.rounded() ? "\(Int(s)) s" : String(format: "%.1f s", s) }
+
+/// A listening socket, TCP or Unix.
 public final class Listener: @unchecked Sendable {
     let fd: Int32
-    public let endpoint: Endpoint
+    /// What it listens on (with the port a port 0 picked).
+    public let address: MigrationAddress
+    private let unixPath: String?
 
-    /// Listens on `endpoint` (port 0 picks a free one; `endpoint` then names it).
-    public init(_ endpoint: Endpoint) throws {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    /// Listens on `address` (port 0 picks a free one; `address` then names it). A Unix socket path
+    /// that exists is replaced only if it is a socket nobody listens on.
+    public init(_ address: MigrationAddress) throws {
+        guard let target = try address.resolve(passive: true).first else { throw MigrationError.connection("\(address) resolves to nothing") }
+        if case let .unix(path) = address {
+            var st = stat()
+            if stat(path, &st) == 0 {
+                guard st.st_mode & S_IFMT == S_IFSOCK else { throw MigrationError.connection("listen on \(address): \(path) exists and is not a socket") }
+                if (try? Connection.connect(to: address, timeout: 0)) != nil {
+                    throw MigrationError.connection("listen on \(address): another process listens there")
+                }
+                unlink(path)
+            }
+        }
+        let fd = socket(target.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var a = try endpoint.sockaddr()
-        let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard rc == 0, listen(fd, 16) == 0 else {
+        guard target.withSockaddr({ bind(fd, $0, $1) }) == 0, listen(fd, 16) == 0 else {
             let e = errno
             close(fd)
-            throw MigrationError.connection("listen on \(endpoint): \(String(cString: strerror(e)))")
+            throw MigrationError.connection("listen on \(address): \(String(cString: strerror(e)))")
         }
-        var bound = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         self.fd = fd
-        self.endpoint = Endpoint(host: endpoint.host, port: UInt16(bigEndian: bound.sin_port))
+        switch address {
+        case let .tcp(host, _):
+            var bound = SocketAddress()
+            bound.family = target.family
+            bound.length = socklen_t(bound.storage.count)
+            _ = bound.storage.withUnsafeMutableBytes { getsockname(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), &bound.length) }
+            self.address = .tcp(host: host, port: bound.port)
+            unixPath = nil
+        case let .unix(path):
+            self.address = address
+            unixPath = path
+        }
     }
 
-    deinit { close(fd) }
+    deinit {
+        close(fd)
+        if let unixPath { unlink(unixPath) }
+    }
 
-    /// Accepts one connection within `timeout` seconds.
-    public func accept(timeout: Double) throws -> Connection {
+    /// Accepts one connection within `timeout` seconds; its sends and receives get `ioTimeout`.
+    public func accept(timeout: Double, ioTimeout: Double? = nil) throws -> Connection {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let rc = poll(&p, 1, Int32(timeout * 1000))
-        guard rc > 0 else { throw rc == 0 ? MigrationError.timeout("no source connected to \(endpoint) within \(timeout) s") : MigrationError.connection("poll: \(String(cString: strerror(errno)))") }
+        let rc = poll(&p, 1, Int32(max(0, timeout) * 1000))
+        guard rc > 0 else {
+            throw rc == 0 ? MigrationError.timeout("no source connected to \(address) within \(formatSeconds(timeout))")
+                          : MigrationError.connection("poll: \(String(cString: strerror(errno)))")
+        }
         let c = Glibc.accept(fd, nil, nil)
         guard c >= 0 else { throw MigrationError.connection("accept: \(String(cString: strerror(errno)))") }
-        return Connection(fd: c, timeout: timeout)
+        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+        return Connection(socket: c, timeout: ioTimeout ?? timeout)
+    }
+}
+
+/// Cancels a migration from any thread (Ctrl-C): every connection it watches is cancelled, and so
+/// is any it watches later. The side rolls back and tells its peer.
+public final class Cancellation: @unchecked Sendable {
+    private let lock = NSLock()
+    private var connections: [Connection] = []
+    private var cancelled = false
+
+    public init() {}
+
+    public var isCancelled: Bool { lock.lock(); defer { lock.unlock() }; return cancelled }
+
+    public func cancel() {
+        lock.lock()
+        cancelled = true
+        let all = connections
+        lock.unlock()
+        for c in all { c.cancel() }
+    }
+
+    public func watch(_ c: Connection) {
+        lock.lock()
+        connections.append(c)
+        let now = cancelled
+        lock.unlock()
+        if now { c.cancel() }
     }
 }

@@ -3,52 +3,79 @@ import GuestMemory
 import VirtualMachine
 import Workload
 
-/// The destination side: read a stream from `connection` (and, if the source uses several channels,
-/// from the further connections `more` accepts), build the VM it describes, and resume the guest only
-/// if the memory digest matches; answer the source either way. On any error the partial VM is
-/// discarded and the error rethrown.
-public func receive(over connection: Connection, more: (() throws -> Connection)? = nil, key: MigrationKey? = nil,
+/// How the destination receives.
+public struct ReceiveOptions: Sendable {
+    /// The pre-shared key; nil takes only a source without one.
+    public var key: MigrationKey?
+    /// Seconds each receive, each record and the wait for the source's GO may take.
+    public var timeout: Double
+    /// Seconds to wait for a source to connect.
+    public var acceptTimeout: Double
+    /// Guests with more memory than this are refused as out of memory (nil: any).
+    public var maxMemory: UInt64?
+
+    public init(key: MigrationKey? = nil, timeout: Double = 30, acceptTimeout: Double = 60, maxMemory: UInt64? = nil) {
+        self.key = key
+        self.timeout = timeout
+        self.acceptTimeout = acceptTimeout
+        self.maxMemory = maxMemory
+    }
+}
+
+/// The destination side: wait on `listener` for a source, read its stream (over its further channels
+/// too), build the VM it describes, and run the guest once the source hands it over (Switchover);
+/// any other source that connects meanwhile is told "busy". On a failure the source is told why, the
+/// partial VM is discarded, and the error rethrown; a switchover that breaks after READY throws
+/// `SwitchoverInDoubt` with the guest loaded and paused.
+public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOptions(), cancellation: Cancellation? = nil,
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
-    var answered = false
+    let acceptor = Acceptor(listener: listener, key: options.key, timeout: options.timeout)
+    defer { acceptor.stop() }
     let out = ProgressReporter(progress)
+    acceptor.onRefusal = { why in out.report(event: why) }
+    let (connection, opening) = try acceptor.waitForMain(seconds: options.acceptTimeout, cancellation: cancellation)
+    cancellation?.watch(connection)
+    defer { connection.drain(for: 1) }
     let start = monotonicNanos()
     var channels: [Connection] = []
     func tell(_ phase: MigrationProgress.Phase, _ event: String? = nil, force: Bool = true) {
-        out.status.phase = phase
+        out.update { $0.phase = phase }
         out.report(bytes: channels.reduce(connection.bytesReceived) { $0 + $1.bytesReceived }, event: event, force: force, rateSince: start)
     }
     var readers: [ChannelReader] = []
     defer { for r in readers { r.join() } }
+    var loaded: (any VirtualMachine)?
     do {
-        // A wrong key stops here, before any guest memory is accepted.
-        if let key { try connection.authenticate(with: key, asSource: false) }
-        let header = try StreamHeader.read(from: connection)
-        if header.channels > 1 {
-            guard let more else { throw MigrationError.badStream("the source sends over \(header.channels) channels; this destination takes one") }
-            var seen = Set<UInt32>()
-            for _ in 1..<header.channels {
-                let c = try more()
-                channels.append(c)
-                if let key { try c.authenticate(with: key, asSource: false) }
-                let index = try ChannelHello.read(from: c, token: header.token)
-                guard index > 0, index < header.channels, seen.insert(index).inserted else {
-                    throw MigrationError.badStream("channel \(index) of \(header.channels) connected twice or out of range")
-                }
-            }
+        let guest: GuestDescription, count: Int
+        switch opening {
+        case let .legacy(prefix):
+            let header = try Version2Header.read(from: connection, prefix: prefix)
+            (guest, count) = (header.guest, 1)
+            tell(.setup, "a version 2 source: its guest is resumed as version 2 did, without the switchover exchange")
+        case .open:
+            let first = try Record.read(from: connection, pageLimit: 0)
+            if let e = first.error(from: .source) { throw e }
+            guard first.type == .guest else { throw MigrationError.badStream("the stream began with a \(first.type) record") }
+            guest = try GuestDescription.decode(first.payload, context: "")
+            count = Int(first.count)
+            guard (1...Connection.maxChannels).contains(count) else { throw MigrationError.badStream("\(count) channels") }
+            channels = try acceptor.waitForChannels(token: first.firstPage, count: count)
+            for c in channels { cancellation?.watch(c) }
         }
-        let (vm, spec) = try header.guest.makeGuest()
+        acceptor.stop()
+        let (vm, spec) = try guest.makeGuest(maxMemory: options.maxMemory)
         tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s), workload \(spec)"
-             + (channels.isEmpty ? "" : ", \(header.channels) channels"))
+             + (channels.isEmpty ? "" : ", \(count) channels"))
         // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
         let local = DestinationDigest(vm.ram)
         defer { local.stop() }
         let written = DirtyBitmap(pages: vm.pages)
-        let barrier = PassBarrier(parties: channels.count + 1, timeout: 60)
-        // A failure on a further channel releases the barrier and shuts every connection, so the main
+        let barrier = PassBarrier(parties: channels.count + 1, timeout: options.timeout)
+        // A failure on a further channel releases the barrier and stops every connection, so the main
         // channel stops at once and reports it.
         let all = [connection] + channels
         readers = channels.map { c in
-            ChannelReader(onFailure: { barrier.fail(); for c in all { c.abort() } }) {
+            ChannelReader(onFailure: { barrier.fail(); for c in all { c.interrupt() } }) {
                 try applyRecords(from: c, into: vm, written: written, digest: local, barrier: barrier, main: false)
             }
         }
@@ -60,7 +87,7 @@ public func receive(over connection: Connection, more: (() throws -> Connection)
         } catch {
             // Release the other channels; a failure they had first is the one to report.
             barrier.fail()
-            for c in channels { c.abort() }
+            for c in channels { c.interrupt() }
             for r in readers { r.join() }
             throw readers.lazy.compactMap(\.failure).first ?? error
         }
@@ -69,16 +96,27 @@ public func receive(over connection: Connection, more: (() throws -> Connection)
         if let e = readers.lazy.compactMap(\.failure).first { throw e }
         tell(.verifying, "all records in; checking the memory digest")
         guard local.final() == digest else { throw MigrationError.digestMismatch }
-        try vm.start(spec, from: state)
-        try connection.send([1])
-        try connection.flush()
-        answered = true
-        tell(.done, "memory digest matches; guest resumed")
+        if case .legacy = opening {
+            try vm.start(spec, from: state)
+            try connection.send([1])
+            try connection.flush()
+        } else {
+            try vm.start(spec, from: state, paused: true)
+            loaded = vm
+            tell(.verifying, "memory digest matches; the guest is loaded, paused; READY")
+            try Switchover.destination(connection, vm: vm, spec: spec)
+        }
+        tell(.done, "the source handed the guest over; it runs here")
         return (vm, spec)
+    } catch let e as SwitchoverInDoubt {
+        throw e
     } catch {
-        if !answered, connection.sendMAC != nil || key == nil { try? connection.send([0]); try? connection.flush() }
-        for c in channels { c.abort() }
-        throw connection.isCancelled ? MigrationError.cancelled : error
+        if let vm = loaded { _ = try? vm.stop() }
+        let reason = MigrationError(describing: error)
+        if case .open = opening, reason.toldBy == nil { try? connection.sendError(reason) }
+        if case .legacy = opening { try? connection.send([0]); try? connection.flush() }
+        for c in channels { c.interrupt() }
+        throw connection.isCancelled ? MigrationError.cancelled : reason
     }
 }
 
@@ -141,6 +179,10 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, writ
             } else {
                 apply()
             }
+        case .error:
+            throw r.error(from: .source)!
+        case .guest, .channel, .ready, .go, .running:
+            throw MigrationError.badStream("a \(r.type) record among the pages")
         case .sync:
             try barrier?.arrive(pass: r.count)
             sawLastPass = sawLastPass || r.last

@@ -1,3 +1,4 @@
+import Foundation
 import GuestMemory
 
 /// Where a migration stands, reported to a progress callback on either end: often while pages move
@@ -39,6 +40,7 @@ public struct MigrationProgress: Sendable {
             var s = String(format: "%@ iteration %d: %3.0f%% of %@ sent, %@, %@ left, expected downtime %.0f ms",
                            phase.rawValue, iteration, percent, formatBytes(pagesPlanned << 12), rate,
                            formatBytes(remainingBytes), expectedDowntime * 1e3)
+            if bandwidth > 0 { s += ", pass ETA " + formatDuration(Double(remainingBytes) / bandwidth) }
             if throttlePercent > 0 { s += ", vCPUs throttled to \(100 - throttlePercent)%" }
             return s
         }
@@ -47,22 +49,44 @@ public struct MigrationProgress: Sendable {
 
 /// Hands progress to a caller's callback: at once for an event or a change of phase, otherwise at
 /// most ten times a second. `status` is the report being built up.
-final class ProgressReporter {
-    var status = MigrationProgress()
+final class ProgressReporter: @unchecked Sendable {
+    private var status = MigrationProgress()
     private let callback: ((MigrationProgress) -> Void)?
     private var last: UInt64 = 0
+    /// Reports can come from more than one thread (the destination's door reports what it refused).
+    private let lock = NSLock()
 
     init(_ callback: ((MigrationProgress) -> Void)?) { self.callback = callback }
 
+    func update(_ body: (inout MigrationProgress) -> Void) {
+        lock.lock()
+        body(&status)
+        lock.unlock()
+    }
+
     /// `rateSince`: also set the bandwidth, as bytes over the time since then.
-    func report(bytes: UInt64, event: String? = nil, force: Bool = true, rateSince: UInt64? = nil) {
+    func report(bytes: UInt64? = nil, event: String? = nil, force: Bool = true, rateSince: UInt64? = nil) {
         guard let callback else { return }
         let now = monotonicNanos()
-        guard force || now - last >= 100_000_000 else { return }
+        lock.lock()
+        guard force || now - last >= 100_000_000 else { lock.unlock(); return }
         last = now
-        if let rateSince { status.bandwidth = Double(bytes) / (Double(max(now - rateSince, 1)) / 1e9) }
-        status.bytes = bytes
+        if let bytes {
+            if let rateSince { status.bandwidth = Double(bytes) / (Double(max(now - rateSince, 1)) / 1e9) }
+            status.bytes = bytes
+        }
         status.event = event
-        callback(status)
+        let copy = status
+        lock.unlock()
+        callback(copy)
     }
+}
+
+/// A duration for a person: 850 ms, 12.3 s, 4 min 10 s, 2 h 5 min.
+func formatDuration(_ s: Double) -> String {
+    guard s.isFinite else { return "never" }
+    if s < 1 { return String(format: "%.0f ms", s * 1e3) }
+    if s < 60 { return String(format: "%.1f s", s) }
+    if s < 3600 { return "\(Int(s) / 60) min \(Int(s) % 60) s" }
+    return "\(Int(s) / 3600) h \(Int(s) % 3600 / 60) min"
 }

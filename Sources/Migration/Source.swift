@@ -54,39 +54,60 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
 }
 
 /// The source side: pre-copy `vm` (running `spec`) to the destination at the other end of `connection`,
-/// page data spread over it and the `more` connections to the same destination (multifd channels).
-/// On any failure or cancellation (`connection.cancel()`) the guest is resumed with its memory intact
-/// and dirty logging switched off, and the error is rethrown; on success the source guest is stopped
-/// (it now runs on the destination).
+/// page data spread over it and the `more` connections to the same destination (multifd channels),
+/// then hand the guest over (Switchover). On any failure or cancellation (`connection.cancel()`)
+/// before GO the destination is told why, the guest is resumed here with its memory intact and
+/// dirty logging off, and the error is rethrown; on success the guest here is stopped (it runs on the
+/// destination). A switchover that breaks after GO throws `SwitchoverInDoubt`, the guest paused here.
 public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connection: Connection, more: [Connection] = [],
                     options: MigrationOptions = MigrationOptions(),
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
     var report = MigrationReport()
     let start = Date()
     var paused = false
+    // A guest the caller had paused stays paused when the migration rolls back.
+    let wasRunning = vm.runState == .running
     let out = ProgressReporter(progress)
     let all = [connection] + more
-    guard all.count <= Int(StreamHeader.maxChannels) else { throw MigrationError.connection("at most \(StreamHeader.maxChannels) channels") }
+    guard all.count <= Connection.maxChannels else { throw MigrationError.connection("at most \(Connection.maxChannels) channels") }
     let channels = ChannelSenders(ram: vm.ram, connections: all)
     func tell(_ event: String? = nil, force: Bool = true) { out.report(bytes: channels.bytesSent, event: event, force: force) }
-    for c in all { c.maxBandwidth = options.maxBandwidth.map { $0 / Double(all.count) } }
+    for c in all {
+        c.timeout = options.timeout
+        c.maxBandwidth = options.maxBandwidth.map { $0 / Double(all.count) }
+    }
+    if let limit = options.maxBandwidth {
+        // A record must reach the destination within the timeout, and the first pass alone sends all memory.
+        let perChannel = limit / Double(all.count)
+        guard perChannel * options.timeout >= Double(Record.maxPayload) * 1.5 else {
+            throw MigrationError(.badOption, "--max-bandwidth \(formatBytes(UInt64(limit)))/s cannot deliver a record of "
+                                 + "\(formatBytes(UInt64(Record.maxPayload))) within the \(formatSeconds(options.timeout)) timeout: "
+                                 + "give at least \(formatBytes(UInt64(Double(Record.maxPayload) * 1.5 * Double(all.count) / options.timeout)))/s")
+        }
+        let firstPass = Double(vm.ram.size) / limit
+        if firstPass > 60 {
+            tell("warning: at \(formatBytes(UInt64(limit)))/s the first pass alone takes \(formatDuration(firstPass)) "
+                 + "(without zero pages, which go as flags)")
+        }
+    }
     do {
-        // A wrong key stops here, before logging starts or any guest memory is sent.
-        let token = UInt32.random(in: 0...UInt32.max)
-        if let key = options.key { try connection.authenticate(with: key, asSource: true) }
-        // The header tells the destination how many further channels to accept; each then says hello.
-        try connection.send(StreamHeader(guest: GuestDescription(vm, spec: spec), channels: UInt32(all.count), token: token).encoded())
+        // The endpoint, the versions and the key are checked here, before logging starts or any
+        // guest memory is sent; the GUEST record tells the destination how many further channels to
+        // accept, and each then names this migration's token.
+        let token = UInt64.random(in: 0...UInt64.max)
+        try Handshake.open(connection, key: options.key, further: false)
+        try connection.sendRecord(.guest, count: UInt32(all.count), firstPage: token, payload: GuestDescription(vm, spec: spec).encoded())
         try connection.flush()
         try channels.open(key: options.key, token: token)
         try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
         report.setupSeconds = Date().timeIntervalSince(start)
         channels.tick = { pages in
-            out.status.pagesDone = pages
+            out.update { $0.pagesDone = pages }
             tell(force: false)
         }
         // First pass: everything.
         var pending = vm.allPages
-        out.status.phase = .precopy
+        out.update { $0.phase = .precopy }
         // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
         let digest = SourceDigest(vm.ram)
         defer { digest.stop() }   // never leave it reading memory behind us
@@ -95,9 +116,9 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             digest.start()
-            out.status.iteration = report.iterations + 1
-            out.status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
-            out.status.pagesDone = 0
+            out.update { $0.iteration = report.iterations + 1 }
+            out.update { $0.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount }) }
+            out.update { $0.pagesDone = 0 }
             let t0 = Date()
             let sentBefore = channels.bytesSent
             try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: false, report: &report)
@@ -118,8 +139,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             let expectedDowntime = max(sendTime, hashTime)
             let hashSettled = hashTime <= options.downtimeLimit || hashTime >= lastHashTime * 0.9
             lastHashTime = hashTime
-            out.status.bandwidth = report.bandwidth
-            out.status.expectedDowntime = expectedDowntime
+            out.update { $0.bandwidth = report.bandwidth }
+            out.update { $0.expectedDowntime = expectedDowntime }
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
@@ -133,7 +154,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             if expectedDowntime > options.downtimeLimit && remaining > bytes / 2 && report.iterations >= 2 {
                 report.throttlePercent = min(99, report.throttlePercent == 0 ? 20 : report.throttlePercent + 10)
                 vm.setThrottle(percent: report.throttlePercent)
-                out.status.throttlePercent = report.throttlePercent
+                out.update { $0.throttlePercent = report.throttlePercent }
                 tell("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
             }
         }
@@ -144,9 +165,9 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         let last = try vm.getDirtyLog()
         digest.harvested(last)
         for i in pending.indices { pending[i] |= last[i] }
-        out.status.phase = .stopAndCopy
-        out.status.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
-        out.status.pagesDone = 0
+        out.update { $0.phase = .stopAndCopy }
+        out.update { $0.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount }) }
+        out.update { $0.pagesDone = 0 }
         tell()
         // Memory no longer changes: hash what is left on other threads while the last pages go out.
         let final = BackgroundDigest(digest)
@@ -155,25 +176,38 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         try connection.sendState(try vm.vcpuStates())
         try connection.sendEnd(digest: final.result())
         vm.setThrottle(percent: 0)
-        let answer = try connection.receive(1)
-        guard answer[0] == 1 else { throw MigrationError.refused }
+        try Switchover.source(connection, vm: vm, spec: spec)
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
         _ = try vm.stop()
         try? vm.disableDirtyLogging()
         report.bytesSent = channels.bytesSent
         report.totalSeconds = Date().timeIntervalSince(start)
-        out.status.phase = .done
+        out.update { $0.phase = .done }
         tell("the destination runs the guest")
         return report
-    } catch {
-        // Nothing is lost: the guest goes on here, at full speed, with logging off. The destination
-        // learns at once: every channel is shut.
-        for c in all { c.abort() }
+    } catch let e as SwitchoverInDoubt {
+        // GO went (or may have): never resume here on our own.
         vm.setThrottle(percent: 0)
         try? vm.disableDirtyLogging()
-        if paused { try? vm.resume() }
-        throw connection.isCancelled ? MigrationError.cancelled : error
+        throw e
+    } catch {
+        // Nothing is lost: the guest goes on here, at full speed, with logging off. The destination
+        // is told why, unless it is the one that stopped; if it did, its reason is the one to give.
+        var reason = connection.isCancelled ? .cancelled : MigrationError(describing: error)
+        if reason.toldBy == nil, let told = peerReason(connection) { reason = told }
+        if reason.toldBy == nil { try? connection.sendError(reason) }
+        for c in more { c.interrupt() }
+        vm.setThrottle(percent: 0)
+        try? vm.disableDirtyLogging()
+        if paused && wasRunning { try? vm.resume() }
+        throw reason
     }
+}
+
+/// The destination's ERROR, if it sent one (a source sending pages does not read until it stops).
+func peerReason(_ c: Connection) -> MigrationError? {
+    guard c.peerHasSpoken else { return nil }
+    return (try? c.withoutStop { try Record.read(from: c, pageLimit: 0) })?.error(from: .destination)
 }
 
 /// Sends the pages a bitmap names as PAGES records: runs of up to 256 pages inside one slot, all-zero
@@ -213,7 +247,7 @@ final class PageSender {
                 do {
                     if !zero { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
                     let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(staging), count: zero ? 0 : Int(n << 12))
-                    try connection.sendRecord(Record.header(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload), payload)
+                    try connection.sendRecord(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload)
                 } catch {
                     failure = error
                 }
@@ -257,22 +291,20 @@ final class BackgroundDigest: @unchecked Sendable {
 /// path): a destination thread listens on a free port, the source connects to it.
 public func migrateOverLoopback(_ vm: any VirtualMachine, spec: WorkloadSpec, options: MigrationOptions = MigrationOptions(),
                                 progress: ((MigrationProgress) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
-    let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+    let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
     final class Box: @unchecked Sendable {
         var result: Result<(any VirtualMachine, WorkloadSpec), Error>?
         let done = DispatchSemaphore(value: 0)
     }
     let box = Box()
-    let key = options.key, timeout = options.timeout
+    let receiving = ReceiveOptions(key: options.key, timeout: options.timeout, acceptTimeout: options.timeout)
     Thread {
-        box.result = Result {
-            try receive(over: try listener.accept(timeout: timeout), more: { try listener.accept(timeout: timeout) }, key: key)
-        }
+        box.result = Result { try receive(on: listener, options: receiving) }
         box.done.signal()
     }.start()
     let report: MigrationReport
     do {
-        let (main, more) = try Connection.connect(to: listener.endpoint, channels: options.channels)
+        let (main, more) = try Connection.connect(to: listener.address, channels: options.channels)
         report = try migrate(vm, spec: spec, over: main, more: more, options: options, progress: progress)
     } catch {
         box.done.wait()

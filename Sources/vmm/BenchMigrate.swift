@@ -32,7 +32,7 @@ struct BenchMigrate: ParsableCommand {
     func validate() throws {
         guard workingSet.bytes <= memory.bytes else { throw ValidationError("--working-set must fit in --memory") }
         guard rates.split(separator: ",").allSatisfy({ Int($0) != nil }) else { throw ValidationError("--rates is a comma-separated list of MiB/s") }
-        guard (1...Int(StreamHeader.maxChannels)).contains(channels) else { throw ValidationError("--channels must be 1...\(StreamHeader.maxChannels)") }
+        guard (1...Int(Connection.maxChannels)).contains(channels) else { throw ValidationError("--channels must be 1...\(Connection.maxChannels)") }
     }
 
     func run() throws {

@@ -7,10 +7,10 @@ import Workload
 
 struct Migrate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a guest, then live-migrate it to `vmm receive` at HOST:PORT (Ctrl-C cancels; the guest keeps running here)."
+        abstract: "Run a guest, then live-migrate it to `vmm receive` (Ctrl-C cancels; the guest keeps running here)."
     )
 
-    @Option(help: "Destination, HOST:PORT.")
+    @Option(help: "Destination: tcp:HOST:PORT (a hostname, IPv4 or [IPv6]) or unix:PATH.")
     var to: String
     @OptionGroup var guest: GuestOptions
     @Option(help: "Workload spec (ws defaults to all memory).")
@@ -19,42 +19,53 @@ struct Migrate: ParsableCommand {
     var after: Seconds = Seconds(argument: "1s")!
     @Option(help: "Downtime limit (e.g. 300ms).")
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
-    @Option(help: "Pre-shared key file (at least 16 bytes); the same file on the destination.")
+    @Option(help: "Pre-shared key file (`vmm key generate`); the same file on the destination. Records are then encrypted and authenticated.")
     var keyFile: String?
     @Option(help: "Bandwidth limit in bytes per second (e.g. 128M); unlimited by default.")
     var maxBandwidth: ByteSize?
-    @Option(help: "TCP connections carrying page data in parallel (1-16), like QEMU's multifd channels.")
+    @Option(help: "Connections carrying page data in parallel (1-16), like QEMU's multifd channels.")
     var channels: Int = 1
+    @Option(help: "How long each send, receive and switchover step may take.")
+    var timeout: Seconds = Seconds(argument: "30s")!
+    @Option(help: "If the switchover is left in doubt, how long to wait for the operator's decision (SIGUSR1 resumes here).")
+    var inDoubtWait: Seconds = Seconds(argument: "600s")!
     @Flag(help: "Print one JSON line with the report last.")
     var json = false
 
     func validate() throws {
-        guard (1...Int(StreamHeader.maxChannels)).contains(channels) else { throw ValidationError("--channels must be 1...\(StreamHeader.maxChannels)") }
+        guard (1...Connection.maxChannels).contains(channels) else { throw ValidationError("--channels must be 1...\(Connection.maxChannels)") }
     }
 
     func run() throws {
-        guard let endpoint = Endpoint(to) else { throw ValidationError("--to is HOST:PORT, e.g. 127.0.0.1:7000") }
+        let address = try MigrationAddress(parsing: to)
         var spec = try guest.workload(workload)
         spec.stop = .duration(3600)
         let key = try keyFile.map { try MigrationKey(file: $0) }
         let vm = try guest.makeVM()
         try vm.ram.populate()
         try vm.start(spec, from: nil)
-        defer { _ = try? vm.stop() }
+        defer { if vm.runState != .stopped { _ = try? vm.stop() } }
         print("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
-        if key == nil { print("source: warning: no --key-file, the channel is not authenticated") }
-        let (connection, more) = try Connection.connect(to: endpoint, channels: channels)
-        let options = MigrationOptions(downtimeLimit: downtimeLimit.value, key: key, maxBandwidth: maxBandwidth.map { Double($0.bytes) })
-        let result = whileCancellable(connection, prefix: "source: ") {
+        if key == nil { warn("source: no --key-file: the stream is neither encrypted nor authenticated") }
+        let (connection, more) = try Connection.connect(to: address, channels: channels, timeout: timeout.value)
+        let options = MigrationOptions(downtimeLimit: downtimeLimit.value, timeout: timeout.value, key: key,
+                                       maxBandwidth: maxBandwidth.map { Double($0.bytes) })
+        let cancel = Cancellation()
+        for c in [connection] + more { cancel.watch(c) }
+        let result = whileCancellable(cancel, prefix: "source: ") {
             try migrate(vm, spec: spec, over: connection, more: more, options: options, progress: $0)
         }
         switch result {
         case let .success(report):
-            print("source: migrated to \(endpoint): \(report)")
+            print("source: migrated to \(address): \(report)")
             if json { print(migrationJSON(report, backend: guest.backend)) }
+        case let .failure(doubt as SwitchoverInDoubt):
+            warn("source: \(doubt)")
+            awaitOperator(doubt.vm, prefix: "source", wait: inDoubtWait.value)
+            throw ExitCode(2)
         case let .failure(error):
-            print("source: migration \(describe(error)); the guest kept running here with its memory intact, logging off")
+            warn("source: migration \(describe(error)); the guest kept running here with its memory intact, logging off")
             throw ExitCode.failure
         }
     }
@@ -62,38 +73,48 @@ struct Migrate: ParsableCommand {
 
 struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Wait for a live migration at HOST:PORT, resume the guest, let it run, and report (Ctrl-C cancels)."
+        abstract: "Wait for a live migration, run the guest once the source hands it over, and report (Ctrl-C cancels)."
     )
 
-    @Option(help: "Address to listen on, HOST:PORT.")
+    @Option(help: "Address to listen on: tcp:HOST:PORT (a hostname, IPv4 or [IPv6]) or unix:PATH.")
     var listen: String
-    @Option(help: "How long to wait for the source.")
-    var timeout: Seconds = Seconds(argument: "60s")!
-    @Option(help: "Pre-shared key file (at least 16 bytes); the same file on the source.")
+    @Option(help: "How long to wait for the source to connect.")
+    var wait: Seconds = Seconds(argument: "60s")!
+    @Option(help: "How long each receive, record and switchover step may take.")
+    var timeout: Seconds = Seconds(argument: "30s")!
+    @Option(help: "Pre-shared key file (`vmm key generate`); the same file on the source.")
     var keyFile: String?
+    @Option(help: "Refuse guests with more memory than this (e.g. 8G).")
+    var maxMemory: ByteSize?
     @Option(help: "How long the resumed guest runs before this command stops it.")
     var runFor: Seconds = Seconds(argument: "1s")!
+    @Option(help: "If the switchover is left in doubt, how long to wait for the operator's decision (SIGUSR1 resumes here).")
+    var inDoubtWait: Seconds = Seconds(argument: "600s")!
     @Flag(help: "Print one JSON line with the report last.")
     var json = false
 
     func run() throws {
-        guard let endpoint = Endpoint(listen) else { throw ValidationError("--listen is HOST:PORT, e.g. 0.0.0.0:7000") }
+        let address = try MigrationAddress(parsing: listen)
         let key = try keyFile.map { try MigrationKey(file: $0) }
-        if key == nil { print("destination: warning: no --key-file, the channel is not authenticated") }
-        let listener = try Listener(endpoint)
-        print("destination: listening on \(listener.endpoint)")
-        let connection = try listener.accept(timeout: timeout.value)
+        if key == nil { warn("destination: no --key-file: the stream is neither encrypted nor authenticated") }
+        let listener = try Listener(address)
+        print("destination: listening on \(listener.address)")
         let start = Date()
         let vm: any VirtualMachine, spec: WorkloadSpec
         var received: UInt64 = 0   // over every channel
-        let result = whileCancellable(connection, prefix: "destination: ") { show in
-            try receive(over: connection, more: { try listener.accept(timeout: 10) }, key: key,
-                        progress: { p in received = p.bytes; show(p) })
+        let cancel = Cancellation()
+        let options = ReceiveOptions(key: key, timeout: timeout.value, acceptTimeout: wait.value, maxMemory: maxMemory?.bytes)
+        let result = whileCancellable(cancel, prefix: "destination: ") { show in
+            try receive(on: listener, options: options, cancellation: cancel, progress: { p in received = max(received, p.bytes); show(p) })
         }
         switch result {
         case let .success(got): (vm, spec) = got
+        case let .failure(doubt as SwitchoverInDoubt):
+            warn("destination: \(doubt)")
+            awaitOperator(doubt.vm, prefix: "destination", wait: inDoubtWait.value)
+            throw ExitCode(2)
         case let .failure(error):
-            print("destination: \(describe(error, failed: "refused the guest")); the partial VM was discarded, nothing was resumed")
+            warn("destination: \(describe(error, failed: "refused the guest")); the partial VM was discarded, nothing was resumed")
             throw ExitCode.failure
         }
         let seconds = Date().timeIntervalSince(start)
@@ -113,6 +134,57 @@ struct Receive: ParsableCommand {
     }
 }
 
+struct Key: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Migration keys.",
+        subcommands: [Generate.self]
+    )
+
+    struct Generate: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Write a new random key to FILE (mode 600); copy it to both hosts.")
+        @Argument(help: "The key file to create (an existing file is not replaced).")
+        var file: String
+        func run() throws {
+            try MigrationKey.generate(to: file)
+            print("wrote a 32-byte key to \(file) (readable by you only); give it to both ends with --key-file \(file)")
+        }
+    }
+}
+
+/// A switchover left in doubt: the guest is paused here and only the operator knows whether the other
+/// side runs it. SIGUSR1 resumes it here; Ctrl-C, SIGTERM or the end of the wait discard it.
+func awaitOperator(_ vm: any VirtualMachine, prefix: String, wait: Double) {
+    let pid = getpid()
+    warn("\(prefix): to resume the guest HERE: kill -USR1 \(pid); to discard this copy: Ctrl-C (waiting up to \(Int(wait)) s)")
+    let decided = DispatchSemaphore(value: 0)
+    final class Choice: @unchecked Sendable { var resume = false }
+    let choice = Choice()
+    let sources = [(SIGUSR1, true), (SIGINT, false), (SIGTERM, false)].map { sig, resume in
+        signal(sig, SIG_IGN)
+        let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        s.setEventHandler { choice.resume = resume; decided.signal() }
+        s.resume()
+        return s
+    }
+    defer { for s in sources { s.cancel() } }
+    guard decided.wait(timeout: .now() + wait) == .success, choice.resume else {
+        warn("\(prefix): the paused copy here is discarded")
+        return
+    }
+    do {
+        try vm.resume()
+        warn("\(prefix): the guest runs here again (resumed by the operator); stopping it in 1 s")
+        Thread.sleep(forTimeInterval: 1)
+    } catch {
+        warn("\(prefix): could not resume the guest: \(error)")
+    }
+}
+
+/// A warning or failure for a person: on stderr, so stdout stays the report.
+func warn(_ text: String) {
+    FileHandle.standardError.write(Data((text + "\n").utf8))
+}
+
 func migrationJSON(_ r: MigrationReport, backend: BackendKind) -> String {
     jsonLine([
         ("command", "migrate"), ("backend", backend.rawValue), ("total_ms", r.totalSeconds * 1e3), ("downtime_ms", r.downtimeSeconds * 1e3),
@@ -123,9 +195,9 @@ func migrationJSON(_ r: MigrationReport, backend: BackendKind) -> String {
 }
 
 /// Runs one side of a migration with a progress line and Ctrl-C cancelling it, both ended before it returns.
-func whileCancellable<T>(_ connection: Connection, prefix: String,
+func whileCancellable<T>(_ cancel: Cancellation, prefix: String,
                          _ body: (@escaping (MigrationProgress) -> Void) throws -> T) -> Result<T, Error> {
-    let interrupt = CancelOnInterrupt(connection)
+    let interrupt = CancelOnInterrupt(cancel)
     let line = ProgressLine(prefix: prefix)
     let result = Result { try body(line.show) }
     line.end()
@@ -167,15 +239,15 @@ final class ProgressLine {
     }
 }
 
-/// While it lives, Ctrl-C (SIGINT) and SIGTERM cancel the transfer on `connection` instead of killing
+/// While it lives, Ctrl-C (SIGINT) and SIGTERM cancel the migration instead of killing
 /// the process mid-way: the migration then rolls back and each side reports it.
 final class CancelOnInterrupt {
     private let sources: [DispatchSourceSignal]
-    init(_ connection: Connection) {
+    init(_ cancel: Cancellation) {
         sources = [SIGINT, SIGTERM].map { sig in
             signal(sig, SIG_IGN)
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { connection.cancel() }
+            s.setEventHandler { cancel.cancel() }
             s.resume()
             return s
         }

@@ -28,45 +28,6 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     }
 }
 
-/// A man in the middle on loopback: forwards the source's stream to the destination, and can cut it,
-/// flip a byte in it, or truncate it at a given offset.
-final class FaultyProxy: @unchecked Sendable {
-    enum Fault { case none, cut(Int), flip(Int), truncate(Int) }
-    let listener: Listener
-    init(to destination: Endpoint, fault: Fault) throws {
-        listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let l = listener
-        Thread {
-            guard let up = try? l.accept(timeout: 10), let down = try? Connection.connect(to: destination, timeout: 10) else { return }
-            // The destination's one-byte answer goes back to the source.
-            Thread {
-                if let a = try? down.receive(1) { try? up.send(a); try? up.flush() }
-                shutdown(up.fd, Int32(SHUT_RDWR))
-            }.start()
-            var offset = 0
-            var chunk = [UInt8](repeating: 0, count: 64 << 10)
-            while true {
-                let n = chunk.withUnsafeMutableBytes { recv(up.fd, $0.baseAddress, $0.count, 0) }
-                if n <= 0 { break }
-                var bytes = Array(chunk[0..<n])
-                switch fault {
-                case let .cut(at) where offset + n > at:
-                    shutdown(up.fd, Int32(SHUT_RDWR)); shutdown(down.fd, Int32(SHUT_RDWR)); return
-                case let .truncate(at) where offset + n > at:
-                    try? down.send(Array(bytes[0..<max(0, at - offset)])); try? down.flush()
-                    shutdown(down.fd, Int32(SHUT_RDWR)); return
-                case let .flip(at) where offset <= at && at < offset + n:
-                    bytes[at - offset] ^= 0x40
-                default: break
-                }
-                offset += n
-                guard (try? down.send(bytes)) != nil, (try? down.flush()) != nil else { break }
-            }
-            shutdown(down.fd, Int32(SHUT_WR))
-        }.start()
-    }
-}
-
 @Suite(.serialized) struct MigrationTests {
     func sourceVM(memory: UInt64 = 32 << 20, backing: Backing = .thp) throws -> (any VirtualMachine, WorkloadSpec) {
         let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: memory, backing: backing, vcpus: 2))
@@ -85,13 +46,13 @@ final class FaultyProxy: @unchecked Sendable {
     @Test(arguments: [Backing.thp, .pages4K])
     func migratesAndTheGuestContinues(_ backing: Backing) throws {
         let (src, spec) = try sourceVM(backing: backing)
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
         // With the thp guest the channel is authenticated (handshake and a MAC per record).
         let key: MigrationKey? = backing == .thp ? .random() : nil
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10), key: key) }
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5)) }
         let report: MigrationReport
         do {
-            report = try migrate(src, spec: spec, over: try Connection.connect(to: listener.endpoint), options: MigrationOptions(key: key))
+            report = try migrate(src, spec: spec, over: try Connection.connect(to: listener.address), options: MigrationOptions(key: key))
         } catch {
             Issue.record("source: \(error); destination: \(Result { try dest() })")
             return
@@ -156,10 +117,10 @@ final class FaultyProxy: @unchecked Sendable {
         memset(vm.ram.slots[0].pointer, 0x5A, Int(vm.ram.size))          // nothing to skip as zero
         let spec = WorkloadSpec(pattern: .uniform, workingSet: 8 << 20, writeFraction: 0.01, rate: 1000, seed: 1, stop: .duration(60))
         try vm.start(spec, from: nil)
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10)) }
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let limit = 16.0 * 1_048_576
-        let report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.endpoint),
+        let report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.address),
                                  options: MigrationOptions(maxBandwidth: limit))
         let (moved, _) = try dest()
         _ = try moved.stop()
@@ -168,90 +129,81 @@ final class FaultyProxy: @unchecked Sendable {
         #expect(report.totalSeconds >= 0.4)
     }
 
-    /// A wrong key is refused before any guest memory moves, and the source runs on.
+    /// A wrong key is refused before any guest memory moves: both sides give the same reason, and
+    /// the source runs on.
     @Test func wrongKeyIsRefusedBeforeAnyMemoryMoves() throws {
         let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10), key: .random()) }
-        let connection = try Connection.connect(to: listener.endpoint)
-        #expect(throws: MigrationError.self) { _ = try migrate(src, spec: spec, over: connection, options: MigrationOptions(timeout: 5, key: .random())) }
-        #expect(throws: MigrationError.self) { _ = try dest() }
-        #expect(connection.bytesSent == 40, "only the hello went out: \(connection.bytesSent) bytes")
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(key: .random(), timeout: 5)) }
+        let connection = try Connection.connect(to: listener.address)
+        let source = Result { try migrate(src, spec: spec, over: connection, options: MigrationOptions(timeout: 5, key: .random())) }
+        let destination = Result { try dest() }
+        let s = try #require(source.failure as? MigrationError), d = try #require(destination.failure as? MigrationError)
+        #expect(s.code == .keyMismatch && d.code == .keyMismatch && s.message == d.message, "source: \(s); destination: \(d)")
+        #expect(d.toldBy == .source && s.toldBy == nil)
+        #expect(connection.bytesSent < 300, "only the handshake and the reason went out: \(connection.bytesSent) bytes")
         #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
         _ = try src.stop()
     }
 
-    /// A record altered in a way its checksum cannot see (a valid checksum, the wrong MAC) is refused.
-    @Test func recordWithABadMACIsRefused() throws {
+    /// A record sealed under another key (what a forger without the session key can make) is refused.
+    @Test func recordSealedUnderAnotherKeyIsRefused() throws {
         let key = MigrationKey.random()
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10), key: key) }
-        let c = try Connection.connect(to: listener.endpoint)
-        try c.authenticate(with: key, asSource: true)
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5)) }
+        let c = try Connection.connect(to: listener.address)
+        try Handshake.open(c, key: key, further: false)
         let guest = GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0, spec: WorkloadSpec(workingSet: 1 << 20).description)
-        try c.send(StreamHeader(guest: guest).encoded())
-        // Someone without the session key forges a page record: its checksum is right, its MAC is not.
-        c.sendMAC = RecordMAC(key: MigrationKey.random().key, direction: 1)
+        try c.sendRecord(.guest, count: 1, firstPage: 1, payload: guest.encoded())
+        c.sendCipher = RecordCipher(key: MigrationKey.random().key)
         let page = [UInt8](repeating: 0xAA, count: 4096)
-        try page.withUnsafeBytes { p in try c.sendRecord(Record.header(.pages, count: 1, firstPage: 3, payload: p), p) }
+        try page.withUnsafeBytes { p in try c.sendRecord(.pages, count: 1, firstPage: 3, payload: p) }
         try c.flush()
         do {
             _ = try dest()
             Issue.record("the destination accepted a forged record")
         } catch let e as MigrationError {
-            guard case .authentication = e else { Issue.record("expected an authentication failure, got \(e)"); return }
+            #expect(e.code == .authentication, "expected an authentication failure, got \(e)")
         }
     }
 
-    /// Cut, corrupt or truncate the stream anywhere, or refuse: the source keeps running with memory
-    /// intact and logging off, and the destination does not resume.
+    /// Cut, corrupt or truncate the stream anywhere: the guest never runs on both sides, and where it
+    /// runs on neither both say so (SwitchoverTests has the exchange itself).
     @Test(arguments: (0..<24).map { i -> Int in i })
     func faultsLeaveTheSourceRunning(_ i: Int) throws {
         let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(over: try listener.accept(timeout: 10)) }
-        // Offsets spread over the stream: the header, the first pass, iterations, the end record.
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 3)) }
+        // Offsets spread over the stream: the opening, the first pass, iterations, the end.
         let size = Int(8 << 20) + 4096
         let at = [10, 39, 41, 64, 100, 4096, 5000, 65_536, 1 << 20, 3 << 20, size / 2, size - 4096, size - 40, size - 20]
-        let fault: FaultyProxy.Fault
+        let fault: FaultProxy.Fault
         switch i % 3 {
-        case 0: fault = .cut(at[i % at.count])
-        case 1: fault = .flip(at[(i + 5) % at.count])
-        default: fault = .truncate(at[(i + 9) % at.count])
+        case 0: fault = .cut
+        case 1: fault = .flip
+        default: fault = .truncate
         }
-        let proxy = try FaultyProxy(to: listener.endpoint, fault: fault)
-        var migrated = false
-        do {
-            _ = try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.endpoint),
-                            options: MigrationOptions(timeout: 5))
-            migrated = true
-        } catch {}
-        let destinationResumed = (try? dest()) != nil
-        #expect(!migrated && !destinationResumed, "fault \(fault): neither side may finish")
-        // The source runs on, with logging off.
-        #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
-        let p0 = try positions(src)
-        Thread.sleep(forTimeInterval: 0.02)
-        try src.pause()
-        let p1 = try positions(src)
-        #expect(zip(p0, p1).contains { $0.done < $1.done }, "the source guest keeps running")
-        try src.resume()
-        _ = try src.stop()
+        let offset = at[(i + (i % 3) * 5) % at.count]
+        let proxy = try FaultProxy(to: listener.address, plan: .init(direction: .toDestination, offset: offset, fault: fault))
+        let source = Result { try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(timeout: 3)) }
+        let destination = Result { try dest() }
+        try expectOneOwner(source: source, destination: destination, src, "\(fault) at \(offset)")
+        cleanUp(src, destination)
     }
 
     /// With three channels, a fault on one of the further channels ends the migration the same way:
     /// neither side finishes, the source runs on with logging off.
-    @Test(arguments: [FaultyProxy.Fault.cut(100), .flip(5000), .truncate(65_536), .cut(1 << 20)])
-    func faultOnAFurtherChannelLeavesTheSourceRunning(_ fault: FaultyProxy.Fault) throws {
+    @Test(arguments: [(FaultProxy.Fault.cut, 100), (.flip, 5000), (.truncate, 65_536), (.cut, 1 << 20)])
+    func faultOnAFurtherChannelLeavesTheSourceRunning(_ fault: FaultProxy.Fault, _ offset: Int) throws {
         let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
         let key = MigrationKey.random()
         let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
-            try receive(over: try listener.accept(timeout: 10), more: { try listener.accept(timeout: 10) }, key: key)
+            try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5))
         }
-        let main = try Connection.connect(to: listener.endpoint)
-        let proxy = try FaultyProxy(to: listener.endpoint, fault: fault)
-        let more = [try Connection.connect(to: proxy.listener.endpoint), try Connection.connect(to: listener.endpoint)]
+        let main = try Connection.connect(to: listener.address)
+        let proxy = try FaultProxy(to: listener.address, plan: .init(direction: .toDestination, offset: offset, fault: fault))
+        let more = [try Connection.connect(to: proxy.listener.address), try Connection.connect(to: listener.address)]
         #expect(throws: (any Error).self, "fault \(fault)") {
             _ = try migrate(src, spec: spec, over: main, more: more, options: MigrationOptions(timeout: 5, key: key))
         }
@@ -268,20 +220,19 @@ final class FaultyProxy: @unchecked Sendable {
     /// A page resent in a later pass on one channel lands after its earlier copy from another, however
     /// late that one arrives: here pass 1's copy comes 0.2 s after pass 2's, on another channel.
     @Test func laterPassWinsAcrossChannels() throws {
-        let listener = try Listener(Endpoint(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
-            try receive(over: try listener.accept(timeout: 10), more: { try listener.accept(timeout: 10) })
-        }
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let spec = WorkloadSpec(workingSet: 1 << 20, stop: .count(1))
-        let main = try Connection.connect(to: listener.endpoint), other = try Connection.connect(to: listener.endpoint)
-        try main.send(StreamHeader(guest: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0,
-                                                           spec: spec.description), channels: 2, token: 7).encoded())
+        let main = try Connection.connect(to: listener.address), other = try Connection.connect(to: listener.address)
+        try Handshake.open(main, key: nil, further: false)
+        try main.sendRecord(.guest, count: 2, firstPage: 7, payload: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0,
+                                                                                     backing: 0, spec: spec.description).encoded())
         try main.flush()
-        try ChannelHello.send(on: other, token: 7, index: 1)
+        try Handshake.open(other, key: nil, further: true)
+        try other.sendRecord(.channel, count: 1, firstPage: 7)
+        try other.flush()
         @Sendable func page(_ c: Connection, _ byte: UInt8) throws {
-            try [UInt8](repeating: byte, count: 4096).withUnsafeBytes { p in
-                try c.sendRecord(Record.header(.pages, count: 1, firstPage: 5, payload: p), p)
-            }
+            try [UInt8](repeating: byte, count: 4096).withUnsafeBytes { p in try c.sendRecord(.pages, count: 1, firstPage: 5, payload: p) }
         }
         let late = background { () throws -> Void in
             Thread.sleep(forTimeInterval: 0.2)
@@ -300,8 +251,11 @@ final class FaultyProxy: @unchecked Sendable {
         try main.sendEnd(digest: memoryDigest(expected))
         try main.flush()
         try late()
+        #expect(try Record.read(from: main, pageLimit: 0).type == .ready)
+        try main.sendRecord(.go)
+        try main.flush()
         let (vm, _) = try dest()
-        #expect(try main.receive(1) == [1])
+        #expect(try Record.read(from: main, pageLimit: 0).type == .running)
         #expect(vm.ram.pointer(page: 5).load(as: UInt8.self) == 0xBB)
         _ = try? vm.stop()
     }

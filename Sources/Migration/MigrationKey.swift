@@ -1,0 +1,69 @@
+import Crypto
+import Foundation
+import Glibc
+
+/// A pre-shared key for migration: both ends hold the same one (`vmm key generate` makes it).
+public struct MigrationKey: @unchecked Sendable {
+    let key: SymmetricKey
+    public static let minimumBytes = 16
+
+    public init(bytes: [UInt8]) throws {
+        guard bytes.count >= Self.minimumBytes else {
+            throw MigrationError(.badKey, "the key has \(bytes.count) bytes; a migration key needs at least \(Self.minimumBytes): "
+                                 + "make one with `vmm key generate FILE`")
+        }
+        key = SymmetricKey(data: bytes)
+    }
+
+    /// Reads a key file: its bytes are the key. The file must exist, be readable by this user, hold
+    /// at least 16 bytes, and be private (no access for the group or others, as ssh asks of its keys).
+    public init(file path: String) throws {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            let e = errno
+            if e == ENOENT {
+                throw MigrationError(.badKey, "the key file \(path) does not exist: make one with `vmm key generate \(path)` and copy it to both hosts")
+            }
+            throw MigrationError(.badKey, "cannot use the key file \(path): \(String(cString: strerror(e)))")
+        }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw MigrationError(.badKey, "the key file \(path) is not a regular file") }
+        guard st.st_mode & 0o077 == 0 else {
+            throw MigrationError(.badKey, "the key file \(path) is open to other users (mode \(String(st.st_mode & 0o777, radix: 8))): "
+                                 + "make it private with `chmod 600 \(path)`")
+        }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw MigrationError(.badKey, "cannot read the key file \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 4096)
+        let n = read(fd, &bytes, bytes.count)
+        guard n >= 0 else { throw MigrationError(.badKey, "cannot read the key file \(path): \(String(cString: strerror(errno)))") }
+        guard n >= Self.minimumBytes else {
+            throw MigrationError(.badKey, "the key file \(path) holds \(n) bytes; a migration key needs at least \(Self.minimumBytes): "
+                                 + "make one with `vmm key generate FILE`")
+        }
+        try self.init(bytes: Array(bytes[0..<n]))
+    }
+
+    /// Writes a new random 32-byte key to `path`, readable by this user only; refuses to replace a file.
+    public static func generate(to path: String) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            let e = errno
+            throw MigrationError(.badKey, "cannot create the key file \(path): \(String(cString: strerror(e)))"
+                                 + (e == EEXIST ? " (remove it first to replace it)" : ""))
+        }
+        defer { close(fd) }
+        var rng = SystemRandomNumberGenerator()
+        let bytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        guard write(fd, bytes, bytes.count) == bytes.count, fsync(fd) == 0 else {
+            let e = errno
+            unlink(path)
+            throw MigrationError(.badKey, "cannot write the key file \(path): \(String(cString: strerror(e)))")
+        }
+    }
+
+    /// A random key, for a migration within one process.
+    public static func random() -> MigrationKey { try! MigrationKey(bytes: (0..<32).map { _ in UInt8.random(in: 0...255) }) }
+}

@@ -1,0 +1,193 @@
+import Foundation
+import GuestMemory
+import VirtualMachine
+
+/// The stream's record types (docs/migration-stream.md).
+public enum RecordType: UInt8, Sendable {
+    case pages = 1
+    case state = 2
+    case end = 3
+    /// Closes a pass on one channel: no record of the next pass is applied before every channel has
+    /// closed this one.
+    case sync = 4
+    /// The guest description, first on the main channel (count: channels, first page: the token).
+    case guest = 5
+    /// First on a further channel (count: its index, first page: the main channel's token).
+    case channel = 6
+    /// Either side stops and says why: a 32-bit code, then a UTF-8 message.
+    case error = 7
+    /// The switchover: the destination has everything and can run the guest; the source hands it
+    /// over; the destination runs it (docs/migration-stream.md, "Switchover").
+    case ready = 8
+    case go = 9
+    case running = 10
+}
+
+/// One record as read from the stream, checked.
+public struct Record {
+    public var type: RecordType
+    public var zero: Bool
+    /// SYNC: the pass sent while the source was paused.
+    public var last: Bool
+    public var count: UInt32
+    public var firstPage: UInt64
+    public var payload: [UInt8]
+
+    public static let headerSize = 24
+    public static let maxPagesPerRecord: UInt32 = 256
+    static let maxPayload = Int(maxPagesPerRecord) << 12
+    /// Flag bits: PAGES all zero; SYNC closing the last pass.
+    static let zeroRun: UInt8 = 1, lastPass: UInt8 = 2
+
+    /// Encodes a record header for `payload` (the checksum covers header and payload; a sealed record
+    /// leaves it 0, the seal covers both).
+    static func header(_ type: RecordType, zero: Bool = false, flags: UInt8 = 0, count: UInt32 = 0, firstPage: UInt64 = 0,
+                       payload: UnsafeRawBufferPointer, checksum: Bool = true) -> [UInt8] {
+        var h: [UInt8] = [type.rawValue, (zero ? zeroRun : 0) | flags, 0, 0]
+        h.reserveCapacity(headerSize)
+        h.append(le: count)
+        h.append(le: firstPage)
+        h.append(le: UInt32(payload.count))
+        var crc = RecordChecksum()
+        if checksum {
+            crc.update(h)
+            crc.update(payload)
+        }
+        h.append(le: checksum ? crc.value : 0)
+        return h
+    }
+
+    /// Reads the next record, checking its sizes and its checksum, or its seal on a sealed
+    /// connection. The whole record must arrive within the connection's timeout.
+    static func read(from c: Connection, pageLimit: UInt64, into buffer: inout [UInt8]) throws -> Record {
+        let deadline = Date().addingTimeInterval(c.timeout)
+        let h: [UInt8], length: Int
+        if let cipher = c.receiveCipher {
+            // The length word in clear, then header and payload sealed, then the tag.
+            let word = try c.receive(4, deadline: deadline)
+            let sealed = Int(word.le(UInt32.self, at: 0))
+            guard sealed >= headerSize, sealed <= headerSize + maxPayload else { throw MigrationError.badStream("sealed record of \(sealed) bytes") }
+            if c.openBuffer.count < sealed + RecordCipher.tagSize { c.openBuffer = [UInt8](repeating: 0, count: headerSize + maxPayload + RecordCipher.tagSize) }
+            try c.openBuffer.withUnsafeMutableBytes { b in
+                try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<(sealed + RecordCipher.tagSize)]), deadline: deadline)
+            }
+            let plain = c.openBuffer.withUnsafeBytes { b in
+                cipher.open(UnsafeRawBufferPointer(rebasing: b[0..<sealed]),
+                            tag: UnsafeRawBufferPointer(rebasing: b[sealed..<(sealed + RecordCipher.tagSize)]), aad: word)
+            }
+            guard let plain else { throw MigrationError.authentication("a record does not open under the session key: the stream was altered") }
+            h = Array(plain[plain.startIndex..<(plain.startIndex + headerSize)])
+            length = sealed - headerSize
+            guard Int(h.le(UInt32.self, at: 16)) == length else { throw MigrationError.badStream("a sealed record's header says \(h.le(UInt32.self, at: 16)) bytes, it holds \(length)") }
+            try check(h, pageLimit: pageLimit)
+            if buffer.count < length { buffer = [UInt8](repeating: 0, count: max(length, maxPayload)) }
+            buffer.withUnsafeMutableBytes { b in _ = plain.copyBytes(to: b, from: (plain.startIndex + headerSize)..<plain.endIndex) }
+        } else {
+            h = try c.receive(headerSize, deadline: deadline)
+            length = Int(h.le(UInt32.self, at: 16))
+            try check(h, pageLimit: pageLimit)
+            if buffer.count < length { buffer = [UInt8](repeating: 0, count: length) }
+            try buffer.withUnsafeMutableBytes { b in try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<length]), deadline: deadline) }
+            var crc = RecordChecksum()
+            h.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<20])) }
+            buffer.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+            guard crc.value == h.le(UInt32.self, at: 20) else {
+                throw MigrationError.badStream("checksum mismatch in a \(RecordType(rawValue: h[0])!) record at page \(h.le(UInt64.self, at: 8))")
+            }
+        }
+        let type = RecordType(rawValue: h[0])!
+        return Record(type: type, zero: type == .pages && h[1] & zeroRun != 0, last: type == .sync && h[1] & lastPass != 0,
+                      count: h.le(UInt32.self, at: 4), firstPage: h.le(UInt64.self, at: 8),
+                      payload: type == .pages ? [] : Array(buffer[0..<length]))
+    }
+
+    static func read(from c: Connection, pageLimit: UInt64) throws -> Record {
+        var buffer: [UInt8] = []
+        return try read(from: c, pageLimit: pageLimit, into: &buffer)
+    }
+
+    /// Checks a header's type and sizes before its payload is read.
+    private static func check(_ h: [UInt8], pageLimit: UInt64) throws {
+        guard let type = RecordType(rawValue: h[0]) else { throw MigrationError.badStream("unknown record type \(h[0])") }
+        let zero = type == .pages && h[1] & zeroRun != 0
+        let count = h.le(UInt32.self, at: 4), first = h.le(UInt64.self, at: 8), length = Int(h.le(UInt32.self, at: 16))
+        switch type {
+        case .pages:
+            guard count > 0, count <= maxPagesPerRecord, first < pageLimit, UInt64(count) <= pageLimit - first else {
+                throw MigrationError.badStream("page run \(first)+\(count) outside guest memory of \(pageLimit) pages")
+            }
+            guard length == (zero ? 0 : Int(count) * 4096) else { throw MigrationError.badStream("page record of \(length) bytes for \(count) pages") }
+        case .state: guard length <= 1 << 20 else { throw MigrationError.badStream("state record of \(length) bytes") }
+        case .end: guard length == 32 else { throw MigrationError.badStream("end record of \(length) bytes") }
+        case .guest: guard length <= 8192 else { throw MigrationError.badStream("guest description of \(length) bytes") }
+        case .error: guard length >= 4, length <= 4100 else { throw MigrationError.badStream("error record of \(length) bytes") }
+        case .sync, .channel, .ready, .go, .running:
+            guard length == 0 else { throw MigrationError.badStream("\(type) record of \(length) bytes") }
+        }
+    }
+
+    /// An ERROR record's reason, as told by `side`.
+    func error(from side: MigrationError.Side) -> MigrationError? {
+        guard type == .error, payload.count >= 4 else { return nil }
+        let code = MigrationError.Code(rawValue: payload.le(UInt32.self, at: 0)) ?? .unknown
+        return MigrationError(code, String(decoding: payload[4...], as: UTF8.self), toldBy: side)
+    }
+}
+
+extension Connection {
+    /// Sends one record: header and payload, or on a sealed connection the clear length word, header
+    /// and payload sealed, and the tag.
+    func sendRecord(_ type: RecordType, zero: Bool = false, flags: UInt8 = 0, count: UInt32 = 0, firstPage: UInt64 = 0,
+                    payload: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) throws {
+        try checkStopped()
+        sendingRecord = true
+        defer { sendingRecord = false }
+        guard let cipher = sendCipher else {
+            try send(Record.header(type, zero: zero, flags: flags, count: count, firstPage: firstPage, payload: payload))
+            if payload.count > 0 { try send(payload) }
+            return
+        }
+        let header = Record.header(type, zero: zero, flags: flags, count: count, firstPage: firstPage, payload: payload, checksum: false)
+        let sealed = Record.headerSize + payload.count
+        if sealBuffer.count < sealed { sealBuffer = [UInt8](repeating: 0, count: Record.headerSize + Record.maxPayload + RecordCipher.tagSize) }
+        var word: [UInt8] = []
+        word.append(le: UInt32(sealed))
+        let (ciphertext, tag) = try sealBuffer.withUnsafeMutableBytes { b in
+            b.copyBytes(from: header)
+            if payload.count > 0 { UnsafeMutableRawBufferPointer(rebasing: b[Record.headerSize...]).copyMemory(from: payload) }
+            return try cipher.seal(UnsafeRawBufferPointer(rebasing: b[0..<sealed]), aad: word)
+        }
+        try send(word)
+        try ciphertext.withUnsafeBytes { try send($0) }
+        try tag.withUnsafeBytes { try send($0) }
+    }
+
+    func sendRecord(_ type: RecordType, count: UInt32 = 0, firstPage: UInt64 = 0, payload: [UInt8]) throws {
+        try payload.withUnsafeBytes { try sendRecord(type, count: count, firstPage: firstPage, payload: $0) }
+    }
+
+    /// The STATE record: the backend's code, then its encoding of the vCPUs.
+    func sendState(_ state: VCPUStates) throws {
+        try sendRecord(.state, payload: [state.backend.wireCode] + state.bytes)
+    }
+
+    /// The END record, carrying the memory digest.
+    func sendEnd(digest: [UInt8]) throws { try sendRecord(.end, payload: digest) }
+
+    /// A SYNC record closing pass `pass` on this channel (`last`: the pass sent while paused).
+    func sendSync(pass: UInt32, last: Bool) throws {
+        try sendRecord(.sync, flags: last ? Record.lastPass : 0, count: pass)
+    }
+
+    /// An ERROR record telling the peer why this side stops, flushed at once. Sent even after a
+    /// cancel (that is when the peer most needs it), within a short timeout.
+    func sendError(_ e: MigrationError) throws {
+        var payload: [UInt8] = []
+        payload.append(le: e.code.rawValue)
+        payload += Array(e.message.utf8.prefix(4096))
+        try withoutStop {
+            try sendRecord(.error, payload: payload)
+            try flush()
+        }
+    }
+}

@@ -1,0 +1,69 @@
+import Foundation
+import VirtualMachine
+import Workload
+
+/// Who runs the guest once the stream is in: an exchange on the main channel after END, every
+/// record of it sealed when a key is used, that never leaves the guest running on both sides
+/// (docs/migration-stream.md, "Switchover").
+///
+/// ```
+/// destination: digest checked, guest loaded paused  -> READY
+/// source:      READY seen; from here it never resumes -> GO
+/// destination: GO seen; resumes the guest           -> RUNNING
+/// ```
+///
+/// The destination resumes only on GO; the source resumes only if it never began to send GO. A
+/// side that loses its peer after that point (the source after GO, the destination after READY)
+/// cannot know what the other did: it keeps the guest paused and throws `SwitchoverInDoubt`, and
+/// the operator resumes whichever copy should run. Either side's ERROR before that point ends the
+/// migration with the source running.
+enum Switchover {
+    /// The source's half, with its guest paused and STATE and END sent. Returns once the destination
+    /// runs the guest; throws (the guest still paused here, the caller resumes it) if the
+    /// destination refused or never said READY; throws `SwitchoverInDoubt` after GO.
+    static func source(_ c: Connection, vm: any VirtualMachine, spec: WorkloadSpec) throws {
+        let ready = try Record.read(from: c, pageLimit: 0)
+        if let e = ready.error(from: .destination) { throw e }
+        guard ready.type == .ready else { throw MigrationError.badStream("a \(ready.type) record where READY belongs") }
+        if c.isCancelled { throw MigrationError.cancelled }
+        // The point of no return: whatever happens to GO, this side never resumes on its own.
+        let running: Record
+        do {
+            try c.sendRecord(.go)
+            try c.flush()
+            running = try Record.read(from: c, pageLimit: 0)
+        } catch {
+            throw SwitchoverInDoubt(side: .source, why: "did not hear that the destination runs it (\(error))", vm: vm, spec: spec)
+        }
+        guard running.type == .running else {
+            let what = running.error(from: .destination).map { "the destination said: \($0.message)" } ?? "a \(running.type) record came"
+            throw SwitchoverInDoubt(side: .source, why: "\(what) instead of RUNNING", vm: vm, spec: spec)
+        }
+    }
+
+    /// The destination's half, with every record in, the digest checked and the guest loaded paused.
+    /// Returns once the guest runs here; throws the source's reason (after discarding the guest) if
+    /// it stopped; throws `SwitchoverInDoubt` if the source vanished after READY.
+    static func destination(_ c: Connection, vm: any VirtualMachine, spec: WorkloadSpec) throws {
+        let go: Record
+        do {
+            try c.sendRecord(.ready)
+            try c.flush()
+            go = try Record.read(from: c, pageLimit: 0)
+        } catch {
+            throw SwitchoverInDoubt(side: .destination, why: "did not hear GO from the source (\(error))", vm: vm, spec: spec)
+        }
+        if let e = go.error(from: .source) {
+            _ = try? vm.stop()
+            throw e
+        }
+        guard go.type == .go else {
+            throw SwitchoverInDoubt(side: .destination, why: "a \(go.type) record came where GO belongs", vm: vm, spec: spec)
+        }
+        try vm.resume()
+        // The source waits for this to report success; if it is lost, the source is in doubt but the
+        // guest runs here.
+        try? c.sendRecord(.running)
+        try? c.flush()
+    }
+}
