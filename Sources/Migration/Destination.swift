@@ -35,7 +35,6 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
     acceptor.onRefusal = { why in out.report(event: why) }
     let (connection, opening) = try acceptor.waitForMain(seconds: options.acceptTimeout, cancellation: cancellation)
     cancellation?.watch(connection)
-    defer { connection.drain(for: 1) }
     let start = monotonicNanos()
     var channels: [Connection] = []
     func tell(_ phase: MigrationProgress.Phase, _ event: String? = nil, force: Bool = true) {
@@ -113,7 +112,11 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
     } catch {
         if let vm = loaded { _ = try? vm.stop() }
         let reason = MigrationError(describing: error)
-        if case .open = opening, reason.toldBy == nil { try? connection.sendError(reason) }
+        if case .open = opening, reason.toldBy == nil {
+            try? connection.sendError(reason)
+            // Give the source, busy sending pages, time to read why before this side closes.
+            connection.drain(for: 1)
+        }
         if case .legacy = opening { try? connection.send([0]); try? connection.flush() }
         for c in channels { c.interrupt() }
         throw connection.isCancelled ? MigrationError.cancelled : reason
