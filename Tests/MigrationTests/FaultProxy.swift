@@ -43,6 +43,9 @@ final class FaultProxy: @unchecked Sendable {
     /// Bytes forwarded per accepted connection and direction, for calibration.
     private let counts = Mutex<[Int: [Direction: Int]]>([:])
     private let fired = Atomic<Bool>(false)
+    /// Every byte that went toward the destination, when `capture` is set.
+    let captured = Mutex<[UInt8]>([])
+    var capture = false
     var faultFired: Bool { fired.load(ordering: .acquiring) }
 
     init(to destination: MigrationAddress, plan: Plan?) throws {
@@ -98,6 +101,7 @@ final class FaultProxy: @unchecked Sendable {
             }
             offset += n
             count(n)
+            if capture && direction == .toDestination { captured.withLock { $0 += bytes } }
             if silent { continue }
             guard (try? to.send(bytes)) != nil, (try? to.flush()) != nil else { break }
         }

@@ -1,0 +1,249 @@
+import Foundation
+import Glibc
+import Testing
+@testable import GuestMemory
+@testable import Migration
+@testable import VirtualMachine
+@testable import Workload
+
+/// What each end says when a migration stops, the encryption, the transports and the versions.
+@Suite(.serialized) struct WireTests {
+    /// A running soft guest whose every page holds `pattern` (16 bytes) repeated.
+    func guest(memory: UInt64 = 8 << 20, pattern: [UInt8] = Array("0123456789abcdef".utf8)) throws -> (any VirtualMachine, WorkloadSpec) {
+        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: memory, backing: .pages4K, vcpus: 1))
+        let base = vm.ram.slots[0].pointer
+        for i in stride(from: 0, to: Int(memory), by: pattern.count) { (base + i).copyMemory(from: pattern, byteCount: pattern.count) }
+        // Reads only, paced: the pattern stays, the guest runs.
+        let spec = WorkloadSpec(pattern: .uniform, workingSet: memory, writeFraction: 0, rate: 2000, seed: 4, stop: .duration(60))
+        try vm.start(spec, from: nil)
+        return (vm, spec)
+    }
+
+    /// Both sides of one migration to a destination on `listen`.
+    func migrateBoth(_ vm: any VirtualMachine, _ spec: WorkloadSpec, listen: MigrationAddress = .tcp(host: "127.0.0.1", port: 0),
+                     source options: MigrationOptions = MigrationOptions(timeout: 5), destination receiving: ReceiveOptions = ReceiveOptions(timeout: 5),
+                     cancelDestination: Double? = nil, via proxy: ((MigrationAddress) throws -> FaultProxy)? = nil)
+        throws -> (Result<MigrationReport, Error>, Result<(any VirtualMachine, WorkloadSpec), Error>) {
+        let listener = try Listener(listen)
+        let cancel = Cancellation()
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: receiving, cancellation: cancel) }
+        if let after = cancelDestination {
+            Thread { Thread.sleep(forTimeInterval: after); cancel.cancel() }.start()
+        }
+        let to = try proxy?(listener.address).listener.address ?? listener.address
+        let source = Result {
+            let (main, more) = try Connection.connect(to: to, channels: options.channels)
+            return try migrate(vm, spec: spec, over: main, more: more, options: options)
+        }
+        return (source, Result { try dest() })
+    }
+
+    /// Each way a migration stops: both sides give the same reason, the source runs on, nothing
+    /// runs at the destination.
+    @Test(arguments: ["cancel at the source", "cancel at the destination", "key on the source only", "key on the destination only",
+                      "out of memory"])
+    func bothSidesSayWhy(_ how: String) throws {
+        let (vm, spec) = try guest()
+        var options = MigrationOptions(timeout: 5), receiving = ReceiveOptions(timeout: 5)
+        var cancelDestination: Double?
+        let expected: MigrationError.Code
+        switch how {
+        case "cancel at the source", "cancel at the destination":
+            // Slow enough to be cancelled mid-stream.
+            options.maxBandwidth = 8 * 1_048_576
+            expected = .cancelled
+            if how == "cancel at the destination" { cancelDestination = 0.3 }
+        case "key on the source only":
+            options.key = .random()
+            expected = .keyOnOneSide
+        case "key on the destination only":
+            receiving.key = .random()
+            expected = .keyOnOneSide
+        default:
+            receiving.maxMemory = 4 << 20
+            expected = .outOfMemory
+        }
+        let (source, destination): (Result<MigrationReport, Error>, Result<(any VirtualMachine, WorkloadSpec), Error>)
+        if how == "cancel at the source" {
+            let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+            let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: receiving) }
+            let c = try Connection.connect(to: listener.address)
+            Thread { Thread.sleep(forTimeInterval: 0.3); c.cancel() }.start()
+            source = Result { try migrate(vm, spec: spec, over: c, options: options) }
+            destination = Result { try dest() }
+        } else {
+            (source, destination) = try migrateBoth(vm, spec, source: options, destination: receiving, cancelDestination: cancelDestination)
+        }
+        let s = try #require(source.failure as? MigrationError, "source: \(source)")
+        let d = try #require(destination.failure as? MigrationError, "destination: \(destination)")
+        print("\(how): source says \"\(s)\"; destination says \"\(d)\"")
+        #expect(s.code == expected && d.code == expected, "\(how): source \(s.code), destination \(d.code)")
+        #expect(s.message == d.message, "\(how): the two sides give different reasons")
+        #expect((s.toldBy == nil) != (d.toldBy == nil), "\(how): exactly one side found it, the other was told")
+        #expect(vm.runState == .running)
+        #expect(throws: (any Error).self) { _ = try vm.getDirtyLog() }
+        _ = try vm.stop()
+    }
+
+    /// A digest mismatch (a source whose END does not match what it sent): the destination refuses
+    /// the guest and says so; the source reads the same reason.
+    @Test func digestMismatchIsSaidToTheSource() throws {
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let c = try Connection.connect(to: listener.address)
+        try Handshake.open(c, key: nil, further: false)
+        let spec = WorkloadSpec(workingSet: 1 << 20, stop: .count(1))
+        try c.sendRecord(.guest, count: 1, firstPage: 1, payload: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0,
+                                                                                  spec: spec.description).encoded())
+        try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try c.sendRecord(.pages, count: 1, firstPage: 2, payload: $0) }
+        try c.sendSync(pass: 1, last: true)
+        try c.sendState(try makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1)).vcpuStates())
+        try c.sendEnd(digest: [UInt8](repeating: 0, count: 32))
+        try c.flush()
+        let d = try #require(Result { try dest() }.failure as? MigrationError)
+        let told = try #require(try Record.read(from: c, pageLimit: 0).error(from: .destination))
+        #expect(d.code == .digestMismatch && told.code == .digestMismatch && told.message == d.message)
+    }
+
+    /// A source of a version outside the destination's range is refused, both versions named; and
+    /// a destination whose range leaves out this source's version is refused by the source.
+    @Test func versionsOutsideTheRangeAreRefusedByName() throws {
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let c = try Connection.connect(to: listener.address)
+        var open = Handshake.magic
+        open.append(le: UInt32(9))
+        open.append(le: UInt32(0))
+        try c.send(open + Handshake.nonce())
+        let accept = try c.receive(Handshake.acceptSize)
+        #expect(accept.le(UInt32.self, at: 8) == 2 && accept.le(UInt32.self, at: 12) == 3 && accept.le(UInt32.self, at: 20) != 0)
+        let told = try #require(try Record.read(from: c, pageLimit: 0).error(from: .destination))
+        let d = try #require(Result { try dest() }.failure as? MigrationError)
+        #expect(told.code == .version && told.message == d.message)
+        #expect(d.message.contains("version 9") && d.message.contains("2 to 3"), "\(d.message)")
+
+        // A destination of versions 4 to 5.
+        let future = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let fake = background { () throws -> MigrationError? in
+            let c = try future.accept(timeout: 5)
+            _ = try c.receive(Handshake.openSize)
+            var accept = Handshake.magic
+            accept.append(le: UInt32(4))
+            accept.append(le: UInt32(5))
+            accept.append(le: UInt32(0))
+            accept.append(le: UInt32(0))
+            try c.send(accept + [UInt8](repeating: 0, count: 64))
+            let confirm = try c.receive(Handshake.confirmSize)
+            #expect(confirm.le(UInt32.self, at: 0) != 0)
+            return try Record.read(from: c, pageLimit: 0).error(from: .source)
+        }
+        let (vm, spec) = try guest(memory: 4 << 20)
+        let s = try #require(Result { try migrate(vm, spec: spec, over: try Connection.connect(to: future.address)) }.failure as? MigrationError)
+        let heard = try #require(try fake())
+        #expect(s.code == .version && heard.message == s.message && s.message.contains("version 3") && s.message.contains("4 to 5"), "\(s)")
+        #expect(vm.runState == .running)
+        _ = try vm.stop()
+    }
+
+    /// With a key, page data on the wire is unreadable: a guest filled with a known pattern migrates,
+    /// and the pattern is nowhere in the captured stream (without a key it is everywhere).
+    @Test(arguments: [true, false])
+    func pageDataIsEncrypted(_ keyed: Bool) throws {
+        let pattern = Array("VMM-SECRET-PATT!".utf8)
+        let (vm, spec) = try guest(pattern: pattern)
+        let key: MigrationKey? = keyed ? .random() : nil
+        var proxy: FaultProxy?
+        let (source, destination) = try migrateBoth(vm, spec, source: MigrationOptions(timeout: 5, key: key),
+                                                    destination: ReceiveOptions(key: key, timeout: 5)) { to in
+            let p = try FaultProxy(to: to, plan: nil)
+            p.capture = true
+            proxy = p
+            return p
+        }
+        _ = try source.get()
+        let (moved, _) = try destination.get()
+        #expect(memcmp(moved.ram.slots[0].pointer, vm.ram.slots[0].pointer, Int(vm.ram.size)) == 0)
+        _ = try moved.stop()
+        let wire = proxy!.captured.withLock { $0 }
+        let found = (0...(wire.count - pattern.count)).contains { i in wire[i] == pattern[0] && Array(wire[i..<(i + pattern.count)]) == pattern }
+        #expect(wire.count > Int(vm.ram.size), "the whole first pass went through the proxy")
+        #expect(found == !keyed, keyed ? "the pattern crossed the wire in clear" : "the control run must see the pattern")
+    }
+
+    /// With a key, a bit flipped anywhere in the stream is refused: the migration never completes
+    /// with altered data (the source keeps the guest, or in the switchover both are in doubt).
+    @Test(arguments: [10, 60, 100, 200, 5000, 1 << 20, 4 << 20])
+    func flippedBitInASealedStreamIsRefused(_ offset: Int) throws {
+        let (vm, spec) = try guest()
+        let key = MigrationKey.random()
+        let (source, destination) = try migrateBoth(vm, spec, source: MigrationOptions(timeout: 3, key: key),
+                                                    destination: ReceiveOptions(key: key, timeout: 3)) { to in
+            try FaultProxy(to: to, plan: .init(direction: .toDestination, offset: offset, fault: .flip))
+        }
+        #expect(source.failure != nil && destination.failure != nil, "a flip at \(offset) went unnoticed")
+        try expectOneOwner(source: source, destination: destination, vm, "flip at \(offset)")
+        cleanUp(vm, destination)
+    }
+
+    /// A second source connecting while the first migrates is told "busy", and the first finishes.
+    @Test func secondSourceIsToldBusy() throws {
+        let (vm, spec) = try guest()
+        let (other, otherSpec) = try guest(memory: 4 << 20)
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let (main, more) = try Connection.connect(to: listener.address, channels: 3)
+        let first = background { () throws -> MigrationReport in
+            try migrate(vm, spec: spec, over: main, more: more, options: MigrationOptions(timeout: 5, maxBandwidth: 32 * 1_048_576))
+        }
+        Thread.sleep(forTimeInterval: 0.1)
+        let second = Result { try migrate(other, spec: otherSpec, over: try Connection.connect(to: listener.address), options: MigrationOptions(timeout: 5)) }
+        let e = try #require(second.failure as? MigrationError)
+        #expect(e.code == .busy && e.toldBy == .destination, "\(e)")
+        #expect(other.runState == .running)
+        _ = try first()
+        let (moved, _) = try dest()
+        _ = try moved.stop()
+        _ = try other.stop()
+    }
+
+    /// Every transport: a hostname, IPv6 loopback and a Unix socket.
+    @Test(arguments: ["tcp:localhost:0", "tcp:[::1]:0", "unix:/tmp/vmm-wire-test.sock"])
+    func migratesOverEveryTransport(_ address: String) throws {
+        let (vm, spec) = try guest(memory: 4 << 20)
+        let key = MigrationKey.random()
+        let (source, destination) = try migrateBoth(vm, spec, listen: try MigrationAddress(parsing: address),
+                                                    source: MigrationOptions(timeout: 5, key: key, channels: 2),
+                                                    destination: ReceiveOptions(key: key, timeout: 5))
+        let report = try source.get()
+        let (moved, _) = try destination.get()
+        #expect(moved.runState == .running && vm.runState == .stopped)
+        print("over \(address): \(report)")
+        _ = try moved.stop()
+    }
+
+    /// Files written by the previous version (committed fixtures, made by the version 2 `vmm`).
+    static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures").path
+
+    /// A stream from a version 2 source (captured from `vmm migrate` of that release: a 4 MiB soft
+    /// guest) is taken: the guest is rebuilt, its digest checks, it runs, and the source hears the
+    /// version 2 answer.
+    @Test func version2StreamIsAccepted() throws {
+        let stream = try Array(Data(contentsOf: URL(fileURLWithPath: Self.fixtures + "/stream-v2-soft.bin")))
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let c = try Connection.connect(to: listener.address)
+        try c.send(stream)
+        #expect(try c.receive(1) == [1], "the version 2 answer: accepted")
+        let (vm, spec) = try dest()
+        #expect(vm.runState == .running && vm.ram.size == 4 << 20 && spec.workingSet == 64 << 10)
+        _ = try vm.stop()
+    }
+
+    /// A snapshot chain written by the previous version restores.
+    @Test func version2SnapshotChainRestores() throws {
+        let (vm, spec, state) = try restoreSnapshots([Self.fixtures + "/snap-v2-soft", Self.fixtures + "/snap-v2-soft.1"])
+        try vm.start(spec, from: state)
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(try vm.stop().allSatisfy { $0.accesses > 0 })
+    }
+}
