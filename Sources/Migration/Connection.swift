@@ -28,8 +28,7 @@ public final class Connection: @unchecked Sendable {
     /// The record sealing of each direction once a key handshake is done (nil: records in clear).
     var sendCipher: RecordCipher?
     var receiveCipher: RecordCipher?
-    /// Where a record is sealed before it goes, and opened after it came.
-    var sealBuffer: [UInt8] = []
+    /// Where a sealed payload lands before it is opened.
     var openBuffer: [UInt8] = []
     private var ignoringStop = false
 

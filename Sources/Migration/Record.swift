@@ -35,6 +35,7 @@ public struct Record {
 
     public static let headerSize = 24
     public static let maxPagesPerRecord: UInt32 = 256
+    static let maxPagesPerSealedRecord: UInt32 = 32
     static let maxPayload = Int(maxPagesPerRecord) << 12
     /// Flag bits: PAGES all zero; SYNC closing the last pass.
     static let zeroRun: UInt8 = 1, lastPass: UInt8 = 2
@@ -63,25 +64,25 @@ public struct Record {
         let deadline = Date().addingTimeInterval(c.timeout)
         let h: [UInt8], length: Int
         if let cipher = c.receiveCipher {
-            // The length word in clear, then header and payload sealed, then the tag.
-            let word = try c.receive(4, deadline: deadline)
-            let sealed = Int(word.le(UInt32.self, at: 0))
-            guard sealed >= headerSize, sealed <= headerSize + maxPayload else { throw MigrationError.badStream("sealed record of \(sealed) bytes") }
-            if c.openBuffer.count < sealed + RecordCipher.tagSize { c.openBuffer = [UInt8](repeating: 0, count: headerSize + maxPayload + RecordCipher.tagSize) }
-            try c.openBuffer.withUnsafeMutableBytes { b in
-                try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<(sealed + RecordCipher.tagSize)]), deadline: deadline)
-            }
-            let plain = c.openBuffer.withUnsafeBytes { b in
-                cipher.open(UnsafeRawBufferPointer(rebasing: b[0..<sealed]),
-                            tag: UnsafeRawBufferPointer(rebasing: b[sealed..<(sealed + RecordCipher.tagSize)]), aad: word)
-            }
-            guard let plain else { throw MigrationError.authentication("a record does not open under the session key: the stream was altered") }
-            h = Array(plain[plain.startIndex..<(plain.startIndex + headerSize)])
-            length = sealed - headerSize
-            guard Int(h.le(UInt32.self, at: 16)) == length else { throw MigrationError.badStream("a sealed record's header says \(h.le(UInt32.self, at: 16)) bytes, it holds \(length)") }
+            // The header sealed on its own, then the payload sealed on its own: nothing in clear.
+            let sealedHeader = try c.receive(headerSize + RecordCipher.tagSize, deadline: deadline)
+            guard let plain = sealedHeader.withUnsafeBytes({ b in
+                cipher.open(UnsafeRawBufferPointer(rebasing: b[0..<headerSize]), tag: UnsafeRawBufferPointer(rebasing: b[headerSize...]))
+            }) else { throw MigrationError.authentication("a record does not open under the session key: the stream was altered") }
+            h = Array(plain)
+            length = Int(h.le(UInt32.self, at: 16))
             try check(h, pageLimit: pageLimit)
             if buffer.count < length { buffer = [UInt8](repeating: 0, count: max(length, maxPayload)) }
-            buffer.withUnsafeMutableBytes { b in _ = plain.copyBytes(to: b, from: (plain.startIndex + headerSize)..<plain.endIndex) }
+            if length > 0 {
+                if c.openBuffer.count < length + RecordCipher.tagSize { c.openBuffer = [UInt8](repeating: 0, count: maxPayload + RecordCipher.tagSize) }
+                try c.openBuffer.withUnsafeMutableBytes { b in
+                    try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<(length + RecordCipher.tagSize)]), deadline: deadline)
+                }
+                guard let payload = c.openBuffer.withUnsafeBytes({ b in
+                    cipher.open(UnsafeRawBufferPointer(rebasing: b[0..<length]), tag: UnsafeRawBufferPointer(rebasing: b[length..<(length + RecordCipher.tagSize)]))
+                }) else { throw MigrationError.authentication("a \(RecordType(rawValue: h[0])!) record's payload does not open under the session key: the stream was altered") }
+                buffer.withUnsafeMutableBytes { b in _ = payload.copyBytes(to: b) }
+            }
         } else {
             h = try c.receive(headerSize, deadline: deadline)
             length = Int(h.le(UInt32.self, at: 16))
@@ -135,8 +136,8 @@ public struct Record {
 }
 
 extension Connection {
-    /// Sends one record: header and payload, or on a sealed connection the clear length word, header
-    /// and payload sealed, and the tag.
+    /// Sends one record: header and payload, or on a sealed connection the header sealed (with its
+    /// tag), then the payload sealed (with its tag).
     func sendRecord(_ type: RecordType, zero: Bool = false, flags: UInt8 = 0, count: UInt32 = 0, firstPage: UInt64 = 0,
                     payload: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) throws {
         try checkStopped()
@@ -148,16 +149,13 @@ extension Connection {
             return
         }
         let header = Record.header(type, zero: zero, flags: flags, count: count, firstPage: firstPage, payload: payload, checksum: false)
-        let sealed = Record.headerSize + payload.count
-        if sealBuffer.count < sealed { sealBuffer = [UInt8](repeating: 0, count: Record.headerSize + Record.maxPayload + RecordCipher.tagSize) }
-        var word: [UInt8] = []
-        word.append(le: UInt32(sealed))
-        let (ciphertext, tag) = try sealBuffer.withUnsafeMutableBytes { b in
-            b.copyBytes(from: header)
-            if payload.count > 0 { UnsafeMutableRawBufferPointer(rebasing: b[Record.headerSize...]).copyMemory(from: payload) }
-            return try cipher.seal(UnsafeRawBufferPointer(rebasing: b[0..<sealed]), aad: word)
-        }
-        try send(word)
+        let (sealedHeader, headerTag) = try header.withUnsafeBytes { try cipher.seal($0) }
+        try sealedHeader.withUnsafeBytes { try send($0) }
+        try headerTag.withUnsafeBytes { try send($0) }
+        guard payload.count > 0 else { return }
+        // Sealed straight from where it lies (guest memory for pages): one read of each byte, so the
+        // tag always matches what was encrypted, however the guest writes meanwhile.
+        let (ciphertext, tag) = try cipher.seal(payload)
         try ciphertext.withUnsafeBytes { try send($0) }
         try tag.withUnsafeBytes { try send($0) }
     }

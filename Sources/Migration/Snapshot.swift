@@ -5,13 +5,16 @@ import DirtyLog
 import VirtualMachine
 import Workload
 
-/// A snapshot file's header: like the migration stream's, plus the kind (full or diff) and the
-/// position in its chain (docs/migration-stream.md, "Snapshots").
+/// A snapshot file's header: like the migration stream's, plus the kind (full or diff), the position
+/// in its chain and the chain's id, which every file of the chain carries (docs/migration-stream.md,
+/// "Snapshots"). Version 2 files, which have no id, are still read.
 public struct SnapshotHeader: Equatable, Sendable {
     public static let magic = Array("VMMSNAP1".utf8)
-    public static let version: UInt32 = 2
+    public static let version: UInt32 = 3
     public var diff: Bool
     public var sequence: UInt32
+    /// Drawn at random for each full snapshot; nil in a version 2 file.
+    public var chain: UInt64?
     public var guest: GuestDescription
 
     func encoded() -> [UInt8] {
@@ -20,16 +23,21 @@ public struct SnapshotHeader: Equatable, Sendable {
         b.append(le: UInt32(diff ? 1 : 0))
         b.append(le: sequence)
         b.append(le: UInt32(4096))
+        b.append(le: chain ?? 0)
         return sealHeader(b, guest.encoded())
     }
 
     static func read(from c: Connection, path: String) throws -> SnapshotHeader {
-        let (h, tail) = try readSealedHeader(from: c, fixedSize: 24, magic: magic, what: "snapshot file")
-        guard h.le(UInt32.self, at: 8) == version else {
-            throw MigrationError.badStream("\(path): snapshot version \(h.le(UInt32.self, at: 8)), this build reads \(version)")
+        let prefix = try c.receive(12)
+        guard Array(prefix[0..<8]) == magic else { throw MigrationError.badStream("\(path) is not a snapshot file (bad magic)") }
+        let version = prefix.le(UInt32.self, at: 8)
+        guard version == 2 || version == 3 else {
+            throw MigrationError(.version, "\(path) is a version \(version) snapshot; this build reads versions 2 and 3")
         }
+        let (h, tail) = try readSealedHeader(from: c, fixedSize: version == 2 ? 24 : 32, magic: magic, what: "snapshot file", prefix: prefix)
         guard h.le(UInt32.self, at: 20) == 4096 else { throw MigrationError.badStream("\(path): page size \(h.le(UInt32.self, at: 20))") }
         return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16),
+                              chain: version == 2 ? nil : h.le(UInt64.self, at: 24),
                               guest: try GuestDescription.decode(tail, context: "\(path): "))
     }
 }
@@ -55,6 +63,8 @@ public final class SnapshotChain {
     public let vm: any VirtualMachine
     public let spec: WorkloadSpec
     public private(set) var sequence: UInt32 = 0
+    /// The current chain's id, new with each full snapshot.
+    public private(set) var chain = UInt64.random(in: 1...UInt64.max)
 
     public init(vm: any VirtualMachine, spec: WorkloadSpec) {
         self.vm = vm
@@ -77,16 +87,18 @@ public final class SnapshotChain {
             bitmap = vm.allPages
         }
         let temporary = path + ".partial"
+        let chain = diff ? self.chain : UInt64.random(in: 1...UInt64.max)
         do {
             let file = try Connection(file: temporary, writing: true)
-            try file.send(SnapshotHeader(diff: diff, sequence: full ? 0 : sequence, guest: GuestDescription(vm, spec: spec)).encoded())
+            try file.send(SnapshotHeader(diff: diff, sequence: diff ? sequence : 0, chain: chain, guest: GuestDescription(vm, spec: spec)).encoded())
             var report = MigrationReport()
             try PageSender(ram: vm.ram, connection: file).send(bitmap, report: &report)
             try file.sendState(try vm.vcpuStates())
             try file.sendEnd(digest: memoryDigest(vm.ram))
             try file.sync()
             guard rename(temporary, path) == 0 else { throw MigrationError.connection("rename to \(path): \(String(cString: strerror(errno)))") }
-            sequence = (full ? 0 : sequence) + 1
+            sequence = (diff ? sequence : 0) + 1
+            self.chain = chain
             return SnapshotReport(path: path, diff: diff, pages: report.pagesSent, bytes: file.bytesSent,
                                   pausedSeconds: Date().timeIntervalSince(t0))
         } catch {
@@ -113,6 +125,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
     var last: (VCPUStates, [UInt8])?
     var expected: UInt32 = 0
     var written: DirtyBitmap?   // which pages the files so far wrote
+    var chain: (UInt64?, String)?   // the full snapshot's chain id and path
     for (index, path) in paths.enumerated() {
         let file = try Connection(file: path, writing: false)
         let h = try SnapshotHeader.read(from: file, path: path)
@@ -122,8 +135,14 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
             vm = guest
             spec = workload
             written = DirtyBitmap(pages: guest.pages)
+            chain = (h.chain, path)
         } else {
             guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
+            guard h.chain == chain!.0 else {
+                func name(_ id: UInt64?) -> String { id.map { String(format: "%016llx", $0) } ?? "none (version 2)" }
+                throw MigrationError.badStream("\(path) belongs to chain \(name(h.chain)), not to the chain of \(chain!.1) (\(name(chain!.0))): "
+                                               + "give the diffs taken after that full snapshot")
+            }
             guard h.guest.layout == vm!.ram.layout, h.guest.vcpus == UInt32(vm!.vcpuCount) else {
                 throw MigrationError.badStream("\(path) belongs to another guest (\(h.guest.layout), \(h.guest.vcpus) vCPUs)")
             }

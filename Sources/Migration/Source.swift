@@ -233,6 +233,9 @@ final class PageSender {
     /// Sends the pages `bitmap` names (in its words `words`, by default all).
     func send(_ bitmap: [UInt64], words: Range<Int>? = nil, report: inout MigrationReport) throws {
         var failure: Error?
+        // Sealed records stay small: each seal allocates its output, and at this size the allocator
+        // reuses memory instead of mapping (and faulting in) fresh pages for every record.
+        let maxRun = UInt64(connection.sendCipher == nil ? Record.maxPagesPerRecord : Record.maxPagesPerSealedRecord)
         forEachRun(bitmap, words: words) { start, count in
             guard failure == nil else { return }
             var p = start
@@ -243,10 +246,13 @@ final class PageSender {
                 let runEnd = min(end, slotEnd)
                 let zero = isZero(host)
                 var n: UInt64 = 1
-                while p + n < runEnd && n < UInt64(Record.maxPagesPerRecord) && isZero(host + Int(n << 12)) == zero { n += 1 }
+                while p + n < runEnd && n < maxRun && isZero(host + Int(n << 12)) == zero { n += 1 }
                 do {
-                    if !zero { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
-                    let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(staging), count: zero ? 0 : Int(n << 12))
+                    // A sealed payload is read once by the cipher; a clear one is copied first, so
+                    // its checksum covers exactly the bytes sent.
+                    let sealed = connection.sendCipher != nil
+                    if !zero && !sealed { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
+                    let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(sealed ? host : staging), count: zero ? 0 : Int(n << 12))
                     try connection.sendRecord(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload)
                 } catch {
                     failure = error

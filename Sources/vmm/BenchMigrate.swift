@@ -26,6 +26,8 @@ struct BenchMigrate: ParsableCommand {
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
     @Option(help: "TCP connections carrying page data (1-16).")
     var channels: Int = 1
+    @Flag(help: "Encrypt and authenticate the stream with a random key, as --key-file does.")
+    var key = false
     @Flag(help: "One JSON line per rate.")
     var json = false
 
@@ -36,7 +38,7 @@ struct BenchMigrate: ParsableCommand {
     }
 
     func run() throws {
-        print("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth, \(channels) channel(s)")
+        print("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth, \(channels) channel(s)" + (key ? ", keyed" : ""))
         print("  rate MiB/s     total   downtime    setup      sent  iterations  throttle  converged")
         // Warm the host first: the first few GiB a fresh process touches cost this nested host seconds
         // more (the outer hypervisor backs them on first touch), which would land on the first row only.
@@ -57,7 +59,7 @@ struct BenchMigrate: ParsableCommand {
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
             try vm.start(spec, from: nil)
             Thread.sleep(forTimeInterval: 0.5)
-            let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(downtimeLimit: downtimeLimit.value, channels: channels))
+            let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key ? .random() : nil, channels: channels))
             _ = try moved.stop()
             print(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
@@ -68,7 +70,8 @@ struct BenchMigrate: ParsableCommand {
                     ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
                     ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),
                     ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),
-                    ("throttle_pct", report.throttlePercent), ("converged", report.converged),
+                    ("throttle_pct", report.throttlePercent), ("converged", report.converged), ("keyed", key),
+                    ("bandwidth_mib_s", report.bandwidth / Double(1 << 20)),
                 ]))
             }
         }

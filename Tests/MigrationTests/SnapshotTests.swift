@@ -66,6 +66,26 @@ import KVMBackend
         #expect(throws: MigrationError.self) { _ = try restoreSnapshots([dir + "/d1"]) }
     }
 
+    /// Two chains of the same guest and workload: a diff of one does not restore onto the other's
+    /// full snapshot, and the refusal names both chains.
+    @Test func diffOfAnotherChainIsRefused() throws {
+        let (vm, spec) = try runningVM()
+        let a = SnapshotChain(vm: vm, spec: spec), b = SnapshotChain(vm: vm, spec: spec)
+        try a.take(to: dir + "/a0")
+        try b.take(to: dir + "/b0")
+        Thread.sleep(forTimeInterval: 0.02)
+        try b.take(to: dir + "/b1")
+        _ = try vm.stop()
+        #expect(a.chain != b.chain)
+        _ = try restoreSnapshots([dir + "/b0", dir + "/b1"])
+        do {
+            _ = try restoreSnapshots([dir + "/a0", dir + "/b1"])
+            Issue.record("a diff of another chain was applied")
+        } catch let e as MigrationError {
+            #expect(e.message.contains(String(format: "%016llx", a.chain)) && e.message.contains(String(format: "%016llx", b.chain)), "\(e)")
+        }
+    }
+
     /// A diff that fails to write loses nothing: its pages go into the next diff.
     @Test func failedDiffIsReportedByTheNextOne() throws {
         let (vm, spec) = try runningVM()

@@ -107,8 +107,8 @@ extension Result {
     /// The offsets that matter to the switchover, in each direction.
     static func plans(_ config: Config) throws -> [FaultProxy.Plan] {
         let (down, up) = try calibrate(config)
-        // A record without payload is 24 bytes, sealed 4 + 24 + 16; END carries 32 more.
-        let r = config.keyed ? 44 : 24, end = r + 32
+        // A record without payload is 24 bytes, sealed 24 + 16; END carries 32 more (sealed, + 16).
+        let r = config.keyed ? 40 : 24, end = r + 32 + (config.keyed ? RecordCipher.tagSize : 0)
         #expect(up == Handshake.acceptSize + 2 * r, "the destination says ACCEPT, READY and RUNNING: \(up) bytes")
         // ACCEPT's first and last byte, READY's first, middle and last, RUNNING's first and last; GO's
         // last and first, END's last, middle and first, STATE's tail.
