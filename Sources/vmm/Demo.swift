@@ -51,7 +51,7 @@ struct Demo: ParsableCommand {
         Thread.sleep(forTimeInterval: duration.value / 2)
 
         // Live-migrate the running guest to a second VM over loopback TCP, with a per-run key.
-        print("== migrating to a second VM over loopback TCP (pre-shared key, a MAC on every record)")
+        print("== migrating to a second VM over loopback TCP (a per-run key: every record sealed with AES-256-GCM)")
         let line = ProgressLine(prefix: "   ")
         let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, ram: ram), spec: spec,
                                                          options: MigrationOptions(key: .random()), progress: line.show)

@@ -246,4 +246,42 @@ import Testing
         Thread.sleep(forTimeInterval: 0.05)
         #expect(try vm.stop().allSatisfy { $0.accesses > 0 })
     }
+
+    /// Key files: each way one is unusable gets its own message saying what to do; a generated one
+    /// is private and works; generating never replaces a file.
+    @Test func keyFilesAreCheckedAtTheEdge() throws {
+        let dir = NSTemporaryDirectory() + "vmm-keys-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func message(_ path: String) -> String {
+            do { _ = try MigrationKey(file: path); return "" } catch let e as MigrationError { return e.code == .badKey ? e.message : "\(e.code)" } catch { return "\(error)" }
+        }
+        #expect(message(dir + "/missing").contains("does not exist: make one with `vmm key generate"))
+        let short = dir + "/short"
+        FileManager.default.createFile(atPath: short, contents: Data([1, 2, 3]), attributes: [.posixPermissions: 0o600])
+        #expect(message(short).contains("holds 3 bytes; a migration key needs at least 16"))
+        let open = dir + "/open"
+        FileManager.default.createFile(atPath: open, contents: Data(repeating: 7, count: 32), attributes: [.posixPermissions: 0o644])
+        #expect(message(open).contains("open to other users (mode 644): make it private with `chmod 600"))
+        #expect(message(dir).contains("is not a regular file"))
+        let generated = dir + "/key"
+        try MigrationKey.generate(to: generated)
+        #expect(message(generated) == "")
+        let mode = try FileManager.default.attributesOfItem(atPath: generated)[.posixPermissions] as? Int
+        #expect(mode == 0o600)
+        #expect(throws: MigrationError.self) { try MigrationKey.generate(to: generated) }
+        #expect(throws: MigrationError.self) { _ = try MigrationKey(bytes: [UInt8](repeating: 1, count: 15)) }
+    }
+
+    /// A bandwidth limit that cannot deliver a record within the timeout is refused before anything
+    /// moves, saying what would work.
+    @Test func hopelessBandwidthIsRefusedUpFront() throws {
+        let (vm, spec) = try guest(memory: 4 << 20)
+        let (a, b) = try Connection.pair()
+        let e = try #require(Result { try migrate(vm, spec: spec, over: a, options: MigrationOptions(timeout: 30, maxBandwidth: 1)) }.failure as? MigrationError)
+        #expect(e.code == .badOption && e.message.contains("give at least"), "\(e)")
+        #expect(a.bytesSent == 0 && b.bytesReceived == 0)
+        #expect(vm.runState == .running)
+        _ = try vm.stop()
+    }
 }
