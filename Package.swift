@@ -38,7 +38,7 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine", "Migration",
+                "CVMMSys", "GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine", "Migration",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize
