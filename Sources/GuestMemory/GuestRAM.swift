@@ -39,6 +39,10 @@ public struct RAMLayout: Equatable, Sendable, CustomStringConvertible {
         guard regions.count <= Self.maxRegions else { throw .badLayout("\(regions.count) slots; at most \(Self.maxRegions)") }
         var total: UInt64 = 0
         for (i, r) in regions.enumerated() {
+            // Checked before anything adds them: a layout read from a peer may hold any values.
+            guard r.gpa.raw <= 1 << 48, r.size <= (1 << 48) - r.gpa.raw else {
+                throw .badLayout("slot \(i) (\(r.size) bytes at \(hex(r.gpa.raw))) ends beyond the 48-bit guest-physical space")
+            }
             guard r.size > 0, r.size % PageSize.bytes4K == 0 else {
                 throw .badLayout("slot \(i): size \(r.size) bytes is not a positive multiple of 4 KiB")
             }

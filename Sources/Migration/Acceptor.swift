@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Synchronization
 
 /// The destination's door while it receives: accepts every connection to the listener on a thread
@@ -22,15 +23,22 @@ final class Acceptor: @unchecked Sendable {
     private static let maxOpening = 32
     /// What the door refused, for the operator's log.
     private(set) var refusals: [String] = []
-    var onRefusal: ((String) -> Void)?
+    private let onRefusal: ((String) -> Void)?
 
-    init(listener: Listener, key: MigrationKey?, timeout: Double) {
+    init(listener: Listener, key: MigrationKey?, timeout: Double, onRefusal: ((String) -> Void)? = nil) {
         self.listener = listener
         self.key = key
         self.timeout = timeout
+        self.onRefusal = onRefusal
         Thread { [self] in
             while !isStopped {
-                guard let c = try? listener.accept(timeout: 0.1, ioTimeout: timeout) else { continue }
+                let c: Connection
+                do { c = try listener.accept(timeout: 0.1, ioTimeout: timeout) } catch let e as MigrationError where e.code == .timeout {
+                    continue
+                } catch {
+                    usleep(100_000)   // out of descriptors, say: do not spin
+                    continue
+                }
                 condition.lock()
                 let room = opening < Self.maxOpening
                 if room { opening += 1 }
@@ -69,7 +77,12 @@ final class Acceptor: @unchecked Sendable {
             let opening = try Handshake.readOpening(c)
             switch opening {
             case .legacy:
-                // A version 2 source cannot be told "busy": it is closed unanswered.
+                // Version 2 cannot encrypt or prove a key: a destination with a key never takes it.
+                // A version 2 source cannot be told why: it is closed unanswered.
+                guard key == nil else {
+                    throw MigrationError(.version, "a version 2 source connected; this destination has a key, and version 2 streams "
+                                         + "are neither encrypted nor authenticated: update the source")
+                }
                 guard claim() else { refused("a version 2 source connected while busy"); return }
                 deliver(main: c, opening)
             case let .open(open) where !open.further:

@@ -56,12 +56,12 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` as if not cancelled or interrupted, with a timeout of at most 2 s: the last words
-    /// to the peer of a side that stops.
-    func withoutStop<T>(_ body: () throws -> T) throws -> T {
+    /// Runs `body` as if not cancelled or interrupted, with a timeout of at most `timeout` (2 s: the
+    /// last words to the peer of a side that stops).
+    func withoutStop<T>(timeout cap: Double = 2, _ body: () throws -> T) throws -> T {
         let saved = timeout
         ignoringStop = true
-        timeout = min(timeout, 2)
+        timeout = min(timeout, cap)
         defer { ignoringStop = false; timeout = saved }
         return try body()
     }
@@ -127,12 +127,27 @@ public final class Connection: @unchecked Sendable {
             for t in targets {
                 let fd = socket(t.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
                 guard fd >= 0 else { last = "socket: \(String(cString: strerror(errno)))"; continue }
-                if t.withSockaddr({ Glibc.connect(fd, $0, $1) }) == 0 { return Connection(socket: fd, timeout: timeout) }
-                let e = errno
+                // Non-blocking, so an unreachable host costs the timeout, not the kernel's minutes.
+                let flags = fcntl(fd, F_GETFL)
+                _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+                var e: Int32 = t.withSockaddr({ Glibc.connect(fd, $0, $1) }) == 0 ? 0 : errno
+                if e == EINPROGRESS {
+                    var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    if poll(&p, 1, Int32(max(0, deadline.timeIntervalSinceNow) * 1000) + 1) > 0 {
+                        var len = socklen_t(MemoryLayout<Int32>.size)
+                        getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len)
+                    } else {
+                        e = ETIMEDOUT
+                    }
+                }
+                if e == 0 {
+                    _ = fcntl(fd, F_SETFL, flags)
+                    return Connection(socket: fd, timeout: timeout)
+                }
                 close(fd)
                 last = String(cString: strerror(e))
                 // Nobody listening yet: the destination may still be starting.
-                guard e == ECONNREFUSED || e == ENOENT || e == EINTR else { throw MigrationError.connection("connect to \(address): \(last)") }
+                guard e == ECONNREFUSED || e == ENOENT || e == EINTR || e == EAGAIN else { throw MigrationError.connection("connect to \(address): \(last)") }
             }
             guard Date() < deadline else { throw MigrationError.connection("connect to \(address): \(last) (for \(timeout) s)") }
             usleep(20_000)

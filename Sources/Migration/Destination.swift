@@ -29,10 +29,10 @@ public struct ReceiveOptions: Sendable {
 /// `SwitchoverInDoubt` with the guest loaded and paused.
 public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOptions(), cancellation: Cancellation? = nil,
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
-    let acceptor = Acceptor(listener: listener, key: options.key, timeout: options.timeout)
-    defer { acceptor.stop() }
     let out = ProgressReporter(progress)
-    acceptor.onRefusal = { why in out.report(event: why) }
+    // The door stays open until this returns, answering "busy" to any other source.
+    let acceptor = Acceptor(listener: listener, key: options.key, timeout: options.timeout, onRefusal: { why in out.report(event: why) })
+    defer { acceptor.stop() }
     let (connection, opening) = try acceptor.waitForMain(seconds: options.acceptTimeout, cancellation: cancellation)
     cancellation?.watch(connection)
     let start = monotonicNanos()
@@ -61,7 +61,6 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             channels = try acceptor.waitForChannels(token: first.firstPage, count: count)
             for c in channels { cancellation?.watch(c) }
         }
-        acceptor.stop()
         let (vm, spec) = try guest.makeGuest(maxMemory: options.maxMemory)
         tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s), workload \(spec)"
              + (channels.isEmpty ? "" : ", \(count) channels"))
@@ -97,6 +96,7 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         guard local.final() == digest else { throw MigrationError.digestMismatch }
         if case .legacy = opening {
             try vm.start(spec, from: state)
+            loaded = vm
             try connection.send([1])
             try connection.flush()
         } else {

@@ -55,6 +55,7 @@ final class ProgressReporter: @unchecked Sendable {
     private var last: UInt64 = 0
     /// Reports can come from more than one thread (the destination's door reports what it refused).
     private let lock = NSLock()
+    private let callbackLock = NSLock()
 
     init(_ callback: ((MigrationProgress) -> Void)?) { self.callback = callback }
 
@@ -67,9 +68,9 @@ final class ProgressReporter: @unchecked Sendable {
     /// `rateSince`: also set the bandwidth, as bytes over the time since then.
     func report(bytes: UInt64? = nil, event: String? = nil, force: Bool = true, rateSince: UInt64? = nil) {
         guard let callback else { return }
-        let now = monotonicNanos()
         lock.lock()
-        guard force || now - last >= 100_000_000 else { lock.unlock(); return }
+        let now = monotonicNanos()
+        guard force || now &- last >= 100_000_000 else { lock.unlock(); return }
         last = now
         if let bytes {
             if let rateSince { status.bandwidth = Double(bytes) / (Double(max(now - rateSince, 1)) / 1e9) }
@@ -78,7 +79,10 @@ final class ProgressReporter: @unchecked Sendable {
         status.event = event
         let copy = status
         lock.unlock()
+        // One callback at a time, whichever thread reports.
+        callbackLock.lock()
         callback(copy)
+        callbackLock.unlock()
     }
 }
 

@@ -131,7 +131,9 @@ public struct Record {
     func error(from side: MigrationError.Side) -> MigrationError? {
         guard type == .error, payload.count >= 4 else { return nil }
         let code = MigrationError.Code(rawValue: payload.le(UInt32.self, at: 0)) ?? .unknown
-        return MigrationError(code, String(decoding: payload[4...], as: UTF8.self), toldBy: side)
+        // The peer's words reach a terminal: no control characters.
+        let text = String(decoding: payload[4...], as: UTF8.self).unicodeScalars.map { $0.properties.generalCategory == .control ? "?" : Character($0) }
+        return MigrationError(code, String(text), toldBy: side)
     }
 }
 

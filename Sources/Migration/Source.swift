@@ -160,8 +160,9 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         }
         // Stop-and-copy.
         let pauseStart = Date()
-        try vm.pause()
+        // Set first: a pause that times out may have parked some vCPUs, and the rollback resumes them.
         paused = true
+        try vm.pause()
         let last = try vm.getDirtyLog()
         digest.harvested(last)
         for i in pending.indices { pending[i] |= last[i] }
@@ -178,7 +179,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         vm.setThrottle(percent: 0)
         try Switchover.source(connection, vm: vm, spec: spec)
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
-        _ = try vm.stop()
+        // The guest runs at the destination now: whatever stopping this copy reports, it never resumes.
+        _ = try? vm.stop()
         try? vm.disableDirtyLogging()
         report.bytesSent = channels.bytesSent
         report.totalSeconds = Date().timeIntervalSince(start)
@@ -199,7 +201,11 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         for c in more { c.interrupt() }
         vm.setThrottle(percent: 0)
         try? vm.disableDirtyLogging()
-        if paused && wasRunning { try? vm.resume() }
+        if paused && wasRunning {
+            do { try vm.resume() } catch {
+                reason.message += "; and the guest could not be resumed here (\(error)): it is paused, resume it by hand"
+            }
+        }
         throw reason
     }
 }

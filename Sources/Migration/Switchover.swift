@@ -29,9 +29,12 @@ enum Switchover {
         // The point of no return: whatever happens to GO, this side never resumes on its own.
         let running: Record
         do {
-            try c.sendRecord(.go)
-            try c.flush()
-            running = try Record.read(from: c, pageLimit: 0)
+            // A cancel from here on changes nothing: GO goes, and RUNNING is awaited.
+            running = try c.withoutStop(timeout: c.timeout) {
+                try c.sendRecord(.go)
+                try c.flush()
+                return try Record.read(from: c, pageLimit: 0)
+            }
         } catch {
             throw SwitchoverInDoubt(side: .source, why: "did not hear that the destination runs it (\(error))", vm: vm, spec: spec)
         }
@@ -45,6 +48,8 @@ enum Switchover {
     /// Returns once the guest runs here; throws the source's reason (after discarding the guest) if
     /// it stopped; throws `SwitchoverInDoubt` if the source vanished after READY.
     static func destination(_ c: Connection, vm: any VirtualMachine, spec: WorkloadSpec) throws {
+        // A cancel before READY is an ordinary stop: the source resumes its guest.
+        if c.isCancelled { throw MigrationError.cancelled }
         let go: Record
         do {
             try c.sendRecord(.ready)
@@ -63,7 +68,9 @@ enum Switchover {
         try vm.resume()
         // The source waits for this to report success; if it is lost, the source is in doubt but the
         // guest runs here.
-        try? c.sendRecord(.running)
-        try? c.flush()
+        try? c.withoutStop {
+            try c.sendRecord(.running)
+            try c.flush()
+        }
     }
 }

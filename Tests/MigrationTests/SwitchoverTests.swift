@@ -70,7 +70,8 @@ extension Result {
     static let timeout = 1.0
     static let faults: [FaultProxy.Fault] = [.cut, .flip, .stall(timeout * 1.6), .drop, .truncate]
 
-    /// A paused guest with every page holding data, ready to migrate.
+    /// A paused guest with every page holding data, ready to migrate (in one pass and the pause: the
+    /// stream then has the same length every run, whatever the load).
     static func guest(_ config: Config) throws -> (any VirtualMachine, WorkloadSpec) {
         let vm = try makeVirtualMachine(VMConfig(backend: config.backend, memory: 4 << 20, backing: .pages4K, vcpus: 1))
         for p in 0..<vm.pages { memset(vm.ram.pointer(page: p), Int32(p & 0xFF) | 1, 4096) }
@@ -91,7 +92,7 @@ extension Result {
         }
         let proxy = try FaultProxy(to: listener.address, plan: plan)
         let source = Result {
-            try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(timeout: timeout, key: key))
+            try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(maxIterations: 1, timeout: timeout, key: key))
         }
         return (src, source, Result { try dest() }, proxy)
     }
