@@ -157,7 +157,7 @@ final class Acceptor: @unchecked Sendable {
             if let mainFailure { throw mainFailure }
             if cancellation?.isCancelled == true { throw MigrationError.cancelled }
             guard Date() < deadline else {
-                throw MigrationError.timeout("no source connected to \(listener.address) within \(formatSeconds(seconds))")
+                throw MigrationError.timeout("no source connected to \(listener.address) within \(formatDuration(seconds))")
             }
             _ = condition.wait(until: min(deadline, Date().addingTimeInterval(0.1)))
         }
@@ -180,7 +180,7 @@ final class Acceptor: @unchecked Sendable {
         defer { condition.unlock() }
         while (further[t]?.count ?? 0) < count - 1 {
             guard condition.wait(until: deadline) else {
-                throw MigrationError.timeout("\(further[t]?.count ?? 0) of the source's \(count - 1) further channels connected within \(formatSeconds(timeout))")
+                throw MigrationError.timeout("\(further[t]?.count ?? 0) of the source's \(count - 1) further channels connected within \(formatDuration(timeout))")
             }
         }
         let got = (further[t] ?? []).sorted { $0.0 < $1.0 }

@@ -56,7 +56,7 @@ final class ChannelSenders: @unchecked Sendable {
                 let b = nextBlock.add(1, ordering: .relaxed).oldValue
                 guard b < blocks else { break }
                 // The destination speaks mid-stream only to stop: then its reason ends the pass.
-                if i == 0, connections[0].peerHasSpoken, let e = peerReason(connections[0]) { throw e }
+                if i == 0, let e = peerReason(connections[0]) { throw e }
                 try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
             }
             try connections[i].sendSync(pass: pass, last: last)

@@ -201,7 +201,7 @@ public final class Connection: @unchecked Sendable {
         while true {
             try checkStopped(sending: events == Int16(POLLOUT))
             let left = deadline.timeIntervalSinceNow
-            guard left > 0 else { throw failure(.timeout("\(what) within \(formatSeconds(timeout))")) }
+            guard left > 0 else { throw failure(.timeout("\(what) within \(formatDuration(timeout))")) }
             var p = pollfd(fd: fd, events: events, revents: 0)
             let rc = poll(&p, 1, Int32(min(left, 0.1) * 1000) + 1)
             if rc > 0 { return }
@@ -297,7 +297,6 @@ public final class Connection: @unchecked Sendable {
     public static let maxChannels = 16
 }
 
-func formatSeconds(_ s: Double) -> String { s == s.rounded() ? "\(Int(s)) s" : String(format: "%.1f s", s) }
 
 /// A listening socket, TCP or Unix.
 public final class Listener: @unchecked Sendable {
@@ -354,7 +353,7 @@ public final class Listener: @unchecked Sendable {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         let rc = poll(&p, 1, Int32(max(0, timeout) * 1000))
         guard rc > 0 else {
-            throw rc == 0 ? MigrationError.timeout("no source connected to \(address) within \(formatSeconds(timeout))")
+            throw rc == 0 ? MigrationError.timeout("no source connected to \(address) within \(formatDuration(timeout))")
                           : MigrationError.connection("poll: \(String(cString: strerror(errno)))")
         }
         let c = Glibc.accept(fd, nil, nil)

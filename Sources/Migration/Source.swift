@@ -81,7 +81,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         let perChannel = limit / Double(all.count)
         guard perChannel * options.timeout >= Double(Record.maxPayload) * 1.5 else {
             throw MigrationError(.badOption, "--max-bandwidth \(formatBytes(UInt64(limit)))/s cannot deliver a record of "
-                                 + "\(formatBytes(UInt64(Record.maxPayload))) within the \(formatSeconds(options.timeout)) timeout: "
+                                 + "\(formatBytes(UInt64(Record.maxPayload))) within the \(formatDuration(options.timeout)) timeout: "
                                  + "give at least \(formatBytes(UInt64(Double(Record.maxPayload) * 1.5 * Double(all.count) / options.timeout)))/s")
         }
         let firstPass = Double(vm.ram.size) / limit
@@ -116,9 +116,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             digest.start()
-            out.update { $0.iteration = report.iterations + 1 }
-            out.update { $0.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount }) }
-            out.update { $0.pagesDone = 0 }
+            let iteration = report.iterations + 1, planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+            out.update { $0.iteration = iteration; $0.pagesPlanned = planned; $0.pagesDone = 0 }
             let t0 = Date()
             let sentBefore = channels.bytesSent
             try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: false, report: &report)
@@ -139,8 +138,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
             let expectedDowntime = max(sendTime, hashTime)
             let hashSettled = hashTime <= options.downtimeLimit || hashTime >= lastHashTime * 0.9
             lastHashTime = hashTime
-            out.update { $0.bandwidth = report.bandwidth }
-            out.update { $0.expectedDowntime = expectedDowntime }
+            let bandwidth = report.bandwidth
+            out.update { $0.bandwidth = bandwidth; $0.expectedDowntime = expectedDowntime }
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
@@ -166,9 +165,8 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         let last = try vm.getDirtyLog()
         digest.harvested(last)
         for i in pending.indices { pending[i] |= last[i] }
-        out.update { $0.phase = .stopAndCopy }
-        out.update { $0.pagesPlanned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount }) }
-        out.update { $0.pagesDone = 0 }
+        let planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+        out.update { $0.phase = .stopAndCopy; $0.pagesPlanned = planned; $0.pagesDone = 0 }
         tell()
         // Memory no longer changes: hash what is left on other threads while the last pages go out.
         let final = BackgroundDigest(digest)
