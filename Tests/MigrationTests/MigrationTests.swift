@@ -195,7 +195,9 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     /// neither side finishes, the source runs on with logging off.
     @Test(arguments: [(FaultProxy.Fault.cut, 100), (.flip, 5000), (.truncate, 65_536), (.cut, 1 << 20)])
     func faultOnAFurtherChannelLeavesTheSourceRunning(_ fault: FaultProxy.Fault, _ offset: Int) throws {
-        let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
+        // 16 blocks of 2 MiB, all holding data: every channel carries megabytes, past each fault.
+        let (src, spec) = try sourceVM(memory: 32 << 20, backing: .pages4K)
+        memset(src.ram.slots[0].pointer, 0x5A, Int(src.ram.size))
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
         let key = MigrationKey.random()
         let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
@@ -207,6 +209,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         #expect(throws: (any Error).self, "fault \(fault)") {
             _ = try migrate(src, spec: spec, over: main, more: more, options: MigrationOptions(timeout: 5, key: key))
         }
+        #expect(proxy.faultFired, "the fault never fired")
         #expect(throws: (any Error).self) { _ = try dest() }
         #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
         let p0 = try positions(src)
