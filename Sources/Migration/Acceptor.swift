@@ -166,7 +166,7 @@ final class Acceptor: @unchecked Sendable {
 
     /// The further channels 1..<count of the migration named `token`, in index order, each opened
     /// within the timeout. Channels naming any other migration are refused from now on.
-    func waitForChannels(token t: UInt64, count: Int) throws -> [Connection] {
+    func waitForChannels(token t: UInt64, count: Int, cancellation: Cancellation?) throws -> [Connection] {
         let deadline = Date().addingTimeInterval(timeout)
         condition.lock()
         token = t
@@ -179,9 +179,11 @@ final class Acceptor: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         while (further[t]?.count ?? 0) < count - 1 {
-            guard condition.wait(until: deadline) else {
+            if cancellation?.isCancelled == true { throw MigrationError.cancelled }
+            guard Date() < deadline else {
                 throw MigrationError.timeout("\(further[t]?.count ?? 0) of the source's \(count - 1) further channels connected within \(formatDuration(timeout))")
             }
+            _ = condition.wait(until: min(deadline, Date().addingTimeInterval(0.1)))
         }
         let got = (further[t] ?? []).sorted { $0.0 < $1.0 }
         guard got.map(\.0) == (1..<UInt32(count)).map({ $0 }) else {

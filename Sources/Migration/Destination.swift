@@ -58,7 +58,7 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             guest = try GuestDescription.decode(first.payload, context: "")
             count = Int(first.count)
             guard (1...Connection.maxChannels).contains(count) else { throw MigrationError.badStream("\(count) channels") }
-            channels = try acceptor.waitForChannels(token: first.firstPage, count: count)
+            channels = try acceptor.waitForChannels(token: first.firstPage, count: count, cancellation: cancellation)
             for c in channels { cancellation?.watch(c) }
         }
         let (vm, spec) = try guest.makeGuest(maxMemory: options.maxMemory)

@@ -61,6 +61,7 @@ public struct Record {
     /// Reads the next record, checking its sizes and its checksum, or its seal on a sealed
     /// connection. The whole record must arrive within the connection's timeout.
     static func read(from c: Connection, pageLimit: UInt64, into buffer: inout [UInt8]) throws -> Record {
+        try c.flush()   // what this side owes the peer goes first, on its own deadline
         let deadline = Date().addingTimeInterval(c.timeout)
         let h: [UInt8], length: Int
         if let cipher = c.receiveCipher {
