@@ -21,8 +21,6 @@ final class Acceptor: @unchecked Sendable {
     private var stopped = false
     private var opening = 0
     private static let maxOpening = 32
-    /// What the door refused, for the operator's log.
-    private(set) var refusals: [String] = []
     private let onRefusal: ((String) -> Void)?
 
     init(listener: Listener, key: MigrationKey?, timeout: Double, onRefusal: ((String) -> Void)? = nil) {
@@ -62,12 +60,8 @@ final class Acceptor: @unchecked Sendable {
         condition.unlock()
     }
 
-    private func refused(_ why: String) {
-        condition.lock()
-        refusals.append(why)
-        condition.unlock()
-        onRefusal?(why)
-    }
+    /// Tells the operator what the door refused.
+    private func refused(_ why: String) { onRefusal?(why) }
 
     private static let busy = MigrationError(.busy, "the destination is receiving another migration: try again when it is done")
 

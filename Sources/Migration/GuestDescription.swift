@@ -127,7 +127,6 @@ extension VirtualMachine {
 /// size, the channels, the token, then the sealed guest description.
 struct Version2Header {
     var guest: GuestDescription
-    var channels: UInt32
 
     /// Reads the rest of a header whose first 12 bytes were `prefix`.
     static func read(from c: Connection, prefix: [UInt8]) throws -> Version2Header {
@@ -138,7 +137,7 @@ struct Version2Header {
             throw MigrationError(.version, "a version 2 source sends over \(channels) channels; this destination takes version 2 streams "
                                  + "on one channel only: update the source, or use one channel")
         }
-        return Version2Header(guest: try GuestDescription.decode(tail, context: ""), channels: channels)
+        return Version2Header(guest: try GuestDescription.decode(tail, context: ""))
     }
 }
 
