@@ -8,6 +8,11 @@ public struct KVMVCPUState {
     public var regs: kvm_regs
     public var sregs: kvm_sregs
     public var fpu: kvm_fpu
+    public init(regs: kvm_regs = kvm_regs(), sregs: kvm_sregs = kvm_sregs(), fpu: kvm_fpu = kvm_fpu()) {
+        self.regs = regs
+        self.sregs = sregs
+        self.fpu = fpu
+    }
 }
 
 extension KVMVCPU {

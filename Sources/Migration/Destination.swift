@@ -1,7 +1,6 @@
 import Foundation
 import GuestMemory
 import VirtualMachine
-import Workload
 
 /// How the destination receives.
 public struct ReceiveOptions: Sendable {
@@ -28,7 +27,7 @@ public struct ReceiveOptions: Sendable {
 /// partial VM is discarded, and the error rethrown; a switchover that breaks after READY throws
 /// `SwitchoverInDoubt` with the guest loaded and paused.
 public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOptions(), cancellation: Cancellation? = nil,
-                    progress: ((MigrationProgress) -> Void)? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
+                    progress: ((MigrationProgress) -> Void)? = nil) throws -> any VirtualMachine {
     let out = ProgressReporter(progress)
     // The door stays open until this returns, answering "busy" to any other source.
     let acceptor = Acceptor(listener: listener, key: options.key, timeout: options.timeout, onRefusal: { why in out.report(event: why) })
@@ -51,18 +50,18 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             let header = try Version2Header.read(from: connection, prefix: prefix)
             (guest, count) = (header.guest, 1)
             tell(.setup, "a version 2 source: its guest is resumed as version 2 did, without the switchover exchange")
-        case .open:
+        case let .open(open):
             let first = try Record.read(from: connection, pageLimit: 0)
             if let e = first.error(from: .source) { throw e }
             guard first.type == .guest else { throw MigrationError.badStream("the stream began with a \(first.type) record") }
-            guest = try GuestDescription.decode(first.payload, context: "")
+            guest = try GuestDescription.decode(first.payload, version: open.version, context: "")
             count = Int(first.count)
             guard (1...Connection.maxChannels).contains(count) else { throw MigrationError.badStream("\(count) channels") }
             channels = try acceptor.waitForChannels(token: first.firstPage, count: count, cancellation: cancellation)
             for c in channels { cancellation?.watch(c) }
         }
-        let (vm, spec) = try guest.makeGuest(maxMemory: options.maxMemory)
-        tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s), workload \(spec)"
+        let vm = try guest.makeGuest(maxMemory: options.maxMemory)
+        tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s)"
              + (channels.isEmpty ? "" : ", \(count) channels"))
         // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
         let local = DestinationDigest(vm.ram)
@@ -74,12 +73,12 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         let all = [connection] + channels
         readers = channels.map { c in
             ChannelReader(onFailure: { barrier.fail(); for c in all { c.interrupt() } }) {
-                try applyRecords(from: c, into: vm, written: written, digest: local, barrier: barrier, main: false)
+                try applyRecords(from: c, into: vm, guest: guest, written: written, digest: local, barrier: barrier, main: false)
             }
         }
-        let state: VCPUStates, digest: [UInt8]
+        let state: MachineState, digest: [UInt8]
         do {
-            (state, digest) = try applyRecords(from: connection, into: vm, written: written, digest: local, barrier: barrier) {
+            (state, digest) = try applyRecords(from: connection, into: vm, guest: guest, written: written, digest: local, barrier: barrier) {
                 tell(.receiving, force: false)
             }!
         } catch {
@@ -95,18 +94,18 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         tell(.verifying, "all records in; checking the memory digest")
         guard local.final() == digest else { throw MigrationError.digestMismatch }
         if case .legacy = opening {
-            try vm.start(spec, from: state)
+            try vm.start(from: state)
             loaded = vm
             try connection.send([1])
             try connection.flush()
         } else {
-            try vm.start(spec, from: state, paused: true)
+            try vm.start(from: state, paused: true)
             loaded = vm
             tell(.verifying, "memory digest matches; the guest is loaded, paused; READY")
-            try Switchover.destination(connection, vm: vm, spec: spec)
+            try Switchover.destination(connection, vm: vm)
         }
         tell(.done, "the source handed the guest over; it runs here")
-        return (vm, spec)
+        return vm
     } catch let e as SwitchoverInDoubt {
         throw e
     } catch {
@@ -145,17 +144,17 @@ final class ChannelReader: @unchecked Sendable {
     }
 }
 
-/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the vCPU
+/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the machine
 /// state and the digest END carries. `written` tracks which pages records wrote (carry it across a
 /// chain of snapshot files). Every record's checksum (and MAC, on an authenticated connection) is
 /// checked first. At each SYNC the channel waits at `barrier` for the others; a further channel
 /// (not `main`) ends at the last pass's SYNC and returns nil.
-func applyRecords(from connection: Connection, into vm: any VirtualMachine, written: DirtyBitmap,
+func applyRecords(from connection: Connection, into vm: any VirtualMachine, guest: GuestDescription, written: DirtyBitmap,
                   digest: DestinationDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true,
-                  tick: () -> Void = {}) throws -> (VCPUStates, [UInt8])? {
+                  tick: () -> Void = {}) throws -> (MachineState, [UInt8])? {
     let ram = vm.ram
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
-    var state: VCPUStates?
+    var state: MachineState?
     var sawLastPass = false
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
     // which keeps the destination from touching (and the host from allocating) memory it need not.
@@ -192,10 +191,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, writ
             if r.last && !main { return nil }
         case .state:
             guard main else { throw MigrationError.badStream("vCPU state on a further channel") }
-            guard let first = r.payload.first, BackendKind(wireCode: first) == vm.backend else {
-                throw MigrationError.badStream("vCPU state of another backend than the \(vm.backend) VM the header asked for")
-            }
-            state = VCPUStates(backend: vm.backend, bytes: Array(r.payload.dropFirst()))
+            state = try guest.state(from: r.payload)
         case .end:
             guard main else { throw MigrationError.badStream("an end record on a further channel") }
             guard barrier == nil || sawLastPass else { throw MigrationError.badStream("the end came before the last pass was closed") }

@@ -2,7 +2,6 @@ import Foundation
 import Glibc
 import GuestMemory
 import VirtualMachine
-import Workload
 
 extension BackendKind {
     /// A backend's code in stream and snapshot headers and state records: vCPU state only runs on a VM
@@ -25,31 +24,30 @@ extension Backing {
     }
 }
 
-/// The guest a stream or snapshot header describes: what the receiving end builds.
+/// The guest a stream or snapshot header describes: what the receiving end builds before any page
+/// arrives. What the guest runs travels in its state (STATE), which only its backend reads.
 public struct GuestDescription: Equatable, Sendable {
     public var layout: RAMLayout
     public var vcpus: UInt32
     public var backend: UInt8
     public var backing: UInt8
-    /// The workload the guest runs, which the receiving end continues.
-    public var spec: String
+    /// The workload spec that streams and snapshots before version 4 carried here; their STATE
+    /// record's bytes follow it in a format 0 state.
+    var legacySpec: String?
 
-    public init(layout: RAMLayout, vcpus: UInt32, backend: UInt8, backing: UInt8, spec: String) {
+    public init(layout: RAMLayout, vcpus: UInt32, backend: UInt8, backing: UInt8) {
         self.layout = layout
         self.vcpus = vcpus
         self.backend = backend
         self.backing = backing
-        self.spec = spec
     }
 
-    /// `vm` running `spec`.
-    init(_ vm: any VirtualMachine, spec: WorkloadSpec) {
-        self.init(layout: vm.ram.layout, vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode,
-                  backing: vm.ram.backing.wireCode, spec: spec.description)
+    init(_ vm: any VirtualMachine) {
+        self.init(layout: vm.ram.layout, vcpus: UInt32(vm.vcpuCount), backend: vm.backend.wireCode, backing: vm.ram.backing.wireCode)
     }
 
     /// vCPUs (4), backend (1), backing (1), reserved (2), slot count (4), per slot its GPA (8) and
-    /// size (8), the spec's length (4) and the spec (UTF-8).
+    /// size (8). Before version 4: then the spec's length (4) and the spec (UTF-8).
     func encoded() -> [UInt8] {
         var b: [UInt8] = []
         b.append(le: vcpus)
@@ -61,31 +59,46 @@ public struct GuestDescription: Equatable, Sendable {
             b.append(le: r.gpa.raw)
             b.append(le: r.size)
         }
-        let text = Array(spec.utf8)
-        b.append(le: UInt32(text.count))
-        return b + text
+        return b
     }
 
-    static func decode(_ b: [UInt8], context: String) throws -> GuestDescription {
+    /// Reads a description of stream or snapshot `version`.
+    static func decode(_ b: [UInt8], version: UInt32, context: String) throws -> GuestDescription {
         func need(_ n: Int) throws { guard b.count >= n else { throw MigrationError.badStream("\(context)header too short") } }
         try need(12)
         let slots = Int(b.le(UInt32.self, at: 8))
         guard slots <= RAMLayout.maxRegions else { throw MigrationError.badStream("\(context)\(slots) memory slots") }
-        try need(16 + slots * 16)
+        let end = 12 + slots * 16
+        try need(end)
         let regions = (0..<slots).map { i in RAMLayout.Region(gpa: GPA(b.le(UInt64.self, at: 12 + i * 16)), size: b.le(UInt64.self, at: 20 + i * 16)) }
         let layout: RAMLayout
         do { layout = try RAMLayout(regions) } catch { throw MigrationError.badStream("\(context)\(error)") }
-        let specAt = 12 + slots * 16
-        let specLength = Int(b.le(UInt32.self, at: specAt))
-        guard b.count == specAt + 4 + specLength else { throw MigrationError.badStream("\(context)header length does not match its spec") }
-        return GuestDescription(layout: layout, vcpus: b.le(UInt32.self, at: 0), backend: b[4], backing: b[5],
-                                spec: String(decoding: b[(specAt + 4)...], as: UTF8.self))
+        var guest = GuestDescription(layout: layout, vcpus: b.le(UInt32.self, at: 0), backend: b[4], backing: b[5])
+        if version < 4 {
+            try need(end + 4)
+            guard b.count == end + 4 + Int(b.le(UInt32.self, at: end)) else { throw MigrationError.badStream("\(context)header length does not match its spec") }
+            guest.legacySpec = String(decoding: b[(end + 4)...], as: UTF8.self)
+        } else {
+            guard b.count == end else { throw MigrationError.badStream("\(context)header length does not match its memory slots") }
+        }
+        return guest
     }
 
-    /// Builds the VM this describes, after checking it (`context` starts each error).
+    /// The machine state a STATE record carries: in version 4, the backend's code (1), a reserved
+    /// byte, the state's format (2) and its bytes; before, the backend's code and the vCPU bytes,
+    /// with the workload in the header.
+    func state(from payload: [UInt8], context: String = "") throws -> MachineState {
+        guard let kind = BackendKind(wireCode: backend), payload.first == backend else {
+            throw MigrationError.badStream("\(context)state of another backend than the header's")
+        }
+        if let legacySpec { return .legacy(backend: kind, spec: legacySpec, vcpus: Array(payload.dropFirst())) }
+        guard payload.count >= 4 else { throw MigrationError.badStream("\(context)a state record of \(payload.count) bytes") }
+        return MachineState(backend: kind, format: payload.le(UInt16.self, at: 2), bytes: Array(payload[4...]))
+    }
+
     /// Builds the VM this describes, after checking it (`context` starts each error): a guest larger
     /// than `maxMemory`, or one the host cannot map, is refused as out of memory.
-    func makeGuest(context: String = "", maxMemory: UInt64? = nil) throws -> (any VirtualMachine, WorkloadSpec) {
+    func makeGuest(context: String = "", maxMemory: UInt64? = nil) throws -> any VirtualMachine {
         guard layout.size <= 1 << 40, (1...64).contains(vcpus) else {
             throw MigrationError.badStream("\(context)guest of \(layout) and \(vcpus) vCPUs")
         }
@@ -93,12 +106,9 @@ public struct GuestDescription: Equatable, Sendable {
             throw MigrationError(.outOfMemory, "the guest has \(formatBytes(layout.size)) of memory; the destination takes at most "
                                  + "\(formatBytes(maxMemory)) (its --max-memory)")
         }
-        let spec: WorkloadSpec
-        do { spec = try WorkloadSpec.parse(self.spec) } catch { throw MigrationError.badStream("\(context)workload spec: \(error)") }
         guard let kind = BackendKind(wireCode: backend) else { throw MigrationError.badStream("\(context)unknown backend code \(backend)") }
         do {
-            let vm = try makeVirtualMachine(VMConfig(backend: kind, layout: layout, backing: Backing(wireCode: backing), vcpus: Int(vcpus)))
-            return (vm, spec)
+            return try makeVirtualMachine(VMConfig(backend: kind, layout: layout, backing: Backing(wireCode: backing), vcpus: Int(vcpus)))
         } catch let e as GuestMemoryError {
             switch e {
             case .systemCall(_, errno: ENOMEM), .hugePagesNotReserved:
@@ -137,7 +147,7 @@ struct Version2Header {
             throw MigrationError(.version, "a version 2 source sends over \(channels) channels; this destination takes version 2 streams "
                                  + "on one channel only: update the source, or use one channel")
         }
-        return Version2Header(guest: try GuestDescription.decode(tail, context: ""))
+        return Version2Header(guest: try GuestDescription.decode(tail, version: 2, context: ""))
     }
 }
 

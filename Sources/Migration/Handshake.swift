@@ -13,9 +13,11 @@ import Foundation
 /// ```
 enum Handshake {
     static let magic = Array("VMMMIGR1".utf8)
-    /// The stream version this build writes, and the oldest it reads.
-    static let version: UInt32 = 3
+    /// The stream version this build writes, and the oldest it reads; version 2 streams open with
+    /// their own header, the others with OPEN.
+    static let version: UInt32 = 4
     static let oldestVersion: UInt32 = 2
+    static let oldestOpenVersion: UInt32 = 3
     static let openSize = 48, acceptSize = 88, confirmSize = 36
     static let keyed: UInt32 = 1, further: UInt32 = 2
 
@@ -131,7 +133,7 @@ enum Handshake {
     /// when a key is given. Throws why it refused, or the source's reason.
     static func accept(_ c: Connection, open: Open, key: MigrationKey?, refusal: MigrationError? = nil) throws {
         var problem = refusal
-        if problem == nil && open.version != version {
+        if problem == nil && !(oldestOpenVersion...version).contains(open.version) {
             problem = MigrationError(.version, "the source writes stream version \(open.version); this destination reads versions "
                                      + "\(oldestVersion) to \(version): update the older end")
         }

@@ -1,6 +1,5 @@
 import Foundation
 import VirtualMachine
-import Workload
 
 /// Why a migration or snapshot stopped, on either side. A side that stops tells its peer in an ERROR
 /// record carrying `code` and `message`, so both print the same reason; `toldBy` then names the side
@@ -98,7 +97,6 @@ public struct SwitchoverInDoubt: Error, CustomStringConvertible, @unchecked Send
     public let why: String
     /// The guest, paused: on the source the VM that was migrating; on the destination the received one.
     public let vm: any VirtualMachine
-    public let spec: WorkloadSpec
 
     public var description: String {
         switch side {

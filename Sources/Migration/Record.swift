@@ -167,9 +167,11 @@ extension Connection {
         try payload.withUnsafeBytes { try sendRecord(type, count: count, firstPage: firstPage, payload: $0) }
     }
 
-    /// The STATE record: the backend's code, then its encoding of the vCPUs.
-    func sendState(_ state: VCPUStates) throws {
-        try sendRecord(.state, payload: [state.backend.wireCode] + state.bytes)
+    /// The STATE record: the backend's code, a reserved byte, the state's format, then the state.
+    func sendState(_ state: MachineState) throws {
+        var b: [UInt8] = [state.backend.wireCode, 0]
+        b.append(le: state.format)
+        try sendRecord(.state, payload: b + state.bytes)
     }
 
     /// The END record, carrying the memory digest.

@@ -3,14 +3,13 @@ import Glibc
 import GuestMemory
 import DirtyLog
 import VirtualMachine
-import Workload
 
 /// A snapshot file's header: like the migration stream's, plus the kind (full or diff), the position
 /// in its chain and the chain's id, which every file of the chain carries (docs/migration-stream.md,
-/// "Snapshots"). Version 2 files, which have no id, are still read.
+/// "Snapshots"). Version 2 files, which have no id, and version 3 files are still read.
 public struct SnapshotHeader: Equatable, Sendable {
     public static let magic = Array("VMMSNAP1".utf8)
-    public static let version: UInt32 = 3
+    public static let version: UInt32 = 4
     public var diff: Bool
     public var sequence: UInt32
     /// Drawn at random for each full snapshot; nil in a version 2 file.
@@ -31,14 +30,14 @@ public struct SnapshotHeader: Equatable, Sendable {
         let prefix = try c.receive(12)
         guard Array(prefix[0..<8]) == magic else { throw MigrationError.badStream("\(path) is not a snapshot file (bad magic)") }
         let version = prefix.le(UInt32.self, at: 8)
-        guard version == 2 || version == 3 else {
-            throw MigrationError(.version, "\(path) is a version \(version) snapshot; this build reads versions 2 and 3")
+        guard (2...Self.version).contains(version) else {
+            throw MigrationError(.version, "\(path) is a version \(version) snapshot; this build reads versions 2 to \(Self.version)")
         }
         let (h, tail) = try readSealedHeader(from: c, fixedSize: version == 2 ? 24 : 32, magic: magic, what: "snapshot file", prefix: prefix)
         guard h.le(UInt32.self, at: 20) == 4096 else { throw MigrationError.badStream("\(path): page size \(h.le(UInt32.self, at: 20))") }
         return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16),
                               chain: version == 2 ? nil : h.le(UInt64.self, at: 24),
-                              guest: try GuestDescription.decode(tail, context: "\(path): "))
+                              guest: try GuestDescription.decode(tail, version: version, context: "\(path): "))
     }
 }
 
@@ -61,14 +60,12 @@ public struct SnapshotReport: Sendable, CustomStringConvertible {
 /// fails to write puts its pages back into the dirty log, so the next diff still holds them.
 public final class SnapshotChain {
     public let vm: any VirtualMachine
-    public let spec: WorkloadSpec
     public private(set) var sequence: UInt32 = 0
     /// The current chain's id, new with each full snapshot.
     public private(set) var chain = UInt64.random(in: 1...UInt64.max)
 
-    public init(vm: any VirtualMachine, spec: WorkloadSpec) {
+    public init(vm: any VirtualMachine) {
         self.vm = vm
-        self.spec = spec
     }
 
     /// Takes the next snapshot into `path`: full for the first, else a diff unless `full` is set.
@@ -90,10 +87,10 @@ public final class SnapshotChain {
         let chain = diff ? self.chain : UInt64.random(in: 1...UInt64.max)
         do {
             let file = try Connection(file: temporary, writing: true)
-            try file.send(SnapshotHeader(diff: diff, sequence: diff ? sequence : 0, chain: chain, guest: GuestDescription(vm, spec: spec)).encoded())
+            try file.send(SnapshotHeader(diff: diff, sequence: diff ? sequence : 0, chain: chain, guest: GuestDescription(vm)).encoded())
             var report = MigrationReport()
             try PageSender(ram: vm.ram, connection: file).send(bitmap, report: &report)
-            try file.sendState(try vm.vcpuStates())
+            try file.sendState(try vm.saveState())
             try file.sendEnd(digest: memoryDigest(vm.ram))
             try file.sync()
             guard rename(temporary, path) == 0 else { throw MigrationError.connection("rename to \(path): \(String(cString: strerror(errno)))") }
@@ -116,13 +113,11 @@ public final class SnapshotChain {
 }
 
 /// Restores a chain (a full snapshot, then its diffs in order) into a new soft VM, checks the final
-/// memory against the last snapshot's digest, and returns the VM ready to start, with its workload
-/// and vCPU state.
-public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, WorkloadSpec, VCPUStates) {
+/// memory against the last snapshot's digest, and returns the VM with the state to start it from.
+public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, MachineState) {
     guard !paths.isEmpty else { throw MigrationError.badStream("no snapshot files given") }
     var vm: (any VirtualMachine)?
-    var spec: WorkloadSpec?
-    var last: (VCPUStates, [UInt8])?
+    var last: MachineState?
     var expected: UInt32 = 0
     var written: DirtyBitmap?   // which pages the files so far wrote
     var chain: (UInt64?, String)?   // the full snapshot's chain id and path
@@ -131,9 +126,8 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
         let h = try SnapshotHeader.read(from: file, path: path)
         if index == 0 {
             guard !h.diff else { throw MigrationError.badStream("\(path) is a diff: a chain starts with a full snapshot") }
-            let (guest, workload) = try h.guest.makeGuest(context: "\(path): ")
+            let guest = try h.guest.makeGuest(context: "\(path): ")
             vm = guest
-            spec = workload
             written = DirtyBitmap(pages: guest.pages)
             chain = (h.chain, path)
         } else {
@@ -150,11 +144,11 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, W
         guard h.sequence == expected else {
             throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
         }
-        let (state, digest) = try applyRecords(from: file, into: vm!, written: written!)!
-        last = (state, digest)
+        let (state, digest) = try applyRecords(from: file, into: vm!, guest: h.guest, written: written!)!
+        last = state
         // Every file's digest must hold for the memory as restored up to it.
         guard memoryDigest(vm!.ram) == digest else { throw MigrationError.digestMismatch }
         expected += 1
     }
-    return (vm!, spec!, last!.0)
+    return (vm!, last!)
 }

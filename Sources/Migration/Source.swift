@@ -2,7 +2,6 @@ import Foundation
 import GuestMemory
 import DirtyLog
 import VirtualMachine
-import Workload
 
 /// How the source migrates.
 public struct MigrationOptions: Sendable {
@@ -53,15 +52,16 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     }
 }
 
-/// The source side: pre-copy `vm` (running `spec`) to the destination at the other end of `connection`,
+/// The source side: pre-copy `vm` (a started guest, running or paused) to the destination at the other end of `connection`,
 /// page data spread over it and the `more` connections to the same destination (multifd channels),
 /// then hand the guest over (Switchover). On any failure or cancellation (`connection.cancel()`)
 /// before GO the destination is told why, the guest is resumed here with its memory intact and
 /// dirty logging off, and the error is rethrown; on success the guest here is stopped (it runs on the
 /// destination). A switchover that breaks after GO throws `SwitchoverInDoubt`, the guest paused here.
-public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connection: Connection, more: [Connection] = [],
+public func migrate(_ vm: any VirtualMachine, over connection: Connection, more: [Connection] = [],
                     options: MigrationOptions = MigrationOptions(),
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
+    guard vm.runState != .stopped else { throw MigrationError.vm("the guest is not started: start it, then migrate it") }
     var report = MigrationReport()
     let start = Date()
     var paused = false
@@ -96,7 +96,7 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         // accept, and each then names this migration's token.
         let token = UInt64.random(in: 0...UInt64.max)
         try Handshake.open(connection, key: options.key, further: false)
-        try connection.sendRecord(.guest, count: UInt32(all.count), firstPage: token, payload: GuestDescription(vm, spec: spec).encoded())
+        try connection.sendRecord(.guest, count: UInt32(all.count), firstPage: token, payload: GuestDescription(vm).encoded())
         try connection.flush()
         try channels.open(key: options.key, token: token)
         try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
@@ -172,10 +172,10 @@ public func migrate(_ vm: any VirtualMachine, spec: WorkloadSpec, over connectio
         let final = BackgroundDigest(digest)
         defer { _ = final.result() }
         try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: true, report: &report)
-        try connection.sendState(try vm.vcpuStates())
+        try connection.sendState(try vm.saveState())
         try connection.sendEnd(digest: final.result())
         vm.setThrottle(percent: 0)
-        try Switchover.source(connection, vm: vm, spec: spec)
+        try Switchover.source(connection, vm: vm)
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
         // The guest runs at the destination now: whatever stopping this copy reports, it never resumes.
         _ = try? vm.stop()
@@ -299,11 +299,11 @@ final class BackgroundDigest: @unchecked Sendable {
 
 /// Migrates `vm` to a new VM in this process over loopback TCP (the demo's and the benchmark's
 /// path): a destination thread listens on a free port, the source connects to it.
-public func migrateOverLoopback(_ vm: any VirtualMachine, spec: WorkloadSpec, options: MigrationOptions = MigrationOptions(),
+public func migrateOverLoopback(_ vm: any VirtualMachine, options: MigrationOptions = MigrationOptions(),
                                 progress: ((MigrationProgress) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
     let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
     final class Box: @unchecked Sendable {
-        var result: Result<(any VirtualMachine, WorkloadSpec), Error>?
+        var result: Result<any VirtualMachine, Error>?
         let done = DispatchSemaphore(value: 0)
     }
     let box = Box()
@@ -315,11 +315,11 @@ public func migrateOverLoopback(_ vm: any VirtualMachine, spec: WorkloadSpec, op
     let report: MigrationReport
     do {
         let (main, more) = try Connection.connect(to: listener.address, channels: options.channels)
-        report = try migrate(vm, spec: spec, over: main, more: more, options: options, progress: progress)
+        report = try migrate(vm, over: main, more: more, options: options, progress: progress)
     } catch {
         box.done.wait()
         throw error
     }
     box.done.wait()
-    return (report, try box.result!.get().0)
+    return (report, try box.result!.get())
 }

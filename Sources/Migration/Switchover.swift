@@ -1,6 +1,5 @@
 import Foundation
 import VirtualMachine
-import Workload
 
 /// Who runs the guest once the stream is in: an exchange on the main channel after END, every
 /// record of it sealed when a key is used, that never leaves the guest running on both sides
@@ -21,7 +20,7 @@ enum Switchover {
     /// The source's half, with its guest paused and STATE and END sent. Returns once the destination
     /// runs the guest; throws (the guest still paused here, the caller resumes it) if the
     /// destination refused or never said READY; throws `SwitchoverInDoubt` after GO.
-    static func source(_ c: Connection, vm: any VirtualMachine, spec: WorkloadSpec) throws {
+    static func source(_ c: Connection, vm: any VirtualMachine) throws {
         let ready = try Record.read(from: c, pageLimit: 0)
         if let e = ready.error(from: .destination) { throw e }
         guard ready.type == .ready else { throw MigrationError.badStream("a \(ready.type) record where READY belongs") }
@@ -36,18 +35,18 @@ enum Switchover {
                 return try Record.read(from: c, pageLimit: 0)
             }
         } catch {
-            throw SwitchoverInDoubt(side: .source, why: "did not hear that the destination runs it (\(error))", vm: vm, spec: spec)
+            throw SwitchoverInDoubt(side: .source, why: "did not hear that the destination runs it (\(error))", vm: vm)
         }
         guard running.type == .running else {
             let what = running.error(from: .destination).map { "the destination said: \($0.message)" } ?? "a \(running.type) record came"
-            throw SwitchoverInDoubt(side: .source, why: "\(what) instead of RUNNING", vm: vm, spec: spec)
+            throw SwitchoverInDoubt(side: .source, why: "\(what) instead of RUNNING", vm: vm)
         }
     }
 
     /// The destination's half, with every record in, the digest checked and the guest loaded paused.
     /// Returns once the guest runs here; throws the source's reason (after discarding the guest) if
     /// it stopped; throws `SwitchoverInDoubt` if the source vanished after READY.
-    static func destination(_ c: Connection, vm: any VirtualMachine, spec: WorkloadSpec) throws {
+    static func destination(_ c: Connection, vm: any VirtualMachine) throws {
         // A cancel before READY is an ordinary stop: the source resumes its guest.
         if c.isCancelled { throw MigrationError.cancelled }
         let go: Record
@@ -56,14 +55,14 @@ enum Switchover {
             try c.flush()
             go = try Record.read(from: c, pageLimit: 0)
         } catch {
-            throw SwitchoverInDoubt(side: .destination, why: "did not hear GO from the source (\(error))", vm: vm, spec: spec)
+            throw SwitchoverInDoubt(side: .destination, why: "did not hear GO from the source (\(error))", vm: vm)
         }
         if let e = go.error(from: .source) {
             _ = try? vm.stop()
             throw e
         }
         guard go.type == .go else {
-            throw SwitchoverInDoubt(side: .destination, why: "a \(go.type) record came where GO belongs", vm: vm, spec: spec)
+            throw SwitchoverInDoubt(side: .destination, why: "a \(go.type) record came where GO belongs", vm: vm)
         }
         try vm.resume()
         // The source waits for this to report success; if it is lost, the source is in doubt but the

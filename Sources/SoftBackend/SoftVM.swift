@@ -28,6 +28,8 @@ public final class SoftVM: @unchecked Sendable {
     public let vcpus: [SoftVCPU]
     private var control: RunControl?
     private var threads: [Thread] = []
+    /// What the vCPUs run, while started.
+    public private(set) var workload: WorkloadSpec?
 
     public init(vcpus: Int, ipaBits: Int = 48, ringCapacity: Int = 4096) {
         precondition(vcpus >= 1 && vcpus <= 256, "1 to 256 vCPUs")
@@ -92,6 +94,7 @@ public final class SoftVM: @unchecked Sendable {
         if let p = workload.problem() { throw .workload(p) }
         let c = RunControl(vcpus: vcpus.count, paused: paused)
         control = c
+        self.workload = workload
         threads = vcpus.map { v in
             let from = positions.flatMap { $0.indices.contains(v.index) ? $0[v.index] : nil }
             let t = Thread {
@@ -129,6 +132,7 @@ public final class SoftVM: @unchecked Sendable {
         }
         control = nil
         threads = []
+        workload = nil
         return vcpus.map(\.stats)
     }
 

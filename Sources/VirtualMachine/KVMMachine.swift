@@ -244,7 +244,7 @@ final class KVMMachine: VirtualMachine {
 
     /// Runs `spec` to its end in the background machinery, waiting at most `timeout` seconds.
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
-        try start(spec, from: nil)
+        try start(spec, paused: false)
         guard let runner, runner.control.waitFinished(timeout: timeout) else {
             _ = try? stop()
             throw VMError.failed("the guest workload did not finish within \(timeout) s")
@@ -262,25 +262,27 @@ final class KVMMachine: VirtualMachine {
         }
     }
 
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?, paused: Bool) throws {
+    private(set) var workload: WorkloadSpec?
+
+    func start(_ spec: WorkloadSpec, paused: Bool) throws {
+        try start(spec, restoring: nil, paused: paused)
+    }
+
+    func start(from state: MachineState, paused: Bool) throws {
+        let (spec, registers) = try Self.decode(state, vcpus: vcpuTotal)
+        try start(spec, restoring: registers, paused: paused)
+    }
+
+    private func start(_ spec: WorkloadSpec, restoring registers: [KVMVCPUState]?, paused: Bool) throws {
         guard runner == nil else { throw VMError.failed("the guest is already running: stop it first") }
-        guard spec.base >= workloadBase else {
-            throw VMError.unsupported("on the kvm backend the working set starts at 1 MiB or above (the guest program's pages lie below)")
-        }
-        if let p = spec.problem() { throw VMError.unsupported("workload: \(p)") }
+        try admit(spec)
         try ensureVCPUs()
-        var restore: [KVMVCPUState]?
-        if let state {
-            guard state.backend == .kvm else { throw VMError.unsupported("vCPU state from a \(state.backend) VM cannot run on the kvm backend") }
-            let size = MemoryLayout<KVMVCPUState>.size
-            guard state.bytes.count == size * vcpus.count else {
-                throw VMError.failed("the vCPU state holds \(state.bytes.count) bytes; \(vcpus.count) KVM vCPUs need \(size * vcpus.count)")
-            }
-            restore = state.bytes.withUnsafeBytes { raw in (0..<vcpus.count).map { raw.load(fromByteOffset: $0 * size, as: KVMVCPUState.self) } }
-            for (v, s) in zip(vcpus, restore!) { try v.restoreState(s) }
+        if let registers {
+            for (v, s) in zip(vcpus, registers) { try v.restoreState(s) }
         }
-        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: restore != nil, paused: paused,
+        runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: registers != nil, paused: paused,
                            onRingFull: { [weak self] () throws(KVMError) in try self?.harvestRings() })
+        workload = spec
     }
 
     var runState: RunState { runner == nil ? .stopped : runner!.control.pauseRequested ? .paused : .running }
@@ -302,6 +304,7 @@ final class KVMMachine: VirtualMachine {
         runner.control.stopAll(kick: runner.kickAll)
         guard runner.control.waitFinished(timeout: 10) else { throw VMError.failed("the vCPUs did not stop within 10 s") }
         self.runner = nil
+        workload = nil
         return try runner.results.values.map { r in
             switch r {
             case let .success(s): return s
@@ -311,15 +314,9 @@ final class KVMMachine: VirtualMachine {
         }
     }
 
-    /// Each vCPU's registers, special registers and FPU state, back to back (the guest program keeps
-    /// everything else in guest memory).
-    func vcpuStates() throws -> VCPUStates {
-        var bytes: [UInt8] = []
-        for v in vcpus {
-            var s = try v.saveState()
-            withUnsafeBytes(of: &s) { bytes += $0 }
-        }
-        return VCPUStates(backend: .kvm, bytes: bytes)
+    func saveState() throws -> MachineState {
+        guard let workload, runState != .running else { throw VMError.failed("the guest's state is taken while it is paused") }
+        return Self.encode(workload, try vcpus.map { v throws(KVMError) in try v.saveState() })
     }
 
     func setThrottle(percent: Int) { runner?.control.throttlePercent = percent }

@@ -110,18 +110,20 @@ final class SoftMachine: VirtualMachine {
     // MARK: Running
 
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun] {
-        try vm.run(spec, timeout: timeout).map(VCPURun.init)
+        try admit(spec)
+        return try vm.run(spec, timeout: timeout).map(VCPURun.init)
     }
 
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?, paused: Bool) throws {
-        var positions: [VCPUPosition]?
-        if let state {
-            guard state.backend == .soft else { throw VMError.unsupported("vCPU state from a \(state.backend) VM cannot run on the soft backend") }
-            positions = try JSONDecoder().decode([VCPUPosition].self, from: Data(state.bytes))
-            guard positions!.count == vm.vcpus.count else {
-                throw VMError.failed("the state holds \(positions!.count) vCPUs, this VM has \(vm.vcpus.count)")
-            }
-        }
+    var workload: WorkloadSpec? { vm.workload }
+
+    func start(_ spec: WorkloadSpec, paused: Bool) throws {
+        try admit(spec)
+        try vm.start(spec, paused: paused)
+    }
+
+    func start(from state: MachineState, paused: Bool) throws {
+        let (spec, positions) = try Self.decode(state, vcpus: vm.vcpus.count)
+        try admit(spec)
         try vm.start(spec, from: positions, paused: paused)
     }
 
@@ -135,8 +137,40 @@ final class SoftMachine: VirtualMachine {
         try vm.stop().map(VCPURun.init)
     }
 
-    func vcpuStates() throws -> VCPUStates {
-        VCPUStates(backend: .soft, bytes: Array(try JSONEncoder().encode(vm.vcpus.map(\.position))))
+    // MARK: State
+
+    /// Format 1: the workload spec (u32 length, UTF-8), the vCPU count (u32), then per vCPU its
+    /// place in its stream: generator state, cursor, sequence number, accesses done (u64 each).
+    /// Format 0 (version 2 and 3 files): the spec, then the positions as JSON.
+    static let stateFormat: UInt16 = 1
+
+    func saveState() throws -> MachineState {
+        guard let workload, runState != .running else { throw VMError.failed("the guest's state is taken while it is paused") }
+        var w = StateWriter()
+        w.string(workload.description)
+        w.int(UInt32(vm.vcpus.count))
+        for p in vm.vcpus.map(\.position) {
+            for field in [p.state, p.cursor, p.seq, p.done] { w.int(field) }
+        }
+        return MachineState(backend: .soft, format: Self.stateFormat, bytes: w.bytes)
+    }
+
+    static func decode(_ state: MachineState, vcpus: Int) throws -> (WorkloadSpec, [VCPUPosition]) {
+        try StateReader.check(state, is: .soft, newest: stateFormat)
+        var r = StateReader(state)
+        let spec = try r.workload()
+        if state.format == 0 {
+            guard let positions = try? JSONDecoder().decode([VCPUPosition].self, from: Data(r.remaining)), positions.count == vcpus else {
+                throw VMError.failed("the soft backend's state (format 0) does not hold the positions of \(vcpus) vCPUs: it is damaged")
+            }
+            return (spec, positions)
+        }
+        try r.vcpus(vcpus)
+        let positions = try (0..<vcpus).map { _ in
+            VCPUPosition(state: try r.int(), cursor: try r.int(), seq: try r.int(), done: try r.int())
+        }
+        try r.finish()
+        return (spec, positions)
     }
 }
 

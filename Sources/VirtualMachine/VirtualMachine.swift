@@ -164,18 +164,23 @@ public protocol VirtualMachine: AnyObject {
     /// Runs `spec` on every vCPU (vCPU i with its own stream) until it ends.
     func run(_ spec: WorkloadSpec, timeout: Double) throws -> [VCPURun]
 
-    // Running in the background, as a migration needs: start, pause, resume, stop, and the vCPUs'
-    // place in their streams (to continue them on another VM).
-    /// `paused`: the vCPUs are loaded but make no access until `resume()` (a migrated guest waits so
-    /// for the source to hand it over).
-    func start(_ spec: WorkloadSpec, from state: VCPUStates?, paused: Bool) throws
+    // Running in the background, as a migration needs: start, pause, resume, stop, and the guest's
+    // state (to continue it on another VM).
+    /// Runs `spec` on every vCPU from its start. `paused`: the vCPUs are loaded but make no access
+    /// until `resume()` (a migrated guest waits so for the source to hand it over).
+    func start(_ spec: WorkloadSpec, paused: Bool) throws
+    /// Continues a guest from a state `saveState()` gave, here or on another VM of the same backend.
+    func start(from state: MachineState, paused: Bool) throws
     func pause() throws
     func resume() throws
     func stop() throws -> [VCPURun]
     /// Stopped (no vCPU threads), paused or running.
     var runState: RunState { get }
-    /// The vCPUs' state; meaningful while paused.
-    func vcpuStates() throws -> VCPUStates
+    /// What the guest runs, while started.
+    var workload: WorkloadSpec? { get }
+    /// What the guest runs and where each vCPU is in it, in the backend's own versioned encoding;
+    /// taken while paused.
+    func saveState() throws -> MachineState
     /// Slows the guest's vCPUs to (100 - percent)% of their time, so a migration can converge.
     func setThrottle(percent: Int)
 }
@@ -186,7 +191,8 @@ public enum RunState: String, Sendable {
 }
 
 extension VirtualMachine {
-    public func start(_ spec: WorkloadSpec, from state: VCPUStates?) throws { try start(spec, from: state, paused: false) }
+    public func start(_ spec: WorkloadSpec) throws { try start(spec, paused: false) }
+    public func start(from state: MachineState) throws { try start(from: state, paused: false) }
 
     /// Pages of RAM, the size of a RAM-wide dirty bitmap.
     public var pages: UInt64 { ram.pages }
@@ -239,6 +245,18 @@ extension VirtualMachine {
         try ram.forEachSlot(firstPage: 0, bitmap: bitmap) { s, _, part in try markDirty(slot: s, bitmap: part) }
     }
 
+    /// The checks every backend makes before it runs `spec` (given by a caller or in a peer's state):
+    /// a sound spec whose working set lies in RAM, above what the backend keeps for itself.
+    func admit(_ spec: WorkloadSpec) throws {
+        if let p = spec.problem() { throw VMError.unsupported("workload: \(p)") }
+        guard spec.base >= workloadBase else {
+            throw VMError.unsupported("on the \(backend) backend the working set starts at \(workloadBase) or above (the guest program's pages lie below)")
+        }
+        guard spec.base.raw <= ram.size, spec.workingSet <= ram.size - spec.base.raw else {
+            throw VMError.unsupported("working set \(formatBytes(spec.workingSet)) at \(spec.base) does not fit in \(formatBytes(ram.size)) of guest memory")
+        }
+    }
+
     /// The checks every backend makes before a slot starts logging with `config`.
     func admit(_ config: DirtyLogConfig) throws {
         if let problem = config.problem { throw problem }
@@ -285,16 +303,6 @@ extension VirtualMachine {
             throw DirtyLogError.clearOutOfRange(slot: id, firstPage: firstPage, pages: UInt64(bitmap.count) * 64, slotPages: s.size >> 12)
         }
         return true
-    }
-}
-
-/// The vCPUs' state a migration carries, opaque to the engine: encoded by the backend.
-public struct VCPUStates: Sendable, Equatable {
-    public var backend: BackendKind
-    public var bytes: [UInt8]
-    public init(backend: BackendKind, bytes: [UInt8]) {
-        self.backend = backend
-        self.bytes = bytes
     }
 }
 

@@ -35,6 +35,9 @@ public enum WorkloadStop: Sendable, Equatable, CustomStringConvertible {
     /// After this many seconds.
     case duration(Double)
 
+    /// The longest run, about 31 years.
+    public static let maxDuration = 1e9
+
     public var description: String {
         switch self {
         case let .count(n): return "count=\(n)"
@@ -93,6 +96,8 @@ public struct WorkloadSpec: Sendable, Equatable, CustomStringConvertible {
         switch stop {
         case .count(0): return "count must be positive"
         case let .duration(s) where !(s > 0): return "duration must be positive"
+        // Deadlines are nanosecond counts: a longer run would overflow them.
+        case let .duration(s) where !(s <= WorkloadStop.maxDuration): return "duration must be at most \(Int(WorkloadStop.maxDuration)) s"
         default: break
         }
         return nil

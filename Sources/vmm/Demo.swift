@@ -53,7 +53,7 @@ struct Demo: ParsableCommand {
         // Live-migrate the running guest to a second VM over loopback TCP, with a per-run key.
         print("== migrating to a second VM over loopback TCP (a per-run key: every record sealed with AES-256-GCM)")
         let line = ProgressLine(prefix: "   ")
-        let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, ram: ram), spec: spec,
+        let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, ram: ram),
                                                          options: MigrationOptions(key: .random()), progress: line.show)
         line.end()
         print("== migrated: \(migration)")

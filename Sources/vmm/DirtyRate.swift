@@ -36,7 +36,7 @@ struct DirtyRate: ParsableCommand {
         spec.stop = .duration(window.value * 2 + 30)
         let vm = try guest.makeVM()
         try vm.ram.populate()
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         Thread.sleep(forTimeInterval: 0.2)   // warm up: blocks mapped, TLBs filled
         try vm.enableDirtyLogging(DirtyLogConfig(strategy: DirtyStrategy(rawValue: strategy)!))
         var union = [UInt64](repeating: 0, count: Int((vm.pages + 63) / 64))

@@ -43,7 +43,7 @@ struct Migrate: ParsableCommand {
         let key = try keyFile.map { try MigrationKey(file: $0) }
         let vm = try guest.makeVM()
         try vm.ram.populate()
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         defer { if vm.runState != .stopped { _ = try? vm.stop() } }
         print("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
@@ -54,7 +54,7 @@ struct Migrate: ParsableCommand {
         let cancel = Cancellation()
         for c in [connection] + more { cancel.watch(c) }
         let result = whileCancellable(cancel, prefix: "source: ") {
-            try migrate(vm, spec: spec, over: connection, more: more, options: options, progress: $0)
+            try migrate(vm, over: connection, more: more, options: options, progress: $0)
         }
         switch result {
         case let .success(report):
@@ -100,7 +100,7 @@ struct Receive: ParsableCommand {
         let listener = try Listener(address)
         print("destination: listening on \(listener.address)")
         let start = Date()
-        let vm: any VirtualMachine, spec: WorkloadSpec
+        let vm: any VirtualMachine
         var received: UInt64 = 0   // over every channel
         let cancel = Cancellation()
         let options = ReceiveOptions(key: key, timeout: timeout.value, acceptTimeout: wait.value, maxMemory: maxMemory?.bytes)
@@ -108,7 +108,7 @@ struct Receive: ParsableCommand {
             try receive(on: listener, options: options, cancellation: cancel, progress: { p in received = max(received, p.bytes); show(p) })
         }
         switch result {
-        case let .success(got): (vm, spec) = got
+        case let .success(got): vm = got
         case let .failure(doubt as SwitchoverInDoubt):
             warn("destination: \(doubt)")
             awaitOperator(doubt.vm, prefix: "destination", wait: inDoubtWait.value)
@@ -118,6 +118,7 @@ struct Receive: ParsableCommand {
             throw ExitCode.failure
         }
         let seconds = Date().timeIntervalSince(start)
+        let spec = vm.workload!
         print(String(format: "destination: received %@ in %.0f ms; running %@ for %g s", formatBytes(received),
                      seconds * 1e3, spec.description, runFor.value))
         Thread.sleep(forTimeInterval: runFor.value)

@@ -32,8 +32,8 @@ struct SnapshotCreate: ParsableCommand {
         var spec = try guest.workload(workload)
         spec.stop = .duration(3600)
         let vm = try guest.makeVM()
-        try vm.start(spec, from: nil)
-        let chain = SnapshotChain(vm: vm, spec: spec)
+        try vm.start(spec)
+        let chain = SnapshotChain(vm: vm)
         defer {
             chain.finish()
             _ = try? vm.stop()
@@ -57,9 +57,9 @@ struct SnapshotRestore: ParsableCommand {
     var runFor: Seconds = Seconds(argument: "1s")!
 
     func run() throws {
-        let (vm, spec, state) = try restoreSnapshots(files)
+        let (vm, state) = try restoreSnapshots(files)
         print("restored \(vm.ram.layout), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
-        try vm.start(spec, from: state)
+        try vm.start(from: state)
         Thread.sleep(forTimeInterval: runFor.value)
         let runs = try vm.stop()
         print("the guest made \(runs.reduce(0) { $0 + $1.accesses }) accesses after the restore")

@@ -16,6 +16,14 @@ final class ResultBox<T>: @unchecked Sendable {
     let done = DispatchSemaphore(value: 0)
 }
 
+/// The state of a 1-vCPU soft guest about to run `spec` (for streams written by hand).
+func pausedState(_ spec: WorkloadSpec) throws -> MachineState {
+    let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
+    try vm.start(spec, paused: true)
+    defer { _ = try? vm.stop() }
+    return try vm.saveState()
+}
+
 func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T {
     let box = ResultBox<T>()
     Thread {
@@ -32,13 +40,13 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     func sourceVM(memory: UInt64 = 32 << 20, backing: Backing = .thp) throws -> (any VirtualMachine, WorkloadSpec) {
         let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: memory, backing: backing, vcpus: 2))
         let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), workingSet: memory, writeFraction: 0.5, seed: 12, stop: .duration(120))
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         Thread.sleep(forTimeInterval: 0.05)
         return (vm, spec)
     }
 
     func positions(_ vm: any VirtualMachine) throws -> [VCPUPosition] {
-        try JSONDecoder().decode([VCPUPosition].self, from: Data(try vm.vcpuStates().bytes))
+        try SoftMachine.decode(try vm.saveState(), vcpus: vm.vcpuCount).1
     }
 
     /// Over real loopback TCP: the destination's memory equals the source's at the pause (the digest
@@ -49,16 +57,16 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
         // With the thp guest the channel is authenticated (handshake and a MAC per record).
         let key: MigrationKey? = backing == .thp ? .random() : nil
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5)) }
         let report: MigrationReport
         do {
-            report = try migrate(src, spec: spec, over: try Connection.connect(to: listener.address), options: MigrationOptions(key: key))
+            report = try migrate(src, over: try Connection.connect(to: listener.address), options: MigrationOptions(key: key))
         } catch {
             Issue.record("source: \(error); destination: \(Result { try dest() })")
             return
         }
-        let (vm2, spec2) = try dest()
-        #expect(spec2 == spec)
+        let vm2 = try dest()
+        #expect(vm2.workload == spec)
         #expect(report.iterations >= 1 && report.pagesSent >= src.pages)
         // The source is stopped; the guest goes on at the destination from the positions it had.
         try vm2.pause()
@@ -89,11 +97,11 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         // page dropped anywhere in the stream goes unrepaired until the guest checks it.
         let spec = WorkloadSpec(pattern: .counter, base: GPA(8 << 20), workingSet: 16 << 20, rate: 20_000, seed: 3, stop: .duration(120))
         let pages = spec.pages
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         // Three quarters into a pass: with three slots the guest is writing the last slot as the stream
         // goes out, so a slot whose dirty pages went missing would show.
         Thread.sleep(forTimeInterval: 0.35)
-        let (report, moved) = try migrateOverLoopback(vm, spec: spec, options: MigrationOptions(key: .random(), channels: channels))
+        let (report, moved) = try migrateOverLoopback(vm, options: MigrationOptions(key: .random(), channels: channels))
         Thread.sleep(forTimeInterval: 0.6)
         let runs = try moved.stop()
         print("counter guest (\(backend), \(layout), \(channels) channel(s)): \(report); on the destination \(runs.map(\.accesses)) accesses")
@@ -116,13 +124,13 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: 8 << 20, backing: .pages4K, vcpus: 1))
         memset(vm.ram.slots[0].pointer, 0x5A, Int(vm.ram.size))          // nothing to skip as zero
         let spec = WorkloadSpec(pattern: .uniform, workingSet: 8 << 20, writeFraction: 0.01, rate: 1000, seed: 1, stop: .duration(60))
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let limit = 16.0 * 1_048_576
-        let report = try migrate(vm, spec: spec, over: try Connection.connect(to: listener.address),
+        let report = try migrate(vm, over: try Connection.connect(to: listener.address),
                                  options: MigrationOptions(maxBandwidth: limit))
-        let (moved, _) = try dest()
+        let moved = try dest()
         _ = try moved.stop()
         let rate = Double(report.bytesSent) / report.totalSeconds
         #expect(rate <= limit * 1.15, "sent at \(rate / 1_048_576) MiB/s under a 16 MiB/s limit")
@@ -132,11 +140,11 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     /// A wrong key is refused before any guest memory moves: both sides give the same reason, and
     /// the source runs on.
     @Test func wrongKeyIsRefusedBeforeAnyMemoryMoves() throws {
-        let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
+        let (src, _) = try sourceVM(memory: 8 << 20, backing: .pages4K)
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(key: .random(), timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(key: .random(), timeout: 5)) }
         let connection = try Connection.connect(to: listener.address)
-        let source = Result { try migrate(src, spec: spec, over: connection, options: MigrationOptions(timeout: 5, key: .random())) }
+        let source = Result { try migrate(src, over: connection, options: MigrationOptions(timeout: 5, key: .random())) }
         let destination = Result { try dest() }
         let s = try #require(source.failure as? MigrationError), d = try #require(destination.failure as? MigrationError)
         #expect(s.code == .keyMismatch && d.code == .keyMismatch && s.message == d.message, "source: \(s); destination: \(d)")
@@ -150,10 +158,10 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     @Test func recordSealedUnderAnotherKeyIsRefused() throws {
         let key = MigrationKey.random()
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5)) }
         let c = try Connection.connect(to: listener.address)
         try Handshake.open(c, key: key, further: false)
-        let guest = GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0, spec: WorkloadSpec(workingSet: 1 << 20).description)
+        let guest = GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0)
         try c.sendRecord(.guest, count: 1, firstPage: 1, payload: guest.encoded())
         c.sendCipher = RecordCipher(key: MigrationKey.random().key)
         let page = [UInt8](repeating: 0xAA, count: 4096)
@@ -171,9 +179,9 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     /// runs on neither both say so (SwitchoverTests has the exchange itself).
     @Test(arguments: (0..<24).map { i -> Int in i })
     func faultsLeaveTheSourceRunning(_ i: Int) throws {
-        let (src, spec) = try sourceVM(memory: 8 << 20, backing: .pages4K)
+        let (src, _) = try sourceVM(memory: 8 << 20, backing: .pages4K)
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 3)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 3)) }
         // Offsets spread over the stream: the opening, the first pass, iterations, the end.
         let size = Int(8 << 20) + 4096
         let at = [10, 39, 41, 64, 100, 4096, 5000, 65_536, 1 << 20, 3 << 20, size / 2, size - 4096, size - 40, size - 20]
@@ -185,7 +193,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         }
         let offset = at[(i + (i % 3) * 5) % at.count]
         let proxy = try FaultProxy(to: listener.address, plan: .init(direction: .toDestination, offset: offset, fault: fault))
-        let source = Result { try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(timeout: 3)) }
+        let source = Result { try migrate(src, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(timeout: 3)) }
         let destination = Result { try dest() }
         try expectOneOwner(source: source, destination: destination, src, "\(fault) at \(offset)")
         cleanUp(src, destination)
@@ -196,23 +204,25 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     @Test(arguments: [(FaultProxy.Fault.cut, 100), (.flip, 5000), (.truncate, 65_536), (.cut, 1 << 20)])
     func faultOnAFurtherChannelLeavesTheSourceRunning(_ fault: FaultProxy.Fault, _ offset: Int) throws {
         // 16 blocks of 2 MiB, all holding data: every channel carries megabytes, past each fault.
-        let (src, spec) = try sourceVM(memory: 32 << 20, backing: .pages4K)
+        let (src, _) = try sourceVM(memory: 32 << 20, backing: .pages4K)
         memset(src.ram.slots[0].pointer, 0x5A, Int(src.ram.size))
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
         let key = MigrationKey.random()
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
+        let dest = background { () throws -> any VirtualMachine in
             try receive(on: listener, options: ReceiveOptions(key: key, timeout: 5))
         }
         let main = try Connection.connect(to: listener.address)
         let proxy = try FaultProxy(to: listener.address, plan: .init(direction: .toDestination, offset: offset, fault: fault))
         let more = [try Connection.connect(to: proxy.listener.address), try Connection.connect(to: listener.address)]
         #expect(throws: (any Error).self, "fault \(fault)") {
-            _ = try migrate(src, spec: spec, over: main, more: more, options: MigrationOptions(timeout: 5, key: key))
+            _ = try migrate(src, over: main, more: more, options: MigrationOptions(timeout: 5, key: key))
         }
         #expect(proxy.faultFired, "the fault never fired")
         #expect(throws: (any Error).self) { _ = try dest() }
         #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
+        try src.pause()
         let p0 = try positions(src)
+        try src.resume()
         Thread.sleep(forTimeInterval: 0.02)
         try src.pause()
         #expect(zip(p0, try positions(src)).contains { $0.done < $1.done }, "the source guest keeps running")
@@ -224,12 +234,12 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     /// late that one arrives: here pass 1's copy comes 0.2 s after pass 2's, on another channel.
     @Test func laterPassWinsAcrossChannels() throws {
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let spec = WorkloadSpec(workingSet: 1 << 20, stop: .count(1))
         let main = try Connection.connect(to: listener.address), other = try Connection.connect(to: listener.address)
         try Handshake.open(main, key: nil, further: false)
         try main.sendRecord(.guest, count: 2, firstPage: 7, payload: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0,
-                                                                                     backing: 0, spec: spec.description).encoded())
+                                                                                     backing: 0).encoded())
         try main.flush()
         try Handshake.open(other, key: nil, further: true)
         try other.sendRecord(.channel, count: 1, firstPage: 7)
@@ -249,15 +259,14 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         try main.sendSync(pass: 2, last: true)
         let expected = try GuestRAM(layout: RAMLayout(size: 1 << 20), backing: .pages4K)
         memset(expected.pointer(page: 5), 0xBB, 4096)
-        let state = try makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1)).vcpuStates()
-        try main.sendState(state)
+        try main.sendState(try pausedState(spec))
         try main.sendEnd(digest: memoryDigest(expected))
         try main.flush()
         try late()
         #expect(try Record.read(from: main, pageLimit: 0).type == .ready)
         try main.sendRecord(.go)
         try main.flush()
-        let (vm, _) = try dest()
+        let vm = try dest()
         #expect(try Record.read(from: main, pageLimit: 0).type == .running)
         #expect(vm.ram.pointer(page: 5).load(as: UInt8.self) == 0xBB)
         _ = try? vm.stop()

@@ -10,10 +10,10 @@ import KVMBackend
 /// source if it failed before GO (the guest then is as the caller left it, `sourceState`), the
 /// destination if it finished (the guest runs there). Where neither owns it, both threw
 /// `SwitchoverInDoubt` and hold it paused.
-func expectOneOwner(source: Result<MigrationReport, Error>, destination: Result<(any VirtualMachine, WorkloadSpec), Error>,
+func expectOneOwner(source: Result<MigrationReport, Error>, destination: Result<any VirtualMachine, Error>,
                     _ src: any VirtualMachine, _ label: String, sourceState: RunState = .running) throws {
     let sourceDoubt = source.failure as? SwitchoverInDoubt, destinationDoubt = destination.failure as? SwitchoverInDoubt
-    let moved = (try? destination.get().0) ?? destinationDoubt?.vm
+    let moved = (try? destination.get()) ?? destinationDoubt?.vm
     let here = src.runState, there = moved?.runState ?? .stopped
     let sourceOwns = source.failure != nil && sourceDoubt == nil
     let destinationOwns = destination.failure == nil
@@ -34,9 +34,9 @@ func expectOneOwner(source: Result<MigrationReport, Error>, destination: Result<
 }
 
 /// Stops whatever still runs after a test.
-func cleanUp(_ src: any VirtualMachine, _ destination: Result<(any VirtualMachine, WorkloadSpec), Error>) {
+func cleanUp(_ src: any VirtualMachine, _ destination: Result<any VirtualMachine, Error>) {
     if src.runState != .stopped { _ = try? src.stop() }
-    let moved = (try? destination.get().0) ?? (destination.failure as? SwitchoverInDoubt)?.vm
+    let moved = (try? destination.get()) ?? (destination.failure as? SwitchoverInDoubt)?.vm
     if let moved, moved.runState != .stopped { _ = try? moved.stop() }
 }
 
@@ -76,23 +76,23 @@ extension Result {
         let vm = try makeVirtualMachine(VMConfig(backend: config.backend, memory: 4 << 20, backing: .pages4K, vcpus: 1))
         for p in 0..<vm.pages { memset(vm.ram.pointer(page: p), Int32(p & 0xFF) | 1, 4096) }
         let spec = WorkloadSpec(pattern: .uniform, base: vm.workloadBase, workingSet: 2 << 20, writeFraction: 0.5, seed: 9, stop: .duration(60))
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         try vm.pause()
         return (vm, spec)
     }
 
     /// One migration through a proxy with `plan`; returns both results and the proxy.
     static func run(_ config: Config, plan: FaultProxy.Plan?) throws -> (any VirtualMachine, Result<MigrationReport, Error>,
-                                                                      Result<(any VirtualMachine, WorkloadSpec), Error>, FaultProxy) {
-        let (src, spec) = try guest(config)
+                                                                      Result<any VirtualMachine, Error>, FaultProxy) {
+        let (src, _) = try guest(config)
         let key: MigrationKey? = config.keyed ? .random() : nil
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in
+        let dest = background { () throws -> any VirtualMachine in
             try receive(on: listener, options: ReceiveOptions(key: key, timeout: timeout, acceptTimeout: 2))
         }
         let proxy = try FaultProxy(to: listener.address, plan: plan)
         let source = Result {
-            try migrate(src, spec: spec, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(maxIterations: 1, timeout: timeout, key: key))
+            try migrate(src, over: try Connection.connect(to: proxy.listener.address), options: MigrationOptions(maxIterations: 1, timeout: timeout, key: key))
         }
         return (src, source, Result { try dest() }, proxy)
     }

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 @testable import GuestMemory
+import KVMBackend
 @testable import Migration
 @testable import VirtualMachine
 @testable import Workload
@@ -15,7 +16,7 @@ import Testing
         for i in stride(from: 0, to: Int(memory), by: pattern.count) { (base + i).copyMemory(from: pattern, byteCount: pattern.count) }
         // Reads only, paced: the pattern stays, the guest runs.
         let spec = WorkloadSpec(pattern: .uniform, workingSet: memory, writeFraction: 0, rate: 2000, seed: 4, stop: .duration(60))
-        try vm.start(spec, from: nil)
+        try vm.start(spec)
         return (vm, spec)
     }
 
@@ -23,17 +24,17 @@ import Testing
     func migrateBoth(_ vm: any VirtualMachine, _ spec: WorkloadSpec, listen: MigrationAddress = .tcp(host: "127.0.0.1", port: 0),
                      source options: MigrationOptions = MigrationOptions(timeout: 5), destination receiving: ReceiveOptions = ReceiveOptions(timeout: 5),
                      cancelDestination: Double? = nil, via proxy: ((MigrationAddress) throws -> FaultProxy)? = nil)
-        throws -> (Result<MigrationReport, Error>, Result<(any VirtualMachine, WorkloadSpec), Error>) {
+        throws -> (Result<MigrationReport, Error>, Result<any VirtualMachine, Error>) {
         let listener = try Listener(listen)
         let cancel = Cancellation()
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: receiving, cancellation: cancel) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: receiving, cancellation: cancel) }
         if let after = cancelDestination {
             Thread { Thread.sleep(forTimeInterval: after); cancel.cancel() }.start()
         }
         let to = try proxy?(listener.address).listener.address ?? listener.address
         let source = Result {
             let (main, more) = try Connection.connect(to: to, channels: options.channels)
-            return try migrate(vm, spec: spec, over: main, more: more, options: options)
+            return try migrate(vm, over: main, more: more, options: options)
         }
         return (source, Result { try dest() })
     }
@@ -63,13 +64,14 @@ import Testing
             receiving.maxMemory = 4 << 20
             expected = .outOfMemory
         }
-        let (source, destination): (Result<MigrationReport, Error>, Result<(any VirtualMachine, WorkloadSpec), Error>)
+        let (source, destination): (Result<MigrationReport, Error>, Result<any VirtualMachine, Error>)
         if how == "cancel at the source" {
             let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-            let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: receiving) }
+            let fixed = receiving
+            let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: fixed) }
             let c = try Connection.connect(to: listener.address)
             Thread { Thread.sleep(forTimeInterval: 0.3); c.cancel() }.start()
-            source = Result { try migrate(vm, spec: spec, over: c, options: options) }
+            source = Result { try migrate(vm, over: c, options: options) }
             destination = Result { try dest() }
         } else {
             (source, destination) = try migrateBoth(vm, spec, source: options, destination: receiving, cancelDestination: cancelDestination)
@@ -89,15 +91,14 @@ import Testing
     /// the guest and says so; the source reads the same reason.
     @Test func digestMismatchIsSaidToTheSource() throws {
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let c = try Connection.connect(to: listener.address)
         try Handshake.open(c, key: nil, further: false)
         let spec = WorkloadSpec(workingSet: 1 << 20, stop: .count(1))
-        try c.sendRecord(.guest, count: 1, firstPage: 1, payload: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0,
-                                                                                  spec: spec.description).encoded())
+        try c.sendRecord(.guest, count: 1, firstPage: 1, payload: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0).encoded())
         try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try c.sendRecord(.pages, count: 1, firstPage: 2, payload: $0) }
         try c.sendSync(pass: 1, last: true)
-        try c.sendState(try makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1)).vcpuStates())
+        try c.sendState(try pausedState(spec))
         try c.sendEnd(digest: [UInt8](repeating: 0, count: 32))
         try c.flush()
         let d = try #require(Result { try dest() }.failure as? MigrationError)
@@ -109,27 +110,27 @@ import Testing
     /// a destination whose range leaves out this source's version is refused by the source.
     @Test func versionsOutsideTheRangeAreRefusedByName() throws {
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let c = try Connection.connect(to: listener.address)
         var open = Handshake.magic
         open.append(le: UInt32(9))
         open.append(le: UInt32(0))
         try c.send(open + Handshake.nonce())
         let accept = try c.receive(Handshake.acceptSize)
-        #expect(accept.le(UInt32.self, at: 8) == 2 && accept.le(UInt32.self, at: 12) == 3 && accept.le(UInt32.self, at: 20) != 0)
+        #expect(accept.le(UInt32.self, at: 8) == 2 && accept.le(UInt32.self, at: 12) == 4 && accept.le(UInt32.self, at: 20) != 0)
         let told = try #require(try Record.read(from: c, pageLimit: 0).error(from: .destination))
         let d = try #require(Result { try dest() }.failure as? MigrationError)
         #expect(told.code == .version && told.message == d.message)
-        #expect(d.message.contains("version 9") && d.message.contains("2 to 3"), "\(d.message)")
+        #expect(d.message.contains("version 9") && d.message.contains("2 to 4"), "\(d.message)")
 
-        // A destination of versions 4 to 5.
+        // A destination of versions 5 to 6.
         let future = try Listener(.tcp(host: "127.0.0.1", port: 0))
         let fake = background { () throws -> MigrationError? in
             let c = try future.accept(timeout: 5)
             _ = try c.receive(Handshake.openSize)
             var accept = Handshake.magic
-            accept.append(le: UInt32(4))
             accept.append(le: UInt32(5))
+            accept.append(le: UInt32(6))
             accept.append(le: UInt32(0))
             accept.append(le: UInt32(0))
             try c.send(accept + [UInt8](repeating: 0, count: 64))
@@ -137,10 +138,10 @@ import Testing
             #expect(confirm.le(UInt32.self, at: 0) != 0)
             return try Record.read(from: c, pageLimit: 0).error(from: .source)
         }
-        let (vm, spec) = try guest(memory: 4 << 20)
-        let s = try #require(Result { try migrate(vm, spec: spec, over: try Connection.connect(to: future.address)) }.failure as? MigrationError)
+        let (vm, _) = try guest(memory: 4 << 20)
+        let s = try #require(Result { try migrate(vm, over: try Connection.connect(to: future.address)) }.failure as? MigrationError)
         let heard = try #require(try fake())
-        #expect(s.code == .version && heard.message == s.message && s.message.contains("version 3") && s.message.contains("4 to 5"), "\(s)")
+        #expect(s.code == .version && heard.message == s.message && s.message.contains("version 4") && s.message.contains("5 to 6"), "\(s)")
         #expect(vm.runState == .running)
         _ = try vm.stop()
     }
@@ -161,7 +162,7 @@ import Testing
             return p
         }
         _ = try source.get()
-        let (moved, _) = try destination.get()
+        let moved = try destination.get()
         #expect(memcmp(moved.ram.slots[0].pointer, vm.ram.slots[0].pointer, Int(vm.ram.size)) == 0)
         _ = try moved.stop()
         let wire = proxy!.captured.withLock { $0 }
@@ -187,21 +188,21 @@ import Testing
 
     /// A second source connecting while the first migrates is told "busy", and the first finishes.
     @Test func secondSourceIsToldBusy() throws {
-        let (vm, spec) = try guest()
-        let (other, otherSpec) = try guest(memory: 4 << 20)
+        let (vm, _) = try guest()
+        let (other, _) = try guest(memory: 4 << 20)
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let (main, more) = try Connection.connect(to: listener.address, channels: 3)
         let first = background { () throws -> MigrationReport in
-            try migrate(vm, spec: spec, over: main, more: more, options: MigrationOptions(timeout: 5, maxBandwidth: 32 * 1_048_576))
+            try migrate(vm, over: main, more: more, options: MigrationOptions(timeout: 5, maxBandwidth: 32 * 1_048_576))
         }
         Thread.sleep(forTimeInterval: 0.1)
-        let second = Result { try migrate(other, spec: otherSpec, over: try Connection.connect(to: listener.address), options: MigrationOptions(timeout: 5)) }
+        let second = Result { try migrate(other, over: try Connection.connect(to: listener.address), options: MigrationOptions(timeout: 5)) }
         let e = try #require(second.failure as? MigrationError)
         #expect(e.code == .busy && e.toldBy == .destination, "\(e)")
         #expect(other.runState == .running)
         _ = try first()
-        let (moved, _) = try dest()
+        let moved = try dest()
         _ = try moved.stop()
         _ = try other.stop()
     }
@@ -215,34 +216,61 @@ import Testing
                                                     source: MigrationOptions(timeout: 5, key: key, channels: 2),
                                                     destination: ReceiveOptions(key: key, timeout: 5))
         let report = try source.get()
-        let (moved, _) = try destination.get()
+        let moved = try destination.get()
         #expect(moved.runState == .running && vm.runState == .stopped)
         print("over \(address): \(report)")
         _ = try moved.stop()
     }
 
-    /// Files written by the previous version (committed fixtures, made by the version 2 `vmm`).
+    /// Files written by earlier versions (committed fixtures, made by the `vmm` of those releases:
+    /// a 4 MiB guest with a 64 KiB working set).
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures").path
+    static func fixture(_ name: String) throws -> [UInt8] { try Array(Data(contentsOf: URL(fileURLWithPath: fixtures + "/" + name))) }
 
-    /// A stream from a version 2 source (captured from `vmm migrate` of that release: a 4 MiB soft
-    /// guest) is taken: the guest is rebuilt, its digest checks, it runs, and the source hears the
-    /// version 2 answer.
+    /// A stream from a version 2 source (captured from `vmm migrate` of that release) is taken: the
+    /// guest is rebuilt, its digest checks, it runs its workload, and the source hears the version 2
+    /// answer.
     @Test func version2StreamIsAccepted() throws {
-        let stream = try Array(Data(contentsOf: URL(fileURLWithPath: Self.fixtures + "/stream-v2-soft.bin")))
         let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
-        let dest = background { () throws -> (any VirtualMachine, WorkloadSpec) in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
         let c = try Connection.connect(to: listener.address)
-        try c.send(stream)
+        try c.send(try Self.fixture("stream-v2-soft.bin"))
         #expect(try c.receive(1) == [1], "the version 2 answer: accepted")
-        let (vm, spec) = try dest()
-        #expect(vm.runState == .running && vm.ram.size == 4 << 20 && spec.workingSet == 64 << 10)
+        let vm = try dest()
+        #expect(vm.runState == .running && vm.ram.size == 4 << 20 && vm.workload?.workingSet == 64 << 10)
         _ = try vm.stop()
     }
 
-    /// A snapshot chain written by the previous version restores.
-    @Test func version2SnapshotChainRestores() throws {
-        let (vm, spec, state) = try restoreSnapshots([Self.fixtures + "/snap-v2-soft", Self.fixtures + "/snap-v2-soft.1"])
-        try vm.start(spec, from: state)
+    /// What a version 3 source sent (its half of the exchange, captured between two `vmm` of that
+    /// release): the destination opens it as version 3 (its guest description with the workload, its
+    /// state as format 0), checks the digest, and runs the guest after READY and GO.
+    @Test func version3StreamIsAccepted() throws {
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let c = try Connection.connect(to: listener.address)
+        try c.send(try Self.fixture("stream-v3-soft.bin"))
+        try c.flush()
+        let accept = try c.receive(Handshake.acceptSize)
+        #expect(accept.le(UInt32.self, at: 20) == 0, "ACCEPT without a refusal")
+        #expect(try Record.read(from: c, pageLimit: 0).type == .ready)
+        #expect(try Record.read(from: c, pageLimit: 0).type == .running)
+        let vm = try dest()
+        #expect(vm.runState == .running && vm.ram.size == 4 << 20 && vm.workload?.workingSet == 64 << 10)
+        _ = try vm.stop()
+    }
+
+    /// Snapshot chains written by versions 2 and 3 restore, the guest's workload and vCPU state in
+    /// format 0, on both backends; the guest runs on.
+    @Test(arguments: [["snap-v2-soft", "snap-v2-soft.1"], ["snap-v3-soft", "snap-v3-soft.1"], ["snap-v3-kvm"]])
+    func earlierSnapshotChainsRestore(_ files: [String]) throws {
+        if files[0].hasSuffix("kvm"), case let .failure(e) = KVMSystem.availability() {
+            print("KVM TESTS SKIPPED: \(e)")
+            return
+        }
+        let (vm, state) = try restoreSnapshots(files.map { Self.fixtures + "/" + $0 })
+        #expect(state.format == 0)
+        try vm.start(from: state)
+        #expect(vm.workload?.workingSet == 64 << 10)
         Thread.sleep(forTimeInterval: 0.05)
         #expect(try vm.stop().allSatisfy { $0.accesses > 0 })
     }
@@ -258,10 +286,10 @@ import Testing
         }
         #expect(message(dir + "/missing").contains("does not exist: make one with `vmm key generate"))
         let short = dir + "/short"
-        FileManager.default.createFile(atPath: short, contents: Data([1, 2, 3]), attributes: [.posixPermissions: 0o600])
+        _ = FileManager.default.createFile(atPath: short, contents: Data([1, 2, 3]), attributes: [.posixPermissions: 0o600])
         #expect(message(short).contains("holds 3 bytes; a migration key needs at least 16"))
         let open = dir + "/open"
-        FileManager.default.createFile(atPath: open, contents: Data(repeating: 7, count: 32), attributes: [.posixPermissions: 0o644])
+        _ = FileManager.default.createFile(atPath: open, contents: Data(repeating: 7, count: 32), attributes: [.posixPermissions: 0o644])
         #expect(message(open).contains("open to other users (mode 644): make it private with `chmod 600"))
         #expect(message(dir).contains("is not a regular file"))
         let generated = dir + "/key"
@@ -276,12 +304,119 @@ import Testing
     /// A bandwidth limit that cannot deliver a record within the timeout is refused before anything
     /// moves, saying what would work.
     @Test func hopelessBandwidthIsRefusedUpFront() throws {
-        let (vm, spec) = try guest(memory: 4 << 20)
+        let (vm, _) = try guest(memory: 4 << 20)
         let (a, b) = try Connection.pair()
-        let e = try #require(Result { try migrate(vm, spec: spec, over: a, options: MigrationOptions(timeout: 30, maxBandwidth: 1)) }.failure as? MigrationError)
+        let e = try #require(Result { try migrate(vm, over: a, options: MigrationOptions(timeout: 30, maxBandwidth: 1)) }.failure as? MigrationError)
         #expect(e.code == .badOption && e.message.contains("give at least"), "\(e)")
         #expect(a.bytesSent == 0 && b.bytesReceived == 0)
         #expect(vm.runState == .running)
         _ = try vm.stop()
+    }
+}
+
+/// What a peer or a file hands the backends and the stream reader below the record checksums: guest
+/// descriptions and state blobs, mutated thousands of ways (bytes flipped, cut short, extended,
+/// lengths overwritten, the workload text garbled). Each is refused with an error or read; nothing
+/// crashes, and a blob cut short is always refused.
+@Suite struct HostileBytes {
+    struct Mutator {
+        var rng: UInt64
+        mutating func next(_ n: Int) -> Int {
+            rng = rng &* 6364136223846793005 &+ 1442695040888963407
+            return Int((rng >> 33) % UInt64(max(n, 1)))
+        }
+        /// A mutation of `b`, and whether it cut `b` short.
+        mutating func mutate(_ b: [UInt8]) -> ([UInt8], Bool) {
+            var m = b
+            switch next(4) {
+            case 0:
+                for _ in 0...next(4) where !m.isEmpty { m[next(m.count)] ^= UInt8(1 + next(255)) }
+            case 1:
+                return (Array(m.prefix(next(m.count))), true)
+            case 2:
+                m += (0...next(16)).map { _ in UInt8(next(256)) }
+            default:
+                if m.count >= 4 {
+                    let at = next(m.count - 3), v = [0, 1, 0xFFFF_FFFF, 0x7FFF_FFFF, UInt32(next(1 << 16))][next(5)]
+                    withUnsafeBytes(of: UInt32(v).littleEndian) { for (i, x) in $0.enumerated() { m[at + i] = x } }
+                }
+            }
+            return (m, false)
+        }
+    }
+
+    static func decode(_ s: MachineState, vcpus: Int) throws {
+        switch s.backend {
+        case .soft: _ = try SoftMachine.decode(s, vcpus: vcpus)
+        case .kvm: _ = try KVMMachine.decode(s, vcpus: vcpus)
+        }
+    }
+
+    @Test func mutatedStatesAreRefusedOrRead() throws {
+        var blobs = [try pausedState(WorkloadSpec(pattern: .counter, workingSet: 256 << 10, rate: 1000, stop: .duration(5)))]
+        for files in [["snap-v2-soft"], ["snap-v3-soft"], ["snap-v3-kvm"]] {
+            blobs.append(try restoreSnapshots(files.map { WireTests.fixtures + "/" + $0 }).1)
+        }
+        // A format 1 kvm blob, made from the format 0 one.
+        let (spec, registers) = try KVMMachine.decode(blobs[3], vcpus: 1)
+        blobs.append(KVMMachine.encode(spec, registers))
+        var m = Mutator(rng: 42)
+        var read = 0, refused = 0
+        for blob in blobs {
+            try HostileBytes.decode(blob, vcpus: 1)
+            // The workload text: its characters garbled one at a time.
+            let textEnd = 4 + Int(blob.bytes.le(UInt32.self, at: 0))
+            for _ in 0..<500 {
+                var garbled = blob
+                garbled.bytes[4 + m.next(textEnd - 4)] = Array("0123456789=,.:kKMGTsx-e+".utf8)[m.next(24)]
+                do { try HostileBytes.decode(garbled, vcpus: 1); read += 1 } catch is VMError { refused += 1 }
+            }
+            for _ in 0..<3000 {
+                let (bytes, cut) = m.mutate(blob.bytes)
+                var bad = blob
+                bad.bytes = bytes
+                do {
+                    try HostileBytes.decode(bad, vcpus: 1)
+                    #expect(!cut, "a \(blob.backend) state (format \(blob.format)) cut to \(bytes.count) of \(blob.bytes.count) bytes was read")
+                    read += 1
+                } catch is VMError {
+                    refused += 1
+                }
+            }
+        }
+        print("mutated states: \(read) read, \(refused) refused")
+        #expect(refused > read)
+    }
+
+    /// A state naming a workload no run can hold (a duration that overflows the deadline, a working
+    /// set beyond memory or beyond 2^64) is refused before any vCPU starts.
+    @Test(arguments: ["pattern=counter,duration=inf", "duration=1e308s", "ws=18446744073709551615K", "base=0xfffffffffffff000,ws=4K",
+                      "ws=8M", "base=0x1000,ws=4M"])
+    func stateWithAnImpossibleWorkloadIsRefused(_ text: String) throws {
+        let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: 4 << 20, backing: .pages4K, vcpus: 1))
+        var w = StateWriter()
+        w.string(text)
+        w.int(UInt32(1))
+        for _ in 0..<4 { w.int(UInt64(0)) }
+        #expect(throws: VMError.self) { try vm.start(from: MachineState(backend: .soft, format: 1, bytes: w.bytes)) }
+        #expect(vm.runState == .stopped)
+    }
+
+    @Test func mutatedGuestDescriptionsAreRefusedOrRead() throws {
+        let guest = GuestDescription(layout: try RAMLayout(parsing: "6M,4M@4G,8M@6G"), vcpus: 2, backend: 1, backing: 1)
+        var legacy = guest.encoded()
+        let spec = Array("pattern=counter,ws=1M".utf8)
+        legacy.append(le: UInt32(spec.count))
+        legacy += spec
+        var m = Mutator(rng: 7)
+        for (version, bytes) in [(UInt32(4), guest.encoded()), (3, legacy)] {
+            #expect(try GuestDescription.decode(bytes, version: version, context: "") .layout == guest.layout)
+            for _ in 0..<5000 {
+                let (mutated, _) = m.mutate(bytes)
+                if let d = try? GuestDescription.decode(mutated, version: version, context: "") {
+                    #expect(d.layout.regions.count <= RAMLayout.maxRegions)
+                }
+            }
+        }
     }
 }

@@ -188,7 +188,7 @@ import DirtyLog
     }
 
     @Test func vmmWritesAreRecorded() throws {
-        let (vm, v, mem) = try makeVM(.pages4K)
+        let (vm, _, mem) = try makeVM(.pages4K)
         try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm))
         let bytes = [UInt8](repeating: 0xAB, count: 5000)
         try bytes.withUnsafeBytes { try vm.mmu.writeGuest(GPA(0x10_0F00), $0) }

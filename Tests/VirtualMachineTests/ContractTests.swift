@@ -135,7 +135,7 @@ final class StopFlag: @unchecked Sendable {
         let vm = try makeContractVM(cell)
         let oracle = ShadowOracle(vm)
         try vm.enableDirtyLogging(cell.log)
-        try vm.start(busyWriter(vm), from: nil)
+        try vm.start(busyWriter(vm))
         var stale: [UInt64] = []
         for round in 1...24 where stale.isEmpty {
             Thread.sleep(forTimeInterval: 0.004)
@@ -165,7 +165,7 @@ final class StopFlag: @unchecked Sendable {
         let vm = try makeContractVM(cell)
         let oracle = ShadowOracle(vm)
         try vm.enableDirtyLogging(cell.log)
-        try vm.start(busyWriter(vm), from: nil)
+        try vm.start(busyWriter(vm))
         for round in 1...1000 {
             try vm.pause()
             try vm.resume()
@@ -218,7 +218,7 @@ final class StopFlag: @unchecked Sendable {
         let caps = vm.capabilities
         let oracle = ShadowOracle(vm)
         try vm.enableDirtyLogging(cell.log)
-        try vm.start(busyWriter(vm), from: nil)
+        try vm.start(busyWriter(vm))
         let extra = try HostMemory(size: 2 << 20, backing: .pages4K)
         let stop = StopFlag()
         nonisolated(unsafe) let machine = vm
@@ -407,7 +407,7 @@ final class StopFlag: @unchecked Sendable {
         let bytes = Int(spec.workingSet)
         let ws = UnsafeRawBufferPointer(start: vm.ram.pointer(linear: spec.base.raw), count: bytes)
         #expect(vm.runState == .stopped)
-        try vm.start(spec, from: nil, paused: true)
+        try vm.start(spec, paused: true)
         Thread.sleep(forTimeInterval: 0.1)
         #expect(vm.runState == .paused)
         #expect(ws.allSatisfy { $0 == 0 }, "a paused guest wrote its memory")
@@ -418,6 +418,62 @@ final class StopFlag: @unchecked Sendable {
         #expect(vm.runState == .stopped)
         #expect(runs.allSatisfy { $0.accesses > 0 })
         #expect(ws.contains { $0 != 0 })
+    }
+
+    /// A saved state carries the workload and each vCPU's place in it: a second VM given the first
+    /// one's memory and state runs the counter guest on without one failed check (started afresh on
+    /// the same memory, it fails them at once). A state of another backend, of a newer format, cut
+    /// short or with bytes over is refused, saying which, and nothing starts.
+    @Test(arguments: Cell.backends)
+    func savedStateContinuesTheGuest(_ backend: BackendKind) throws {
+        let config = VMConfig(backend: backend, memory: 4 << 20, backing: .pages4K, vcpus: 2)
+        let a = try makeVirtualMachine(config)
+        let spec = WorkloadSpec(pattern: .counter, base: a.workloadBase, workingSet: 256 << 10, seed: 9, stop: .duration(30))
+        try a.start(spec)
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(throws: (any Error).self, "state is taken while paused") { _ = try a.saveState() }
+        try a.pause()
+        let state = try a.saveState()
+        #expect(state.backend == backend && state.format >= 1 && a.workload == spec)
+        _ = try a.stop()
+        #expect(a.workload == nil)
+
+        func copy() throws -> any VirtualMachine {
+            let b = try makeVirtualMachine(config)
+            b.ram.slots[0].pointer.copyMemory(from: a.ram.slots[0].pointer, byteCount: Int(a.ram.size))
+            return b
+        }
+        let b = try copy()
+        try b.start(from: state)
+        #expect(b.workload == spec)
+        Thread.sleep(forTimeInterval: 0.1)
+        let runs = try b.stop()
+        #expect(runs.allSatisfy { $0.accesses > 0 } && runs.allSatisfy { $0.mismatches == 0 }, "\(runs)")
+        let fresh = try copy()
+        try fresh.start(spec)
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(try fresh.stop().contains { $0.mismatches > 0 }, "without the state the guest starts over and its checks fail")
+
+        #expect(throws: VMError.self, "a working set beyond RAM") { try a.start(WorkloadSpec(base: a.workloadBase, workingSet: 8 << 20)) }
+        let other = BackendKind.allCases.first { $0 != backend }!
+        var newer = state
+        newer.format += 1
+        var short = state
+        short.bytes.removeLast()
+        var long = state
+        long.bytes.append(0)
+        for (bad, says) in [(MachineState(backend: other, format: 1, bytes: state.bytes), "cannot run on the \(backend) backend"),
+                            (newer, "format \(state.format + 1); this build reads formats 0 to \(state.format)"),
+                            (short, "ends early"), (long, "1 bytes more than it should")] {
+            let c = try makeVirtualMachine(config)
+            do {
+                try c.start(from: bad)
+                Issue.record("a bad state was taken (\(says))")
+            } catch {
+                #expect("\(error)".contains(says), "\(error)")
+            }
+            #expect(c.runState == .stopped)
+        }
     }
 }
 
