@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "KVMBackend", targets: ["KVMBackend"]),
         .library(name: "VirtualMachine", targets: ["VirtualMachine"]),
         .library(name: "Migration", targets: ["Migration"]),
+        .library(name: "Control", targets: ["Control"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -35,10 +36,11 @@ let package = Package(
         .target(name: "Migration", dependencies: ["GuestMemory", "DirtyLog", "Workload", "VirtualMachine",
                                                   .product(name: "Crypto", package: "swift-crypto")],
                 swiftSettings: optimize),
+        .target(name: "Control", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration"]),
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "CVMMSys", "GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine", "Migration",
+                "CVMMSys", "GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend", "VirtualMachine", "Migration", "Control",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize
@@ -49,6 +51,7 @@ let package = Package(
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend"]),
         .testTarget(name: "VirtualMachineTests", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "VirtualMachine", "KVMBackend", "SoftBackend"]),
         .testTarget(name: "MigrationTests", dependencies: ["GuestMemory", "DirtyLog", "Workload", "VirtualMachine", "Migration", "SoftBackend", "KVMBackend"]),
+        .testTarget(name: "ControlTests", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration", "Control", "KVMBackend"]),
         .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "DirtyLog", "KVMBackend", "Workload", "Stage2", "SoftBackend"]),
     ],
     // Language mode 5: this is low-level code over raw pointers with its own synchronization (atomics,

@@ -22,6 +22,7 @@ final class Acceptor: @unchecked Sendable {
     private var opening = 0
     private static let maxOpening = 32
     private let onRefusal: ((String) -> Void)?
+    private let acceptLoopDone = DispatchSemaphore(value: 0)
 
     init(listener: Listener, key: MigrationKey?, timeout: Double, onRefusal: ((String) -> Void)? = nil) {
         self.listener = listener
@@ -29,13 +30,23 @@ final class Acceptor: @unchecked Sendable {
         self.timeout = timeout
         self.onRefusal = onRefusal
         Thread { [self] in
+            defer { acceptLoopDone.signal() }
             while !isStopped {
                 let c: Connection
-                do { c = try listener.accept(timeout: 0.1, ioTimeout: timeout) } catch let e as MigrationError where e.code == .timeout {
-                    continue
-                } catch {
-                    usleep(100_000)   // out of descriptors, say: do not spin
-                    continue
+                if let waiting = listener.takeBack() {
+                    c = waiting
+                } else {
+                    do { c = try listener.accept(timeout: 0.1, ioTimeout: timeout) } catch let e as MigrationError where e.code == .timeout {
+                        continue
+                    } catch {
+                        usleep(100_000)   // out of descriptors, say: do not spin
+                        continue
+                    }
+                }
+                if isStopped {
+                    // Accepted as this door closed: the next receive on the listener takes it.
+                    listener.putBack(c)
+                    break
                 }
                 condition.lock()
                 let room = opening < Self.maxOpening
@@ -52,12 +63,15 @@ final class Acceptor: @unchecked Sendable {
 
     private var isStopped: Bool { condition.lock(); defer { condition.unlock() }; return stopped }
 
-    /// Stops accepting; channels still opening are refused.
+    /// Stops accepting (waiting for the accepting thread, so the next receive on the listener never
+    /// races this one); channels still opening are refused.
     func stop() {
         condition.lock()
+        let already = stopped
         stopped = true
         condition.broadcast()
         condition.unlock()
+        if !already { acceptLoopDone.wait() }
     }
 
     /// Tells the operator what the door refused.

@@ -304,6 +304,10 @@ public final class Listener: @unchecked Sendable {
     /// What it listens on (with the port a port 0 picked).
     public let address: MigrationAddress
     private let unixPath: String?
+    /// Connections accepted by a receive that ended before it could open them, for the next one.
+    private let waiting = Mutex<[Connection]>([])
+    func putBack(_ c: Connection) { waiting.withLock { $0.append(c) } }
+    func takeBack() -> Connection? { waiting.withLock { $0.isEmpty ? nil : $0.removeFirst() } }
 
     /// Listens on `address` (port 0 picks a free one; `address` then names it). A Unix socket path
     /// that exists is replaced only if it is a socket nobody listens on.

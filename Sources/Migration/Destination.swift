@@ -190,12 +190,12 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
             sawLastPass = sawLastPass || r.last
             if r.last && !main { return nil }
         case .state:
-            guard main else { throw MigrationError.badStream("vCPU state on a further channel") }
+            guard main else { throw MigrationError.badStream("a state record on a further channel") }
             state = try guest.state(from: r.payload)
         case .end:
             guard main else { throw MigrationError.badStream("an end record on a further channel") }
             guard barrier == nil || sawLastPass else { throw MigrationError.badStream("the end came before the last pass was closed") }
-            guard let state else { throw MigrationError.badStream("no vCPU state before the end") }
+            guard let state else { throw MigrationError.badStream("no state record before the end") }
             return (state, r.payload)
         }
     }

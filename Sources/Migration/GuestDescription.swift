@@ -92,7 +92,7 @@ public struct GuestDescription: Equatable, Sendable {
             throw MigrationError.badStream("\(context)state of another backend than the header's")
         }
         if let legacySpec { return .legacy(backend: kind, spec: legacySpec, vcpus: Array(payload.dropFirst())) }
-        guard payload.count >= 4 else { throw MigrationError.badStream("\(context)a state record of \(payload.count) bytes") }
+        guard payload.count >= 4, payload[1] == 0 else { throw MigrationError.badStream("\(context)a malformed state record") }
         return MachineState(backend: kind, format: payload.le(UInt16.self, at: 2), bytes: Array(payload[4...]))
     }
 

@@ -30,6 +30,8 @@ public struct MigrationError: Error, Equatable, CustomStringConvertible {
         case badKey = 13
         /// A migration option that cannot work (a bandwidth too low for the timeout).
         case badOption = 14
+        /// Pre-copy reached its pass limit above the downtime limit, and the policy was to cancel.
+        case notConverged = 15
         case unknown = 0
 
         public var description: String {
@@ -48,6 +50,7 @@ public struct MigrationError: Error, Equatable, CustomStringConvertible {
             case .vm: return "vm"
             case .badKey: return "bad key"
             case .badOption: return "bad option"
+            case .notConverged: return "not converged"
             case .unknown: return "unknown"
             }
         }
@@ -80,7 +83,7 @@ public struct MigrationError: Error, Equatable, CustomStringConvertible {
         "the destination's memory digest does not match the source's: the guest was not resumed there")
 
     /// `error` as a reason to send the peer: a migration error as it is, anything else by its text.
-    init(describing error: Error) {
+    public init(describing error: Error) {
         if let e = error as? MigrationError { self = e; return }
         self.init(.unknown, "\(error)")
     }

@@ -22,6 +22,8 @@ public struct MigrationProgress: Sendable {
     public var throttlePercent = 0
     /// Something that happened (a throttle step, the digest checked), worth a line of its own.
     public var event: String?
+    /// The source's pre-copy passes so far.
+    public var passes: [PassRecord] = []
 
     public init() {}
 
@@ -44,6 +46,34 @@ public struct MigrationProgress: Sendable {
             if throttlePercent > 0 { s += ", vCPUs throttled to \(100 - throttlePercent)%" }
             return s
         }
+    }
+}
+
+/// One pre-copy pass, as it went.
+public struct PassRecord: Sendable, Equatable {
+    public var pass: Int
+    public var pages: UInt64
+    public var bytes: UInt64
+    public var seconds: Double
+    /// What the guest dirtied while the pass went, in bytes per second.
+    public var dirtyRate: Double
+    /// The pause this pass left, had the source stopped after it.
+    public var expectedDowntime: Double
+    /// The auto-converge throttle during the pass, in percent of vCPU time.
+    public var throttlePercent: Int
+    public init(pass: Int, pages: UInt64, bytes: UInt64, seconds: Double, dirtyRate: Double, expectedDowntime: Double, throttlePercent: Int) {
+        self.pass = pass
+        self.pages = pages
+        self.bytes = bytes
+        self.seconds = seconds
+        self.dirtyRate = dirtyRate
+        self.expectedDowntime = expectedDowntime
+        self.throttlePercent = throttlePercent
+    }
+
+    static let csvHeader = "pass,pages,bytes,seconds,dirty_bytes_per_second,expected_downtime_ms,throttle_percent"
+    var csvLine: String {
+        String(format: "%d,%llu,%llu,%.6f,%.0f,%.3f,%d", pass, pages, bytes, seconds, dirtyRate, expectedDowntime * 1e3, throttlePercent)
     }
 }
 

@@ -54,7 +54,7 @@ public struct SnapshotReport: Sendable, CustomStringConvertible {
     }
 }
 
-/// A chain of snapshots of one running soft VM: a full one, then diffs holding the pages dirtied since
+/// A chain of snapshots of one running VM: a full one, then diffs holding the pages dirtied since
 /// the previous one (the dirty log, including the VMM's own writes). Each file is written to a
 /// temporary name, synced and renamed, so a file either exists complete or not at all; a diff that
 /// fails to write puts its pages back into the dirty log, so the next diff still holds them.
@@ -73,8 +73,9 @@ public final class SnapshotChain {
     public func take(to path: String, full: Bool = false) throws -> SnapshotReport {
         let diff = sequence > 0 && !full
         let t0 = Date()
+        let wasRunning = vm.runState == .running
         try vm.pause()
-        defer { try? vm.resume() }
+        defer { if wasRunning { try? vm.resume() } }
         var bitmap: [UInt64]
         if diff {
             bitmap = try vm.getDirtyLog()
@@ -112,7 +113,7 @@ public final class SnapshotChain {
     }
 }
 
-/// Restores a chain (a full snapshot, then its diffs in order) into a new soft VM, checks the final
+/// Restores a chain (a full snapshot, then its diffs in order) into a new VM, checks the final
 /// memory against the last snapshot's digest, and returns the VM with the state to start it from.
 public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, MachineState) {
     guard !paths.isEmpty else { throw MigrationError.badStream("no snapshot files given") }

@@ -3,12 +3,23 @@ import GuestMemory
 import DirtyLog
 import VirtualMachine
 
+/// What a migration does when pre-copy reaches its pass limit with the pause still over the downtime limit.
+public enum Convergence: String, Sendable, CaseIterable {
+    /// Stop, tell the destination, and keep the guest running here.
+    case cancel
+    /// Switch over anyway, and report the downtime it took.
+    case force
+}
+
 /// How the source migrates.
 public struct MigrationOptions: Sendable {
     /// Stop iterating once the pages left would take less than this to send (seconds).
     public var downtimeLimit: Double = 0.3
-    /// Or after this many iterations over dirtied pages.
+    /// Or after this many iterations over dirtied pages; then `convergence` decides.
     public var maxIterations: Int = 30
+    public var convergence: Convergence = .cancel
+    /// Values a controller may change while the migration runs; read at every pass (nil: fixed).
+    public var tuning: MigrationTuning?
     /// Socket timeout for every send and receive.
     public var timeout: Double = 30
     /// The pre-shared key; nil sends an unauthenticated stream.
@@ -17,14 +28,36 @@ public struct MigrationOptions: Sendable {
     public var maxBandwidth: Double?
     /// TCP connections carrying page data (multifd); the first also carries the rest of the stream.
     public var channels: Int
-    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, timeout: Double = 30, key: MigrationKey? = nil,
-                maxBandwidth: Double? = nil, channels: Int = 1) {
+    public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, convergence: Convergence = .cancel, timeout: Double = 30,
+                key: MigrationKey? = nil, maxBandwidth: Double? = nil, channels: Int = 1) {
         self.downtimeLimit = downtimeLimit
         self.maxIterations = maxIterations
+        self.convergence = convergence
         self.timeout = timeout
         self.key = key
         self.maxBandwidth = maxBandwidth
         self.channels = channels
+    }
+}
+
+/// The parameters a running migration takes from its controller at every pass (QMP's
+/// migrate-set-parameters).
+public final class MigrationTuning: @unchecked Sendable {
+    private let lock = NSLock()
+    private var limit: Double
+    private var bandwidth: Double?
+    public init(downtimeLimit: Double, maxBandwidth: Double?) {
+        limit = downtimeLimit
+        bandwidth = maxBandwidth
+    }
+    public var downtimeLimit: Double {
+        get { lock.withLock { limit } }
+        set { lock.withLock { limit = newValue } }
+    }
+    /// Bytes per second over all channels; nil: unlimited.
+    public var maxBandwidth: Double? {
+        get { lock.withLock { bandwidth } }
+        set { lock.withLock { bandwidth = newValue } }
     }
 }
 
@@ -42,7 +75,12 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     /// The highest auto-converge throttle applied, in percent of vCPU time.
     public var throttlePercent = 0
     public var bandwidth = 0.0   // bytes per second, measured
+    /// Every pre-copy pass, in order.
+    public var passes: [PassRecord] = []
     public init() {}
+
+    /// The passes as CSV, a header line first.
+    public var passesCSV: String { ([PassRecord.csvHeader] + passes.map(\.csvLine)).joined(separator: "\n") + "\n" }
 
     public var description: String {
         String(format: "total %.0f ms, downtime %.0f ms, setup %.1f ms, %@ sent (%llu pages, %llu zero), %d iterations, %@, %.0f MiB/s",
@@ -113,8 +151,15 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         defer { digest.stop() }   // never leave it reading memory behind us
         var lastHashTime = Double.infinity
         var lastHarvest = Date()   // logging began just before the first pass
+        var downtimeLimit = options.downtimeLimit
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
+            if let tuning = options.tuning {
+                // migrate-set-parameters: the controller's latest values, taken between passes.
+                downtimeLimit = tuning.downtimeLimit
+                let perChannel = tuning.maxBandwidth.map { $0 / Double(all.count) }
+                for c in all { c.maxBandwidth = perChannel }
+            }
             digest.start()
             let iteration = report.iterations + 1, planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
             out.update { $0.iteration = iteration; $0.pagesPlanned = planned; $0.pagesDone = 0 }
@@ -136,21 +181,33 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             let sendTime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
             let hashTime = digest.secondsLeft
             let expectedDowntime = max(sendTime, hashTime)
-            let hashSettled = hashTime <= options.downtimeLimit || hashTime >= lastHashTime * 0.9
+            let hashSettled = hashTime <= downtimeLimit || hashTime >= lastHashTime * 0.9
             lastHashTime = hashTime
             let bandwidth = report.bandwidth
-            out.update { $0.bandwidth = bandwidth; $0.expectedDowntime = expectedDowntime }
+            report.passes.append(PassRecord(pass: report.iterations, pages: planned, bytes: UInt64(bytes), seconds: seconds,
+                                            dirtyRate: remaining / dirtiedOver, expectedDowntime: expectedDowntime,
+                                            throttlePercent: report.throttlePercent))
+            let passes = report.passes
+            out.update { $0.bandwidth = bandwidth; $0.expectedDowntime = expectedDowntime; $0.passes = passes }
             tell(String(format: "iteration %d sent; %@ dirtied meanwhile, expected downtime %.0f ms", report.iterations,
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
             // what the guest dirties while it sends what is dirty now (at the rate just seen).
             let predicted = max(remaining / dirtiedOver * sendTime / max(report.bandwidth, 1), hashTime)
-            let anotherPassPays = predicted < expectedDowntime * 0.67 && sendTime > options.downtimeLimit / 4
-            if sendTime <= options.downtimeLimit && hashSettled && !anotherPassPays { report.converged = true; break }
-            if report.iterations >= options.maxIterations { break }
+            let anotherPassPays = predicted < expectedDowntime * 0.67 && sendTime > downtimeLimit / 4
+            if sendTime <= downtimeLimit && hashSettled && !anotherPassPays { report.converged = true; break }
+            if report.iterations >= options.maxIterations {
+                guard options.convergence == .force else {
+                    throw MigrationError(.notConverged, String(format: "did not converge in %d passes: the pause would take about %.0f ms, "
+                        + "over the %.0f ms downtime limit; the guest runs on at the source. Raise the downtime limit or the "
+                        + "bandwidth, or switch over anyway with convergence=force", report.iterations, expectedDowntime * 1e3,
+                        downtimeLimit * 1e3))
+                }
+                break
+            }
             // Auto-converge: over the limit, and the guest dirtied more than half of what we sent
             // meanwhile: slow it in growing steps (20%, then +10% each time), as QEMU does.
-            if expectedDowntime > options.downtimeLimit && remaining > bytes / 2 && report.iterations >= 2 {
+            if expectedDowntime > downtimeLimit && remaining > bytes / 2 && report.iterations >= 2 {
                 report.throttlePercent = min(99, report.throttlePercent == 0 ? 20 : report.throttlePercent + 10)
                 vm.setThrottle(percent: report.throttlePercent)
                 out.update { $0.throttlePercent = report.throttlePercent }
@@ -175,7 +232,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         try connection.sendState(try vm.saveState())
         try connection.sendEnd(digest: final.result())
         vm.setThrottle(percent: 0)
-        try Switchover.source(connection, vm: vm)
+        try Switchover.source(connection, vm: vm, resumeThere: wasRunning)
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
         // The guest runs at the destination now: whatever stopping this copy reports, it never resumes.
         _ = try? vm.stop()

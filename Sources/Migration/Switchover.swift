@@ -9,6 +9,7 @@ import VirtualMachine
 /// destination: digest checked, guest loaded paused  -> READY
 /// source:      READY seen; from here it never resumes -> GO
 /// destination: GO seen; resumes the guest           -> RUNNING
+///              (unless GO says the source had it paused: then it stays paused)
 /// ```
 ///
 /// The destination resumes only on GO; the source resumes only if it never began to send GO. A
@@ -17,10 +18,13 @@ import VirtualMachine
 /// the operator resumes whichever copy should run. Either side's ERROR before that point ends the
 /// migration with the source running.
 enum Switchover {
+    /// GO's count when the source's guest was paused: the destination keeps it paused.
+    static let keepPaused: UInt32 = 1
+
     /// The source's half, with its guest paused and STATE and END sent. Returns once the destination
     /// runs the guest; throws (the guest still paused here, the caller resumes it) if the
     /// destination refused or never said READY; throws `SwitchoverInDoubt` after GO.
-    static func source(_ c: Connection, vm: any VirtualMachine) throws {
+    static func source(_ c: Connection, vm: any VirtualMachine, resumeThere: Bool) throws {
         let ready = try Record.read(from: c, pageLimit: 0)
         if let e = ready.error(from: .destination) { throw e }
         guard ready.type == .ready else { throw MigrationError.badStream("a \(ready.type) record where READY belongs") }
@@ -30,7 +34,7 @@ enum Switchover {
         do {
             // A cancel from here on changes nothing: GO goes, and RUNNING is awaited.
             running = try c.withoutStop(timeout: c.timeout) {
-                try c.sendRecord(.go)
+                try c.sendRecord(.go, count: resumeThere ? 0 : Self.keepPaused)
                 try c.flush()
                 return try Record.read(from: c, pageLimit: 0)
             }
@@ -64,7 +68,7 @@ enum Switchover {
         guard go.type == .go else {
             throw SwitchoverInDoubt(side: .destination, why: "a \(go.type) record came where GO belongs", vm: vm)
         }
-        try vm.resume()
+        if go.count != Self.keepPaused { try vm.resume() }
         // The source waits for this to report success; if it is lost, the source is in doubt but the
         // guest runs here.
         try? c.withoutStop {

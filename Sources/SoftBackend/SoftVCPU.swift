@@ -294,6 +294,8 @@ public final class SoftVCPU: @unchecked Sendable {
         let batch: UInt64 = 256
         var done: UInt64 = from?.done ?? 0
         var seq = from?.seq ?? UInt64(index) << 48
+        // Saved as it stands before the first access, too (a guest started paused, then migrated).
+        position = VCPUPosition(state: gen.position.state, cursor: gen.position.cursor, seq: seq, done: done)
         // A continued stream is paced from where it resumed, not from its first access.
         var pacer = Pacer(start: start, deadline: deadline, rate: workload.rate, firstAccess: done)
         self.control = control

@@ -315,7 +315,10 @@ final class KVMMachine: VirtualMachine {
     }
 
     func saveState() throws -> MachineState {
-        guard let workload, runState != .running else { throw VMError.failed("the guest's state is taken while it is paused") }
+        guard let workload else { throw VMError.failed("the guest is not started: it has no state to save") }
+        guard runState != .running else { throw VMError.failed("the guest's state is taken while it is paused: pause it first") }
+        // Started paused, a vCPU may still be loading the guest program: wait until every one is parked.
+        try pause()
         return Self.encode(workload, try vcpus.map { v throws(KVMError) in try v.saveState() })
     }
 
@@ -394,7 +397,7 @@ final class KVMRunner: @unchecked Sendable {
                 chunkDone = n
             case .finished:
                 let chunk = vcpu.guestCounters(index: i, memory: memory)
-                total.accesses += chunk.accesses
+                total.accesses &+= chunk.accesses
                 total.writes += chunk.writes
                 chunkDone = 0
                 if case .count = spec.stop { break loop }
@@ -404,9 +407,9 @@ final class KVMRunner: @unchecked Sendable {
             }
             let now = monotonicNanos()
             if now >= deadline { break }
-            pacer.pace(now: now, done: total.accesses + chunkDone, control: control)
+            pacer.pace(now: now, done: total.accesses &+ chunkDone, control: control)
         }
-        total.accesses += chunkDone
+        total.accesses &+= chunkDone
         total.mismatches = vcpu.guestCounters(index: i, memory: memory).mismatches   // the guest counts them as it goes
         total.nanoseconds = monotonicNanos() - start
         return total

@@ -3,7 +3,7 @@ import Workload
 /// The guest's state beyond its memory, as its backend saves it: what the vCPUs run and where each
 /// one is (on kvm its registers), and any device state. The engines that carry it (migration,
 /// snapshots) treat it as opaque bytes; the backend that wrote it reads it, knowing each `format`
-/// it ever wrote. docs/migration-stream.md, "State", gives each backend's formats.
+/// it ever wrote. docs/migration-stream.md, "The guest's state", gives each backend's formats.
 public struct MachineState: Sendable, Equatable {
     public var backend: BackendKind
     /// How the backend encoded `bytes`. A backend refuses a format newer than it knows, naming both.

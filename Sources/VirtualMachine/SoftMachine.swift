@@ -145,7 +145,10 @@ final class SoftMachine: VirtualMachine {
     static let stateFormat: UInt16 = 1
 
     func saveState() throws -> MachineState {
-        guard let workload, runState != .running else { throw VMError.failed("the guest's state is taken while it is paused") }
+        guard let workload else { throw VMError.failed("the guest is not started: it has no state to save") }
+        guard runState != .running else { throw VMError.failed("the guest's state is taken while it is paused: pause it first") }
+        // Started paused, a vCPU thread may not have begun: wait until every one is parked.
+        try vm.pause()
         var w = StateWriter()
         w.string(workload.description)
         w.int(UInt32(vm.vcpus.count))

@@ -247,7 +247,7 @@ extension VirtualMachine {
 
     /// The checks every backend makes before it runs `spec` (given by a caller or in a peer's state):
     /// a sound spec whose working set lies in RAM, above what the backend keeps for itself.
-    func admit(_ spec: WorkloadSpec) throws {
+    public func admit(_ spec: WorkloadSpec) throws {
         if let p = spec.problem() { throw VMError.unsupported("workload: \(p)") }
         guard spec.base >= workloadBase else {
             throw VMError.unsupported("on the \(backend) backend the working set starts at \(workloadBase) or above (the guest program's pages lie below)")

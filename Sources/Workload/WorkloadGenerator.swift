@@ -104,9 +104,15 @@ public struct WorkloadGenerator: Sendable {
     public var zipfQuantiles: [UInt32] { zipf.isEmpty ? [UInt32](repeating: 0, count: Self.zipfBuckets + 1) : zipf }
 
     /// Where the stream stands: enough to continue it elsewhere (a migrated vCPU).
+    /// Set from a saved state, which may come from a peer: a zero state (xorshift's fixed point) and
+    /// a sequential cursor outside the working set or between accesses are brought back in, so no
+    /// access leaves the working set or crosses a page.
     public var position: (state: UInt64, cursor: UInt64) {
         get { (state, cursor) }
-        set { state = newValue.state; cursor = newValue.cursor }
+        set {
+            state = newValue.state == 0 ? 1 : newValue.state
+            cursor = kind == 0 ? (newValue.cursor % spec.workingSet) & ~UInt64(spec.accessSize - 1) : newValue.cursor
+        }
     }
 
     @inlinable @inline(__always)

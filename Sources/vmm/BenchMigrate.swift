@@ -59,7 +59,7 @@ struct BenchMigrate: ParsableCommand {
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
             try vm.start(spec)
             Thread.sleep(forTimeInterval: 0.5)
-            let (report, moved) = try migrateOverLoopback(vm, options: MigrationOptions(downtimeLimit: downtimeLimit.value, key: key ? .random() : nil, channels: channels))
+            let (report, moved) = try migrateOverLoopback(vm, options: MigrationOptions(downtimeLimit: downtimeLimit.value, convergence: .force, key: key ? .random() : nil, channels: channels))
             _ = try moved.stop()
             print(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),

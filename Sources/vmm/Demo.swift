@@ -54,7 +54,7 @@ struct Demo: ParsableCommand {
         print("== migrating to a second VM over loopback TCP (a per-run key: every record sealed with AES-256-GCM)")
         let line = ProgressLine(prefix: "   ")
         let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, ram: ram),
-                                                         options: MigrationOptions(key: .random()), progress: line.show)
+                                                         options: MigrationOptions(convergence: .force, key: .random()), progress: line.show)
         line.end()
         print("== migrated: \(migration)")
 

@@ -19,6 +19,10 @@ struct Migrate: ParsableCommand {
     var after: Seconds = Seconds(argument: "1s")!
     @Option(help: "Downtime limit (e.g. 300ms).")
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
+    @Option(help: "Pre-copy passes at most before the convergence policy decides.")
+    var maxPasses: Int = 30
+    @Option(help: "At the pass limit with the pause over the downtime limit: cancel (keep the guest running here) or force (switch over anyway).")
+    var convergence: Convergence = .cancel
     @Option(help: "Pre-shared key file (`vmm key generate`); the same file on the destination. Records are then encrypted and authenticated.")
     var keyFile: String?
     @Option(help: "Bandwidth limit in bytes per second (e.g. 128M); unlimited by default.")
@@ -34,6 +38,7 @@ struct Migrate: ParsableCommand {
 
     func validate() throws {
         guard (1...Connection.maxChannels).contains(channels) else { throw ValidationError("--channels must be 1...\(Connection.maxChannels)") }
+        guard maxPasses >= 1 else { throw ValidationError("--max-passes must be at least 1") }
     }
 
     func run() throws {
@@ -49,7 +54,8 @@ struct Migrate: ParsableCommand {
         Thread.sleep(forTimeInterval: after.value)
         if key == nil { warn("source: no --key-file: the stream is neither encrypted nor authenticated") }
         let (connection, more) = try Connection.connect(to: address, channels: channels, timeout: timeout.value)
-        let options = MigrationOptions(downtimeLimit: downtimeLimit.value, timeout: timeout.value, key: key,
+        let options = MigrationOptions(downtimeLimit: downtimeLimit.value, maxIterations: maxPasses, convergence: convergence,
+                                       timeout: timeout.value, key: key,
                                        maxBandwidth: maxBandwidth.map { Double($0.bytes) })
         let cancel = Cancellation()
         for c in [connection] + more { cancel.watch(c) }

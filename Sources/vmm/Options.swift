@@ -2,11 +2,13 @@ import Foundation
 import ArgumentParser
 import GuestMemory
 import KVMBackend
+import Migration
 import VirtualMachine
 import Workload
 
 extension Backing: ExpressibleByArgument {}
 extension BackendKind: ExpressibleByArgument {}
+extension Convergence: ExpressibleByArgument {}
 
 /// The guest every running command builds: backend, memory, its backing, vCPUs.
 struct GuestOptions: ParsableArguments {

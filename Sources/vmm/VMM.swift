@@ -6,7 +6,7 @@ struct VMM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vmm",
         abstract: "A virtual machine monitor memory core: guest memory, a stage-2 MMU, software vCPUs.",
-        subcommands: [Demo.self, Run.self, Migrate.self, Receive.self, Key.self, Snapshot.self, DirtyRate.self, Bench.self]
+        subcommands: [Demo.self, Run.self, Start.self, Ctl.self, Migrate.self, Receive.self, Key.self, Snapshot.self, DirtyRate.self, Bench.self]
     )
 
     static func main() {

@@ -354,12 +354,17 @@ import KVMBackend
 
     @Test func mutatedStatesAreRefusedOrRead() throws {
         var blobs = [try pausedState(WorkloadSpec(pattern: .counter, workingSet: 256 << 10, rate: 1000, stop: .duration(5)))]
-        for files in [["snap-v2-soft"], ["snap-v3-soft"], ["snap-v3-kvm"]] {
+        for files in [["snap-v2-soft"], ["snap-v3-soft"]] {
             blobs.append(try restoreSnapshots(files.map { WireTests.fixtures + "/" + $0 }).1)
         }
-        // A format 1 kvm blob, made from the format 0 one.
-        let (spec, registers) = try KVMMachine.decode(blobs[3], vcpus: 1)
-        blobs.append(KVMMachine.encode(spec, registers))
+        if case .success = KVMSystem.availability() {
+            // A format 0 kvm blob, and the format 1 blob made from it.
+            let kvm = try restoreSnapshots([WireTests.fixtures + "/snap-v3-kvm"]).1
+            let (spec, registers) = try KVMMachine.decode(kvm, vcpus: 1)
+            blobs += [kvm, KVMMachine.encode(spec, registers)]
+        } else {
+            print("KVM TESTS SKIPPED: the kvm state blobs are not mutated")
+        }
         var m = Mutator(rng: 42)
         var read = 0, refused = 0
         for blob in blobs {

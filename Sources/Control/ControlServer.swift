@@ -1,0 +1,309 @@
+import Foundation
+import Glibc
+
+/// An error a command answers with, in QMP's shape: a class and a description that says what to do.
+public struct QMPError: Error, CustomStringConvertible, Sendable {
+    public var errorClass: String
+    public var desc: String
+    public init(_ errorClass: String = "GenericError", _ desc: String) {
+        self.errorClass = errorClass
+        self.desc = desc
+    }
+    public var description: String { desc }
+    public static func generic(_ desc: String) -> QMPError { QMPError("GenericError", desc) }
+    var json: JSON { .object([("class", .string(errorClass)), ("desc", .string(desc))]) }
+}
+
+/// What the server runs a command with: its name and arguments; returns the answer's `return`.
+public protocol CommandHandler: AnyObject, Sendable {
+    func run(_ name: String, _ arguments: Arguments) throws -> JSON
+    /// The commands it knows, for query-commands.
+    var commandNames: [String] { get }
+    /// Called once the answer to a command went out (`quit` shuts down only then).
+    func answered(_ name: String)
+}
+
+/// The control socket: QMP's wire format on a Unix socket (docs/control-socket.md). Each client gets
+/// the greeting, must negotiate with `qmp_capabilities`, then sends one JSON object per line; every
+/// request gets exactly one answer, in order, and negotiated clients also get every event. A client
+/// that sends garbage gets an error and stays connected; one that stops reading is dropped. At most
+/// `maxClients` at a time; a longer line than `maxLine` is answered with an error and skipped.
+public final class ControlServer: @unchecked Sendable {
+    public static let maxLine = 64 << 10
+    public static let maxClients = 16
+    public let path: String
+    private let fd: Int32
+    private let handler: CommandHandler
+    private let greeting: JSON
+    private let lock = NSLock()
+    private var clients: [Client] = []
+    private var stopped = false
+    private let acceptDone = DispatchSemaphore(value: 0)
+
+    /// Listens on `path` (mode 600). A stale socket there is replaced; a live one is refused.
+    public init(path: String, handler: CommandHandler, version: String) throws {
+        self.path = path
+        self.handler = handler
+        greeting = .object([("QMP", .object([
+            ("version", .object([("qemu", .object([("micro", .int(0)), ("minor", .int(0)), ("major", .int(0))])),
+                                 ("package", .string("vmm \(version)"))])),
+            ("capabilities", .array([])),
+        ]))])
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw QMPError.generic("--api \(path): a Unix socket path is at most \(MemoryLayout.size(ofValue: addr.sun_path) - 1) bytes")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
+        var st = stat()
+        if stat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else { throw QMPError.generic("--api \(path): the path exists and is not a socket") }
+            let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            let live = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0
+            close(probe)
+            if live { throw QMPError.generic("--api \(path): another process serves that socket") }
+            unlink(path)
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw QMPError.generic("socket: \(String(cString: strerror(errno)))") }
+        let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard bound == 0, chmod(path, 0o600) == 0, listen(fd, 16) == 0 else {
+            let e = errno
+            close(fd)
+            throw QMPError.generic("--api \(path): \(String(cString: strerror(e)))")
+        }
+        self.fd = fd
+        let t = Thread { [self] in acceptLoop() }
+        t.name = "control-accept"
+        t.start()
+    }
+
+    /// Sends an event to every client that negotiated.
+    public func emit(_ event: String, _ data: JSON = .object([])) {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let line = JSON.object([("event", .string(event)), ("data", data),
+                                ("timestamp", .object([("seconds", .int(Int64(now.tv_sec))), ("microseconds", .int(Int64(now.tv_nsec / 1000)))]))])
+        lock.lock()
+        let all = clients
+        lock.unlock()
+        for c in all where c.negotiated { c.send(line) }
+    }
+
+    /// Stops accepting, disconnects every client and removes the socket. Waits for the threads.
+    public func stop() {
+        lock.lock()
+        let already = stopped
+        stopped = true
+        let all = clients
+        lock.unlock()
+        if already { return }
+        acceptDone.wait()
+        for c in all { c.close() }
+        for c in all { c.done.wait() }
+        Glibc.close(fd)
+        unlink(path)
+    }
+
+    deinit { stop() }
+
+    private var isStopped: Bool { lock.lock(); defer { lock.unlock() }; return stopped }
+
+    private func acceptLoop() {
+        while !isStopped {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 100) > 0 else { continue }
+            let c = accept(fd, nil, nil)
+            guard c >= 0 else { continue }
+            let client = Client(fd: c)
+            lock.lock()
+            let full = clients.count >= Self.maxClients || stopped
+            if !full { clients.append(client) }
+            lock.unlock()
+            if full {
+                client.send(.object([("error", QMPError.generic("too many clients: at most \(Self.maxClients) at a time").json)]))
+                client.close()
+                continue
+            }
+            let t = Thread { [self] in
+                serve(client)
+                client.close()
+                lock.lock()
+                clients.removeAll { $0 === client }
+                lock.unlock()
+                client.done.signal()
+            }
+            t.name = "control-client"
+            t.start()
+        }
+        acceptDone.signal()
+    }
+
+    /// One client's session: greeting, then a request per line until it leaves.
+    private func serve(_ client: Client) {
+        client.send(greeting)
+        while !isStopped, let line = client.readLine() {
+            switch line {
+            case .tooLong:
+                client.send(.object([("error", QMPError.generic("a line longer than \(Self.maxLine) bytes was discarded").json)]))
+            case let .text(bytes):
+                if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+                let (reply, ran) = answer(bytes, client)
+                client.send(reply)
+                if let ran { handler.answered(ran) }
+            }
+        }
+    }
+
+    /// The answer to one request line, and the command that ran successfully, if one did.
+    func answer(_ bytes: [UInt8], _ client: Client) -> (JSON, String?) {
+        let request: JSON
+        do { request = try JSON.parse(bytes) } catch {
+            return (.object([("error", QMPError.generic("\(error)").json)]), nil)
+        }
+        let reply = respond(request, client)
+        return (reply, reply["return"] != nil ? request["execute"]?.string : nil)
+    }
+
+    private func respond(_ request: JSON, _ client: Client) -> JSON {
+        let id = request["id"]
+        func reply(_ body: (String, JSON)) -> JSON { .object([body] + (id.map { [("id", $0)] } ?? [])) }
+        func fail(_ e: QMPError) -> JSON { reply(("error", e.json)) }
+        guard case let .object(pairs) = request else { return fail(.generic("QMP input must be a JSON object")) }
+        if let extra = pairs.first(where: { !["execute", "arguments", "id"].contains($0.0) }) {
+            return fail(.generic("QMP input member '\(extra.0)' is unexpected"))
+        }
+        guard let name = request["execute"]?.string else { return fail(.generic("QMP input member 'execute' must be a string naming a command")) }
+        let arguments: Arguments
+        switch request["arguments"] {
+        case nil: arguments = Arguments([])
+        case let .object(a)?: arguments = Arguments(a)
+        case let other?: return fail(.generic("QMP input member 'arguments' must be an object, not \(other.kind)"))
+        }
+        if !client.negotiated {
+            guard name == "qmp_capabilities" else {
+                return fail(QMPError("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"))
+            }
+            client.negotiated = true
+            return reply(("return", .object([])))
+        }
+        if name == "qmp_capabilities" {
+            return fail(QMPError("CommandNotFound", "Capabilities negotiation is already complete, command ignored"))
+        }
+        if name == "query-commands" {
+            return reply(("return", .array((["qmp_capabilities", "query-commands"] + handler.commandNames).map { .object([("name", .string($0))]) })))
+        }
+        do {
+            return reply(("return", try handler.run(name, arguments)))
+        } catch let e as QMPError {
+            return fail(e)
+        } catch {
+            return fail(.generic("\(error)"))
+        }
+    }
+
+    /// One connected client.
+    final class Client: @unchecked Sendable {
+        let fd: Int32
+        private let writeLock = NSLock()
+        private var buffer: [UInt8] = []
+        private var discarding = false
+        private var closed = false
+        let done = DispatchSemaphore(value: 0)
+        /// Set once, by the client's own thread; read by emitters.
+        private let flag = NSLock()
+        private var _negotiated = false
+        var negotiated: Bool {
+            get { flag.lock(); defer { flag.unlock() }; return _negotiated }
+            set { flag.lock(); _negotiated = newValue; flag.unlock() }
+        }
+
+        init(fd: Int32) {
+            self.fd = fd
+            // A client that stops reading is dropped after this long rather than holding up events.
+            var t = timeval(tv_sec: 2, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &t, socklen_t(MemoryLayout<timeval>.size))
+        }
+
+        enum Line { case text([UInt8]), tooLong }
+
+        /// The next line, or nil once the client is gone (or the server stops: `close` shuts the socket).
+        func readLine() -> Line? {
+            var chunk = [UInt8](repeating: 0, count: 16 << 10)
+            while true {
+                if let nl = buffer.firstIndex(of: 0x0A) {
+                    let line = Array(buffer[..<nl])
+                    buffer.removeSubrange(...nl)
+                    if discarding { discarding = false; return .tooLong }
+                    return .text(line)
+                }
+                if buffer.count > ControlServer.maxLine {
+                    buffer.removeAll(keepingCapacity: true)
+                    discarding = true
+                }
+                let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { return nil }
+                buffer += chunk[..<n]
+            }
+        }
+
+        func send(_ message: JSON) {
+            let bytes = Array((message.description + "\r\n").utf8)
+            writeLock.lock()
+            defer { writeLock.unlock() }
+            guard !closed else { return }
+            var off = 0
+            while off < bytes.count {
+                let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else {
+                    // Gone, or not reading: drop it (its reader sees the shutdown).
+                    shutdown(fd, Int32(SHUT_RDWR))
+                    return
+                }
+                off += n
+            }
+        }
+
+        func close() {
+            writeLock.lock()
+            defer { writeLock.unlock() }
+            guard !closed else { return }
+            closed = true
+            shutdown(fd, Int32(SHUT_RDWR))
+        }
+
+        deinit { Glibc.close(fd) }
+    }
+}
+
+/// A command's arguments, checked as they are read: a wrong type or an argument the command does
+/// not take is an error naming it, in QEMU's words.
+public struct Arguments: Sendable {
+    let pairs: [(String, JSON)]
+    public init(_ pairs: [(String, JSON)]) { self.pairs = pairs }
+
+    public subscript(key: String) -> JSON? { pairs.first { $0.0 == key }?.1 }
+
+    /// Refuses any argument not in `allowed`.
+    public func only(_ allowed: Set<String>) throws {
+        if let extra = pairs.first(where: { !allowed.contains($0.0) }) { throw QMPError.generic("Parameter '\(extra.0)' is unexpected") }
+    }
+
+    private func typed<T>(_ key: String, _ expected: String, _ get: (JSON) -> T?) throws -> T? {
+        guard let v = self[key] else { return nil }
+        guard let t = get(v) else { throw QMPError.generic("Invalid parameter type for '\(key)', expected: \(expected)") }
+        return t
+    }
+    public func string(_ key: String) throws -> String? { try typed(key, "string") { $0.string } }
+    public func int(_ key: String) throws -> Int64? { try typed(key, "integer") { $0.int } }
+    public func number(_ key: String) throws -> Double? { try typed(key, "number") { $0.double } }
+    public func bool(_ key: String) throws -> Bool? { try typed(key, "boolean") { $0.bool } }
+
+    public func required<T>(_ key: String, _ get: (String) throws -> T?) throws -> T {
+        guard let v = try get(key) else { throw QMPError.generic("Parameter '\(key)' is missing") }
+        return v
+    }
+}

@@ -1,0 +1,328 @@
+import Foundation
+import GuestMemory
+import Migration
+import VirtualMachine
+import Workload
+
+/// A VM that lives until told to quit, run by commands: the control socket's (docs/control-socket.md)
+/// and the one-shot CLI's. It starts running a workload, or waits for an incoming migration; it can be
+/// paused, resumed, given another workload, migrated away (and, once away, reports it), and asked how a
+/// migration goes. Commands run one at a time; migrations run on threads of their own.
+public final class ManagedVM: CommandHandler, @unchecked Sendable {
+    /// QMP's run states, those a VM of ours passes through.
+    public enum Status: String, Sendable {
+        case running, paused
+        /// Waiting for an incoming migration.
+        case inmigrate
+        /// Migrated away: the guest runs at the destination.
+        case postmigrate
+        case shutdown
+    }
+
+    private let lock = NSLock()
+    private var vm: (any VirtualMachine)?
+    private var _status: Status
+    private let started = Date()
+    private var migration: MigrationJob?
+    private var incomingThread: Thread?
+    private let parameters = MigrationTuning(downtimeLimit: 0.3, maxBandwidth: nil)
+    private let eventLock = NSLock()
+    private var sink: (String, JSON) -> Void = { _, _ in }
+    /// Called once, after `quit` was answered and the VM shut down.
+    public var onQuit: @Sendable () -> Void = {}
+
+    /// Starts `workload` on `vm` and manages it.
+    public init(vm: any VirtualMachine, workload: WorkloadSpec) throws {
+        try vm.start(workload)
+        self.vm = vm
+        _status = .running
+    }
+
+    /// Waits on `listener` for a migration (again after one that fails) and runs the guest it brings.
+    public init(incoming listener: Listener, options: ReceiveOptions) {
+        _status = .inmigrate
+        let t = Thread { [self] in receiveLoop(listener, options) }
+        t.name = "incoming"
+        incomingThread = t
+        t.start()
+    }
+
+    /// Where events go (the control server's `emit`).
+    public func onEvent(_ sink: @escaping (String, JSON) -> Void) { eventLock.withLock { self.sink = sink } }
+    private func emit(_ event: String, _ data: JSON = .object([])) { eventLock.withLock { sink }(event, data) }
+
+    public var status: Status { lock.withLock { _status } }
+    /// The VM, once there is one.
+    public var machine: (any VirtualMachine)? { lock.withLock { vm } }
+
+    // MARK: Commands
+
+    public let commandNames = ["query-status", "stop", "cont", "quit", "query-vm", "set-workload", "migrate", "migrate-cancel",
+                               "query-migrate", "migrate-set-parameters", "query-migrate-parameters"]
+
+    public func run(_ name: String, _ a: Arguments) throws -> JSON {
+        switch name {
+        case "query-status":
+            try a.only([])
+            let s = status
+            return .object([("running", .bool(s == .running)), ("singlestep", .bool(false)), ("status", .string(s.rawValue))])
+        case "stop", "cont":
+            try a.only([])
+            try setRunning(name == "cont")
+            return .object([])
+        case "quit":
+            try a.only([])
+            return .object([])
+        case "query-vm":
+            try a.only([])
+            return queryVM()
+        case "set-workload":
+            try setWorkload(a)
+            return .object([])
+        case "migrate":
+            try migrate(a)
+            return .object([])
+        case "migrate-cancel":
+            try a.only([])
+            lock.withLock { migration }?.cancellation.cancel()
+            return .object([])
+        case "query-migrate":
+            try a.only([])
+            return lock.withLock { migration }?.json ?? .object([])
+        case "migrate-set-parameters":
+            try a.only(["downtime-limit", "max-bandwidth"])
+            try setParameters(a)
+            return .object([])
+        case "query-migrate-parameters":
+            try a.only([])
+            return .object([("downtime-limit", .int(Int64(parameters.downtimeLimit * 1e3))),
+                            ("max-bandwidth", .int(Int64(parameters.maxBandwidth ?? 0)))])
+        default:
+            throw QMPError("CommandNotFound", "The command \(name) has not been found")
+        }
+    }
+
+    public func answered(_ name: String) {
+        if name == "quit" { shutdown() }
+    }
+
+    /// The VM to act on, when it runs or is paused here.
+    private func guest(for what: String) throws -> any VirtualMachine {
+        switch _status {
+        case .inmigrate: throw QMPError.generic("cannot \(what): the VM is waiting for an incoming migration")
+        case .postmigrate: throw QMPError.generic("cannot \(what): the guest was migrated away and runs at the destination")
+        case .shutdown: throw QMPError.generic("cannot \(what): the VM is shutting down")
+        case .running, .paused: break
+        }
+        if migration?.isActive == true && migration?.incoming == false {
+            throw QMPError.generic("cannot \(what) while a migration runs: cancel it first with migrate-cancel")
+        }
+        return vm!
+    }
+
+    /// `stop` (pause the vCPUs, event STOP) and `cont` (resume them, event RESUME); a VM already so
+    /// is left alone.
+    func setRunning(_ run: Bool) throws {
+        let changed: Bool = try lock.withLock {
+            let vm = try guest(for: run ? "resume the guest" : "stop the guest")
+            guard _status == (run ? .paused : .running) else { return false }
+            do { try run ? vm.resume() : vm.pause() } catch {
+                throw QMPError.generic("the vCPUs did not \(run ? "resume" : "pause"): \(error)")
+            }
+            _status = run ? .running : .paused
+            return true
+        }
+        if changed { emit(run ? "RESUME" : "STOP") }
+    }
+
+    private func queryVM() -> JSON {
+        lock.withLock {
+            var pairs: [(String, JSON)] = [("status", .string(_status.rawValue)), ("uptime", .double((Date().timeIntervalSince(started) * 10).rounded() / 10))]
+            if let vm {
+                pairs += [
+                    ("backend", .string(vm.backend.rawValue)), ("vcpus", .int(Int64(vm.vcpuCount))),
+                    ("memory", .int(Int64(vm.ram.size))), ("backing", .string(vm.ram.backing.rawValue)),
+                    ("slots", .array(vm.ram.layout.regions.map { .object([("gpa", .int(Int64(bitPattern: $0.gpa.raw))), ("size", .int(Int64($0.size)))]) })),
+                    ("workload", vm.workload.map { .string($0.description) } ?? .null),
+                ]
+            }
+            return .object(pairs)
+        }
+    }
+
+    /// Gives the guest another workload: the arguments change what they name (`spec` takes the
+    /// CLI's item syntax), the rest stays. The vCPUs start the new one from its beginning.
+    private func setWorkload(_ a: Arguments) throws {
+        try a.only(["spec", "pattern", "rate", "working-set", "write-fraction"])
+        var items: [String] = []
+        if let s = try a.string("spec") { items.append(s) }
+        if let p = try a.string("pattern") { items.append("pattern=\(p)") }
+        if let r = try a.int("rate") { items.append("rate=\(r)") }
+        if let ws = a["working-set"] {
+            if let n = ws.int { items.append("ws=\(n)") } else if let s = ws.string { items.append("ws=\(s)") } else {
+                throw QMPError.generic("Invalid parameter type for 'working-set', expected: integer or size string")
+            }
+        }
+        if let w = try a.number("write-fraction") { items.append("write=\(w)") }
+        guard !items.isEmpty else { throw QMPError.generic("set-workload needs at least one of spec, pattern, rate, working-set, write-fraction") }
+        try lock.withLock {
+            let vm = try guest(for: "change the workload")
+            guard let current = vm.workload else { throw QMPError.generic("the guest runs no workload") }
+            let next: WorkloadSpec
+            do { next = try WorkloadSpec.parse(items.joined(separator: ","), defaults: current) } catch {
+                throw QMPError.generic("workload: \(error)")
+            }
+            do { try vm.admit(next) } catch { throw QMPError.generic("\(error)") }
+            let paused = _status == .paused
+            _ = try? vm.stop()
+            do { try vm.start(next, paused: paused) } catch {
+                // Keep the guest alive on what it ran.
+                try? vm.start(current, paused: paused)
+                throw QMPError.generic("the new workload did not start (\(error)); the guest runs the old one")
+            }
+        }
+    }
+
+    // MARK: Migration
+
+    /// The migration parameters `a` names (migrate-set-parameters, and migrate's own): kept for
+    /// later migrations and taken by a running one at its next pass.
+    private func setParameters(_ a: Arguments) throws {
+        let ms = try a.int("downtime-limit"), bw = try a.int("max-bandwidth")
+        if let ms, !(1...2_000_000).contains(ms) { throw QMPError.generic("downtime-limit is in milliseconds, 1 to 2000000") }
+        if let bw, bw < 0 { throw QMPError.generic("max-bandwidth is in bytes per second (0: unlimited)") }
+        if let ms { parameters.downtimeLimit = Double(ms) / 1e3 }
+        if let bw { parameters.maxBandwidth = bw == 0 ? nil : Double(bw) }
+    }
+
+    private func migrate(_ a: Arguments) throws {
+        try a.only(["uri", "channels", "key-file", "max-bandwidth", "downtime-limit", "convergence", "max-passes", "timeout"])
+        let uri = try a.required("uri", a.string)
+        let address: MigrationAddress
+        do { address = try MigrationAddress(parsing: uri) } catch { throw QMPError.generic("uri: \(error)") }
+        try setParameters(a)
+        var options = MigrationOptions()
+        options.downtimeLimit = parameters.downtimeLimit
+        options.maxBandwidth = parameters.maxBandwidth
+        options.tuning = parameters
+        if let c = try a.int("channels") {
+            guard (1...Int64(Connection.maxChannels)).contains(c) else { throw QMPError.generic("channels: 1 to \(Connection.maxChannels)") }
+            options.channels = Int(c)
+        }
+        if let p = try a.int("max-passes") {
+            guard (1...1000).contains(p) else { throw QMPError.generic("max-passes: 1 to 1000") }
+            options.maxIterations = Int(p)
+        }
+        if let t = try a.number("timeout") {
+            guard t > 0 && t <= 3600 else { throw QMPError.generic("timeout is in seconds, above 0 and at most 3600") }
+            options.timeout = t
+        }
+        if let c = try a.string("convergence") {
+            guard let policy = Convergence(rawValue: c) else {
+                throw QMPError.generic("convergence: \(Convergence.allCases.map(\.rawValue).joined(separator: " or ")), not \(c)")
+            }
+            options.convergence = policy
+        }
+        if let path = try a.string("key-file") {
+            do { options.key = try MigrationKey(file: path) } catch { throw QMPError.generic("\(error)") }
+        }
+        let job: MigrationJob, vm: any VirtualMachine
+        (job, vm) = try lock.withLock {
+            let vm = try guest(for: "migrate")
+            let job = MigrationJob(incoming: false, totalBytes: vm.ram.size)
+            migration = job
+            return (job, vm)
+        }
+        emit("MIGRATION", .object([("status", .string("setup"))]))
+        let run = options
+        let t = Thread { [self] in migrateAway(vm, to: address, options: run, job: job) }
+        t.name = "migration"
+        t.start()
+    }
+
+    private func migrateAway(_ vm: any VirtualMachine, to address: MigrationAddress, options: MigrationOptions, job: MigrationJob) {
+        do {
+            let (main, more) = try Connection.connect(to: address, channels: options.channels, timeout: options.timeout)
+            for c in [main] + more { job.cancellation.watch(c) }
+            let report = try Migration.migrate(vm, over: main, more: more, options: options) { [self] p in
+                track(job, p)
+            }
+            job.finish(.completed, report: report)
+            lock.withLock { _status = .postmigrate }
+            emit("MIGRATION", .object([("status", .string("completed"))]))
+            emit("STOP")
+        } catch let doubt as SwitchoverInDoubt {
+            job.finish(.failed, error: doubt.description)
+            lock.withLock { _status = .paused }
+            emit("MIGRATION", .object([("status", .string("failed"))]))
+            emit("STOP")
+        } catch {
+            let e = MigrationError(describing: error)
+            let cancelled = e.code == .cancelled && e.toldBy == nil
+            job.finish(cancelled ? .cancelled : .failed, error: cancelled ? nil : e.description)
+            lock.withLock { _status = vm.runState == .paused ? .paused : .running }
+            emit("MIGRATION", .object([("status", .string(cancelled ? "cancelled" : "failed"))]))
+        }
+    }
+
+    private func track(_ job: MigrationJob, _ p: MigrationProgress) {
+        let (changed, passes) = job.update(p)
+        if let changed { emit("MIGRATION", .object([("status", .string(changed.rawValue))])) }
+        for pass in passes { emit("MIGRATION_PASS", .object([("pass", .int(Int64(pass.pass)))])) }
+    }
+
+    private func receiveLoop(_ listener: Listener, _ options: ReceiveOptions) {
+        while status == .inmigrate {
+            let job = MigrationJob(incoming: true, totalBytes: 0)
+            lock.withLock { migration = job }
+            do {
+                let vm = try receive(on: listener, options: options, cancellation: job.cancellation) { [self] p in track(job, p) }
+                job.finish(.completed)
+                // A guest the source had paused arrives paused.
+                let running = vm.runState == .running
+                lock.withLock {
+                    self.vm = vm
+                    _status = running ? .running : .paused
+                }
+                emit("MIGRATION", .object([("status", .string("completed"))]))
+                if running { emit("RESUME") }
+                return
+            } catch let doubt as SwitchoverInDoubt {
+                job.finish(.failed, error: doubt.description)
+                lock.withLock {
+                    vm = doubt.vm
+                    _status = .paused
+                }
+                emit("MIGRATION", .object([("status", .string("failed"))]))
+                return
+            } catch {
+                let e = MigrationError(describing: error)
+                // Nobody came: wait on. A source that failed or was refused: report it, wait for another.
+                if e.code == .timeout && job.status == .setup { continue }
+                job.finish(e.code == .cancelled ? .cancelled : .failed, error: e.description)
+                emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
+                if job.cancellation.isCancelled { return }
+            }
+        }
+    }
+
+    /// Cancels any migration, stops the guest, says SHUTDOWN, then calls `onQuit`.
+    public func shutdown() {
+        let job: MigrationJob? = lock.withLock {
+            guard _status != .shutdown else { return nil }
+            return migration
+        }
+        job?.cancellation.cancel()
+        // A migration or an incoming wait ends within its timeouts once cancelled.
+        let deadline = Date().addingTimeInterval(35)
+        while job?.isActive == true && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        let vm: (any VirtualMachine)? = lock.withLock {
+            guard _status != .shutdown else { return nil }
+            _status = .shutdown
+            return self.vm
+        }
+        if let vm, vm.runState != .stopped { _ = try? vm.stop() }
+        emit("SHUTDOWN", .object([("guest", .bool(false)), ("reason", .string("host-qmp-quit"))]))
+        onQuit()
+    }
+}

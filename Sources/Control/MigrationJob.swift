@@ -1,0 +1,91 @@
+import Foundation
+import Migration
+import VirtualMachine
+
+/// One outgoing or incoming migration as the control socket reports it (`query-migrate`): its
+/// status, the progress and pass history so far, and how it ended.
+final class MigrationJob: @unchecked Sendable {
+    /// QMP's migration statuses.
+    enum Status: String { case setup, active, completed, failed, cancelled }
+
+    let cancellation = Cancellation()
+    let incoming: Bool
+    private let lock = NSLock()
+    private var _status = Status.setup
+    private var progress = MigrationProgress()
+    private var report: MigrationReport?
+    private var error: String?
+    private let started = Date()
+    private var finished: Date?
+    private let totalBytes: UInt64
+
+    init(incoming: Bool, totalBytes: UInt64) {
+        self.incoming = incoming
+        self.totalBytes = totalBytes
+    }
+
+    var status: Status { lock.withLock { _status } }
+    var isActive: Bool { [.setup, .active].contains(status) }
+
+    /// Takes a progress report; returns the passes it completed since the last one.
+    func update(_ p: MigrationProgress) -> (Status?, [PassRecord]) {
+        lock.withLock {
+            let newPasses = Array(p.passes.dropFirst(progress.passes.count))
+            progress = p
+            if _status == .setup && (p.phase != .setup || p.bytes > 0) {
+                _status = .active
+                return (.active, newPasses)
+            }
+            return (nil, newPasses)
+        }
+    }
+
+    func finish(_ status: Status, report: MigrationReport? = nil, error: String? = nil) {
+        lock.withLock {
+            _status = status
+            self.report = report
+            self.error = error
+            finished = Date()
+        }
+    }
+
+    /// query-migrate's answer.
+    var json: JSON {
+        lock.withLock {
+            let end = finished ?? Date()
+            var pairs: [(String, JSON)] = [
+                ("status", .string(_status.rawValue)),
+                ("incoming", .bool(incoming)),
+                ("total-time", .int(Int64(end.timeIntervalSince(started) * 1e3))),
+            ]
+            let passes = report?.passes ?? progress.passes
+            let bandwidth = report?.bandwidth ?? progress.bandwidth
+            if !incoming {
+                pairs.append(("expected-downtime", .int(Int64(progress.expectedDowntime * 1e3))))
+                pairs.append(("pass", .int(Int64(progress.iteration))))
+                pairs.append(("throttle-percent", .int(Int64(report?.throttlePercent ?? progress.throttlePercent))))
+            }
+            if let report {
+                pairs.append(("setup-time", .int(Int64(report.setupSeconds * 1e3))))
+                pairs.append(("downtime", .int(Int64(report.downtimeSeconds * 1e3))))
+            }
+            pairs.append(("ram", .object([
+                ("transferred", .int(Int64(report?.bytesSent ?? progress.bytes))),
+                ("remaining", .int(Int64(_status == .completed ? 0 : progress.remainingBytes))),
+                ("total", .int(Int64(totalBytes))),
+                ("mbps", .double((bandwidth * 8 / 1e6 * 10).rounded() / 10)),
+            ])))
+            pairs.append(("passes", .array(passes.map(\.json))))
+            if let error { pairs.append(("error-desc", .string(error))) }
+            return .object(pairs)
+        }
+    }
+}
+
+extension PassRecord {
+    var json: JSON {
+        .object([("pass", .int(Int64(pass))), ("pages", .int(Int64(pages))), ("bytes", .int(Int64(bytes))),
+                 ("duration", .int(Int64(seconds * 1e3))), ("dirty-rate", .int(Int64(dirtyRate))),
+                 ("expected-downtime", .int(Int64(expectedDowntime * 1e3))), ("throttle-percent", .int(Int64(throttlePercent)))])
+    }
+}

@@ -1,0 +1,262 @@
+import Foundation
+import Glibc
+import Testing
+@testable import Control
+import GuestMemory
+import KVMBackend
+import Migration
+import VirtualMachine
+import Workload
+
+/// A VM served on a control socket, as `vmm start` runs it, and a way to tear it down.
+final class Served {
+    let vm: ManagedVM
+    let server: ControlServer
+    let path: String
+    private let quit = DispatchSemaphore(value: 0)
+
+    init(_ vm: ManagedVM) throws {
+        let n = Served.counter
+        Served.counter += 1
+        path = NSTemporaryDirectory() + "vmm-ctl-\(getpid())-\(n).sock"
+        self.vm = vm
+        let server = try ControlServer(path: path, handler: vm, version: "test")
+        self.server = server
+        vm.onEvent { name, data in server.emit(name, data) }
+        let q = quit
+        vm.onQuit = { q.signal() }
+    }
+    nonisolated(unsafe) static var counter = 0
+
+    static func started(_ backend: BackendKind = .soft, memory: UInt64 = 16 << 20, spec: ((any VirtualMachine) -> WorkloadSpec)? = nil) throws -> Served {
+        let machine = try makeVirtualMachine(VMConfig(backend: backend, memory: memory, backing: .pages4K, vcpus: 2))
+        let workload = spec?(machine) ?? WorkloadSpec(pattern: .uniform, base: machine.workloadBase, workingSet: 4 << 20,
+                                                       writeFraction: 0.5, rate: 10_000, stop: .duration(600))
+        return try Served(try ManagedVM(vm: machine, workload: workload))
+    }
+
+    func client(negotiate: Bool = true) throws -> ControlClient { try ControlClient(path: path, timeout: 20, negotiate: negotiate) }
+
+    /// Quits through the socket and waits for the shutdown.
+    func quitAndWait() throws {
+        let c = try client()
+        _ = try c.execute("quit").get()
+        #expect(quit.wait(timeout: .now() + 40) == .success, "the VM did not shut down after quit")
+        server.stop()
+    }
+}
+
+/// Polls `condition` until it holds (at most `seconds`).
+func waitUntil(_ seconds: Double = 20, _ condition: () throws -> Bool) throws {
+    let deadline = Date().addingTimeInterval(seconds)
+    while try !condition() {
+        guard Date() < deadline else { Issue.record("a condition did not come true within \(seconds) s"); return }
+        Thread.sleep(forTimeInterval: 0.02)
+    }
+}
+
+func skipKVM(_ backend: BackendKind) -> Bool {
+    if backend == .kvm, case let .failure(e) = KVMSystem.availability() {
+        print("KVM TESTS SKIPPED: \(e)")
+        return true
+    }
+    return false
+}
+
+@Suite(.serialized) struct ControlTests {
+    /// The QMP session as a QEMU user knows it: greeting, negotiation first, then stop and cont with
+    /// their events and status; query-vm describes the guest; quit shuts it down with SHUTDOWN.
+    @Test func pauseResumeAndQuit() throws {
+        let served = try Served.started()
+        let raw = try served.client(negotiate: false)
+        #expect(raw.greeting["QMP"]?["capabilities"] == .array([]))
+        guard case let .failure(e) = try raw.execute("query-status") else { Issue.record("a command before negotiation ran"); return }
+        #expect(e.errorClass == "CommandNotFound" && e.desc.contains("qmp_capabilities"))
+        _ = try raw.execute("qmp_capabilities").get()
+        #expect(try raw.execute("query-status").get()["status"] == .string("running"))
+
+        let watcher = try served.client()
+        _ = try raw.execute("stop").get()
+        #expect(try watcher.waitEvent("STOP", timeout: 5)["timestamp"]?["seconds"]?.int ?? 0 > 0)
+        #expect(try raw.execute("query-status").get() == .object([("running", .bool(false)), ("singlestep", .bool(false)), ("status", .string("paused"))]))
+        #expect(served.vm.machine?.runState == .paused)
+        _ = try raw.execute("cont").get()
+        _ = try watcher.waitEvent("RESUME", timeout: 5)
+        #expect(served.vm.machine?.runState == .running)
+
+        let info = try raw.execute("query-vm").get()
+        #expect(info["backend"] == .string("soft") && info["vcpus"] == .int(2) && info["memory"] == .int(16 << 20))
+        #expect(info["workload"]?.string?.contains("pattern=uniform") == true)
+
+        _ = try raw.execute("set-workload", .object([("rate", .int(500)), ("pattern", .string("sequential"))])).get()
+        #expect(served.vm.machine?.workload?.rate == 500 && served.vm.machine?.workload?.pattern == .sequential)
+        guard case .failure = try raw.execute("set-workload", .object([("working-set", .string("1G"))])) else {
+            Issue.record("a working set beyond memory was taken"); return
+        }
+        #expect(served.vm.machine?.runState == .running, "a refused workload leaves the guest running")
+
+        try served.quitAndWait()
+        _ = try watcher.waitEvent("SHUTDOWN", timeout: 5)
+        #expect(served.vm.status == .shutdown && served.vm.machine?.runState == .stopped)
+        #expect(!FileManager.default.fileExists(atPath: served.path), "the socket is removed")
+    }
+
+    /// Bad input gets an error and the VM runs on: malformed JSON, not an object, unknown members and
+    /// commands, wrong argument types, a 1 MiB line, a client that leaves mid-command, two clients at
+    /// once, and 10,000 random messages, each answered exactly once.
+    @Test func badInputIsAnsweredAndTheVMRunsOn() throws {
+        let served = try Served.started()
+        let c = try served.client()
+        func error(_ line: String) throws -> QMPError? {
+            try c.send(raw: Array((line + "\n").utf8))
+            if case let .failure(e) = try c.readAnswer() { return e }
+            return nil
+        }
+        #expect(try error("{\"execute\": ")?.desc.contains("JSON parse error") == true)
+        #expect(try error("[1, 2]")?.desc.contains("must be a JSON object") == true)
+        #expect(try error("{\"execute\": \"query-status\", \"bogus\": 1}")?.desc.contains("'bogus' is unexpected") == true)
+        #expect(try error("{\"execute\": \"no-such\", \"id\": 7}")?.errorClass == "CommandNotFound")
+        #expect(try error("{\"execute\": \"stop\", \"arguments\": {\"now\": true}}")?.desc == "Parameter 'now' is unexpected")
+        #expect(try error("{\"execute\": \"migrate\", \"arguments\": {\"uri\": 5}}")?.desc == "Invalid parameter type for 'uri', expected: string")
+        #expect(try error("{\"execute\": \"migrate\", \"arguments\": {}}")?.desc == "Parameter 'uri' is missing")
+        #expect(try error("{\"execute\": \"migrate-set-parameters\", \"arguments\": {\"downtime-limit\": -3}}")?.desc.contains("milliseconds") == true)
+        #expect(try error(String(repeating: "[", count: 100_000))?.desc.contains("longer than") == true)
+        #expect(try error(String(repeating: "[", count: 1000))?.desc.contains("nested deeper") == true)
+        #expect(try error("{\"execute\": \"" + String(repeating: "x", count: 1 << 20) + "\"}")?.desc.contains("longer than") == true)
+        // The id comes back as sent.
+        try c.send(raw: Array("{\"execute\": \"query-status\", \"id\": {\"n\": [1, \"two\"]}}\n".utf8))
+        let m = try c.readMessage()
+        #expect(m["id"] == .object([("n", .array([.int(1), .string("two")]))]) && m["return"] != nil)
+
+        // A client that leaves mid-command, and one that connects and says nothing.
+        let leaver = try served.client()
+        try leaver.send(raw: Array("{\"execute\": \"query-st".utf8))
+        let silent = try served.client(negotiate: false)
+        _ = silent
+
+        // Two clients at once, each with its own answers in order.
+        let other = try served.client()
+        let done = DispatchSemaphore(value: 0)
+        final class Box: @unchecked Sendable { var ok = 0 }
+        let box = Box()
+        Thread {
+            for _ in 0..<200 { if case .success = try? other.execute("query-status") { box.ok += 1 } }
+            done.signal()
+        }.start()
+
+        // 10,000 random messages.
+        var rng = SystemRandomNumberGenerator()
+        let names = ["query-status", "query-vm", "query-migrate", "query-migrate-parameters", "cont", "query-commands", "nonsense", "", "qmp_capabilities"]
+        func randomValue(_ depth: Int) -> JSON {
+            switch Int.random(in: 0..<(depth > 2 ? 5 : 7), using: &rng) {
+            case 0: return .null
+            case 1: return .bool(Bool.random(using: &rng))
+            case 2: return .int(Int64.random(in: -1_000_000...1_000_000, using: &rng))
+            case 3: return .double(Double.random(in: -1e6...1e6, using: &rng))
+            case 4: return .string(String((0..<Int.random(in: 0..<12, using: &rng)).map { _ in Character(Unicode.Scalar(UInt8.random(in: 32...126, using: &rng))) }))
+            case 5: return .array((0..<Int.random(in: 0..<4, using: &rng)).map { _ in randomValue(depth + 1) })
+            default: return .object((0..<Int.random(in: 0..<4, using: &rng)).map { i in (["execute", "arguments", "id", "x\(i)"].randomElement(using: &rng)!, randomValue(depth + 1)) })
+            }
+        }
+        var sent = 0
+        for i in 0..<10_000 {
+            let line: [UInt8]
+            switch i % 3 {
+            case 0: line = (0..<Int.random(in: 1..<80, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }.map { $0 == 0x0A ? 0x20 : $0 }
+            case 1: line = Array(randomValue(0).description.utf8)
+            default:
+                var request: [(String, JSON)] = [("execute", .string(names.randomElement(using: &rng)!))]
+                if Bool.random(using: &rng) { request.append(("arguments", .object([("x", randomValue(1))]))) }
+                request.append(("id", .int(Int64(i))))
+                line = Array(JSON.object(request).description.utf8)
+            }
+            // Blank lines get no answer; everything else exactly one.
+            if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+            try c.send(raw: line + [0x0A])
+            sent += 1
+            if sent % 50 == 0 {
+                for _ in 0..<50 { _ = try c.readAnswer() }
+            }
+        }
+        for _ in 0..<(sent % 50) { _ = try c.readAnswer() }
+        #expect(try c.execute("query-status").get()["status"] == .string("running"), "the VM runs on after the noise")
+        #expect(done.wait(timeout: .now() + 30) == .success)
+        #expect(box.ok == 200, "the second client's answers: \(box.ok) of 200")
+        #expect(served.vm.machine?.runState == .running)
+        try served.quitAndWait()
+    }
+
+    /// Migration driven only through sockets, A -> B -> C, the counter guest on both backends: a
+    /// migration that cannot converge ends `failed` with the source running (the default policy); one
+    /// cancelled mid-flight, while query-migrate shows its passes growing, leaves the source running
+    /// and the destination waiting; then one succeeds, and the guest migrates on. The counter guest
+    /// finds every page as it left it: no mismatch anywhere.
+    @Test(arguments: [BackendKind.soft, .kvm])
+    func migrateCancelAndMigrateOn(_ backend: BackendKind) throws {
+        if skipKVM(backend) { return }
+        let a = try Served.started(backend, memory: 32 << 20) { vm in
+            WorkloadSpec(pattern: .counter, base: vm.workloadBase, workingSet: 16 << 20, rate: 20_000, seed: 4, stop: .duration(600))
+        }
+        func incoming() throws -> (Served, String) {
+            let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+            guard case let .tcp(_, port) = listener.address else { throw QMPError.generic("no port") }
+            return (try Served(ManagedVM(incoming: listener, options: ReceiveOptions(timeout: 10, acceptTimeout: 3600))), "tcp:127.0.0.1:\(port)")
+        }
+        let (b, bURI) = try incoming()
+        let ca = try a.client(), cb = try b.client()
+        #expect(try cb.execute("query-status").get()["status"] == .string("inmigrate"))
+        Thread.sleep(forTimeInterval: 0.5)   // every page of the working set written once
+
+        // 1. Cannot converge at 8 MiB/s in 2 passes: failed, the source runs on.
+        _ = try ca.execute("migrate", .object([("uri", .string(bURI)), ("max-bandwidth", .int(8 << 20)), ("max-passes", .int(2))])).get()
+        var status = try ca.waitEvent("MIGRATION", timeout: 5)
+        while status["data"]?["status"] != .string("failed") && status["data"]?["status"] != .string("completed") {
+            status = try ca.waitEvent("MIGRATION", timeout: 60)
+        }
+        let failed = try ca.execute("query-migrate").get()
+        #expect(failed["status"] == .string("failed"), "\(failed)")
+        #expect(failed["error-desc"]?.string?.contains("did not converge in 2 passes") == true, "\(failed)")
+        #expect(try ca.execute("query-status").get()["status"] == .string("running"))
+        // B heard why, and waits for the next source.
+        try waitUntil { try cb.execute("query-migrate").get()["status"] == .string("setup") }
+
+        // 2. Passes grow while it runs; a cancel mid-flight leaves the source running.
+        _ = try ca.execute("migrate", .object([("uri", .string(bURI)), ("max-passes", .int(100))])).get()
+        var seen = 0
+        let deadline = Date().addingTimeInterval(60)
+        while seen < 3 && Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.05)
+            let q = try ca.execute("query-migrate").get()
+            if case let .array(p)? = q["passes"] { #expect(p.count >= seen, "the pass history shrank"); seen = p.count }
+        }
+        #expect(seen >= 3, "query-migrate showed \(seen) passes")
+        _ = try ca.execute("migrate-cancel").get()
+        while try ca.waitEvent("MIGRATION", timeout: 30)["data"]?["status"] != .string("cancelled") {}
+        #expect(try ca.execute("query-status").get()["status"] == .string("running"))
+        #expect(try ca.execute("query-migrate").get()["status"] == .string("cancelled"))
+        try waitUntil { try cb.execute("query-migrate").get()["status"] == .string("setup") }
+
+        // 3. Unlimited: it completes; A hands over, B runs.
+        _ = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(0))])).get()
+        _ = try ca.execute("migrate", .object([("uri", .string(bURI))])).get()
+        while try ca.waitEvent("MIGRATION", timeout: 60)["data"]?["status"] != .string("completed") {}
+        _ = try cb.waitEvent("RESUME", timeout: 30)
+        #expect(try ca.execute("query-status").get()["status"] == .string("postmigrate"))
+        #expect(try cb.execute("query-status").get()["status"] == .string("running"))
+        let done = try ca.execute("query-migrate").get()
+        #expect(done["status"] == .string("completed") && (done["downtime"]?.int ?? -1) >= 0)
+        guard case .failure = try ca.execute("cont") else { Issue.record("cont ran a guest that was migrated away"); return }
+
+        // 4. On from B to C.
+        let (c, cURI) = try incoming()
+        let cc = try c.client()
+        Thread.sleep(forTimeInterval: 0.2)
+        _ = try cb.execute("migrate", .object([("uri", .string(cURI))])).get()
+        _ = try cc.waitEvent("RESUME", timeout: 60)
+        Thread.sleep(forTimeInterval: 0.3)
+        let runs = try c.vm.machine!.stop()
+        #expect(runs.allSatisfy { $0.accesses > 0 })
+        #expect(runs.reduce(0) { $0 + $1.mismatches } == 0, "the counter guest found pages that lost writes")
+        for s in [a, b, c] { try s.quitAndWait() }
+    }
+}
