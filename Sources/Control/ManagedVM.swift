@@ -1,3 +1,4 @@
+import DirtyLog
 import Foundation
 import GuestMemory
 import Migration
@@ -24,6 +25,10 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     private var _status: Status
     private let started = Date()
     private var migration: MigrationJob?
+    private var dirtyRate: DirtyRateJob?
+    /// The snapshot chain diffs continue; a migration or a dirty-rate measurement ends it (they
+    /// need the dirty log), so the next snapshot is a full one.
+    private var chain: SnapshotChain?
     private var incomingThread: Thread?
     private let parameters = MigrationTuning(downtimeLimit: 0.3, maxBandwidth: nil)
     private let eventLock = NSLock()
@@ -34,6 +39,14 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     /// Starts `workload` on `vm` and manages it.
     public init(vm: any VirtualMachine, workload: WorkloadSpec) throws {
         try vm.start(workload)
+        self.vm = vm
+        _status = .running
+    }
+
+    /// Restores a snapshot chain (a full snapshot, then its diffs) and runs the guest from it.
+    public init(restoring paths: [String]) throws {
+        let (vm, state) = try restoreSnapshots(paths)
+        try vm.start(from: state)
         self.vm = vm
         _status = .running
     }
@@ -58,7 +71,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     // MARK: Commands
 
     public let commandNames = ["query-status", "stop", "cont", "quit", "query-vm", "set-workload", "migrate", "migrate-cancel",
-                               "query-migrate", "migrate-set-parameters", "query-migrate-parameters"]
+                               "query-migrate", "migrate-set-parameters", "query-migrate-parameters", "snapshot-create",
+                               "calc-dirty-rate", "query-dirty-rate"]
 
     public func run(_ name: String, _ a: Arguments) throws -> JSON {
         switch name {
@@ -93,6 +107,14 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             try a.only(["downtime-limit", "max-bandwidth"])
             try setParameters(a)
             return .object([])
+        case "snapshot-create":
+            return try snapshot(a)
+        case "calc-dirty-rate":
+            try calcDirtyRate(a)
+            return .object([])
+        case "query-dirty-rate":
+            try a.only([])
+            return lock.withLock { dirtyRate }?.json ?? .object([("status", .string("unstarted"))])
         case "query-migrate-parameters":
             try a.only([])
             return .object([("downtime-limit", .int(Int64(parameters.downtimeLimit * 1e3))),
@@ -118,6 +140,83 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             throw QMPError.generic("cannot \(what) while a migration runs: cancel it first with migrate-cancel")
         }
         return vm!
+    }
+
+    /// The dirty log is free for `what`: no dirty-rate measurement holds it. A snapshot chain that
+    /// holds it ends (its next snapshot is a full one).
+    private func takeDirtyLog(for what: String) throws {
+        if dirtyRate?.status == .measuring {
+            throw QMPError.generic("cannot \(what) while the dirty rate is measured: wait until query-dirty-rate says measured")
+        }
+        chain?.finish()
+        chain = nil
+    }
+
+    /// `snapshot-create`: a full snapshot (a new chain) or a diff of the chain taken so far, written
+    /// with the guest paused for the while; event SNAPSHOT.
+    private func snapshot(_ a: Arguments) throws -> JSON {
+        try a.only(["path", "kind"])
+        let path = try a.required("path", a.string)
+        let kind = try a.string("kind")
+        guard kind == nil || kind == "full" || kind == "diff" else { throw QMPError.generic("kind: full or diff, not \(kind!)") }
+        let report: SnapshotReport = try lock.withLock {
+            let vm = try guest(for: "take a snapshot")
+            if dirtyRate?.status == .measuring {
+                throw QMPError.generic("cannot take a snapshot while the dirty rate is measured: wait until query-dirty-rate says measured")
+            }
+            if kind == "diff" && chain == nil {
+                throw QMPError.generic("no chain to take a diff of: take a full snapshot first (a migration or a dirty-rate measurement ends a chain)")
+            }
+            let c = chain ?? SnapshotChain(vm: vm)
+            do {
+                let r = try c.take(to: path, full: kind == "full" || chain == nil)
+                chain = c
+                return r
+            } catch {
+                throw QMPError.generic("snapshot to \(path): \(error)")
+            }
+        }
+        let data = JSON.object([("path", .string(path)), ("kind", .string(report.diff ? "diff" : "full")), ("pages", .int(Int64(report.pages))),
+                                ("bytes", .int(Int64(report.bytes))), ("paused-ms", .double((report.pausedSeconds * 1e4).rounded() / 10))])
+        emit("SNAPSHOT", data)
+        return data
+    }
+
+    /// `calc-dirty-rate`: measures in the background; `query-dirty-rate` and event DIRTY_RATE report it.
+    private func calcDirtyRate(_ a: Arguments) throws {
+        try a.only(["calc-time", "calc-time-unit", "mode", "steps"])
+        let time = try a.required("calc-time", a.int)
+        let unit = try a.string("calc-time-unit") ?? "s"
+        guard unit == "s" || unit == "ms" else { throw QMPError.generic("calc-time-unit: s or ms, not \(unit)") }
+        let window = Double(time) / (unit == "ms" ? 1e3 : 1)
+        guard window > 0 && window <= 3600 else { throw QMPError.generic("calc-time: above 0 and at most 3600 s") }
+        let mode = try a.string("mode") ?? "dirty-bitmap"
+        let strategy: DirtyStrategy
+        switch mode {
+        case "dirty-bitmap": strategy = .writeProtect
+        case "dirty-ring": strategy = .ring
+        default:
+            guard let s = DirtyStrategy(rawValue: mode) else {
+                throw QMPError.generic("mode: dirty-bitmap, dirty-ring, or a strategy (\(DirtyStrategy.allCases.map(\.rawValue).joined(separator: ", "))), not \(mode)")
+            }
+            strategy = s
+        }
+        let steps = Int(try a.int("steps") ?? 5)
+        guard (1...1000).contains(steps) else { throw QMPError.generic("steps: 1 to 1000") }
+        let (job, vm): (DirtyRateJob, any VirtualMachine) = try lock.withLock {
+            let vm = try guest(for: "measure the dirty rate")
+            guard _status == .running else { throw QMPError.generic("the guest is paused: cont first, then measure") }
+            try takeDirtyLog(for: "measure the dirty rate again")
+            let job = DirtyRateJob(strategy: strategy, window: window)
+            dirtyRate = job
+            return (job, vm)
+        }
+        let t = Thread { [self] in
+            job.finish(Result { try measureDirtyRate(vm, window: window, steps: steps, strategy: strategy, cancellation: job.cancellation) { job.add($0) } })
+            emit("DIRTY_RATE", .object([("status", .string(job.status.rawValue))] + (job.rate.map { [("dirty-rate", .double(($0 * 10).rounded() / 10))] } ?? [])))
+        }
+        t.name = "dirty-rate"
+        t.start()
     }
 
     /// `stop` (pause the vCPUs, event STOP) and `cont` (resume them, event RESUME); a VM already so
@@ -229,6 +328,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         let job: MigrationJob, vm: any VirtualMachine
         (job, vm) = try lock.withLock {
             let vm = try guest(for: "migrate")
+            try takeDirtyLog(for: "migrate")
             let job = MigrationJob(incoming: false, totalBytes: vm.ram.size)
             migration = job
             return (job, vm)
@@ -308,11 +408,13 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
 
     /// Cancels any migration, stops the guest, says SHUTDOWN, then calls `onQuit`.
     public func shutdown() {
-        let job: MigrationJob? = lock.withLock {
-            guard _status != .shutdown else { return nil }
-            return migration
+        let (job, measuring): (MigrationJob?, DirtyRateJob?) = lock.withLock {
+            guard _status != .shutdown else { return (nil, nil) }
+            return (migration, dirtyRate)
         }
         job?.cancellation.cancel()
+        measuring?.cancellation.cancel()
+        while measuring?.status == .measuring { Thread.sleep(forTimeInterval: 0.01) }
         // A migration or an incoming wait ends within its timeouts once cancelled.
         let deadline = Date().addingTimeInterval(35)
         while job?.isActive == true && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }

@@ -2,7 +2,7 @@ import ArgumentParser
 import Foundation
 import DirtyLog
 import GuestMemory
-import Stage2
+import Migration
 import VirtualMachine
 import Workload
 
@@ -37,33 +37,21 @@ struct DirtyRate: ParsableCommand {
         let vm = try guest.makeVM()
         try vm.ram.populate()
         try vm.start(spec)
+        defer { _ = try? vm.stop() }
         Thread.sleep(forTimeInterval: 0.2)   // warm up: blocks mapped, TLBs filled
-        try vm.enableDirtyLogging(DirtyLogConfig(strategy: DirtyStrategy(rawValue: strategy)!))
-        var union = [UInt64](repeating: 0, count: Int((vm.pages + 63) / 64))
         print("dirty rate of \(spec) on \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing), \(strategy) logging:")
         print("  sample   pages   MiB/s (pages dirtied in the step)")
-        var rates: [Double] = []
-        let step = window.value / Double(samples)
-        for i in 1...samples {
-            let t0 = Date()
-            Thread.sleep(forTimeInterval: step)
-            let log = try vm.getDirtyLog()
-            let seconds = Date().timeIntervalSince(t0)
-            let pages = log.reduce(0) { $0 + $1.nonzeroBitCount }
-            for w in log.indices { union[w] |= log[w] }
-            let rate = Double(pages) * 4096 / seconds / Double(1 << 20)
-            rates.append(rate)
-            print(String(format: "  %6d %7d %7.1f", i, pages, rate))
+        var index = 0
+        let report = try measureDirtyRate(vm, window: window.value, steps: samples, strategy: DirtyStrategy(rawValue: strategy)!) { s in
+            index += 1
+            print(String(format: "  %6d %7d %7.1f", index, s.pages, s.rate / Double(1 << 20)))
         }
-        try vm.disableDirtyLogging()
-        _ = try vm.stop()
-        let distinct = union.reduce(0) { $0 + $1.nonzeroBitCount }
-        let mean = rates.reduce(0, +) / Double(rates.count)
-        print(String(format: "  mean %.1f MiB/s per step of %.0f ms; %d distinct pages (%@) over the window", mean, step * 1e3,
-                     distinct, formatBytes(UInt64(distinct) * 4096)))
+        let mean = report.rate / Double(1 << 20)
+        print(String(format: "  mean %.1f MiB/s per step of %.0f ms; %d distinct pages (%@) over the window", mean,
+                     window.value / Double(samples) * 1e3, report.distinctPages, formatBytes(UInt64(report.distinctPages) * 4096)))
         if json {
             print(jsonLine([("command", "dirty-rate"), ("strategy", strategy), ("window_s", window.value), ("samples", samples),
-                            ("dirty_rate_mib_s", mean), ("distinct_pages", distinct)]))
+                            ("dirty_rate_mib_s", mean), ("distinct_pages", report.distinctPages)]))
         }
     }
 }

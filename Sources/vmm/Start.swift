@@ -19,10 +19,16 @@ struct Start: ParsableCommand {
     var api: String
     @Option(help: "Wait for a migration on this address (tcp:HOST:PORT or unix:PATH) instead of starting a guest; the guest options are then the source's.")
     var incoming: String?
+    @Option(parsing: .upToNextOption, help: "Restore this snapshot chain (a full snapshot, then its diffs in order) and run it, instead of starting a guest.")
+    var restore: [String] = []
     @Option(help: "With --incoming: the pre-shared key file the source uses.")
     var keyFile: String?
     @Option(help: "With --incoming: refuse guests with more memory than this (e.g. 8G).")
     var maxMemory: ByteSize?
+
+    func validate() throws {
+        if incoming != nil && !restore.isEmpty { throw ValidationError("--incoming and --restore: give one") }
+    }
 
     func run() throws {
         let managed: ManagedVM
@@ -32,6 +38,9 @@ struct Start: ParsableCommand {
             let listener = try Listener(address)
             managed = ManagedVM(incoming: listener, options: ReceiveOptions(key: key, acceptTimeout: 3600, maxMemory: maxMemory?.bytes))
             warn("vmm: waiting for a migration on \(listener.address)")
+        } else if !restore.isEmpty {
+            managed = try ManagedVM(restoring: restore)
+            warn("vmm: restored \(restore.count) snapshot file(s); the guest runs on")
         } else {
             var spec = try guest.workload(workload)
             spec.stop = .duration(WorkloadStop.maxDuration)
