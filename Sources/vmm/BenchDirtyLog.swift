@@ -44,8 +44,9 @@ struct BenchDirtyLog: ParsableCommand {
     }
 
     func run() throws {
+        Output.json = json
         let pages = memory.bytes >> 12
-        print("bench dirty-log: \(backend) backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect (rings: harvest and reset)")
+        say("bench dirty-log: \(backend) backend, \(memory) \(backing), \(vcpus) vCPU(s), \(iterations) iterations, manual protect (rings: harvest and reset)")
         if backend == "kvm" {
             for s in strategy == "all" ? ["wp", "ring"] : [strategy] { try runKVM(pages: pages, ring: s == "ring") }
             return
@@ -88,9 +89,9 @@ struct BenchDirtyLog: ParsableCommand {
         let populate = timeMs { dirtyPass(vm, pages: pages, value: 1) }
         let floor = floorPass(mem, pages: pages)
 
-        print("")
-        print("strategy \(s):")
-        print("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
+        say("")
+        say("strategy \(s):")
+        say("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
         var total = Phases()
         // Touched once here: on these hosts a first touch of fresh memory costs more than the harvest.
         var entries = [DirtyRingEntry](repeating: DirtyRingEntry(slot: 0, page: 0), count: Int(pages))
@@ -114,7 +115,7 @@ struct BenchDirtyLog: ParsableCommand {
             }
             p.splitTables = mmu.dirtyLog(slot: 0)?.splitTablesUsed ?? 0
             p.disable = try timeMs { try mmu.disableDirtyLogging(slot: 0) }
-            print(row(String(i), p, pages: pages))
+            say(row(String(i), p, pages: pages))
             total = total + p
             // Map everything again (blocks where the backing allows), untimed, so iterations match.
             dirtyPass(vm, pages: pages, value: 1)
@@ -128,14 +129,14 @@ struct BenchDirtyLog: ParsableCommand {
         let mean = Phases(populate: total.populate / n, enable: total.enable / n, pass: total.pass / n,
                           get: total.get / n, clear: total.clear / n, disable: total.disable / n,
                           reported: total.reported / iterations, splitTables: total.splitTables / iterations)
-        print(row("mean", mean, pages: pages))
+        say(row("mean", mean, pages: pages))
         let perPage = { (ms: Double) in ms * 1e6 / Double(pages) }
-        print(String(format: "  dirty pass %.1f ns/page vs floor %.1f ns/page (no MMU): +%.1f ns, %.2fx; get+clear %.2f ms per GiB",
+        say(String(format: "  dirty pass %.1f ns/page vs floor %.1f ns/page (no MMU): +%.1f ns, %.2fx; get+clear %.2f ms per GiB",
                      perPage(mean.pass), floor, perPage(mean.pass) - floor, perPage(mean.pass) / floor,
                      (mean.get + mean.clear) / (Double(memory.bytes) / Double(1 << 30))))
-        if eagerSplit { print("  eager split used \(mean.splitTables) tables (\(formatBytes(UInt64(mean.splitTables) * 4096))) from the pre-filled cache") }
+        if eagerSplit { say("  eager split used \(mean.splitTables) tables (\(formatBytes(UInt64(mean.splitTables) * 4096))) from the pre-filled cache") }
         if json {
-            print(jsonLine([
+            printJSON(jsonLine([
                 ("bench", "dirty-log"), ("backend", backend), ("strategy", strategyName), ("backing", backing.rawValue),
                 ("gib", Double(memory.bytes) / Double(1 << 30)), ("vcpus", vcpus), ("iterations", iterations),
                 ("populate_ms", mean.populate), ("enable_ms", mean.enable), ("dirty_pass_ms", mean.pass),
@@ -159,7 +160,7 @@ struct BenchDirtyLog: ParsableCommand {
             do {
                 try vm.enableDirtyRing(bytes: min(1 << 20, Int(kvm.capability(.dirtyLogRing))))
             } catch {
-                print("dirty ring unavailable (\(error)); falling back to the dirty bitmap")
+                say("dirty ring unavailable (\(error)); falling back to the dirty bitmap")
                 ring = false
             }
         }
@@ -188,10 +189,10 @@ struct BenchDirtyLog: ParsableCommand {
         let populate = try timeMs { try pass() }
         let floor = floorPass(mem, pages: workPages, offset: reserved)
         let slotPages = mem.size >> 12
-        print("")
-        print(ring ? "strategy ring (KVM dirty ring, \(vcpu.dirtyRing!.entries) entries); \(mem.report())"
+        say("")
+        say(ring ? "strategy ring (KVM dirty ring, \(vcpu.dirtyRing!.entries) entries); \(mem.report())"
                    : "strategy wp (KVM dirty bitmap, manual protect); \(mem.report())")
-        print("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
+        say("  iter   populate     enable       pass   ns/page        get      clear    disable   reported")
         var total = Phases()
         for i in 1...iterations {
             var p = Phases()
@@ -215,7 +216,7 @@ struct BenchDirtyLog: ParsableCommand {
                 p.reported = reported
             }
             p.disable = try timeMs { try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem) }
-            print(row(String(i), p, pages: workPages))
+            say(row(String(i), p, pages: workPages))
             total = total + p
         }
         report(ring ? "ring" : "wp", total: total, floor: floor, pages: workPages, eagerSplit: false)

@@ -38,8 +38,9 @@ struct BenchMigrate: ParsableCommand {
     }
 
     func run() throws {
-        print("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth, \(channels) channel(s)" + (key ? ", keyed" : ""))
-        print("  rate MiB/s     total   downtime    setup      sent  iterations  throttle  converged")
+        Output.json = json
+        say("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, unlimited bandwidth, \(channels) channel(s)" + (key ? ", keyed" : ""))
+        say("  rate MiB/s     total   downtime    setup      sent  iterations  throttle  converged")
         // Warm the host first: the first few GiB a fresh process touches cost this nested host seconds
         // more (the outer hypervisor backs them on first touch), which would land on the first row only.
         do {
@@ -61,11 +62,11 @@ struct BenchMigrate: ParsableCommand {
             Thread.sleep(forTimeInterval: 0.5)
             let (report, moved) = try migrateOverLoopback(vm, options: MigrationOptions(downtimeLimit: downtimeLimit.value, convergence: .force, key: key ? .random() : nil, channels: channels))
             _ = try moved.stop()
-            print(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
+            say(String(format: "  %10d %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
                          report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
             if json {
-                print(jsonLine([
+                printJSON(jsonLine([
                     ("bench", "migrate"), ("backend", backend.rawValue), ("channels", channels), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
                     ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
                     ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),

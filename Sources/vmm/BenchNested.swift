@@ -19,6 +19,7 @@ struct BenchNested: ParsableCommand {
     var json = false
 
     func run() throws {
+        Output.json = json
         let size = memory.bytes
         let pages = size >> 12
         // L1: RAM at GPA 0 holding L1's table for L2 at 1 MiB and the L2 memory at 64 MiB.
@@ -36,7 +37,7 @@ struct BenchNested: ParsableCommand {
 
         let l2 = try SoftVM(nestedIn: l1, lpid: 1, l1Table: table.root, vcpus: 1)
         let v = l2.vcpus[0], shadow = l2.shadow!
-        print("bench nested: soft backend, L2 \(memory) in 4 KiB pages, L1 table in L1 memory")
+        say("bench nested: soft backend, L2 \(memory) in 4 KiB pages, L1 table in L1 memory")
         v.enterGuest()
         var t0 = monotonicNanos()
         for p in 0..<pages { v.store(GPA(p << 12), p) }
@@ -78,14 +79,14 @@ struct BenchNested: ParsableCommand {
         func row(_ name: String, _ v: Double, _ unit: String) -> String {
             "  " + name.padding(toLength: 40, withPad: " ", startingAt: 0) + String(format: "%10.2f ", v) + unit
         }
-        print(row("L2 fault (shadow fill, 4K)", faultNs, "ns/page"))
-        print(row("L2 access, TLB hit", hitNs, "ns/access"))
-        print(row("L2 shadow walk (TLB miss)", walkNs, "ns/walk"))
-        print(row("rmap invalidation", invalidateNs, "ns/entry (\(handled) entries)"))
-        print(row("rmap memory", rmapBytesPerPage, "bytes/mapped L2 page (\(census.entries) entries)"))
+        say(row("L2 fault (shadow fill, 4K)", faultNs, "ns/page"))
+        say(row("L2 access, TLB hit", hitNs, "ns/access"))
+        say(row("L2 shadow walk (TLB miss)", walkNs, "ns/walk"))
+        say(row("rmap invalidation", invalidateNs, "ns/entry (\(handled) entries)"))
+        say(row("rmap memory", rmapBytesPerPage, "bytes/mapped L2 page (\(census.entries) entries)"))
         withExtendedLifetime(sum) {}
         if json {
-            print(jsonLine([
+            printJSON(jsonLine([
                 ("bench", "nested"), ("l2_fault_ns", faultNs), ("l2_tlb_hit_ns", hitNs), ("l2_shadow_walk_ns", walkNs),
                 ("rmap_invalidate_ns_per_entry", invalidateNs), ("rmap_bytes_per_page", rmapBytesPerPage),
                 ("l2_pages", pages), ("rmap_entries", census.entries),

@@ -22,9 +22,10 @@ struct BenchTranslate: ParsableCommand {
     var json = false
 
     func run() throws {
-        print("bench translate: soft backend, 1 vCPU on the calling thread")
+        Output.json = json
+        say("bench translate: soft backend, 1 vCPU on the calling thread")
         let hit = try tlbHit()
-        print(row("TLB hit (8-byte load)", hit, "ns/access"))
+        say(row("TLB hit (8-byte load)", hit, "ns/access"))
         var walkNs: [Double] = [], chainedNs: [Double] = []
         var tableBytes: [UInt64] = []
         for size in PageSize.allCases {
@@ -32,18 +33,18 @@ struct BenchTranslate: ParsableCommand {
             walkNs.append(ns)
             chainedNs.append(chained)
             tableBytes.append(bytes)
-            print(row("walk, \(size) leaves, 1 GiB mapped", ns, "ns/walk"))
-            print(row("  chained (each waits on the last)", chained, "ns/walk"))
+            say(row("walk, \(size) leaves, 1 GiB mapped", ns, "ns/walk"))
+            say(row("  chained (each waits on the last)", chained, "ns/walk"))
         }
         let (fault, touch) = try faultIn()
-        print(row("fault-in 4K (host page present)", fault, "ns/page"))
-        print(row("host first touch 4K (no MMU)", touch, "ns/page"))
+        say(row("fault-in 4K (host page present)", fault, "ns/page"))
+        say(row("host first touch 4K (no MMU)", touch, "ns/page"))
         for (size, b) in zip(PageSize.allCases, tableBytes) {
-            print("  " + "table memory per GiB, \(size) leaves".padding(toLength: 40, withPad: " ", startingAt: 0)
+            say("  " + "table memory per GiB, \(size) leaves".padding(toLength: 40, withPad: " ", startingAt: 0)
                   + formatBytes(b).leftPad(12))
         }
         if json {
-            print(jsonLine([
+            printJSON(jsonLine([
                 ("bench", "translate"), ("tlb_hit_ns", hit),
                 ("walk_ns_4k", walkNs[0]), ("walk_ns_2m", walkNs[1]), ("walk_ns_1g", walkNs[2]),
                 ("walk_chained_ns_4k", chainedNs[0]), ("walk_chained_ns_2m", chainedNs[1]), ("walk_chained_ns_1g", chainedNs[2]),

@@ -19,6 +19,7 @@ struct Demo: ParsableCommand {
     var json = false
 
     func run() throws {
+        Output.json = json
         let (layout, backing, vcpus) = (guest.memory.layout, guest.backing, guest.vcpus)
         let vm = SoftVM(vcpus: vcpus)
         let ram = try vm.addRAM(layout, backing: backing)
@@ -28,8 +29,8 @@ struct Demo: ParsableCommand {
         // The guest runs until the demo stops it on the destination.
         let spec = WorkloadSpec(pattern: .zipfian(theta: 0.8), base: GPA(0), workingSet: layout.size,
                                 writeFraction: 0.3, accessSize: 8, seed: 42, stop: .duration(3600))
-        print("== soft VM: \(vcpus) vCPUs, \(layout) of \(backing)-backed guest memory at \(GPA(0)), preallocated")
-        print("== workload: \(spec)")
+        say("== soft VM: \(vcpus) vCPUs, \(layout) of \(backing)-backed guest memory at \(GPA(0)), preallocated")
+        say("== workload: \(spec)")
         try vm.start(spec)
 
         Thread.sleep(forTimeInterval: duration.value / 2)
@@ -44,35 +45,35 @@ struct Demo: ParsableCommand {
         let shootdowns0 = vm.mmu.tlbs.shootdowns
         try vm.mmu.discard(slot: top, offset: topSize - quarter, length: quarter)
         let after = vm.mmu.census()
-        print(String(format: "== midway: paused %d vCPUs in %.0f µs; discarded the top %@ (invalidation: %d -> %d 2M and %d -> %d 4K leaves, %d shootdown)",
+        say(String(format: "== midway: paused %d vCPUs in %.0f µs; discarded the top %@ (invalidation: %d -> %d 2M and %d -> %d 4K leaves, %d shootdown)",
                      vcpus, pausedMicros, formatBytes(quarter), before.leaves[2], after.leaves[2],
                      before.leaves[3], after.leaves[3], Int(vm.mmu.tlbs.shootdowns - shootdowns0)))
         try vm.resume()
         Thread.sleep(forTimeInterval: duration.value / 2)
 
         // Live-migrate the running guest to a second VM over loopback TCP, with a per-run key.
-        print("== migrating to a second VM over loopback TCP (a per-run key: every record sealed with AES-256-GCM)")
+        say("== migrating to a second VM over loopback TCP (a per-run key: every record sealed with AES-256-GCM)")
         let line = ProgressLine(prefix: "   ")
         let (migration, moved) = try migrateOverLoopback(makeVirtualMachine(wrapping: vm, ram: ram),
                                                          options: MigrationOptions(convergence: .force, key: .random()), progress: line.show)
         line.end()
-        print("== migrated: \(migration)")
+        say("== migrated: \(migration)")
 
         let report = RunReport(stats: vm.vcpus.map(\.stats), census: vm.mmu.census(), backing: ram.report(),
                                shootdowns: vm.mmu.tlbs.shootdowns)
-        print("")
-        print("on the source, until the migration:")
+        say("")
+        say("on the source, until the migration:")
         report.printRows()
         Thread.sleep(forTimeInterval: duration.value / 2)
         let after2 = try moved.stop()
         let t = report.total
-        print("")
-        print(String(format: "== done: %@ guest accesses on the source (%.1f%% TLB hits), %llu stage-2 faults; the discarded quarter faulted back in on demand; the guest then made %@ more accesses on the destination.",
+        say("")
+        say(String(format: "== done: %@ guest accesses on the source (%.1f%% TLB hits), %llu stage-2 faults; the discarded quarter faulted back in on demand; the guest then made %@ more accesses on the destination.",
                      compact(Double(t.accesses)), Double(t.tlbHits + t.blockTLBHits) / Double(max(t.accesses, 1)) * 100, t.faults,
                      compact(Double(after2.reduce(0) { $0 + $1.accesses }))))
         if json {
-            print(report.json(spec: spec, backend: "soft"))
-            print(migrationJSON(migration, backend: .soft))
+            printJSON(report.json(spec: spec, backend: "soft"))
+            printJSON(migrationJSON(migration, backend: .soft))
         }
     }
 }

@@ -32,6 +32,7 @@ struct DirtyRate: ParsableCommand {
     }
 
     func run() throws {
+        Output.json = json
         var spec = try guest.workload(workload)
         spec.stop = .duration(window.value * 2 + 30)
         let vm = try guest.makeVM()
@@ -39,18 +40,18 @@ struct DirtyRate: ParsableCommand {
         try vm.start(spec)
         defer { _ = try? vm.stop() }
         Thread.sleep(forTimeInterval: 0.2)   // warm up: blocks mapped, TLBs filled
-        print("dirty rate of \(spec) on \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing), \(strategy) logging:")
-        print("  sample   pages   MiB/s (pages dirtied in the step)")
+        say("dirty rate of \(spec) on \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing), \(strategy) logging:")
+        say("  sample   pages   MiB/s (pages dirtied in the step)")
         var index = 0
         let report = try measureDirtyRate(vm, window: window.value, steps: samples, strategy: DirtyStrategy(rawValue: strategy)!) { s in
             index += 1
-            print(String(format: "  %6d %7d %7.1f", index, s.pages, s.rate / Double(1 << 20)))
+            say(String(format: "  %6d %7d %7.1f", index, s.pages, s.rate / Double(1 << 20)))
         }
         let mean = report.rate / Double(1 << 20)
-        print(String(format: "  mean %.1f MiB/s per step of %.0f ms; %d distinct pages (%@) over the window", mean,
+        say(String(format: "  mean %.1f MiB/s per step of %.0f ms; %d distinct pages (%@) over the window", mean,
                      window.value / Double(samples) * 1e3, report.distinctPages, formatBytes(UInt64(report.distinctPages) * 4096)))
         if json {
-            print(jsonLine([("command", "dirty-rate"), ("strategy", strategy), ("window_s", window.value), ("samples", samples),
+            printJSON(jsonLine([("command", "dirty-rate"), ("strategy", strategy), ("window_s", window.value), ("samples", samples),
                             ("dirty_rate_mib_s", mean), ("distinct_pages", report.distinctPages)]))
         }
     }

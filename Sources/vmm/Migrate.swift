@@ -33,7 +33,11 @@ struct Migrate: ParsableCommand {
     var timeout: Seconds = Seconds(argument: "30s")!
     @Option(help: "If the switchover is left in doubt, how long to wait for the operator's decision (SIGUSR1 resumes here).")
     var inDoubtWait: Seconds = Seconds(argument: "600s")!
-    @Flag(help: "Print one JSON line with the report last.")
+    @Option(help: "Write the pre-copy passes as CSV to this file (also when the migration fails).")
+    var passesCsv: String?
+    @Option(help: "Draw the pre-copy passes as an SVG image in this file (also when the migration fails).")
+    var plot: String?
+    @Flag(help: "Print one JSON line with the outcome last; human text goes to stderr.")
     var json = false
 
     func validate() throws {
@@ -42,6 +46,17 @@ struct Migrate: ParsableCommand {
     }
 
     func run() throws {
+        Output.json = json
+        // Under --json every outcome ends in one JSON line, a refusal before anything moved too.
+        do { try go() } catch let e as ExitCode { throw e } catch {
+            guard json else { throw error }
+            warn("source: \(error)")
+            printJSON(failureJSON("migrate", error))
+            throw ExitCode(exitStatus(error))
+        }
+    }
+
+    private func go() throws {
         let address = try MigrationAddress(parsing: to)
         var spec = try guest.workload(workload)
         spec.stop = .duration(3600)
@@ -50,7 +65,7 @@ struct Migrate: ParsableCommand {
         try vm.ram.populate()
         try vm.start(spec)
         defer { if vm.runState != .stopped { _ = try? vm.stop() } }
-        print("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
+        say("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
         if key == nil { warn("source: no --key-file: the stream is neither encrypted nor authenticated") }
         let (connection, more) = try Connection.connect(to: address, channels: channels, timeout: timeout.value)
@@ -59,20 +74,25 @@ struct Migrate: ParsableCommand {
                                        maxBandwidth: maxBandwidth.map { Double($0.bytes) })
         let cancel = Cancellation()
         for c in [connection] + more { cancel.watch(c) }
-        let result = whileCancellable(cancel, prefix: "source: ") {
-            try migrate(vm, over: connection, more: more, options: options, progress: $0)
+        var passes: [PassRecord] = []
+        let result = whileCancellable(cancel, prefix: "source: ") { show in
+            try migrate(vm, over: connection, more: more, options: options, progress: { p in passes = p.passes; show(p) })
         }
+        if case let .success(report) = result { passes = report.passes }
+        try writePasses(passes, downtimeLimit: downtimeLimit.value, title: "vmm migrate to \(address)", csv: passesCsv, svg: plot)
         switch result {
         case let .success(report):
-            print("source: migrated to \(address): \(report)")
-            if json { print(migrationJSON(report, backend: guest.backend)) }
+            say("source: migrated to \(address): \(report)")
+            if json { printJSON(migrationJSON(report, backend: guest.backend)) }
         case let .failure(doubt as SwitchoverInDoubt):
             warn("source: \(doubt)")
+            if json { printJSON(failureJSON("migrate", doubt)) }
             awaitOperator(doubt.vm, prefix: "source", wait: inDoubtWait.value)
-            throw ExitCode(2)
+            throw ExitCode(ExitStatus.inDoubt)
         case let .failure(error):
             warn("source: migration \(describe(error)); the guest kept running here with its memory intact, logging off")
-            throw ExitCode.failure
+            if json { printJSON(failureJSON("migrate", error)) }
+            throw ExitCode(exitStatus(error))
         }
     }
 }
@@ -100,11 +120,22 @@ struct Receive: ParsableCommand {
     var json = false
 
     func run() throws {
+        Output.json = json
+        // Under --json every outcome ends in one JSON line, a refusal before anything moved too.
+        do { try go() } catch let e as ExitCode { throw e } catch {
+            guard json else { throw error }
+            warn("destination: \(error)")
+            printJSON(failureJSON("receive", error))
+            throw ExitCode(exitStatus(error))
+        }
+    }
+
+    private func go() throws {
         let address = try MigrationAddress(parsing: listen)
         let key = try keyFile.map { try MigrationKey(file: $0) }
         if key == nil { warn("destination: no --key-file: the stream is neither encrypted nor authenticated") }
         let listener = try Listener(address)
-        print("destination: listening on \(listener.address)")
+        say("destination: listening on \(listener.address)")
         let start = Date()
         let vm: any VirtualMachine
         var received: UInt64 = 0   // over every channel
@@ -117,23 +148,25 @@ struct Receive: ParsableCommand {
         case let .success(got): vm = got
         case let .failure(doubt as SwitchoverInDoubt):
             warn("destination: \(doubt)")
+            if json { printJSON(failureJSON("receive", doubt)) }
             awaitOperator(doubt.vm, prefix: "destination", wait: inDoubtWait.value)
-            throw ExitCode(2)
+            throw ExitCode(ExitStatus.inDoubt)
         case let .failure(error):
             warn("destination: \(describe(error, failed: "refused the guest")); the partial VM was discarded, nothing was resumed")
-            throw ExitCode.failure
+            if json { printJSON(failureJSON("receive", error)) }
+            throw ExitCode(exitStatus(error))
         }
         let seconds = Date().timeIntervalSince(start)
         let spec = vm.workload!
-        print(String(format: "destination: received %@ in %.0f ms; running %@ for %g s", formatBytes(received),
+        say(String(format: "destination: received %@ in %.0f ms; running %@ for %g s", formatBytes(received),
                      seconds * 1e3, spec.description, runFor.value))
         Thread.sleep(forTimeInterval: runFor.value)
         let runs = try vm.stop()
         let accesses = runs.reduce(0) { $0 + $1.accesses }, mismatches = runs.reduce(0) { $0 + $1.mismatches }
-        print("destination: the guest made \(accesses) more accesses here" + (spec.pattern == .counter ? ", \(mismatches) counter mismatches" : ""))
+        say("destination: the guest made \(accesses) more accesses here" + (spec.pattern == .counter ? ", \(mismatches) counter mismatches" : ""))
         if json {
-            print(jsonLine([
-                ("command", "receive"), ("backend", vm.backend.rawValue), ("memory_bytes", vm.ram.size),
+            printJSON(jsonLine([
+                ("command", "receive"), ("status", "completed"), ("backend", vm.backend.rawValue), ("memory_bytes", vm.ram.size),
                 ("bytes_received", received), ("receive_ms", seconds * 1e3), ("resumed", true),
                 ("accesses_after", accesses), ("mismatches", mismatches),
             ]))
@@ -153,7 +186,7 @@ struct Key: ParsableCommand {
         var file: String
         func run() throws {
             try MigrationKey.generate(to: file)
-            print("wrote a 32-byte key to \(file) (readable by you only); give it to both ends with --key-file \(file)")
+            say("wrote a 32-byte key to \(file) (readable by you only); give it to both ends with --key-file \(file)")
         }
     }
 }
@@ -187,6 +220,38 @@ func awaitOperator(_ vm: any VirtualMachine, prefix: String, wait: Double) {
     }
 }
 
+/// The exit statuses of the migration commands (README, "CLI").
+enum ExitStatus {
+    static let failed: Int32 = 1
+    static let inDoubt: Int32 = 2
+    static let cancelled: Int32 = 3
+}
+
+func exitStatus(_ error: Error) -> Int32 {
+    (error as? MigrationError)?.code == .cancelled && (error as? MigrationError)?.toldBy == nil ? ExitStatus.cancelled : ExitStatus.failed
+}
+
+/// The last JSON line of a migration command that did not complete: its status (failed, cancelled,
+/// in-doubt), the error's class and message, and which side gave the reason.
+func failureJSON(_ command: String, _ error: Error) -> String {
+    if let doubt = error as? SwitchoverInDoubt {
+        return jsonLine([("command", command), ("status", "in-doubt"), ("error_class", "in doubt"), ("error", doubt.description)])
+    }
+    let e = MigrationError(describing: error)
+    var fields: [(String, Any)] = [("command", command), ("status", exitStatus(error) == ExitStatus.cancelled ? "cancelled" : "failed"),
+                                   ("error_class", e.code.description), ("error", e.message)]
+    if let side = e.toldBy { fields.append(("told_by", "\(side)")) }
+    return jsonLine(fields)
+}
+
+/// Writes a migration's passes as CSV and as an SVG plot, where asked.
+func writePasses(_ passes: [PassRecord], downtimeLimit: Double, title: String, csv: String?, svg: String?) throws {
+    var report = MigrationReport()
+    report.passes = passes
+    if let csv { try report.passesCSV.write(toFile: csv, atomically: true, encoding: .utf8) }
+    if let svg { try passesSVG(passes, downtimeLimit: downtimeLimit, title: title).write(toFile: svg, atomically: true, encoding: .utf8) }
+}
+
 /// A warning or failure for a person: on stderr, so stdout stays the report.
 func warn(_ text: String) {
     FileHandle.standardError.write(Data((text + "\n").utf8))
@@ -194,7 +259,7 @@ func warn(_ text: String) {
 
 func migrationJSON(_ r: MigrationReport, backend: BackendKind) -> String {
     jsonLine([
-        ("command", "migrate"), ("backend", backend.rawValue), ("total_ms", r.totalSeconds * 1e3), ("downtime_ms", r.downtimeSeconds * 1e3),
+        ("command", "migrate"), ("status", "completed"), ("backend", backend.rawValue), ("total_ms", r.totalSeconds * 1e3), ("downtime_ms", r.downtimeSeconds * 1e3),
         ("setup_ms", r.setupSeconds * 1e3), ("bytes_sent", r.bytesSent), ("pages_sent", r.pagesSent),
         ("zero_pages", r.zeroPages), ("iterations", r.iterations), ("converged", r.converged),
         ("bandwidth_mib_s", r.bandwidth / Double(1 << 20)), ("throttle_pct", r.throttlePercent),
@@ -221,19 +286,19 @@ func describe(_ error: Error, failed: String = "failed") -> String {
 /// on lines of their own; elsewhere (a pipe, a log) the events only.
 final class ProgressLine {
     let prefix: String
-    private let terminal = isatty(STDOUT_FILENO) == 1
+    private let terminal = isatty(Output.json ? STDERR_FILENO : STDOUT_FILENO) == 1
     private var live = false
     init(prefix: String) { self.prefix = prefix }
 
     func show(_ p: MigrationProgress) {
         if let event = p.event {
             clear()
-            print(prefix + event)
+            say(prefix + event)
         }
         guard terminal else { return }
         clear()
-        print(prefix + p.line, terminator: "")
-        fflush(stdout)
+        say(prefix + p.line, terminator: "")
+        fflush(Output.json ? stderr : stdout)
         live = true
     }
 
@@ -241,7 +306,7 @@ final class ProgressLine {
 
     private func clear() {
         guard live else { return }
-        print("\r\u{1B}[K", terminator: "")
+        say("\r\u{1B}[K", terminator: "")
         live = false
     }
 }

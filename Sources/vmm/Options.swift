@@ -91,6 +91,20 @@ func compact(_ v: Double) -> String {
 }
 
 /// One JSON object on one line, keys in the order given.
+/// Where a command's text goes: human text to stdout, or to stderr once the command was asked for
+/// --json, so that stdout then holds JSON lines only.
+enum Output {
+    nonisolated(unsafe) static var json = false
+}
+
+/// Human text: stdout, or stderr under --json.
+func say(_ text: String = "", terminator: String = "\n") {
+    if Output.json { FileHandle.standardError.write(Data((text + terminator).utf8)) } else { print(text, terminator: terminator) }
+}
+
+/// A JSON line: stdout, always.
+func printJSON(_ line: String) { print(line) }
+
 func jsonLine(_ fields: [(String, Any)]) -> String {
     func encode(_ v: Any) -> String {
         switch v {

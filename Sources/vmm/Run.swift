@@ -23,19 +23,20 @@ struct Run: ParsableCommand {
     var json = false
 
     func run() throws {
+        Output.json = json
         if guest.backend == .kvm { return try runKVM() }
         var spec = try guest.workload(workload)
         if let duration { spec.stop = .duration(duration.value) }
         let vm = SoftVM(vcpus: guest.vcpus)
         let ram = try vm.addRAM(guest.memory.layout, backing: guest.backing)
         if prealloc { try ram.populate() }
-        print("soft VM: \(guest.vcpus) vCPUs, \(guest.memory) \(guest.backing) memory")
-        print("workload: \(spec)")
+        say("soft VM: \(guest.vcpus) vCPUs, \(guest.memory) \(guest.backing) memory")
+        say("workload: \(spec)")
         let stats = try vm.run(spec, timeout: runTimeout(spec))
         let report = RunReport(stats: stats, census: vm.mmu.census(), backing: ram.report(),
                                shootdowns: vm.mmu.tlbs.shootdowns)
         report.printRows()
-        if json { print(report.json(spec: spec, backend: "soft")) }
+        if json { printJSON(report.json(spec: spec, backend: "soft")) }
     }
 }
 
@@ -47,29 +48,29 @@ extension Run {
         var spec = try guest.workload(workload)
         if let duration { spec.stop = .duration(duration.value) }
         if prealloc { try vm.ram.populate() }
-        print("kvm VM: \(vm.vcpuCount) vCPU(s), \(guest.memory) \(guest.backing) memory")
-        print("workload: \(spec)")
+        say("kvm VM: \(vm.vcpuCount) vCPU(s), \(guest.memory) \(guest.backing) memory")
+        say("workload: \(spec)")
         let runs = try vm.run(spec, timeout: runTimeout(spec))
         var total = VCPURun()
         for r in runs {
             total.accesses += r.accesses; total.writes += r.writes; total.exits += r.exits
             total.nanoseconds = max(total.nanoseconds, r.nanoseconds)
         }
-        print("")
-        print("vcpu   accesses   rate/s  writes  exits")
+        say("")
+        say("vcpu   accesses   rate/s  writes  exits")
         let rows: [(String, VCPURun)] = runs.enumerated().map { (String($0.offset), $0.element) } + (runs.count > 1 ? [("all", total)] : [])
         for (name, r) in rows {
             let secs = Double(max(r.nanoseconds, 1)) / 1e9
-            print([name.padding(toLength: 4, withPad: " ", startingAt: 0), compact(Double(r.accesses)).leftPad(10),
+            say([name.padding(toLength: 4, withPad: " ", startingAt: 0), compact(Double(r.accesses)).leftPad(10),
                    compact(Double(r.accesses) / secs).leftPad(8), compact(Double(r.writes)).leftPad(7),
                    String(r.exits).leftPad(6)].joined(separator: " "))
         }
         let report = vm.ram.report()
-        print("")
-        print("backing: \(report)")
+        say("")
+        say("backing: \(report)")
         if json {
             let secs = Double(max(total.nanoseconds, 1)) / 1e9
-            print(jsonLine([
+            printJSON(jsonLine([
                 ("command", "run"), ("backend", "kvm"), ("workload", spec.description), ("vcpus", runs.count),
                 ("accesses", total.accesses), ("writes", total.writes), ("accesses_per_sec", Double(total.accesses) / secs),
                 ("exits", total.exits), ("huge_fraction", report.hugeFraction),
@@ -109,13 +110,13 @@ struct RunReport {
     var total: VCPUStats { stats.reduce(VCPUStats(), +) }
 
     func printRows() {
-        print("")
-        print("vcpu   accesses   rate/s  writes  tlb-hit   walks  faults  4K/2M/1G mapped  exits  flushes")
-        for (i, s) in stats.enumerated() { print(row("\(i)", s)) }
-        if stats.count > 1 { print(row("all", total)) }
-        print("")
-        print("stage-2: \(census.leaves[3]) x 4K, \(census.leaves[2]) x 2M, \(census.leaves[1]) x 1G leaves; tables \(formatBytes(census.tableBytes)); \(shootdowns) TLB shootdowns")
-        print("backing: \(backing)")
+        say("")
+        say("vcpu   accesses   rate/s  writes  tlb-hit   walks  faults  4K/2M/1G mapped  exits  flushes")
+        for (i, s) in stats.enumerated() { say(row("\(i)", s)) }
+        if stats.count > 1 { say(row("all", total)) }
+        say("")
+        say("stage-2: \(census.leaves[3]) x 4K, \(census.leaves[2]) x 2M, \(census.leaves[1]) x 1G leaves; tables \(formatBytes(census.tableBytes)); \(shootdowns) TLB shootdowns")
+        say("backing: \(backing)")
     }
 
     private func row(_ name: String, _ s: VCPUStats) -> String {

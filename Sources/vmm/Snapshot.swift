@@ -40,7 +40,7 @@ struct SnapshotCreate: ParsableCommand {
         }
         for i in 0...max(0, diff) {
             Thread.sleep(forTimeInterval: every.value)
-            print(try chain.take(to: i == 0 ? out : "\(out).\(i)"))
+            say("\(try chain.take(to: i == 0 ? out : "\(out).\(i)"))")
         }
     }
 }
@@ -58,10 +58,10 @@ struct SnapshotRestore: ParsableCommand {
 
     func run() throws {
         let (vm, state) = try restoreSnapshots(files)
-        print("restored \(vm.ram.layout), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
+        say("restored \(vm.ram.layout), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
         try vm.start(from: state)
         Thread.sleep(forTimeInterval: runFor.value)
         let runs = try vm.stop()
-        print("the guest made \(runs.reduce(0) { $0 + $1.accesses }) accesses after the restore")
+        say("the guest made \(runs.reduce(0) { $0 + $1.accesses }) accesses after the restore")
     }
 }

@@ -95,7 +95,7 @@ struct Ctl: ParsableCommand {
         let client = try ControlClient(path: path, timeout: timeout.value)
         let answer = try client.execute(command, .object(pairs))
         switch answer {
-        case let .success(value): print(value)
+        case let .success(value): printJSON(value.description)
         case let .failure(e):
             warn("\(e.errorClass): \(e.desc)")
             throw ExitCode.failure

@@ -272,3 +272,17 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         _ = try? vm.stop()
     }
 }
+
+/// The pass history a migration reports, as CSV and as a plot: a row and a bar per pass, the
+/// downtime limit drawn, the throttle noted.
+@Test func passHistoryAsCSVAndPlot() throws {
+    var report = MigrationReport()
+    report.passes = [PassRecord(pass: 1, pages: 1000, bytes: 4_096_000, seconds: 0.5, dirtyRate: 2e6, expectedDowntime: 0.9, throttlePercent: 0),
+                     PassRecord(pass: 2, pages: 400, bytes: 1_638_400, seconds: 0.2, dirtyRate: 1e6, expectedDowntime: 0.35, throttlePercent: 20)]
+    let lines = report.passesCSV.split(separator: "\n")
+    #expect(lines.count == 3 && lines[0].hasPrefix("pass,pages,bytes") && lines[2].hasPrefix("2,400,1638400,0.200000,1000000,350.000,20"))
+    let svg = passesSVG(report.passes, downtimeLimit: 0.3, title: "a <test> & more")
+    #expect(svg.hasPrefix("<svg") && svg.hasSuffix("</svg>\n"))
+    #expect(svg.components(separatedBy: "<rect x=").count - 1 == 2, "one bar per pass")
+    #expect(svg.contains("downtime limit 300 ms") && svg.contains("-20%") && svg.contains("a &lt;test&gt; &amp; more"))
+}
