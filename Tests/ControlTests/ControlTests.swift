@@ -321,3 +321,46 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         try served.quitAndWait()
     }
 }
+
+/// The JSON the socket reads: random values survive writing and reading back; mutated and random
+/// texts are read or refused, never crash; numbers beyond 64 bits and odd escapes are handled.
+@Suite struct JSONTests {
+    @Test func roundTripsAndHostileTexts() throws {
+        var rng = SystemRandomNumberGenerator()
+        func value(_ depth: Int) -> JSON {
+            switch Int.random(in: 0..<(depth > 3 ? 5 : 7), using: &rng) {
+            case 0: return .null
+            case 1: return .bool(Bool.random(using: &rng))
+            case 2: return .int(Int64.random(in: Int64.min...Int64.max, using: &rng))
+            case 3: return .string(String((0..<Int.random(in: 0..<10, using: &rng)).map { _ in
+                Character(Unicode.Scalar([0x22, 0x5C, 0x0A, 0x01, 0x41, 0xE9, 0x1F600, 0x7F].randomElement(using: &rng)!)!) }))
+            case 4: return .double(Double(Int.random(in: -1000...1000, using: &rng)) + 0.5)
+            case 5: return .array((0..<Int.random(in: 0..<4, using: &rng)).map { _ in value(depth + 1) })
+            default: return .object((0..<Int.random(in: 0..<4, using: &rng)).map { i in ("k\(i)", value(depth + 1)) })
+            }
+        }
+        for _ in 0..<2000 {
+            let v = value(0)
+            #expect(try JSON.parse(v.description) == v, "\(v)")
+        }
+        let seeds = [#"{"execute": "migrate", "arguments": {"uri": "tcp:[::1]:4444", "max-bandwidth": 1e3}, "id": [1, null]}"#,
+                     #""\ud83d\ude00 \u0000 \ud800 x""#, "-0.5e-3", "[[[]]]"]
+        var read = 0
+        for _ in 0..<20_000 {
+            var b = Array(seeds.randomElement(using: &rng)!.utf8)
+            for _ in 0..<Int.random(in: 1...4, using: &rng) where !b.isEmpty {
+                switch Int.random(in: 0..<3, using: &rng) {
+                case 0: b[Int.random(in: 0..<b.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+                case 1: b.remove(at: Int.random(in: 0..<b.count, using: &rng))
+                default: b.insert(UInt8.random(in: 0...255, using: &rng), at: Int.random(in: 0...b.count, using: &rng))
+                }
+            }
+            if (try? JSON.parse(b)) != nil { read += 1 }
+        }
+        print("mutated JSON texts: \(read) of 20000 read")
+        #expect(try JSON.parse("123456789012345678901234567890") == .double(123456789012345678901234567890))
+        #expect(throws: JSONError.self) { try JSON.parse("1e400") }
+        #expect(try JSON.parse(#""\ud83d\ude00""#) == .string("😀"))
+        #expect(JSON.double(1e300).int == nil && JSON.double(.greatestFiniteMagnitude).description.contains("e"))
+    }
+}
