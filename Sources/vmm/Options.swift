@@ -2,6 +2,7 @@ import Foundation
 import ArgumentParser
 import GuestMemory
 import KVMBackend
+import Control
 import Migration
 import VirtualMachine
 import Workload
@@ -105,10 +106,14 @@ func say(_ text: String = "", terminator: String = "\n") {
 /// A JSON line: stdout, always.
 func printJSON(_ line: String) { print(line) }
 
+/// One JSON object on a line. A command's line (its first field `command`) always says how it ended:
+/// `status` is `completed` unless the fields say otherwise.
 func jsonLine(_ fields: [(String, Any)]) -> String {
+    var fields = fields
+    if fields.first?.0 == "command", !fields.contains(where: { $0.0 == "status" }) { fields.insert(("status", "completed"), at: 1) }
     func encode(_ v: Any) -> String {
         switch v {
-        case let s as String: return "\"" + s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"") + "\""
+        case let s as String: return JSON.string(s).description
         case let d as Double: return d.isFinite ? String(format: "%.3f", d) : "null"
         case let b as Bool: return b ? "true" : "false"
         case let i as Int: return String(i)

@@ -14,7 +14,22 @@ struct VMM: ParsableCommand {
         // mapping each such buffer fresh and trimming the heap after it, which costs a page fault per
         // 4 KiB on every record (half the encrypted migration's throughput on this nested host).
         cvmm_keep_heap(64 << 20, 1 << 30)
-        main(nil)
+        let command: ParsableCommand
+        do { command = try parseAsRoot() } catch { exit(withError: error) }
+        do {
+            var c = command
+            try c.run()
+        } catch {
+            // Under --json a command that fails still ends with its outcome as JSON (those that wrote
+            // their own have thrown an ExitCode).
+            if Output.json && !(error is ExitCode) {
+                let name = type(of: command).configuration.commandName ?? String(describing: type(of: command)).lowercased()
+                warn("Error: \(error)")
+                printJSON(failureJSON(name, error))
+                exit(withError: error is ValidationError ? ExitCode.validationFailure : ExitCode(exitStatus(error)))
+            }
+            exit(withError: error)
+        }
     }
 }
 
