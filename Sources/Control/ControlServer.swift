@@ -24,7 +24,8 @@ public protocol CommandHandler: AnyObject, Sendable {
 }
 
 /// The control socket: QMP's wire format on a Unix socket (docs/control-socket.md). Each client gets
-/// the greeting, must negotiate with `qmp_capabilities`, then sends one JSON object per line; every
+/// the greeting, must negotiate with `qmp_capabilities`, then sends JSON objects, each ended by its
+/// closing brace or by a newline, whichever comes first (QEMU's own clients send no newline); every
 /// request gets exactly one answer, in order, and negotiated clients also get every event. A client
 /// that sends garbage gets an error and stays connected; one that stops reading is dropped. At most
 /// `maxClients` at a time; a longer line than `maxLine` is answered with an error and skipped.
@@ -39,6 +40,8 @@ public final class ControlServer: @unchecked Sendable {
     private var clients: [Client] = []
     private var stopped = false
     private let acceptDone = DispatchSemaphore(value: 0)
+    /// Events go out from here, so whoever emits (a migration mid-pass) never waits on a client.
+    private let eventQueue = DispatchQueue(label: "control-events")
 
     /// Listens on `path` (mode 600). A stale socket there is replaced; a live one is refused.
     public init(path: String, handler: CommandHandler, version: String) throws {
@@ -67,8 +70,11 @@ public final class ControlServer: @unchecked Sendable {
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw QMPError.generic("socket: \(String(cString: strerror(errno)))") }
+        // Private from the moment it exists: no other user can connect between bind and a chmod.
+        let mask = umask(0o177)
         let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard bound == 0, chmod(path, 0o600) == 0, listen(fd, 16) == 0 else {
+        umask(mask)
+        guard bound == 0, listen(fd, 16) == 0 else {
             let e = errno
             close(fd)
             throw QMPError.generic("--api \(path): \(String(cString: strerror(e)))")
@@ -85,10 +91,12 @@ public final class ControlServer: @unchecked Sendable {
         clock_gettime(CLOCK_REALTIME, &now)
         let line = JSON.object([("event", .string(event)), ("data", data),
                                 ("timestamp", .object([("seconds", .int(Int64(now.tv_sec))), ("microseconds", .int(Int64(now.tv_nsec / 1000)))]))])
-        lock.lock()
-        let all = clients
-        lock.unlock()
-        for c in all where c.negotiated { c.send(line) }
+        eventQueue.async { [self] in
+            lock.lock()
+            let all = clients
+            lock.unlock()
+            for c in all where c.negotiated { c.send(line) }
+        }
     }
 
     /// Stops accepting, disconnects every client and removes the socket. Waits for the threads.
@@ -100,6 +108,7 @@ public final class ControlServer: @unchecked Sendable {
         lock.unlock()
         if already { return }
         acceptDone.wait()
+        eventQueue.sync {}   // the last events (SHUTDOWN) go out first
         for c in all { c.close() }
         for c in all { c.done.wait() }
         Glibc.close(fd)
@@ -151,6 +160,8 @@ public final class ControlServer: @unchecked Sendable {
                 if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
                 let (reply, ran) = answer(bytes, client)
                 client.send(reply)
+                // Events only after the negotiation's answer, as QEMU does.
+                if ran == "qmp_capabilities" { client.negotiated = true }
                 if let ran { handler.answered(ran) }
             }
         }
@@ -185,7 +196,6 @@ public final class ControlServer: @unchecked Sendable {
             guard name == "qmp_capabilities" else {
                 return fail(QMPError("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"))
             }
-            client.negotiated = true
             return reply(("return", .object([])))
         }
         if name == "qmp_capabilities" {
@@ -228,14 +238,38 @@ public final class ControlServer: @unchecked Sendable {
 
         enum Line { case text([UInt8]), tooLong }
 
-        /// The next line, or nil once the client is gone (or the server stops: `close` shuts the socket).
+        /// Where the next frame in `buffer` ends: at a newline, or at the brace or bracket that closes
+        /// a top-level object or array (outside strings), whichever comes first.
+        private func frameEnd() -> (end: Int, consumed: Int)? {
+            var depth = 0, inString = false, escaped = false
+            for (k, b) in buffer.enumerated() {
+                if b == 0x0A { return (k, k + 1) }
+                if inString {
+                    if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
+                    continue
+                }
+                switch b {
+                case UInt8(ascii: "\""): inString = true
+                case UInt8(ascii: "{"), UInt8(ascii: "["): depth += 1
+                case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                    depth -= 1
+                    if depth == 0 { return (k + 1, k + 1) }
+                    if depth < 0 { depth = 0 }   // a stray closer: the newline ends this garbage
+                default: break
+                }
+            }
+            return nil
+        }
+
+        /// The next frame, or nil once the client is gone (or the server stops: `close` shuts the socket).
         func readLine() -> Line? {
             var chunk = [UInt8](repeating: 0, count: 16 << 10)
             while true {
-                if let nl = buffer.firstIndex(of: 0x0A) {
-                    let line = Array(buffer[..<nl])
-                    buffer.removeSubrange(...nl)
+                if let (end, consumed) = frameEnd() {
+                    let line = Array(buffer[..<end])
+                    buffer.removeSubrange(..<consumed)
                     if discarding { discarding = false; return .tooLong }
+                    if line.count > ControlServer.maxLine { return .tooLong }
                     return .text(line)
                 }
                 if buffer.count > ControlServer.maxLine {

@@ -202,6 +202,7 @@ extension JSON {
             let digitsStart = at
             while at < bytes.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[at]) { at += 1 }
             guard at > digitsStart else { throw fail("unexpected character") }
+            guard at - digitsStart == 1 || bytes[digitsStart] != UInt8(ascii: "0") else { throw JSONError(offset: digitsStart, why: "a number with a leading zero") }
             if at < bytes.count, bytes[at] == UInt8(ascii: ".") {
                 integral = false
                 at += 1
@@ -256,7 +257,13 @@ extension JSON {
                         if (0xD800..<0xDC00).contains(code), bytes.count - at >= 6, bytes[at] == UInt8(ascii: "\\"), bytes[at + 1] == UInt8(ascii: "u") {
                             at += 2
                             let low = try hex4()
-                            if (0xDC00..<0xE000).contains(low) { code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00) }
+                            if (0xDC00..<0xE000).contains(low) {
+                                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                            } else {
+                                // A lone high surrogate, then a character of its own.
+                                scalars.append("\u{FFFD}")
+                                code = low
+                            }
                         }
                         scalars.append(Unicode.Scalar(code) ?? "\u{FFFD}")
                     default: throw fail("unknown escape")
@@ -270,7 +277,8 @@ extension JSON {
         }
 
         mutating func hex4() throws -> UInt32 {
-            guard bytes.count - at >= 4, let v = UInt32(String(decoding: bytes[at..<at + 4], as: UTF8.self), radix: 16) else {
+            guard bytes.count - at >= 4, bytes[at..<at + 4].allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x66) }),
+                  let v = UInt32(String(decoding: bytes[at..<at + 4], as: UTF8.self), radix: 16) else {
                 throw fail("expected 4 hex digits after \\u")
             }
             at += 4

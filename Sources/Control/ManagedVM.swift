@@ -98,6 +98,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             return .object([])
         case "migrate-cancel":
             try a.only([])
+            // An incoming VM drops the source it is receiving from and waits for the next.
             lock.withLock { migration }?.cancellation.cancel()
             return .object([])
         case "query-migrate":
@@ -105,7 +106,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             return lock.withLock { migration }?.json ?? .object([])
         case "migrate-set-parameters":
             try a.only(["downtime-limit", "max-bandwidth"])
-            try setParameters(a)
+            let apply = try parameterChanges(a)
+            lock.withLock { apply() }
             return .object([])
         case "snapshot-create":
             return try snapshot(a)
@@ -117,7 +119,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             return lock.withLock { dirtyRate }?.json ?? .object([("status", .string("unstarted"))])
         case "query-migrate-parameters":
             try a.only([])
-            return .object([("downtime-limit", .int(Int64(parameters.downtimeLimit * 1e3))),
+            return .object([("downtime-limit", .int(Int64((parameters.downtimeLimit * 1e3).rounded()))),
                             ("max-bandwidth", .int(Int64(parameters.maxBandwidth ?? 0)))])
         default:
             throw QMPError("CommandNotFound", "The command \(name) has not been found")
@@ -284,14 +286,16 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
 
     // MARK: Migration
 
-    /// The migration parameters `a` names (migrate-set-parameters, and migrate's own): kept for
-    /// later migrations and taken by a running one at its next pass.
-    private func setParameters(_ a: Arguments) throws {
+    /// The migration parameters `a` names (migrate-set-parameters, and migrate's own), checked:
+    /// applying them keeps them for later migrations, and a running one takes them at its next pass.
+    private func parameterChanges(_ a: Arguments) throws -> () -> Void {
         let ms = try a.int("downtime-limit"), bw = try a.int("max-bandwidth")
         if let ms, !(1...2_000_000).contains(ms) { throw QMPError.generic("downtime-limit is in milliseconds, 1 to 2000000") }
-        if let bw, bw < 0 { throw QMPError.generic("max-bandwidth is in bytes per second (0: unlimited)") }
-        if let ms { parameters.downtimeLimit = Double(ms) / 1e3 }
-        if let bw { parameters.maxBandwidth = bw == 0 ? nil : Double(bw) }
+        if let bw, !(0...(1 << 50)).contains(bw) { throw QMPError.generic("max-bandwidth is in bytes per second, 0 (unlimited) to 2^50") }
+        return { [parameters] in
+            if let ms { parameters.downtimeLimit = Double(ms) / 1e3 }
+            if let bw { parameters.maxBandwidth = bw == 0 ? nil : Double(bw) }
+        }
     }
 
     private func migrate(_ a: Arguments) throws {
@@ -299,10 +303,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         let uri = try a.required("uri", a.string)
         let address: MigrationAddress
         do { address = try MigrationAddress(parsing: uri) } catch { throw QMPError.generic("uri: \(error)") }
-        try setParameters(a)
+        let applyParameters = try parameterChanges(a)
         var options = MigrationOptions()
-        options.downtimeLimit = parameters.downtimeLimit
-        options.maxBandwidth = parameters.maxBandwidth
         options.tuning = parameters
         if let c = try a.int("channels") {
             guard (1...Int64(Connection.maxChannels)).contains(c) else { throw QMPError.generic("channels: 1 to \(Connection.maxChannels)") }
@@ -329,6 +331,10 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         (job, vm) = try lock.withLock {
             let vm = try guest(for: "migrate")
             try takeDirtyLog(for: "migrate")
+            // Every argument checked and the VM free: only now do the parameters change.
+            applyParameters()
+            options.downtimeLimit = parameters.downtimeLimit
+            options.maxBandwidth = parameters.maxBandwidth
             let job = MigrationJob(incoming: false, totalBytes: vm.ram.size)
             migration = job
             return (job, vm)
@@ -341,27 +347,33 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     }
 
     private func migrateAway(_ vm: any VirtualMachine, to address: MigrationAddress, options: MigrationOptions, job: MigrationJob) {
+        let wasRunning = vm.runState == .running
+        // The job and the VM's status change together, so no command sees a finished migration
+        // with the status before it (a set-workload then would restart a guest that runs elsewhere).
+        func end(_ status: MigrationJob.Status, report: MigrationReport? = nil, error: String? = nil, vmStatus: Status) {
+            lock.withLock {
+                job.finish(status, report: report, error: error)
+                if _status != .shutdown { _status = vmStatus }
+            }
+            job.cancellation.forget()
+            emit("MIGRATION", .object([("status", .string(status.rawValue))]))
+        }
         do {
-            let (main, more) = try Connection.connect(to: address, channels: options.channels, timeout: options.timeout)
+            let (main, more) = try Connection.connect(to: address, channels: options.channels, timeout: min(options.timeout, 30))
             for c in [main] + more { job.cancellation.watch(c) }
             let report = try Migration.migrate(vm, over: main, more: more, options: options) { [self] p in
                 track(job, p)
             }
-            job.finish(.completed, report: report)
-            lock.withLock { _status = .postmigrate }
-            emit("MIGRATION", .object([("status", .string("completed"))]))
-            emit("STOP")
+            end(.completed, report: report, vmStatus: .postmigrate)
+            if wasRunning { emit("STOP") }
         } catch let doubt as SwitchoverInDoubt {
-            job.finish(.failed, error: doubt.description)
-            lock.withLock { _status = .paused }
-            emit("MIGRATION", .object([("status", .string("failed"))]))
-            emit("STOP")
+            end(.failed, error: doubt.description, vmStatus: .paused)
+            if wasRunning { emit("STOP") }
         } catch {
             let e = MigrationError(describing: error)
-            let cancelled = e.code == .cancelled && e.toldBy == nil
-            job.finish(cancelled ? .cancelled : .failed, error: cancelled ? nil : e.description)
-            lock.withLock { _status = vm.runState == .paused ? .paused : .running }
-            emit("MIGRATION", .object([("status", .string(cancelled ? "cancelled" : "failed"))]))
+            // A cancel while connecting shows as the connection's failure: it is still a cancel.
+            let cancelled = job.cancellation.isCancelled && e.toldBy == nil
+            end(cancelled ? .cancelled : .failed, error: cancelled ? nil : e.description, vmStatus: vm.runState == .paused ? .paused : .running)
         }
     }
 
@@ -372,58 +384,70 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     }
 
     private func receiveLoop(_ listener: Listener, _ options: ReceiveOptions) {
-        while status == .inmigrate {
+        while true {
             let job = MigrationJob(incoming: true, totalBytes: 0)
-            lock.withLock { migration = job }
+            guard lock.withLock({ () -> Bool in
+                guard _status == .inmigrate else { return false }
+                migration = job
+                return true
+            }) else { return }
             do {
                 let vm = try receive(on: listener, options: options, cancellation: job.cancellation) { [self] p in track(job, p) }
-                job.finish(.completed)
-                // A guest the source had paused arrives paused.
+                // A guest the source had paused arrives paused; one that lands as the VM shuts down is stopped.
                 let running = vm.runState == .running
-                lock.withLock {
+                let kept = lock.withLock { () -> Bool in
+                    job.finish(.completed)
+                    guard _status == .inmigrate else { return false }
                     self.vm = vm
                     _status = running ? .running : .paused
+                    return true
                 }
+                if !kept { _ = try? vm.stop(); return }
                 emit("MIGRATION", .object([("status", .string("completed"))]))
                 if running { emit("RESUME") }
                 return
             } catch let doubt as SwitchoverInDoubt {
-                job.finish(.failed, error: doubt.description)
-                lock.withLock {
+                let kept = lock.withLock { () -> Bool in
+                    job.finish(.failed, error: doubt.description)
+                    guard _status == .inmigrate else { return false }
                     vm = doubt.vm
                     _status = .paused
+                    return true
                 }
+                if !kept { _ = try? doubt.vm.stop(); return }
                 emit("MIGRATION", .object([("status", .string("failed"))]))
                 return
             } catch {
                 let e = MigrationError(describing: error)
-                // Nobody came: wait on. A source that failed or was refused: report it, wait for another.
+                // Nobody came: wait on. A source that failed, was refused or was dropped by
+                // migrate-cancel: report it and wait for the next (until the VM shuts down).
                 if e.code == .timeout && job.status == .setup { continue }
-                job.finish(e.code == .cancelled ? .cancelled : .failed, error: e.description)
+                job.finish(job.cancellation.isCancelled ? .cancelled : .failed, error: job.cancellation.isCancelled ? nil : e.description)
                 emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
-                if job.cancellation.isCancelled { return }
             }
         }
     }
 
-    /// Cancels any migration, stops the guest, says SHUTDOWN, then calls `onQuit`.
+    /// Once: refuses every command from here on, cancels any migration and measurement, stops the
+    /// guest, says SHUTDOWN, then calls `onQuit`.
     public func shutdown() {
-        let (job, measuring): (MigrationJob?, DirtyRateJob?) = lock.withLock {
-            guard _status != .shutdown else { return (nil, nil) }
-            return (migration, dirtyRate)
-        }
-        job?.cancellation.cancel()
-        measuring?.cancellation.cancel()
-        while measuring?.status == .measuring { Thread.sleep(forTimeInterval: 0.01) }
-        // A migration or an incoming wait ends within its timeouts once cancelled.
-        let deadline = Date().addingTimeInterval(35)
-        while job?.isActive == true && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
-        let vm: (any VirtualMachine)? = lock.withLock {
-            guard _status != .shutdown else { return nil }
+        let first: Bool = lock.withLock {
+            guard _status != .shutdown else { return false }
             _status = .shutdown
-            return self.vm
+            return true
         }
-        if let vm, vm.runState != .stopped { _ = try? vm.stop() }
+        guard first else { return }
+        // Cancelled, each ends at its next step: a record boundary, a slice of a measurement step.
+        let deadline = Date().addingTimeInterval(35)
+        while true {
+            let (job, measuring) = lock.withLock { (migration, dirtyRate) }
+            job?.cancellation.cancel()
+            measuring?.cancellation.cancel()
+            let busy = job?.isActive == true || measuring?.status == .measuring
+            guard busy && Date() < deadline else { break }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        if let vm = lock.withLock({ vm }), vm.runState != .stopped { _ = try? vm.stop() }
         emit("SHUTDOWN", .object([("guest", .bool(false)), ("reason", .string("host-qmp-quit"))]))
         onQuit()
     }

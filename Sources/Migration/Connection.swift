@@ -393,4 +393,11 @@ public final class Cancellation: @unchecked Sendable {
         lock.unlock()
         if now { c.cancel() }
     }
+
+    /// Lets go of the connections it watches (a finished migration's sockets then close).
+    public func forget() {
+        lock.lock()
+        connections = []
+        lock.unlock()
+    }
 }

@@ -46,14 +46,15 @@ struct Start: ParsableCommand {
             spec.stop = .duration(WorkloadStop.maxDuration)
             managed = try ManagedVM(vm: try guest.makeVM(), workload: spec)
         }
+        // Ready for a quit before the socket takes one.
+        let quit = DispatchSemaphore(value: 0)
+        managed.onQuit = { quit.signal() }
         let server = try ControlServer(path: api, handler: managed, version: "0.4")
         managed.onEvent { name, data in
             server.emit(name, data)
             warn("vmm: event \(name) \(data)")
         }
         warn("vmm: control socket on \(api) (try: vmm ctl \(api) query-status)")
-        let quit = DispatchSemaphore(value: 0)
-        managed.onQuit = { quit.signal() }
         // Ctrl-C and SIGTERM quit as the quit command does.
         signal(SIGINT, SIG_IGN)
         signal(SIGTERM, SIG_IGN)

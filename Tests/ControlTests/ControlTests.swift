@@ -123,6 +123,13 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(try error(String(repeating: "[", count: 100_000))?.desc.contains("longer than") == true)
         #expect(try error(String(repeating: "[", count: 1000))?.desc.contains("nested deeper") == true)
         #expect(try error("{\"execute\": \"" + String(repeating: "x", count: 1 << 20) + "\"}")?.desc.contains("longer than") == true)
+        // Huge numbers are refused, not trapped on; parameters read back as set.
+        #expect(try error("{\"execute\": \"migrate-set-parameters\", \"arguments\": {\"max-bandwidth\": 9223372036854775807}}")?.desc.contains("2^50") == true)
+        _ = try c.execute("migrate-set-parameters", .object([("downtime-limit", .int(1005)), ("max-bandwidth", .int(1 << 50))])).get()
+        #expect(try c.execute("query-migrate-parameters").get() == .object([("downtime-limit", .int(1005)), ("max-bandwidth", .int(1 << 50))]))
+        // QEMU's own clients end a command with its closing brace, no newline.
+        try c.send(raw: Array(#"{"execute": "query-status", "id": "no-newline"}"#.utf8))
+        #expect(try c.readMessage()["id"] == .string("no-newline"))
         // The id comes back as sent.
         try c.send(raw: Array("{\"execute\": \"query-status\", \"id\": {\"n\": [1, \"two\"]}}\n".utf8))
         let m = try c.readMessage()
@@ -162,7 +169,10 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         for i in 0..<10_000 {
             let line: [UInt8]
             switch i % 3 {
-            case 0: line = (0..<Int.random(in: 1..<80, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }.map { $0 == 0x0A ? 0x20 : $0 }
+            // Random bytes, without what would end a frame early (a newline, a closing brace or
+            // bracket), so each line is one frame and gets one answer.
+            case 0: line = (0..<Int.random(in: 1..<80, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                .map { [0x0A, 0x7B, 0x7D, 0x5B, 0x5D].contains($0) ? 0x20 : $0 }
             case 1: line = Array(randomValue(0).description.utf8)
             default:
                 var request: [(String, JSON)] = [("execute", .string(names.randomElement(using: &rng)!))]
@@ -205,6 +215,10 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         let (b, bURI) = try incoming()
         let ca = try a.client(), cb = try b.client()
         #expect(try cb.execute("query-status").get()["status"] == .string("inmigrate"))
+        // A cancel on the waiting side drops nothing it needs: it waits on.
+        _ = try cb.execute("migrate-cancel").get()
+        try waitUntil { try cb.execute("query-migrate").get()["status"] == .string("setup") }
+        #expect(try cb.execute("query-status").get()["status"] == .string("inmigrate"))
         Thread.sleep(forTimeInterval: 0.5)   // every page of the working set written once
 
         // 1. Cannot converge at 8 MiB/s in 2 passes: failed, the source runs on.
@@ -230,6 +244,12 @@ func skipKVM(_ backend: BackendKind) -> Bool {
             if case let .array(p)? = q["passes"] { #expect(p.count >= seen, "the pass history shrank"); seen = p.count }
         }
         #expect(seen >= 3, "query-migrate showed \(seen) passes")
+        // A second migrate is refused, and changes nothing of the running one.
+        guard case let .failure(busy) = try ca.execute("migrate", .object([("uri", .string(bURI)), ("downtime-limit", .int(2_000_000))])) else {
+            Issue.record("a second migrate started"); return
+        }
+        #expect(busy.desc.contains("migrate-cancel"))
+        #expect(try ca.execute("query-migrate-parameters").get()["downtime-limit"] == .int(300))
         _ = try ca.execute("migrate-cancel").get()
         while try ca.waitEvent("MIGRATION", timeout: 30)["data"]?["status"] != .string("cancelled") {}
         #expect(try ca.execute("query-status").get()["status"] == .string("running"))
