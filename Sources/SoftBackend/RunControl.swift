@@ -104,8 +104,12 @@ public final class RunControl: @unchecked Sendable {
 /// A vCPU's pacing between batches of accesses, for both backends' vCPU loops: the auto-converge
 /// throttle (after each millisecond run, sleep so the vCPU runs only (100 - p)% of the time) and the
 /// workload's rate (accesses per second, counted from `firstAccess`, a continued stream's start).
+/// Time the throttle takes moves the rate's schedule on, so a throttle slows a paced guest by its
+/// share; and a vCPU that falls behind otherwise (descheduled, just restored) catches up at most
+/// `maxBacklog` of it, so it does not burst.
 public struct Pacer {
-    private let start: UInt64
+    public static let maxBacklog: UInt64 = 10_000_000   // ns
+    private var start: UInt64
     private let deadline: UInt64
     private let nanosPerAccess: Double?
     private let firstAccess: UInt64
@@ -127,12 +131,18 @@ public struct Pacer {
         if p > 0, now - window >= 1_000_000 {
             around { control.sleep(nanoseconds: (now - window) * UInt64(p) / UInt64(100 - p)) }
             window = monotonicNanos()
+            // The throttle's time is not owed back: the rate's schedule moves on by it.
+            start &+= window - now
         } else if p == 0 {
             window = now
         }
         if let nanosPerAccess {
             let due = start &+ UInt64(Double(done &- firstAccess) * nanosPerAccess)
-            if due > now { around { control.sleep(nanoseconds: min(due - now, deadline &- now)) } }
+            if due > now {
+                around { control.sleep(nanoseconds: min(due - now, deadline &- now)) }
+            } else if now - due > Self.maxBacklog {
+                start &+= now - due - Self.maxBacklog
+            }
         }
     }
 
