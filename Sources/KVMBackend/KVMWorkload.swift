@@ -94,7 +94,7 @@ extension KVMVCPU {
 
     /// Accesses between progress exits: about a millisecond's worth at a limited rate (the VMM paces
     /// the guest at these exits), 65,536 at full speed.
-    static func reportInterval(_ spec: WorkloadSpec) -> UInt64 {
+    public static func reportInterval(_ spec: WorkloadSpec) -> UInt64 {
         spec.rate.map { min(1 << 16, max(16, $0 / 1000)) } ?? 1 << 16
     }
 

@@ -381,6 +381,15 @@ final class KVMRunner: @unchecked Sendable {
         var total = VCPURun()
         var chunkDone: UInt64 = 0     // accesses of the current chunk, from its progress exits
         var pacer = Pacer(start: start, deadline: deadline, rate: spec.rate)
+        // A restored vCPU continues a chunk it began elsewhere, whose count includes what it did
+        // there: those accesses (known to within one report interval at its first report) are
+        // neither paced nor counted here.
+        var carried: UInt64? = restored ? nil : 0
+        let every = KVMVCPU.reportInterval(part)
+        func sinceRestore(_ n: UInt64) -> UInt64 {
+            if carried == nil { carried = n - min(n, every) }
+            return n - min(n, carried!)
+        }
         if !restored { try vcpu.loadWorkload(part, index: i, memory: memory, layout: ram.layout) }
         loop: while true {
             if control.stopRequested { break }
@@ -394,12 +403,13 @@ final class KVMRunner: @unchecked Sendable {
             total.exits += 1
             switch event {
             case let .progress(n):
-                chunkDone = n
+                chunkDone = sinceRestore(n)
             case .finished:
                 let chunk = vcpu.guestCounters(index: i, memory: memory)
-                total.accesses &+= chunk.accesses
-                total.writes += chunk.writes
+                total.accesses &+= sinceRestore(chunk.accesses)
+                total.writes &+= chunk.writes
                 chunkDone = 0
+                carried = 0
                 if case .count = spec.stop { break loop }
                 try vcpu.loadWorkload(part, index: i, memory: memory, layout: ram.layout, continuing: true)
             case .interrupted:

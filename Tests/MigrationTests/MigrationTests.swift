@@ -286,3 +286,22 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     #expect(svg.components(separatedBy: "<rect x=").count - 1 == 2, "one bar per pass")
     #expect(svg.contains("downtime limit 300 ms") && svg.contains("-20%") && svg.contains("a &lt;test&gt; &amp; more"))
 }
+
+/// A paced guest keeps its rate on the destination, on both backends: in its first half second there
+/// it makes about half a second's accesses, neither a burst nor a stall (a KVM vCPU continues a chunk
+/// of accesses it began on the source, whose count includes what it did there).
+@Test(arguments: [BackendKind.soft, .kvm])
+func pacedGuestKeepsItsRateAfterMigration(_ backend: BackendKind) throws {
+    if backend == .kvm, case let .failure(e) = KVMSystem.availability() {
+        print("KVM TESTS SKIPPED: \(e)")
+        return
+    }
+    let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: 64 << 20, backing: .pages4K, vcpus: 1))
+    try vm.start(WorkloadSpec(pattern: .uniform, base: vm.workloadBase, workingSet: 32 << 20, writeFraction: 0.5, rate: 25_600, stop: .duration(60)))
+    Thread.sleep(forTimeInterval: 0.7)
+    let (_, moved) = try migrateOverLoopback(vm, options: MigrationOptions(timeout: 10))
+    Thread.sleep(forTimeInterval: 0.5)
+    let accesses = try moved.stop().reduce(0) { $0 + $1.accesses }
+    print("paced guest (\(backend)): \(accesses) accesses in its first 0.5 s on the destination, 12,800 expected")
+    #expect(accesses > 12_800 * 7 / 10 && accesses < 12_800 * 13 / 10)
+}
