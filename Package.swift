@@ -50,7 +50,9 @@ let package = Package(
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "SoftBackendTests", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend"]),
         .testTarget(name: "VirtualMachineTests", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "VirtualMachine", "KVMBackend", "SoftBackend"]),
-        .testTarget(name: "MigrationTests", dependencies: ["GuestMemory", "DirtyLog", "Workload", "VirtualMachine", "Migration", "SoftBackend", "KVMBackend"]),
+        // Fixtures are read by path (#filePath), not bundled.
+        .testTarget(name: "MigrationTests", dependencies: ["GuestMemory", "DirtyLog", "Workload", "VirtualMachine", "Migration", "SoftBackend", "KVMBackend"],
+                    exclude: ["Fixtures"]),
         .testTarget(name: "ControlTests", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration", "Control", "KVMBackend"]),
         .testTarget(name: "KVMBackendTests", dependencies: ["GuestMemory", "DirtyLog", "KVMBackend", "Workload", "Stage2", "SoftBackend"]),
     ],

@@ -46,17 +46,8 @@ struct Migrate: ParsableCommand {
     }
 
     func run() throws {
+        // Under --json, a refusal before anything moved ends in its JSON line too (VMM.main).
         Output.json = json
-        // Under --json every outcome ends in one JSON line, a refusal before anything moved too.
-        do { try go() } catch let e as ExitCode { throw e } catch {
-            guard json else { throw error }
-            warn("source: \(error)")
-            printJSON(failureJSON("migrate", error))
-            throw ExitCode(exitStatus(error))
-        }
-    }
-
-    private func go() throws {
         let address = try MigrationAddress(parsing: to)
         var spec = try guest.workload(workload)
         spec.stop = .duration(3600)
@@ -120,17 +111,8 @@ struct Receive: ParsableCommand {
     var json = false
 
     func run() throws {
+        // Under --json, a refusal before anything moved ends in its JSON line too (VMM.main).
         Output.json = json
-        // Under --json every outcome ends in one JSON line, a refusal before anything moved too.
-        do { try go() } catch let e as ExitCode { throw e } catch {
-            guard json else { throw error }
-            warn("destination: \(error)")
-            printJSON(failureJSON("receive", error))
-            throw ExitCode(exitStatus(error))
-        }
-    }
-
-    private func go() throws {
         let address = try MigrationAddress(parsing: listen)
         let key = try keyFile.map { try MigrationKey(file: $0) }
         if key == nil { warn("destination: no --key-file: the stream is neither encrypted nor authenticated") }
