@@ -20,10 +20,12 @@ extension Stage2MMU {
             lock.lockExclusive()
             let slot = log.slot    // as it is now: a move between chunks is followed
             let end = min(pages?.upperBound ?? slot.pageCount, slot.pageCount)
-            guard dirtyLogs[id] === log, page < end else {
+            let logging = dirtyLogs[id] === log
+            guard logging, page < end else {
                 commit(changes)
                 lock.unlock()
-                if dirtyLogs[id] !== log { throw .notLogging(slot: id) }
+                // Read under the lock: a slot change on another thread rewrites the table.
+                if !logging { throw .notLogging(slot: id) }
                 return
             }
             let next = min(end, (page / Self.lockChunkPages + 1) * Self.lockChunkPages)
