@@ -144,12 +144,17 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         return vm!
     }
 
-    /// The dirty log is free for `what`: no dirty-rate measurement holds it. A snapshot chain that
-    /// holds it ends (its next snapshot is a full one).
-    private func takeDirtyLog(for what: String) throws {
+    /// Refuses `what` while a dirty-rate measurement holds the dirty log.
+    private func refuseWhileMeasuring(_ what: String) throws {
         if dirtyRate?.status == .measuring {
             throw QMPError.generic("cannot \(what) while the dirty rate is measured: wait until query-dirty-rate says measured")
         }
+    }
+
+    /// The dirty log is free for `what`: no dirty-rate measurement holds it. A snapshot chain that
+    /// holds it ends (its next snapshot is a full one).
+    private func takeDirtyLog(for what: String) throws {
+        try refuseWhileMeasuring(what)
         chain?.finish()
         chain = nil
     }
@@ -163,9 +168,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         guard kind == nil || kind == "full" || kind == "diff" else { throw QMPError.generic("kind: full or diff, not \(kind!)") }
         let report: SnapshotReport = try lock.withLock {
             let vm = try guest(for: "take a snapshot")
-            if dirtyRate?.status == .measuring {
-                throw QMPError.generic("cannot take a snapshot while the dirty rate is measured: wait until query-dirty-rate says measured")
-            }
+            try refuseWhileMeasuring("take a snapshot")
             if kind == "diff" && chain == nil {
                 throw QMPError.generic("no chain to take a diff of: take a full snapshot first (a migration or a dirty-rate measurement ends a chain)")
             }

@@ -1,5 +1,10 @@
 import Foundation
 
+/// A migration's pre-copy passes as CSV, a header line first.
+public func passesCSV(_ passes: [PassRecord]) -> String {
+    ([PassRecord.csvHeader] + passes.map(\.csvLine)).joined(separator: "\n") + "\n"
+}
+
 /// A migration's pre-copy passes drawn as an SVG image: above, what each pass sent (bars) and what
 /// the guest dirtied meanwhile (dots, same scale per second); below, the pause each pass left
 /// against the downtime limit (dashed), with the auto-converge throttle noted on each pass.

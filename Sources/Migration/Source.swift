@@ -79,9 +79,6 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     public var passes: [PassRecord] = []
     public init() {}
 
-    /// The passes as CSV, a header line first.
-    public var passesCSV: String { ([PassRecord.csvHeader] + passes.map(\.csvLine)).joined(separator: "\n") + "\n" }
-
     public var description: String {
         String(format: "total %.0f ms, downtime %.0f ms, setup %.1f ms, %@ sent (%llu pages, %llu zero), %d iterations, %@, %.0f MiB/s",
                totalSeconds * 1e3, downtimeSeconds * 1e3, setupSeconds * 1e3, formatBytes(bytesSent), pagesSent, zeroPages,

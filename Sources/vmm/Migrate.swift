@@ -228,9 +228,7 @@ func failureJSON(_ command: String, _ error: Error) -> String {
 
 /// Writes a migration's passes as CSV and as an SVG plot, where asked.
 func writePasses(_ passes: [PassRecord], downtimeLimit: Double, title: String, csv: String?, svg: String?) throws {
-    var report = MigrationReport()
-    report.passes = passes
-    if let csv { try report.passesCSV.write(toFile: csv, atomically: true, encoding: .utf8) }
+    if let csv { try passesCSV(passes).write(toFile: csv, atomically: true, encoding: .utf8) }
     if let svg { try passesSVG(passes, downtimeLimit: downtimeLimit, title: title).write(toFile: svg, atomically: true, encoding: .utf8) }
 }
 

@@ -279,7 +279,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     var report = MigrationReport()
     report.passes = [PassRecord(pass: 1, pages: 1000, bytes: 4_096_000, seconds: 0.5, dirtyRate: 2e6, expectedDowntime: 0.9, throttlePercent: 0),
                      PassRecord(pass: 2, pages: 400, bytes: 1_638_400, seconds: 0.2, dirtyRate: 1e6, expectedDowntime: 0.35, throttlePercent: 20)]
-    let lines = report.passesCSV.split(separator: "\n")
+    let lines = passesCSV(report.passes).split(separator: "\n")
     #expect(lines.count == 3 && lines[0].hasPrefix("pass,pages,bytes") && lines[2].hasPrefix("2,400,1638400,0.200000,1000000,350.000,20"))
     let svg = passesSVG(report.passes, downtimeLimit: 0.3, title: "a <test> & more")
     #expect(svg.hasPrefix("<svg") && svg.hasSuffix("</svg>\n"))
