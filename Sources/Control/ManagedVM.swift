@@ -21,7 +21,11 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     }
 
     private let lock = NSLock()
-    private var vm: (any VirtualMachine)?
+    private var vm: (any VirtualMachine)? {
+        didSet { if vm !== oldValue { limiter?.stop(); limiter = vm.map { DirtyLimiter(vm: $0) } } }
+    }
+    /// The VM's per-vCPU dirty limits; it lends the dirty log to every other user.
+    private var limiter: DirtyLimiter?
     private var _status: Status
     private let started = Date()
     private var migration: MigrationJob?
@@ -36,19 +40,24 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     /// Called once, after `quit` was answered and the VM shut down.
     public var onQuit: @Sendable () -> Void = {}
 
-    /// Starts `workload` on `vm` and manages it.
-    public init(vm: any VirtualMachine, workload: WorkloadSpec) throws {
+    /// Starts `workload` on `vm` and manages it. `dirtyRing`: the VM logs with the dirty ring (KVM:
+    /// chosen before its vCPUs first run), which a dirty limit needs.
+    public init(vm: any VirtualMachine, workload: WorkloadSpec, dirtyRing: Bool = false) throws {
+        if dirtyRing { try vm.chooseDirtyRing() }
         try vm.start(workload)
-        self.vm = vm
         _status = .running
+        setVM(vm)
     }
+
+    /// Sets the VM (a `didSet` does not run in an initializer).
+    private func setVM(_ vm: any VirtualMachine) { self.vm = vm }
 
     /// Restores a snapshot chain (a full snapshot, then its diffs) and runs the guest from it.
     public init(restoring paths: [String]) throws {
         let (vm, state) = try restoreSnapshots(paths)
         try vm.start(from: state)
-        self.vm = vm
         _status = .running
+        setVM(vm)
     }
 
     /// Waits on `listener` for a migration (again after one that fails) and runs the guest it brings.
@@ -72,7 +81,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
 
     public let commandNames = ["query-status", "stop", "cont", "quit", "query-vm", "set-workload", "migrate", "migrate-cancel",
                                "query-migrate", "migrate-set-parameters", "query-migrate-parameters", "snapshot-create",
-                               "calc-dirty-rate", "query-dirty-rate"]
+                               "calc-dirty-rate", "query-dirty-rate", "set-vcpu-dirty-limit", "cancel-vcpu-dirty-limit",
+                               "query-vcpu-dirty-limit"]
 
     public func run(_ name: String, _ a: Arguments) throws -> JSON {
         switch name {
@@ -117,6 +127,15 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         case "query-dirty-rate":
             try a.only([])
             return lock.withLock { dirtyRate }?.json ?? .object([("status", .string("unstarted"))])
+        case "set-vcpu-dirty-limit", "cancel-vcpu-dirty-limit":
+            try setDirtyLimit(a, set: name == "set-vcpu-dirty-limit")
+            return .object([])
+        case "query-vcpu-dirty-limit":
+            try a.only([])
+            return .array((lock.withLock { limiter }?.vcpus ?? []).filter { $0.limit != nil }.map { v in
+                .object([("cpu-index", .int(Int64(v.index))), ("limit-rate", .int(Int64((v.limit! / 1048576).rounded()))),
+                         ("current-rate", .int(Int64((v.rate / 1048576).rounded()))), ("throttle-percent", .int(Int64(v.throttle)))])
+            })
         case "query-migrate-parameters":
             try a.only([])
             return .object([("downtime-limit", .int(Int64((parameters.downtimeLimit * 1e3).rounded()))),
@@ -131,14 +150,14 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     }
 
     /// The VM to act on, when it runs or is paused here.
-    private func guest(for what: String) throws -> any VirtualMachine {
+    private func guest(for what: String, duringMigration: Bool = false) throws -> any VirtualMachine {
         switch _status {
         case .inmigrate: throw QMPError.generic("cannot \(what): the VM is waiting for an incoming migration")
         case .postmigrate: throw QMPError.generic("cannot \(what): the guest was migrated away and runs at the destination")
         case .shutdown: throw QMPError.generic("cannot \(what): the VM is shutting down")
         case .running, .paused: break
         }
-        if migration?.isActive == true && migration?.incoming == false {
+        if !duringMigration && migration?.isActive == true && migration?.incoming == false {
             throw QMPError.generic("cannot \(what) while a migration runs: cancel it first with migrate-cancel")
         }
         return vm!
@@ -152,11 +171,24 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     }
 
     /// The dirty log is free for `what`: no dirty-rate measurement holds it. A snapshot chain that
-    /// holds it ends (its next snapshot is a full one).
+    /// holds it ends (its next snapshot is a full one). The limiter lends it until `giveBackDirtyLog`.
+    /// The caller holds `lock`.
     private func takeDirtyLog(for what: String) throws {
         try refuseWhileMeasuring(what)
-        chain?.finish()
+        endChain()
+        limiter?.lendLog()
+    }
+
+    private func giveBackDirtyLog() { lock.withLock { limiter }?.giveBack() }
+
+    /// The strategy a user of the dirty log takes: the ring while a dirty limit measures through it.
+    private var logStrategy: DirtyStrategy? { limiter?.isActive == true ? .ring : nil }
+
+    private func endChain() {
+        guard let c = chain else { return }
+        c.finish()
         chain = nil
+        limiter?.giveBack()
     }
 
     /// `snapshot-create`: a full snapshot (a new chain) or a diff of the chain taken so far, written
@@ -172,12 +204,17 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             if kind == "diff" && chain == nil {
                 throw QMPError.generic("no chain to take a diff of: take a full snapshot first (a migration or a dirty-rate measurement ends a chain)")
             }
-            let c = chain ?? SnapshotChain(vm: vm)
+            let c: SnapshotChain
+            if let chain { c = chain } else {
+                limiter?.lendLog()
+                c = SnapshotChain(vm: vm, strategy: logStrategy)
+            }
             do {
                 let r = try c.take(to: path, full: kind == "full" || chain == nil)
                 chain = c
                 return r
             } catch {
+                if chain == nil { c.finish(); limiter?.giveBack() }
                 throw QMPError.generic("snapshot to \(path): \(error)")
             }
         }
@@ -218,10 +255,30 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         }
         let t = Thread { [self] in
             job.finish(Result { try measureDirtyRate(vm, window: window, steps: steps, strategy: strategy, cancellation: job.cancellation) { job.add($0) } })
+            giveBackDirtyLog()
             emit("DIRTY_RATE", .object([("status", .string(job.status.rawValue))] + (job.rate.map { [("dirty-rate", .double(($0 * 10).rounded() / 10))] } ?? [])))
         }
         t.name = "dirty-rate"
         t.start()
+    }
+
+    /// `set-vcpu-dirty-limit` {cpu-index (all if absent), dirty-rate (MiB/s)} and
+    /// `cancel-vcpu-dirty-limit` {cpu-index (all if absent)}.
+    private func setDirtyLimit(_ a: Arguments, set: Bool) throws {
+        try a.only(set ? ["cpu-index", "dirty-rate"] : ["cpu-index"])
+        let index = try a.int("cpu-index")
+        let rate = set ? try a.required("dirty-rate", a.int) : nil
+        if let rate, !(1...(1 << 30)).contains(rate) { throw QMPError.generic("dirty-rate is in MiB/s, 1 to 2^30") }
+        try lock.withLock {
+            _ = try guest(for: set ? "set a dirty limit" : "cancel a dirty limit", duringMigration: true)
+            guard let limiter else { throw QMPError.generic("the VM has no vCPUs to limit") }
+            if let index, !(0..<Int64(limiter.vcpus.count)).contains(index) {
+                throw QMPError.generic("cpu-index \(index): this VM has vCPUs 0 to \(limiter.vcpus.count - 1)")
+            }
+            do { try limiter.setLimit(rate.map { Double($0) * 1048576 }, vcpu: index.map { Int($0) }) } catch {
+                throw QMPError.generic("\(error)")
+            }
+        }
     }
 
     /// `stop` (pause the vCPUs, event STOP) and `cont` (resume them, event RESUME); a VM already so
@@ -338,6 +395,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             applyParameters()
             options.downtimeLimit = parameters.downtimeLimit
             options.maxBandwidth = parameters.maxBandwidth
+            options.dirtyLog = logStrategy
             let job = MigrationJob(incoming: false, totalBytes: vm.ram.size)
             migration = job
             return (job, vm)
@@ -354,10 +412,13 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         // The job and the VM's status change together, so no command sees a finished migration
         // with the status before it (a set-workload then would restart a guest that runs elsewhere).
         func end(_ status: MigrationJob.Status, report: MigrationReport? = nil, error: String? = nil, vmStatus: Status) {
-            lock.withLock {
+            let limiter = lock.withLock {
                 job.finish(status, report: report, error: error)
                 if _status != .shutdown { _status = vmStatus }
+                return self.limiter
             }
+            // The guest gone, its limits go; else the limiter takes the log back.
+            if status == .completed { limiter?.stop() } else { limiter?.giveBack() }
             job.cancellation.forget()
             emit("MIGRATION", .object([("status", .string(status.rawValue))]))
         }
@@ -450,6 +511,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             guard busy && Date() < deadline else { break }
             Thread.sleep(forTimeInterval: 0.01)
         }
+        lock.withLock { limiter }?.stop()
         if let vm = lock.withLock({ vm }), vm.runState != .stopped { _ = try? vm.stop() }
         emit("SHUTDOWN", .object([("guest", .bool(false)), ("reason", .string("host-qmp-quit"))]))
         onQuit()

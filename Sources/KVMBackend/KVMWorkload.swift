@@ -83,7 +83,8 @@ extension KVMVCPU {
                                pages: gen.pageCount, writeThreshold: gen.writeLimit, offsetMask: gen.accessOffsetMask,
                                accessSize: UInt64(spec.accessSize), hotPages: gen.hotPageCount, hotThreshold: gen.hotLimit,
                                zipfTable: X86Layout.zipfTable.raw, count: count, state: gen.initialState,
-                               seq: UInt64(index) << 48, reportEvery: Self.reportInterval(spec), counterOffset: gen.counterOffset)
+                               seq: UInt64(index) << 48, reportEvery: Self.reportInterval(spec), cursor: gen.initialCursor,
+                               counterOffset: gen.counterOffset)
         withUnsafeBytes(of: &p) { (mem + Int(params.raw)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         // The loader's stores are the VMM's writes: a logging slot must report them.
         vm.recordWrite(X86Layout.code, length: UInt64(GuestProgram.bytes.count))

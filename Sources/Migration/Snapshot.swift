@@ -64,8 +64,12 @@ public final class SnapshotChain {
     /// The current chain's id, new with each full snapshot.
     public private(set) var chain = UInt64.random(in: 1...UInt64.max)
 
-    public init(vm: any VirtualMachine) {
+    /// How the chain logs the guest's writes between snapshots (nil: the VM's default).
+    public let strategy: DirtyStrategy?
+
+    public init(vm: any VirtualMachine, strategy: DirtyStrategy? = nil) {
         self.vm = vm
+        self.strategy = strategy
     }
 
     /// Takes the next snapshot into `path`: full for the first, else a diff unless `full` is set.
@@ -81,7 +85,7 @@ public final class SnapshotChain {
             bitmap = try vm.getDirtyLog()
         } else {
             // From here on the dirty log holds what the next diff needs.
-            if (try? vm.getDirtyLog()) == nil { try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect)) }
+            if (try? vm.getDirtyLog()) == nil { try vm.enableDirtyLogging(DirtyLogConfig(strategy: strategy ?? vm.defaultDirtyStrategy)) }
             bitmap = vm.allPages
         }
         let temporary = path + ".partial"

@@ -28,6 +28,9 @@ public struct MigrationOptions: Sendable {
     public var maxBandwidth: Double?
     /// TCP connections carrying page data (multifd); the first also carries the rest of the stream.
     public var channels: Int
+    /// How the source logs the guest's writes (nil: the VM's default; a dirty limit wants the ring,
+    /// whose per-vCPU counts it measures).
+    public var dirtyLog: DirtyStrategy?
     public init(downtimeLimit: Double = 0.3, maxIterations: Int = 30, convergence: Convergence = .cancel, timeout: Double = 30,
                 key: MigrationKey? = nil, maxBandwidth: Double? = nil, channels: Int = 1) {
         self.downtimeLimit = downtimeLimit
@@ -134,7 +137,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         try connection.sendRecord(.guest, count: UInt32(all.count), firstPage: token, payload: GuestDescription(vm).encoded())
         try connection.flush()
         try channels.open(key: options.key, token: token)
-        try vm.enableDirtyLogging(DirtyLogConfig(strategy: .writeProtect))
+        try vm.enableDirtyLogging(DirtyLogConfig(strategy: options.dirtyLog ?? vm.defaultDirtyStrategy))
         report.setupSeconds = Date().timeIntervalSince(start)
         channels.tick = { pages in
             out.update { $0.pagesDone = pages }

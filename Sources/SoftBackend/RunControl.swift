@@ -17,16 +17,36 @@ public final class RunControl: @unchecked Sendable {
     public init(vcpus: Int, paused: Bool = false) {
         vcpuCount = vcpus
         pause.store(paused, ordering: .relaxed)
+        vcpuThrottles = .allocate(capacity: max(1, vcpus))
+        for i in 0..<vcpus { (vcpuThrottles + i).initialize(to: Atomic(0)) }
+    }
+
+    deinit {
+        vcpuThrottles.deinitialize(count: vcpuCount)
+        vcpuThrottles.deallocate()
     }
 
     private let throttle = Atomic<Int>(0)
+    private let vcpuThrottles: UnsafeMutablePointer<Atomic<Int>>
 
     public var pauseRequested: Bool { pause.load(ordering: .relaxed) }
 
-    /// Percent of the time vCPUs sleep (0 = full speed): a migration's auto-converge.
+    /// Percent of the time every vCPU sleeps (0 = full speed): a migration's auto-converge.
     public var throttlePercent: Int {
         get { throttle.load(ordering: .relaxed) }
         set { throttle.store(min(99, max(0, newValue)), ordering: .relaxed) }
+    }
+
+    /// Percent of the time vCPU `vcpu` alone sleeps: a dirty limit's throttle of one vCPU.
+    public func setThrottle(vcpu: Int, percent: Int) {
+        precondition(vcpu >= 0 && vcpu < vcpuCount, "vCPU \(vcpu) of \(vcpuCount)")
+        vcpuThrottles[vcpu].store(min(99, max(0, percent)), ordering: .relaxed)
+    }
+
+    /// What vCPU `vcpu` sleeps: the larger of the VM's throttle and its own.
+    @inline(__always)
+    public func throttlePercent(vcpu: Int) -> Int {
+        max(throttle.load(ordering: .relaxed), vcpu < vcpuCount ? vcpuThrottles[vcpu].load(ordering: .relaxed) : 0)
     }
     public var stopRequested: Bool { stop.load(ordering: .relaxed) }
 
@@ -101,9 +121,9 @@ public final class RunControl: @unchecked Sendable {
     public var pausedCount: Int { cond.lock(); defer { cond.unlock() }; return parked }
 }
 
-/// A vCPU's pacing between batches of accesses, for both backends' vCPU loops: the auto-converge
-/// throttle (after each millisecond run, sleep so the vCPU runs only (100 - p)% of the time) and the
-/// workload's rate (accesses per second, counted from `firstAccess`, a continued stream's start).
+/// A vCPU's pacing between batches of accesses, for both backends' vCPU loops: the throttle (the
+/// VM's auto-converge or the vCPU's dirty limit: after each millisecond run, sleep so the vCPU runs
+/// only (100 - p)% of the time) and the workload's rate (accesses per second, counted from `firstAccess`, a continued stream's start).
 /// Time the throttle takes moves the rate's schedule on, so a throttle slows a paced guest by its
 /// share; and a vCPU that falls behind otherwise (descheduled, just restored) catches up at most
 /// `maxBacklog` of it, so it does not burst.
@@ -114,8 +134,10 @@ public struct Pacer {
     private let nanosPerAccess: Double?
     private let firstAccess: UInt64
     private var window: UInt64
+    private let vcpu: Int
 
-    public init(start: UInt64, deadline: UInt64, rate: UInt64?, firstAccess: UInt64 = 0) {
+    public init(vcpu: Int = 0, start: UInt64, deadline: UInt64, rate: UInt64?, firstAccess: UInt64 = 0) {
+        self.vcpu = vcpu
         self.start = start
         self.deadline = deadline
         nanosPerAccess = rate.map { 1e9 / Double($0) }
@@ -127,7 +149,7 @@ public struct Pacer {
     /// vCPU leaves guest mode for it). Sleeps end early for pause or stop.
     @inline(__always)
     public mutating func pace(now: UInt64, done: UInt64, control: RunControl, around: (() -> Void) -> Void = { $0() }) {
-        let p = control.throttlePercent
+        let p = control.throttlePercent(vcpu: vcpu)
         if p > 0, now - window >= 1_000_000 {
             around { control.sleep(nanoseconds: (now - window) * UInt64(p) / UInt64(100 - p)) }
             window = monotonicNanos()

@@ -297,7 +297,7 @@ public final class SoftVCPU: @unchecked Sendable {
         // Saved as it stands before the first access, too (a guest started paused, then migrated).
         position = VCPUPosition(state: gen.position.state, cursor: gen.position.cursor, seq: seq, done: done)
         // A continued stream is paced from where it resumed, not from its first access.
-        var pacer = Pacer(start: start, deadline: deadline, rate: workload.rate, firstAccess: done)
+        var pacer = Pacer(vcpu: index, start: start, deadline: deadline, rate: workload.rate, firstAccess: done)
         self.control = control
         defer { self.control = nil }
         // Started paused: not one access before the resume.

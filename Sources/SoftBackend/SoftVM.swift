@@ -114,9 +114,10 @@ public final class SoftVM: @unchecked Sendable {
         guard c.pauseAll(timeout: timeout) else { throw .timeout("pausing \(vcpus.count) vCPUs within \(timeout) s") }
     }
 
-    /// Slows the vCPUs to (100 - percent)% of their time (auto-converge); 0 lifts it.
-    public func setThrottle(percent: Int) {
-        control?.throttlePercent = percent
+    /// Slows vCPU `vcpu` (nil: every vCPU, auto-converge) to (100 - percent)% of its time; 0 lifts it.
+    public func setThrottle(percent: Int, vcpu: Int? = nil) {
+        guard let control else { return }
+        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = percent }
     }
 
     public func resume() throws(SoftVMError) {

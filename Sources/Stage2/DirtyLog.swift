@@ -68,6 +68,9 @@ public final class DirtyRing: @unchecked Sendable {
 
     deinit { slots.deallocate() }
 
+    /// Entries pushed since the ring was made.
+    public var pushedTotal: Int { pushed.load(ordering: .acquiring) }
+
     /// Entries pushed and not yet reset.
     public var count: Int { pushed.load(ordering: .acquiring) - freed.load(ordering: .acquiring) }
 

@@ -21,8 +21,10 @@ final class KVMMachine: VirtualMachine {
     /// Serializes slot and logging changes (and guards `mode`): each reads a slot and writes it back
     /// whole, so a racing change is never undone.
     private let changeLock = NSLock()
-    /// Serializes ring harvests and resets, which KVM requires to go in order.
+    /// Serializes ring harvests and resets, which KVM requires to go in order (and guards `ringCounts`).
     private let ringLock = NSLock()
+    /// Entries harvested from each vCPU's ring since the VM was made.
+    private var ringCounts: [UInt64]
     var backend: BackendKind { .kvm }
     var vcpuCount: Int { vcpuTotal }
 
@@ -35,6 +37,7 @@ final class KVMMachine: VirtualMachine {
         vm = try KVMVM(system: system)
         ram = try GuestRAM(layout: config.layout, backing: config.backing)
         vcpuTotal = config.vcpus
+        ringCounts = Array(repeating: 0, count: config.vcpus)
         ringEntries = config.dirtyRingEntries
         let maxRing = Int(system.capability(.dirtyLogRing)) / KVMDirtyRing.entryBytes
         if maxRing > 0 && ringEntries > maxRing {
@@ -52,7 +55,9 @@ final class KVMMachine: VirtualMachine {
 
     var capabilities: VMCapabilities {
         let ring = Int(system.capability(.dirtyLogRing)) / KVMDirtyRing.entryBytes
-        return VMCapabilities(strategies: ring > 0 ? [.writeProtect, .ring] : [.writeProtect],
+        // Once the vCPUs are made with rings, KVM keeps no dirty bitmap.
+        let strategies: [DirtyStrategy] = ring == 0 ? [.writeProtect] : vm.dirtyRingBytes > 0 ? [.ring] : [.writeProtect, .ring]
+        return VMCapabilities(strategies: strategies,
                               manualProtect: system.capability(.manualDirtyLogProtect2) > 0, maxRingEntries: ring,
                               ringsAnyTime: false, readOnlySlots: system.capability(.readOnlyMemory) > 0,
                               maxSlots: Int(system.capability(.memslots)))
@@ -202,6 +207,8 @@ final class KVMMachine: VirtualMachine {
             guard s.logging != nil else { throw DirtyLogError.notLogging(slot: slot) }
             try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: false)
             endLoggingIfIdle()
+            // The slot's entries still queued are dropped now, not reported by a later log of it.
+            if s.logging?.strategy == .ring { try harvestRings() }
         }
     }
 
@@ -223,7 +230,9 @@ final class KVMMachine: VirtualMachine {
         ringLock.lock()
         defer { ringLock.unlock() }
         var entries: [(slot: UInt32, page: UInt64)] = []
-        for v in vcpus { _ = v.dirtyRing?.harvest { slot, page in entries.append((slot, page)) } }
+        for (i, v) in vcpus.enumerated() {
+            ringCounts[i] += UInt64(v.dirtyRing?.harvest { slot, page in entries.append((slot, page)) } ?? 0)
+        }
         vm.markDirty(entries: entries)
         try vm.resetDirtyRings()
     }
@@ -322,7 +331,18 @@ final class KVMMachine: VirtualMachine {
         return Self.encode(workload, try vcpus.map { v throws(KVMError) in try v.saveState() })
     }
 
-    func setThrottle(percent: Int) { runner?.control.throttlePercent = percent }
+    func setThrottle(percent: Int, vcpu: Int?) {
+        guard let control = runner?.control else { return }
+        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = percent }
+    }
+
+    func dirtyRingCounts() throws -> [UInt64] {
+        guard changeLock.withLock({ mode?.strategy }) == .ring else {
+            throw VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first")
+        }
+        try harvestRings()
+        return ringLock.withLock { ringCounts }
+    }
 
 }
 
@@ -380,7 +400,7 @@ final class KVMRunner: @unchecked Sendable {
         }
         var total = VCPURun()
         var chunkDone: UInt64 = 0     // accesses of the current chunk, from its progress exits
-        var pacer = Pacer(start: start, deadline: deadline, rate: spec.rate)
+        var pacer = Pacer(vcpu: i, start: start, deadline: deadline, rate: spec.rate)
         // A restored vCPU continues a chunk it began elsewhere, whose count includes what it did
         // there: those accesses (known to within one report interval at its first report) are
         // neither paced nor counted here.

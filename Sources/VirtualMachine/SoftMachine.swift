@@ -86,7 +86,10 @@ final class SoftMachine: VirtualMachine {
 
     func disableDirtyLogging(slot: Int) throws {
         _ = try requireSlot(slot)
+        let rings = vm.mmu.dirtyLog(slot: slot)?.strategy == .ring
         try vm.mmu.disableDirtyLogging(slot: slot)
+        // The slot's entries still queued are dropped now, not reported by a later log of it.
+        if rings { vm.mmu.drainDirtyRings() }
     }
 
     func getDirtyLog(slot: Int) throws -> [UInt64] {
@@ -130,7 +133,13 @@ final class SoftMachine: VirtualMachine {
     var runState: RunState { !vm.isRunning ? .stopped : vm.isPaused ? .paused : .running }
 
     func pause() throws { try vm.pause() }
-    func setThrottle(percent: Int) { vm.setThrottle(percent: percent) }
+    func setThrottle(percent: Int, vcpu: Int?) { vm.setThrottle(percent: percent, vcpu: vcpu) }
+
+    func dirtyRingCounts() throws -> [UInt64] {
+        guard dirtyLogMode?.strategy == .ring else { throw VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first") }
+        vm.mmu.drainDirtyRings()
+        return vm.vcpus.map { UInt64($0.ring.pushedTotal) }
+    }
     func resume() throws { try vm.resume() }
 
     func stop() throws -> [VCPURun] {

@@ -181,8 +181,14 @@ public protocol VirtualMachine: AnyObject {
     /// What the guest runs and where each vCPU is in it, in the backend's own versioned encoding;
     /// taken while paused.
     func saveState() throws -> MachineState
-    /// Slows the guest's vCPUs to (100 - percent)% of their time, so a migration can converge.
-    func setThrottle(percent: Int)
+    /// Slows vCPU `vcpu` (nil: every vCPU) to (100 - percent)% of its time: a migration's
+    /// auto-converge throttles them all, a dirty limit each on its own, and a vCPU sleeps the larger
+    /// of the two. A throttle lasts while the guest is started.
+    func setThrottle(percent: Int, vcpu: Int?)
+    /// How many pages each vCPU has pushed to its dirty ring since the VM was made, brought up to
+    /// date by harvesting the rings into the slot logs (the next get reports those pages) and
+    /// resetting them: what a per-vCPU dirty rate is measured from. Ring logging only.
+    func dirtyRingCounts() throws -> [UInt64]
 }
 
 /// Whether a VM's guest runs.
@@ -193,6 +199,22 @@ public enum RunState: String, Sendable {
 extension VirtualMachine {
     public func start(_ spec: WorkloadSpec) throws { try start(spec, paused: false) }
     public func start(from state: MachineState) throws { try start(from: state, paused: false) }
+    public func setThrottle(percent: Int) { setThrottle(percent: percent, vcpu: nil) }
+
+    /// Makes the VM able to log with the dirty ring from now on, as QEMU's `dirty-ring-size` does:
+    /// KVM's ring is chosen before the vCPUs first run, and the VM then keeps no dirty bitmap (every
+    /// later user logs with the ring). The soft backend takes rings at any time: nothing to do.
+    public func chooseDirtyRing() throws {
+        guard !capabilities.ringsAnyTime else { return }
+        try enableDirtyLogging(DirtyLogConfig(strategy: .ring))
+        try disableDirtyLogging()
+    }
+
+    /// The strategy a migration, a snapshot chain or a measurement logs with unless told otherwise:
+    /// write-protect, or the ring where the VM keeps no bitmap (KVM once its vCPUs have rings).
+    public var defaultDirtyStrategy: DirtyStrategy {
+        capabilities.strategies.contains(.writeProtect) ? .writeProtect : .ring
+    }
 
     /// Pages of RAM, the size of a RAM-wide dirty bitmap.
     public var pages: UInt64 { ram.pages }

@@ -16,7 +16,8 @@ public struct Access: Equatable, Sendable {
 /// state  = seed ^ (0x9E3779B97F4A7C15 * (vcpu + 1)), or 1 if that is 0
 /// next() = xorshift64*: x ^= x >> 12; x ^= x << 25; x ^= x >> 27; return x * 0x2545F4914F6CDD1D
 /// per access: r = next(); w = next()
-///   page   = sequential: cursor / 4096 (cursor advances by size, wraps at ws)
+///   page   = sequential: cursor / 4096 (cursor advances by size, wraps at ws; vCPU i starts at
+///                        page floor(frac(i * 0.6180339887) * pages), so vCPUs sweep apart)
 ///            uniform:    hi32(r) * pages >> 32
 ///            zipf:       b = hi32(r) >> 20 (12 bits); lo = Z[b]; n = max(Z[b+1] - lo, 1); lo + lo32(r) * n >> 32
 ///            hotcold:    hot = max(1, pages * fraction); if hi32(r) < P: lo32(r) * hot >> 32
@@ -54,6 +55,9 @@ public struct WorkloadGenerator: Sendable {
         switch spec.pattern {
         case .sequential:
             kind = 0; hotPages = 0; hotThreshold = 0; zipf = []
+            // Apart, so each vCPU dirties pages of its own (as threads of a real guest mostly do).
+            let fraction = (Double(vcpu) * 0.6180339887).truncatingRemainder(dividingBy: 1)
+            cursor = (UInt64(fraction * Double(pages)) % pages) << 12
         case .uniform:
             kind = 1; hotPages = 0; hotThreshold = 0; zipf = []
         case let .zipfian(theta):
@@ -100,6 +104,7 @@ public struct WorkloadGenerator: Sendable {
     public var hotPageCount: UInt64 { hotPages }
     public var hotLimit: UInt64 { hotThreshold }
     public var initialState: UInt64 { state }
+    public var initialCursor: UInt64 { cursor }
     /// The zipf table padded to its full size (zeros for other patterns).
     public var zipfQuantiles: [UInt32] { zipf.isEmpty ? [UInt32](repeating: 0, count: Self.zipfBuckets + 1) : zipf }
 

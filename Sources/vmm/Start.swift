@@ -21,6 +21,8 @@ struct Start: ParsableCommand {
     var incoming: String?
     @Option(parsing: .upToNextOption, help: "Restore this snapshot chain (a full snapshot, then its diffs in order) and run it, instead of starting a guest.")
     var restore: [String] = []
+    @Flag(help: "Log with the dirty ring, as QEMU's dirty-ring-size: a dirty limit (set-vcpu-dirty-limit) needs it on kvm, where it is chosen before the vCPUs first run.")
+    var dirtyRing = false
     @Option(help: "With --incoming: the pre-shared key file the source uses.")
     var keyFile: String?
     @Option(help: "With --incoming: refuse guests with more memory than this (e.g. 8G).")
@@ -28,6 +30,7 @@ struct Start: ParsableCommand {
 
     func validate() throws {
         if incoming != nil && !restore.isEmpty { throw ValidationError("--incoming and --restore: give one") }
+        if dirtyRing && (incoming != nil || !restore.isEmpty) { throw ValidationError("--dirty-ring goes with a VM started here, not with --incoming or --restore") }
     }
 
     func run() throws {
@@ -44,7 +47,7 @@ struct Start: ParsableCommand {
         } else {
             var spec = try guest.workload(workload)
             spec.stop = .duration(WorkloadStop.maxDuration)
-            managed = try ManagedVM(vm: try guest.makeVM(), workload: spec)
+            managed = try ManagedVM(vm: try guest.makeVM(), workload: spec, dirtyRing: dirtyRing)
         }
         // Ready for a quit before the socket takes one.
         let quit = DispatchSemaphore(value: 0)

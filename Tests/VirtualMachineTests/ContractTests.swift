@@ -377,6 +377,27 @@ final class StopFlag: @unchecked Sendable {
     /// Ring entries queued for a slot that is then deleted, and a smaller slot added with its id:
     /// the stale entries beyond the new slot are dropped, never written past its log. Soft vCPUs
     /// write the slot directly (the built-in guest program writes only RAM).
+    /// Ring logging turned off and on again reports nothing written before: the entries still
+    /// queued when it stopped are dropped then (a dirty limit hands its ring log to a measurement
+    /// so, and the measurement's first step must not count the limiter's last moments).
+    @Test(arguments: Cell.rings)
+    func ringLoggingStartedAgainReportsNothingFromBefore(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, ringEntries: 4096)
+        try vm.enableDirtyLogging(cell.log)
+        try vm.start(busyWriter(vm))
+        usleep(30_000)
+        try vm.pause()
+        try vm.disableDirtyLogging()
+        try vm.enableDirtyLogging(cell.log)
+        let before = setBits(try vm.getDirtyLog())
+        #expect(before.count == 0, "\(cell): pages written before logging began are reported")
+        try vm.resume()
+        usleep(30_000)
+        try vm.pause()
+        #expect(!setBits(try vm.getDirtyLog()).isEmpty, "\(cell): logging started again reports nothing")
+        _ = try vm.stop()
+    }
+
     @Test func staleRingEntriesOfADeletedSlot() throws {
         let soft = SoftVM(vcpus: 1, ringCapacity: 4096)
         let ram = try soft.addRAM(RAMLayout(size: 4 << 20), backing: .pages4K)
