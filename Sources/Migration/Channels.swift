@@ -11,12 +11,16 @@ final class ChannelSenders: @unchecked Sendable {
     let connections: [Connection]
     private let senders: [PageSender]
     private let pagesDone = Atomic<UInt64>(0)
+    /// The memory digest, kept as the pages go out.
+    let digest: PageDigest
     /// Called on the calling thread with the pages this pass has sent so far, on every channel.
     var tick: ((UInt64) -> Void)?
 
     init(ram: GuestRAM, connections: [Connection]) {
         self.connections = connections
-        senders = connections.map { PageSender(ram: ram, connection: $0) }
+        let digest = PageDigest(pages: ram.pages)
+        self.digest = digest
+        senders = connections.map { PageSender(ram: ram, connection: $0, digest: digest) }
         for (i, s) in senders.enumerated() {
             s.tick = { [unowned self] n in
                 let total = pagesDone.add(n, ordering: .relaxed).newValue

@@ -63,9 +63,11 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         let vm = try guest.makeGuest(maxMemory: options.maxMemory)
         tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s)"
              + (channels.isEmpty ? "" : ", \(count) channels"))
-        // Chunks are hashed as the stream moves past them; END leaves only the last few to read.
-        let local = DestinationDigest(vm.ram)
-        defer { local.stop() }
+        // Since version 5 the digest is kept as pages land, so END leaves nothing to read; an older
+        // source's is read from memory once all is in.
+        let version: UInt32
+        if case let .open(open) = opening { version = open.version } else { version = 2 }
+        let local = version >= 5 ? PageDigest(pages: vm.pages) : nil
         let written = DirtyBitmap(pages: vm.pages)
         let barrier = PassBarrier(parties: channels.count + 1, timeout: options.timeout)
         // A failure on a further channel releases the barrier and stops every connection, so the main
@@ -92,7 +94,7 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         for r in readers { r.join() }
         if let e = readers.lazy.compactMap(\.failure).first { throw e }
         tell(.verifying, "all records in; checking the memory digest")
-        guard local.final() == digest else { throw MigrationError.digestMismatch }
+        guard local?.value ?? chunkDigest(vm.ram) == digest else { throw MigrationError.digestMismatch }
         if case .legacy = opening {
             try vm.start(from: state)
             loaded = vm
@@ -146,16 +148,19 @@ final class ChannelReader: @unchecked Sendable {
 
 /// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the machine
 /// state and the digest END carries. `written` tracks which pages records wrote (carry it across a
+/// chain of snapshot files), and `digest`, if given, what they wrote (across a chain likewise).
 /// chain of snapshot files). Every record's checksum (and MAC, on an authenticated connection) is
 /// checked first. At each SYNC the channel waits at `barrier` for the others; a further channel
 /// (not `main`) ends at the last pass's SYNC and returns nil.
 func applyRecords(from connection: Connection, into vm: any VirtualMachine, guest: GuestDescription, written: DirtyBitmap,
-                  digest: DestinationDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true,
+                  digest: PageDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true,
                   tick: () -> Void = {}) throws -> (MachineState, [UInt8])? {
     let ram = vm.ram
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: MachineState?
     var sawLastPass = false
+    var sums = DigestSums()
+    defer { digest?.add(sums) }
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
     // which keeps the destination from touching (and the host from allocating) memory it need not.
     while true {
@@ -168,18 +173,18 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
             guard run.upperBound <= slotEnd else {
                 throw MigrationError.badStream("page run \(r.firstPage)+\(r.count) crosses the end of a memory slot")
             }
-            let apply = {
-                if r.zero {
-                    for p in run where written.isSet(p) { memset(host + Int((p - run.lowerBound) << 12), 0, 4096) }
-                } else {
-                    buffer.withUnsafeBytes { host.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
-                    written.set(first: r.firstPage, count: UInt64(r.count))
+            if r.zero {
+                for p in run where written.isSet(p) {
+                    memset(host + Int((p - run.lowerBound) << 12), 0, 4096)
+                    digest?.set(p, nil, &sums)
                 }
-            }
-            if let digest, !r.zero || run.contains(where: { written.isSet($0) }) {
-                digest.writing(first: r.firstPage, count: UInt64(r.count), apply)
             } else {
-                apply()
+                buffer.withUnsafeBytes { b in
+                    host.copyMemory(from: b.baseAddress!, byteCount: Int(r.count) << 12)
+                    // Hashed from the record just read, while it is in the cache.
+                    if let digest { for p in run { digest.set(p, b.baseAddress! + Int((p - run.lowerBound) << 12), &sums) } }
+                }
+                written.set(first: r.firstPage, count: UInt64(r.count))
             }
         case .error:
             throw r.error(from: .source)!

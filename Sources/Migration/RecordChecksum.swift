@@ -17,9 +17,12 @@ public struct RecordChecksum {
     }
 
     public var value: UInt32 {
-        let h = Self.avalanche(lanes.0 ^ (lanes.1 &* 3) ^ (lanes.2 &* 5) ^ (lanes.3 &* 7) ^ length)
+        let h = value64
         return UInt32(truncatingIfNeeded: h) ^ UInt32(truncatingIfNeeded: h >> 32)
     }
+
+    /// The lanes folded into 64 bits (a page's hash in the memory digest).
+    var value64: UInt64 { Self.avalanche(lanes.0 ^ (lanes.1 &* 3) ^ (lanes.2 &* 5) ^ (lanes.3 &* 7) ^ length) }
 
     /// Each lane finalized with the length: a 256-bit digest.
     public var finalLanes: [UInt64] {

@@ -6,15 +6,17 @@ import VirtualMachine
 
 /// A snapshot file's header: like the migration stream's, plus the kind (full or diff), the position
 /// in its chain and the chain's id, which every file of the chain carries (docs/migration-stream.md,
-/// "Snapshots"). Version 2 files, which have no id, and version 3 files are still read.
+/// "Snapshots"). Files of versions 2 (which have no id) to 4 are still read.
 public struct SnapshotHeader: Equatable, Sendable {
     public static let magic = Array("VMMSNAP1".utf8)
-    public static let version: UInt32 = 4
+    public static let version: UInt32 = 5
     public var diff: Bool
     public var sequence: UInt32
     /// Drawn at random for each full snapshot; nil in a version 2 file.
     public var chain: UInt64?
     public var guest: GuestDescription
+    /// The file's version (older ones end with the chunk digest).
+    public var version: UInt32 = SnapshotHeader.version
 
     func encoded() -> [UInt8] {
         var b = Self.magic
@@ -37,7 +39,7 @@ public struct SnapshotHeader: Equatable, Sendable {
         guard h.le(UInt32.self, at: 20) == 4096 else { throw MigrationError.badStream("\(path): page size \(h.le(UInt32.self, at: 20))") }
         return SnapshotHeader(diff: h.le(UInt32.self, at: 12) == 1, sequence: h.le(UInt32.self, at: 16),
                               chain: version == 2 ? nil : h.le(UInt64.self, at: 24),
-                              guest: try GuestDescription.decode(tail, version: version, context: "\(path): "))
+                              guest: try GuestDescription.decode(tail, version: version, context: "\(path): "), version: version)
     }
 }
 
@@ -63,6 +65,8 @@ public final class SnapshotChain {
     public private(set) var sequence: UInt32 = 0
     /// The current chain's id, new with each full snapshot.
     public private(set) var chain = UInt64.random(in: 1...UInt64.max)
+    /// The memory digest as the chain's files left it, kept as their pages are written.
+    private var digest: PageDigest?
 
     /// How the chain logs the guest's writes between snapshots (nil: the VM's default).
     public let strategy: DirtyStrategy?
@@ -94,13 +98,15 @@ public final class SnapshotChain {
             let file = try Connection(file: temporary, writing: true)
             try file.send(SnapshotHeader(diff: diff, sequence: diff ? sequence : 0, chain: chain, guest: GuestDescription(vm)).encoded())
             var report = MigrationReport()
-            try PageSender(ram: vm.ram, connection: file).send(bitmap, report: &report)
+            let digest = diff ? self.digest! : PageDigest(pages: vm.pages)
+            try PageSender(ram: vm.ram, connection: file, digest: digest).send(bitmap, report: &report)
             try file.sendState(try vm.saveState())
-            try file.sendEnd(digest: memoryDigest(vm.ram))
+            try file.sendEnd(digest: digest.value)
             try file.sync()
             guard rename(temporary, path) == 0 else { throw MigrationError.connection("rename to \(path): \(String(cString: strerror(errno)))") }
             sequence = (diff ? sequence : 0) + 1
             self.chain = chain
+            self.digest = digest
             return SnapshotReport(path: path, diff: diff, pages: report.pagesSent, bytes: file.bytesSent,
                                   pausedSeconds: Date().timeIntervalSince(t0))
         } catch {
@@ -125,6 +131,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, M
     var last: MachineState?
     var expected: UInt32 = 0
     var written: DirtyBitmap?   // which pages the files so far wrote
+    var digest: PageDigest?     // the memory digest as the version 5 files so far left it
     var chain: (UInt64?, String)?   // the full snapshot's chain id and path
     for (index, path) in paths.enumerated() {
         let file = try Connection(file: path, writing: false)
@@ -134,6 +141,7 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, M
             let guest = try h.guest.makeGuest(context: "\(path): ")
             vm = guest
             written = DirtyBitmap(pages: guest.pages)
+            digest = PageDigest(pages: guest.pages)
             chain = (h.chain, path)
         } else {
             guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
@@ -149,10 +157,14 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, M
         guard h.sequence == expected else {
             throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
         }
-        let (state, digest) = try applyRecords(from: file, into: vm!, guest: h.guest, written: written!)!
+        // A version 5 file keeps the digest as its pages land; an older one is checked by reading
+        // memory. A chain of mixed versions reads memory once the running digest was not kept.
+        if h.version < 5 { digest = nil }
+        let (state, carried) = try applyRecords(from: file, into: vm!, guest: h.guest, written: written!, digest: digest)!
         last = state
         // Every file's digest must hold for the memory as restored up to it.
-        guard memoryDigest(vm!.ram) == digest else { throw MigrationError.digestMismatch }
+        let restored = h.version < 5 ? chunkDigest(vm!.ram) : digest?.value ?? memoryDigest(vm!.ram)
+        guard restored == carried else { throw MigrationError.digestMismatch }
         expected += 1
     }
     return (vm!, last!)

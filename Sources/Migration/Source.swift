@@ -70,6 +70,10 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     public var setupSeconds = 0.0
     /// From pausing the source to the destination's answer.
     public var downtimeSeconds = 0.0
+    /// Where the downtime went, in order: the pause, the last harvest, the last pass, the state
+    /// (and END), the destination's check and load (END to READY), and the handover (READY to
+    /// RUNNING).
+    public var downtimeParts: [(name: String, seconds: Double)] = []
     public var bytesSent: UInt64 = 0
     public var pagesSent: UInt64 = 0
     public var zeroPages: UInt64 = 0
@@ -146,10 +150,6 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         // First pass: everything.
         var pending = vm.allPages
         out.update { $0.phase = .precopy }
-        // Memory is hashed for the END digest while the passes go, so the pause has little left to hash.
-        let digest = SourceDigest(vm.ram)
-        defer { digest.stop() }   // never leave it reading memory behind us
-        var lastHashTime = Double.infinity
         var lastHarvest = Date()   // logging began just before the first pass
         var downtimeLimit = options.downtimeLimit
         while true {
@@ -160,7 +160,6 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
                 let perChannel = tuning.maxBandwidth.map { $0 / Double(all.count) }
                 for c in all { c.maxBandwidth = perChannel }
             }
-            digest.start()
             let iteration = report.iterations + 1, planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
             out.update { $0.iteration = iteration; $0.pagesPlanned = planned; $0.pagesDone = 0 }
             let t0 = Date()
@@ -173,16 +172,10 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             pending = try vm.getDirtyLog()
             let dirtiedOver = max(Date().timeIntervalSince(lastHarvest), 1e-3)
             lastHarvest = Date()
-            digest.harvested(pending)
-            // The pause sends what is dirty and hashes what the digest has not confirmed, side by side.
-            // More passes shrink the hashing left only while the guest leaves chunks alone: once a pass
-            // no longer shrinks it, it is a cost of the check, not a reason to go on.
+            // The pause sends what is dirty (the digest is kept as pages go, so nothing is left to hash).
             let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
             let sendTime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
-            let hashTime = digest.secondsLeft
-            let expectedDowntime = max(sendTime, hashTime)
-            let hashSettled = hashTime <= downtimeLimit || hashTime >= lastHashTime * 0.9
-            lastHashTime = hashTime
+            let expectedDowntime = sendTime
             let bandwidth = report.bandwidth
             report.passes.append(PassRecord(pass: report.iterations, pages: planned, bytes: UInt64(bytes), seconds: seconds,
                                             dirtyRate: remaining / dirtiedOver, expectedDowntime: expectedDowntime,
@@ -193,9 +186,9 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
             // what the guest dirties while it sends what is dirty now (at the rate just seen).
-            let predicted = max(remaining / dirtiedOver * sendTime / max(report.bandwidth, 1), hashTime)
+            let predicted = remaining / dirtiedOver * sendTime / max(report.bandwidth, 1)
             let anotherPassPays = predicted < expectedDowntime * 0.67 && sendTime > downtimeLimit / 4
-            if sendTime <= downtimeLimit && hashSettled && !anotherPassPays { report.converged = true; break }
+            if sendTime <= downtimeLimit && !anotherPassPays { report.converged = true; break }
             if report.iterations >= options.maxIterations {
                 guard options.convergence == .force else {
                     throw MigrationError(.notConverged, String(format: "did not converge in %d passes: the pause would take about %.0f ms, "
@@ -216,23 +209,30 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         }
         // Stop-and-copy.
         let pauseStart = Date()
+        var mark = pauseStart
+        func part(_ name: String, at now: Date = Date()) {
+            report.downtimeParts.append((name, now.timeIntervalSince(mark)))
+            mark = now
+        }
         // Set first: a pause that times out may have parked some vCPUs, and the rollback resumes them.
         paused = true
         try vm.pause()
+        part("pause")
         let last = try vm.getDirtyLog()
-        digest.harvested(last)
+        part("harvest")
         for i in pending.indices { pending[i] |= last[i] }
         let planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
         out.update { $0.phase = .stopAndCopy; $0.pagesPlanned = planned; $0.pagesDone = 0 }
         tell()
-        // Memory no longer changes: hash what is left on other threads while the last pages go out.
-        let final = BackgroundDigest(digest)
-        defer { _ = final.result() }
         try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: true, report: &report)
+        part("last pass")
         try connection.sendState(try vm.saveState())
-        try connection.sendEnd(digest: final.result())
+        part("state")
+        try connection.sendEnd(digest: channels.digest.value)
         vm.setThrottle(percent: 0)
-        try Switchover.source(connection, vm: vm, resumeThere: wasRunning)
+        let ready = try Switchover.source(connection, vm: vm, resumeThere: wasRunning)
+        part("destination", at: ready)
+        part("handover")
         report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
         // The guest runs at the destination now: whatever stopping this copy reports, it never resumes.
         _ = try? vm.stop()
@@ -276,16 +276,18 @@ func peerReason(_ c: Connection) -> MigrationError? {
 final class PageSender {
     let ram: GuestRAM
     let connection: Connection
-    private static let zeroPage = [UInt8](repeating: 0, count: 4096)
+    /// The memory digest the pages sent go into (shared by a migration's channels).
+    let digest: PageDigest
     /// A run is copied here before it is checksummed and sent: the guest keeps writing its memory
     /// meanwhile (a page changed after the copy is dirty again and goes in a later iteration).
     private let staging: UnsafeMutableRawPointer
     /// Called after each record with the pages it held.
     var tick: ((UInt64) -> Void)?
 
-    init(ram: GuestRAM, connection: Connection) {
+    init(ram: GuestRAM, connection: Connection, digest: PageDigest) {
         self.ram = ram
         self.connection = connection
+        self.digest = digest
         staging = .allocate(byteCount: Int(Record.maxPagesPerRecord) << 12, alignment: 4096)
     }
 
@@ -294,6 +296,8 @@ final class PageSender {
     /// Sends the pages `bitmap` names (in its words `words`, by default all).
     func send(_ bitmap: [UInt64], words: Range<Int>? = nil, report: inout MigrationReport) throws {
         var failure: Error?
+        var sums = DigestSums()
+        defer { digest.add(sums) }
         // Sealed records stay small: each seal allocates its output, and at this size the allocator
         // reuses memory instead of mapping (and faulting in) fresh pages for every record.
         let maxRun = UInt64(connection.sendCipher == nil ? Record.maxPagesPerRecord : Record.maxPagesPerSealedRecord)
@@ -313,7 +317,11 @@ final class PageSender {
                     // its checksum covers exactly the bytes sent.
                     let sealed = connection.sendCipher != nil
                     if !zero && !sealed { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
-                    let payload = UnsafeRawBufferPointer(start: zero ? nil : UnsafeRawPointer(sealed ? host : staging), count: zero ? 0 : Int(n << 12))
+                    let source = UnsafeRawPointer(sealed ? host : staging)
+                    // Hashed as sent (from the copy, or from memory a sealed record read): a page that
+                    // changes after this is dirty and goes again, so its last send is what memory holds.
+                    for i in 0..<n { digest.set(p + i, zero ? nil : source + Int(i << 12), &sums) }
+                    let payload = UnsafeRawBufferPointer(start: zero ? nil : source, count: zero ? 0 : Int(n << 12))
                     try connection.sendRecord(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload)
                 } catch {
                     failure = error
@@ -327,31 +335,7 @@ final class PageSender {
         if let failure { throw failure }
     }
 
-    private func isZero(_ page: UnsafeMutableRawPointer) -> Bool {
-        Self.zeroPage.withUnsafeBytes { memcmp(page, $0.baseAddress!, 4096) == 0 }
-    }
-}
-
-/// The memory digest, computed on its own thread; `result()` waits for it (once).
-final class BackgroundDigest: @unchecked Sendable {
-    private var value: [UInt8] = []
-    private let done = DispatchSemaphore(value: 0)
-    private var waited = false
-
-    init(_ digest: SourceDigest) {
-        Thread { [self] in
-            value = digest.final()
-            done.signal()
-        }.start()
-    }
-
-    func result() -> [UInt8] {
-        if !waited {
-            done.wait()
-            waited = true
-        }
-        return value
-    }
+    private func isZero(_ page: UnsafeMutableRawPointer) -> Bool { isZeroPage(page) }
 }
 
 /// Migrates `vm` to a new VM in this process over loopback TCP (the demo's and the benchmark's

@@ -23,9 +23,12 @@ enum Switchover {
 
     /// The source's half, with its guest paused and STATE and END sent. Returns once the destination
     /// runs the guest; throws (the guest still paused here, the caller resumes it) if the
-    /// destination refused or never said READY; throws `SwitchoverInDoubt` after GO.
-    static func source(_ c: Connection, vm: any VirtualMachine, resumeThere: Bool) throws {
+    /// destination refused or never said READY; throws `SwitchoverInDoubt` after GO. Returns when
+    /// READY came.
+    @discardableResult
+    static func source(_ c: Connection, vm: any VirtualMachine, resumeThere: Bool) throws -> Date {
         let ready = try Record.read(from: c, pageLimit: 0)
+        let readyAt = Date()
         if let e = ready.error(from: .destination) { throw e }
         guard ready.type == .ready else { throw MigrationError.badStream("a \(ready.type) record where READY belongs") }
         if c.isCancelled { throw MigrationError.cancelled }
@@ -45,6 +48,7 @@ enum Switchover {
             let what = running.error(from: .destination).map { "the destination said: \($0.message)" } ?? "a \(running.type) record came"
             throw SwitchoverInDoubt(side: .source, why: "\(what) instead of RUNNING", vm: vm)
         }
+        return readyAt
     }
 
     /// The destination's half, with every record in, the digest checked and the guest loaded paused.

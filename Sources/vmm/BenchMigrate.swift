@@ -74,6 +74,7 @@ struct BenchMigrate: ParsableCommand {
             say(String(format: "  %10d %9.0f %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, achieved, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
                          report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
+            say("             downtime: " + report.downtimeParts.map { String(format: "%@ %.1f", $0.name, $0.seconds * 1e3) }.joined(separator: ", ") + " ms")
             if json {
                 printJSON(jsonLine([
                     ("bench", "migrate"), ("backend", backend.rawValue), ("channels", channels), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
@@ -83,6 +84,7 @@ struct BenchMigrate: ParsableCommand {
                     ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),
                     ("throttle_pct", report.throttlePercent), ("converged", report.converged), ("keyed", key),
                     ("bandwidth_mib_s", report.bandwidth / Double(1 << 20)),
+                    ("downtime_parts_ms", report.downtimeParts.map { ($0.name, $0.seconds * 1e3) as (String, Any) }),
                 ]))
             }
         }

@@ -117,20 +117,20 @@ import KVMBackend
         open.append(le: UInt32(0))
         try c.send(open + Handshake.nonce())
         let accept = try c.receive(Handshake.acceptSize)
-        #expect(accept.le(UInt32.self, at: 8) == 2 && accept.le(UInt32.self, at: 12) == 4 && accept.le(UInt32.self, at: 20) != 0)
+        #expect(accept.le(UInt32.self, at: 8) == 2 && accept.le(UInt32.self, at: 12) == Handshake.version && accept.le(UInt32.self, at: 20) != 0)
         let told = try #require(try Record.read(from: c, pageLimit: 0).error(from: .destination))
         let d = try #require(Result { try dest() }.failure as? MigrationError)
         #expect(told.code == .version && told.message == d.message)
-        #expect(d.message.contains("version 9") && d.message.contains("2 to 4"), "\(d.message)")
+        #expect(d.message.contains("version 9") && d.message.contains("2 to \(Handshake.version)"), "\(d.message)")
 
-        // A destination of versions 5 to 6.
+        // A destination of the next two versions.
         let future = try Listener(.tcp(host: "127.0.0.1", port: 0))
         let fake = background { () throws -> MigrationError? in
             let c = try future.accept(timeout: 5)
             _ = try c.receive(Handshake.openSize)
             var accept = Handshake.magic
-            accept.append(le: UInt32(5))
-            accept.append(le: UInt32(6))
+            accept.append(le: Handshake.version + 1)
+            accept.append(le: Handshake.version + 2)
             accept.append(le: UInt32(0))
             accept.append(le: UInt32(0))
             try c.send(accept + [UInt8](repeating: 0, count: 64))
@@ -141,7 +141,8 @@ import KVMBackend
         let (vm, _) = try guest(memory: 4 << 20)
         let s = try #require(Result { try migrate(vm, over: try Connection.connect(to: future.address)) }.failure as? MigrationError)
         let heard = try #require(try fake())
-        #expect(s.code == .version && heard.message == s.message && s.message.contains("version 4") && s.message.contains("5 to 6"), "\(s)")
+        #expect(s.code == .version && heard.message == s.message && s.message.contains("version \(Handshake.version)")
+                && s.message.contains("\(Handshake.version + 1) to \(Handshake.version + 2)"), "\(s)")
         #expect(vm.runState == .running)
         _ = try vm.stop()
     }
