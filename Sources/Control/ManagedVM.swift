@@ -132,9 +132,15 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
             return .object([])
         case "query-vcpu-dirty-limit":
             try a.only([])
-            return .array((lock.withLock { limiter }?.vcpus ?? []).filter { $0.limit != nil }.map { v in
-                .object([("cpu-index", .int(Int64(v.index))), ("limit-rate", .int(Int64((v.limit! / 1048576).rounded()))),
-                         ("current-rate", .int(Int64((v.rate / 1048576).rounded()))), ("throttle-percent", .int(Int64(v.throttle)))])
+            let current = lock.withLock { limiter }
+            // Why the rates are not being measured, when they are not.
+            var problem: [(String, JSON)] = []
+            if let p = current?.problem { problem.append(("error", .string(p))) }
+            let limited = (current?.vcpus ?? []).filter { $0.limit != nil }
+            return .array(limited.map { v -> JSON in
+                let row: [(String, JSON)] = [("cpu-index", .int(Int64(v.index))), ("limit-rate", .int(Int64((v.limit! / 1048576).rounded()))),
+                                             ("current-rate", .int(Int64((v.rate / 1048576).rounded()))), ("throttle-percent", .double((v.throttle * 10).rounded() / 10))]
+                return .object(row + problem)
             })
         case "query-migrate-parameters":
             try a.only([])
@@ -232,14 +238,14 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         guard unit == "s" || unit == "ms" else { throw QMPError.generic("calc-time-unit: s or ms, not \(unit)") }
         let window = Double(time) / (unit == "ms" ? 1e3 : 1)
         guard window > 0 && window <= 3600 else { throw QMPError.generic("calc-time: above 0 and at most 3600 s") }
-        let mode = try a.string("mode") ?? "dirty-bitmap"
-        let strategy: DirtyStrategy
-        switch mode {
+        let mode = try a.string("mode")
+        var strategy: DirtyStrategy
+        switch mode ?? "dirty-bitmap" {
         case "dirty-bitmap": strategy = .writeProtect
         case "dirty-ring": strategy = .ring
         default:
-            guard let s = DirtyStrategy(rawValue: mode) else {
-                throw QMPError.generic("mode: dirty-bitmap, dirty-ring, or a strategy (\(DirtyStrategy.allCases.map(\.rawValue).joined(separator: ", "))), not \(mode)")
+            guard let s = DirtyStrategy(rawValue: mode!) else {
+                throw QMPError.generic("mode: dirty-bitmap, dirty-ring, or a strategy (\(DirtyStrategy.allCases.map(\.rawValue).joined(separator: ", "))), not \(mode!)")
             }
             strategy = s
         }
@@ -248,13 +254,19 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         let (job, vm): (DirtyRateJob, any VirtualMachine) = try lock.withLock {
             let vm = try guest(for: "measure the dirty rate")
             guard _status == .running else { throw QMPError.generic("the guest is paused: cont first, then measure") }
+            // Without a mode, the VM's own way (the ring on a kvm VM started with --dirty-ring).
+            if mode == nil { strategy = vm.defaultDirtyStrategy }
+            guard vm.capabilities.strategies.contains(strategy) else {
+                throw QMPError.generic("this VM logs with \(vm.capabilities.strategies.map(\.rawValue).joined(separator: " or ")), not \(strategy): give mode=dirty-ring")
+            }
             try takeDirtyLog(for: "measure the dirty rate again")
             let job = DirtyRateJob(strategy: strategy, window: window)
             dirtyRate = job
             return (job, vm)
         }
+        let chosen = strategy
         let t = Thread { [self] in
-            job.finish(Result { try measureDirtyRate(vm, window: window, steps: steps, strategy: strategy, cancellation: job.cancellation) { job.add($0) } })
+            job.finish(Result { try measureDirtyRate(vm, window: window, steps: steps, strategy: chosen, cancellation: job.cancellation) { job.add($0) } })
             giveBackDirtyLog()
             emit("DIRTY_RATE", .object([("status", .string(job.status.rawValue))] + (job.rate.map { [("dirty-rate", .double(($0 * 10).rounded() / 10))] } ?? [])))
         }

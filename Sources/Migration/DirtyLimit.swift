@@ -9,8 +9,9 @@ import VirtualMachine
 /// Every `period` the limiter reads how many pages each vCPU pushed to its dirty ring (the VM must
 /// log with the ring: the limiter turns ring logging on for itself while nothing else logs, and
 /// measures through the log of whoever borrowed it, as long as that logs with the ring) and moves
-/// each limited vCPU's throttle so its rate heads for 90% of its limit. A vCPU under its limit
-/// gets its time back the same way.
+/// each limited vCPU's throttle so its rate heads for 80% of its limit. A vCPU under its limit
+/// gets its time back the same way. Rates are smoothed over periods (half the last, half the
+/// rest): a throttled KVM vCPU runs and sleeps in bursts longer than a period's slice of time.
 public final class DirtyLimiter: @unchecked Sendable {
     /// One vCPU as the limiter sees it.
     public struct VCPU: Sendable {
@@ -20,7 +21,7 @@ public final class DirtyLimiter: @unchecked Sendable {
         /// Bytes dirtied per second over the last period.
         public var rate: Double
         /// Percent of its time the vCPU sleeps.
-        public var throttle: Int
+        public var throttle: Double
     }
 
     public let period: Double
@@ -30,7 +31,7 @@ public final class DirtyLimiter: @unchecked Sendable {
     private let lock = NSCondition()
     private var limits: [Double?]
     private var rates: [Double]
-    private var throttles: [Int]
+    private var throttles: [Double]
     private var last: (counts: [UInt64], at: UInt64)?
     private var ownsLog = false
     private var borrowers = 0
@@ -53,7 +54,7 @@ public final class DirtyLimiter: @unchecked Sendable {
             throw MigrationError.vm("a dirty limit measures each vCPU with the dirty ring, which this host's KVM lacks")
         }
         guard vm.backend != .kvm || vm.defaultDirtyStrategy == .ring else {
-            throw MigrationError.vm("on kvm a dirty limit needs the dirty ring, which is chosen before the vCPUs first run: start the VM with a dirty ring (vmm start --dirty-ring)")
+            throw MigrationError.vm("on kvm a dirty limit needs the dirty ring, which is chosen before the vCPUs first run: start the VM with a dirty ring (vmm start --dirty-ring; a guest that came by migration or from a snapshot runs without one)")
         }
     }
 
@@ -62,13 +63,20 @@ public final class DirtyLimiter: @unchecked Sendable {
         if let vcpu, !(0..<limits.count).contains(vcpu) {
             throw MigrationError(.badOption, "cpu-index \(vcpu): this VM has vCPUs 0 to \(limits.count - 1)")
         }
-        if let b = bytesPerSecond, !(b >= 1 && b <= 1e15) { throw MigrationError(.badOption, "a dirty limit is at least 1 byte per second") }
-        if bytesPerSecond != nil { try Self.check(vm) }
-        lock.withLock {
-            guard !stopped else { return }
+        if let b = bytesPerSecond, !(b >= 1 && b <= Double(1 << 50)) {
+            throw MigrationError(.badOption, "a dirty limit is 1 byte to 2^50 bytes per second")
+        }
+        if bytesPerSecond != nil {
+            try Self.check(vm)
+            if let mode = vm.dirtyLogMode, mode.strategy != .ring {
+                throw MigrationError.vm("the dirty log is held by a user logging with \(mode.strategy) (a migration, a snapshot chain or a measurement), which does not count pages per vCPU: set the limit before it starts, or after it ends")
+            }
+        }
+        try lock.withLock {
+            guard !stopped else { throw MigrationError.vm("the dirty limits ended with the guest here") }
             for i in vcpu.map({ [$0] }) ?? Array(limits.indices) {
                 limits[i] = bytesPerSecond
-                if bytesPerSecond == nil { throttles[i] = 0; vm.setThrottle(percent: 0, vcpu: i) }
+                if bytesPerSecond == nil { throttles[i] = 0; vm.setThrottle(percent: 0.0, vcpu: i) }
             }
             if !running && limits.contains(where: { $0 != nil }) {
                 running = true
@@ -113,6 +121,7 @@ public final class DirtyLimiter: @unchecked Sendable {
     public func stop() {
         lock.withLock {
             stopped = true
+            limits = Array(repeating: nil, count: limits.count)
             lock.broadcast()
             while running { lock.wait() }
         }
@@ -121,7 +130,7 @@ public final class DirtyLimiter: @unchecked Sendable {
     private func loop() {
         lock.lock()
         defer {
-            for i in throttles.indices where throttles[i] > 0 { vm.setThrottle(percent: 0, vcpu: i) }
+            for i in throttles.indices where throttles[i] > 0 { vm.setThrottle(percent: 0.0, vcpu: i) }
             throttles = Array(repeating: 0, count: throttles.count)
             rates = Array(repeating: 0, count: rates.count)
             if ownsLog { try? vm.disableDirtyLogging(); ownsLog = false }
@@ -155,7 +164,8 @@ public final class DirtyLimiter: @unchecked Sendable {
         guard let last, counts.count == rates.count else { return }
         let seconds = Double(now - last.at) / 1e9
         for i in rates.indices {
-            rates[i] = Double(counts[i] &- last.counts[i]) * 4096 / seconds
+            let rate = Double(counts[i] &- last.counts[i]) * 4096 / seconds
+            rates[i] = rates[i] == 0 ? rate : (rates[i] + rate) / 2
             guard let limit = limits[i] else { continue }
             throttles[i] = Self.throttle(rate: rates[i], limit: limit, current: throttles[i])
             // Set every period: a guest started again (a new workload) starts unthrottled.
@@ -163,15 +173,15 @@ public final class DirtyLimiter: @unchecked Sendable {
         }
     }
 
-    /// The throttle that brings `rate` to about 90% of `limit`, assuming a vCPU dirties in
-    /// proportion to the time it runs; within 75-100% of the limit it stays, and each step moves
-    /// the vCPU's share of time by at most a factor of 4 down or 2 up, so one odd period does not
-    /// swing it.
-    static func throttle(rate: Double, limit: Double, current: Int) -> Int {
-        if rate >= 0.75 * limit && rate <= limit { return current }
-        let share = Double(100 - current) / 100
-        var next = rate > 0 ? share * 0.9 * limit / rate : 1
+    /// The throttle (percent of its time a vCPU sleeps) that brings `rate` to 80% of `limit`,
+    /// assuming a vCPU dirties in proportion to the time it runs. Within 65-90% of the limit it
+    /// stays (the margin covers the noise of a period's count); each step moves the vCPU's share of
+    /// time by at most a factor of 4 down or 2 up, so one odd period does not swing it.
+    static func throttle(rate: Double, limit: Double, current: Double) -> Double {
+        if rate >= 0.65 * limit && rate <= 0.9 * limit { return current }
+        let share = (100 - current) / 100
+        var next = rate > 0 ? share * 0.8 * limit / rate : 1
         next = min(min(1, share * 2), max(share / 4, next))
-        return min(99, max(0, Int((100 * (1 - next)).rounded())))
+        return min(99, max(0, 100 * (1 - next)))
     }
 }

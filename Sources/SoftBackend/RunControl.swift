@@ -26,26 +26,29 @@ public final class RunControl: @unchecked Sendable {
         vcpuThrottles.deallocate()
     }
 
+    // Throttles in per mille: a vCPU held to a few percent of its time needs finer steps than 1%.
     private let throttle = Atomic<Int>(0)
     private let vcpuThrottles: UnsafeMutablePointer<Atomic<Int>>
+    public static let maxThrottle = 990
 
     public var pauseRequested: Bool { pause.load(ordering: .relaxed) }
 
-    /// Percent of the time every vCPU sleeps (0 = full speed): a migration's auto-converge.
+    /// Percent of the time every vCPU sleeps (0 = full speed, at most 99): a migration's auto-converge.
     public var throttlePercent: Int {
-        get { throttle.load(ordering: .relaxed) }
-        set { throttle.store(min(99, max(0, newValue)), ordering: .relaxed) }
+        get { throttle.load(ordering: .relaxed) / 10 }
+        set { throttle.store(min(Self.maxThrottle, max(0, newValue * 10)), ordering: .relaxed) }
     }
 
-    /// Percent of the time vCPU `vcpu` alone sleeps: a dirty limit's throttle of one vCPU.
-    public func setThrottle(vcpu: Int, percent: Int) {
+    /// Percent of the time vCPU `vcpu` alone sleeps (to 0.1%, at most 99): a dirty limit's throttle.
+    public func setThrottle(vcpu: Int, percent: Double) {
         precondition(vcpu >= 0 && vcpu < vcpuCount, "vCPU \(vcpu) of \(vcpuCount)")
-        vcpuThrottles[vcpu].store(min(99, max(0, percent)), ordering: .relaxed)
+        let perMille = percent.isFinite ? Int((percent * 10).rounded()) : 0
+        vcpuThrottles[vcpu].store(min(Self.maxThrottle, max(0, perMille)), ordering: .relaxed)
     }
 
-    /// What vCPU `vcpu` sleeps: the larger of the VM's throttle and its own.
+    /// Per mille of its time vCPU `vcpu` sleeps: the larger of the VM's throttle and its own.
     @inline(__always)
-    public func throttlePercent(vcpu: Int) -> Int {
+    public func throttlePerMille(vcpu: Int) -> Int {
         max(throttle.load(ordering: .relaxed), vcpu < vcpuCount ? vcpuThrottles[vcpu].load(ordering: .relaxed) : 0)
     }
     public var stopRequested: Bool { stop.load(ordering: .relaxed) }
@@ -149,9 +152,9 @@ public struct Pacer {
     /// vCPU leaves guest mode for it). Sleeps end early for pause or stop.
     @inline(__always)
     public mutating func pace(now: UInt64, done: UInt64, control: RunControl, around: (() -> Void) -> Void = { $0() }) {
-        let p = control.throttlePercent(vcpu: vcpu)
+        let p = control.throttlePerMille(vcpu: vcpu)
         if p > 0, now - window >= 1_000_000 {
-            around { control.sleep(nanoseconds: (now - window) * UInt64(p) / UInt64(100 - p)) }
+            around { control.sleep(nanoseconds: (now - window) * UInt64(p) / UInt64(1000 - p)) }
             window = monotonicNanos()
             // The throttle's time is not owed back: the rate's schedule moves on by it.
             start &+= window - now

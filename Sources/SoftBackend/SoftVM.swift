@@ -26,7 +26,13 @@ public enum SoftVMError: Error, CustomStringConvertible {
 public final class SoftVM: @unchecked Sendable {
     public let mmu: Stage2MMU
     public let vcpus: [SoftVCPU]
-    private var control: RunControl?
+    // Read by other threads (a dirty limiter's throttles, run state) while start and stop change it.
+    private let controlLock = NSLock()
+    private var _control: RunControl?
+    private var control: RunControl? {
+        get { controlLock.withLock { _control } }
+        set { controlLock.withLock { _control = newValue } }
+    }
     private var threads: [Thread] = []
     /// What the vCPUs run, while started.
     public private(set) var workload: WorkloadSpec?
@@ -115,9 +121,9 @@ public final class SoftVM: @unchecked Sendable {
     }
 
     /// Slows vCPU `vcpu` (nil: every vCPU, auto-converge) to (100 - percent)% of its time; 0 lifts it.
-    public func setThrottle(percent: Int, vcpu: Int? = nil) {
+    public func setThrottle(percent: Double, vcpu: Int? = nil) {
         guard let control else { return }
-        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = percent }
+        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = Int(percent) }
     }
 
     public func resume() throws(SoftVMError) {

@@ -207,8 +207,9 @@ final class KVMMachine: VirtualMachine {
             guard s.logging != nil else { throw DirtyLogError.notLogging(slot: slot) }
             try vm.setMemory(slot: UInt32(slot), gpa: s.gpa, memory: memory, logDirty: false)
             endLoggingIfIdle()
-            // The slot's entries still queued are dropped now, not reported by a later log of it.
-            if s.logging?.strategy == .ring { try harvestRings() }
+            // The slot's entries still queued are dropped now, not reported by a later log of it (a
+            // failed drain leaves them to be dropped at the next harvest, or reported once extra).
+            if s.logging?.strategy == .ring { try? harvestRings() }
         }
     }
 
@@ -261,7 +262,13 @@ final class KVMMachine: VirtualMachine {
         return try stop()
     }
 
-    private var runner: KVMRunner?
+    // Read by other threads (a dirty limiter's throttles, run state) while start and stop change it.
+    private let runnerLock = NSLock()
+    private var _runner: KVMRunner?
+    private var runner: KVMRunner? {
+        get { runnerLock.withLock { _runner } }
+        set { runnerLock.withLock { _runner = newValue } }
+    }
 
     /// The vCPU threads hold the VM: a machine dropped while its guest runs stops it first.
     deinit {
@@ -294,7 +301,7 @@ final class KVMMachine: VirtualMachine {
         workload = spec
     }
 
-    var runState: RunState { runner == nil ? .stopped : runner!.control.pauseRequested ? .paused : .running }
+    var runState: RunState { runner.map { $0.control.pauseRequested ? .paused : .running } ?? .stopped }
 
     func pause() throws {
         guard let runner else { throw VMError.failed("the guest is not running") }
@@ -331,9 +338,9 @@ final class KVMMachine: VirtualMachine {
         return Self.encode(workload, try vcpus.map { v throws(KVMError) in try v.saveState() })
     }
 
-    func setThrottle(percent: Int, vcpu: Int?) {
+    func setThrottle(percent: Double, vcpu: Int?) {
         guard let control = runner?.control else { return }
-        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = percent }
+        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = Int(percent) }
     }
 
     func dirtyRingCounts() throws -> [UInt64] {

@@ -133,7 +133,7 @@ final class SoftMachine: VirtualMachine {
     var runState: RunState { !vm.isRunning ? .stopped : vm.isPaused ? .paused : .running }
 
     func pause() throws { try vm.pause() }
-    func setThrottle(percent: Int, vcpu: Int?) { vm.setThrottle(percent: percent, vcpu: vcpu) }
+    func setThrottle(percent: Double, vcpu: Int?) { vm.setThrottle(percent: percent, vcpu: vcpu) }
 
     func dirtyRingCounts() throws -> [UInt64] {
         guard dirtyLogMode?.strategy == .ring else { throw VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first") }

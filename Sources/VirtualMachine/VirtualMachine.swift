@@ -181,10 +181,10 @@ public protocol VirtualMachine: AnyObject {
     /// What the guest runs and where each vCPU is in it, in the backend's own versioned encoding;
     /// taken while paused.
     func saveState() throws -> MachineState
-    /// Slows vCPU `vcpu` (nil: every vCPU) to (100 - percent)% of its time: a migration's
-    /// auto-converge throttles them all, a dirty limit each on its own, and a vCPU sleeps the larger
-    /// of the two. A throttle lasts while the guest is started.
-    func setThrottle(percent: Int, vcpu: Int?)
+    /// Slows vCPU `vcpu` (nil: every vCPU, in whole percent) to (100 - percent)% of its time, to
+    /// 0.1% and at most 99%: a migration's auto-converge throttles them all, a dirty limit each on
+    /// its own, and a vCPU sleeps the larger of the two. A throttle lasts while the guest is started.
+    func setThrottle(percent: Double, vcpu: Int?)
     /// How many pages each vCPU has pushed to its dirty ring since the VM was made, brought up to
     /// date by harvesting the rings into the slot logs (the next get reports those pages) and
     /// resetting them: what a per-vCPU dirty rate is measured from. Ring logging only.
@@ -199,7 +199,7 @@ public enum RunState: String, Sendable {
 extension VirtualMachine {
     public func start(_ spec: WorkloadSpec) throws { try start(spec, paused: false) }
     public func start(from state: MachineState) throws { try start(from: state, paused: false) }
-    public func setThrottle(percent: Int) { setThrottle(percent: percent, vcpu: nil) }
+    public func setThrottle(percent: Int) { setThrottle(percent: Double(percent), vcpu: nil) }
 
     /// Makes the VM able to log with the dirty ring from now on, as QEMU's `dirty-ring-size` does:
     /// KVM's ring is chosen before the vCPUs first run, and the VM then keeps no dirty bitmap (every

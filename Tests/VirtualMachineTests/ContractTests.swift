@@ -374,9 +374,6 @@ final class StopFlag: @unchecked Sendable {
         try vm.writeGuest(GPA(0x20_0000), UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
-    /// Ring entries queued for a slot that is then deleted, and a smaller slot added with its id:
-    /// the stale entries beyond the new slot are dropped, never written past its log. Soft vCPUs
-    /// write the slot directly (the built-in guest program writes only RAM).
     /// Ring logging turned off and on again reports nothing written before: the entries still
     /// queued when it stopped are dropped then (a dirty limit hands its ring log to a measurement
     /// so, and the measurement's first step must not count the limiter's last moments).
@@ -398,6 +395,9 @@ final class StopFlag: @unchecked Sendable {
         _ = try vm.stop()
     }
 
+    /// Ring entries queued for a slot that is then deleted, and a smaller slot added with its id:
+    /// the stale entries beyond the new slot are dropped, never written past its log. Soft vCPUs
+    /// write the slot directly (the built-in guest program writes only RAM).
     @Test func staleRingEntriesOfADeletedSlot() throws {
         let soft = SoftVM(vcpus: 1, ringCapacity: 4096)
         let ram = try soft.addRAM(RAMLayout(size: 4 << 20), backing: .pages4K)
