@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory", "DirtyLog", "Workload"], swiftSettings: optimize),
         .target(name: "VirtualMachine", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend"],
                 swiftSettings: optimize),
-        .target(name: "Migration", dependencies: ["GuestMemory", "DirtyLog", "Workload", "VirtualMachine",
+        .target(name: "Migration", dependencies: ["CVMMSys", "GuestMemory", "DirtyLog", "Workload", "VirtualMachine",
                                                   .product(name: "Crypto", package: "swift-crypto")],
                 swiftSettings: optimize),
         .target(name: "Control", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration"]),

@@ -64,7 +64,9 @@ final class ChannelSenders: @unchecked Sendable {
                 try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
             }
             try connections[i].sendSync(pass: pass, last: last)
-            try connections[i].flush()
+            // A pass ends when it has crossed the link (the last one too: the pause's parts then say
+            // what the link took and what the destination did).
+            try connections[i].waitUntilDelivered()
         }
     }
 

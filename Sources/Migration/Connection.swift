@@ -1,3 +1,4 @@
+import CVMMSys
 import Foundation
 import Glibc
 import Synchronization
@@ -194,6 +195,20 @@ public final class Connection: @unchecked Sendable {
         let n = outputCount
         outputCount = 0
         try write(UnsafeRawBufferPointer(start: output, count: n))
+    }
+
+    /// Flushes, then waits until the peer has acknowledged every byte (the socket's send queue is
+    /// empty), within the timeout: so a pass's time, and the bandwidth drawn from it, are the
+    /// link's and not how fast the socket buffers filled (on a slow link they hold seconds of it,
+    /// which the pause would otherwise wait out). Files return at once.
+    func waitUntilDelivered() throws {
+        try flush()
+        let deadline = Date().addingTimeInterval(timeout)
+        while cvmm_unsent_bytes(fd) > 0 {
+            try checkStopped(sending: true)
+            guard Date() < deadline else { throw failure(.timeout("the peer acknowledging what was sent within \(formatDuration(timeout))")) }
+            usleep(500)
+        }
     }
 
     /// Waits until the socket is ready for `events`, in slices so a cancel is seen, until `deadline`.

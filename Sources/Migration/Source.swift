@@ -338,11 +338,13 @@ final class PageSender {
     private func isZero(_ page: UnsafeMutableRawPointer) -> Bool { isZeroPage(page) }
 }
 
-/// Migrates `vm` to a new VM in this process over loopback TCP (the demo's and the benchmark's
-/// path): a destination thread listens on a free port, the source connects to it.
-public func migrateOverLoopback(_ vm: any VirtualMachine, options: MigrationOptions = MigrationOptions(),
+/// Migrates `vm` to a new VM in this process over loopback TCP, or over `link` between two network
+/// namespaces (the demo's and the benchmark's path): a destination thread listens on a free port,
+/// the source connects to it.
+public func migrateOverLoopback(_ vm: any VirtualMachine, link: ShapedLink? = nil, options: MigrationOptions = MigrationOptions(),
                                 progress: ((MigrationProgress) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
-    let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+    let listener = try link.map { l in try l.within(.destination) { try Listener(.tcp(host: l.destinationHost, port: 0)) } }
+        ?? Listener(.tcp(host: "127.0.0.1", port: 0))
     final class Box: @unchecked Sendable {
         var result: Result<any VirtualMachine, Error>?
         let done = DispatchSemaphore(value: 0)
@@ -355,7 +357,8 @@ public func migrateOverLoopback(_ vm: any VirtualMachine, options: MigrationOpti
     }.start()
     let report: MigrationReport
     do {
-        let (main, more) = try Connection.connect(to: listener.address, channels: options.channels)
+        let connect = { try Connection.connect(to: listener.address, channels: options.channels) }
+        let (main, more) = try link.map { try $0.within(.source, connect) } ?? connect()
         report = try migrate(vm, over: main, more: more, options: options, progress: progress)
     } catch {
         box.done.wait()

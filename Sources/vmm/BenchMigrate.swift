@@ -26,6 +26,8 @@ struct BenchMigrate: ParsableCommand {
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
     @Option(help: "Bandwidth limit in bytes per second (e.g. 128M); unlimited by default.")
     var maxBandwidth: ByteSize?
+    @Option(help: "Migrate between two network namespaces over a veth link shaped to this rate (e.g. 1gbit), instead of loopback.")
+    var link: String?
     @Option(help: "TCP connections carrying page data (1-16).")
     var channels: Int = 1
     @Flag(help: "Encrypt and authenticate the stream with a random key, as --key-file does.")
@@ -41,7 +43,9 @@ struct BenchMigrate: ParsableCommand {
 
     func run() throws {
         Output.json = json
-        say("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, loopback, "
+        let shaped = try link.map { try ShapedLink(ShapedLink.Shape(parsing: $0)) }
+        say("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, "
+            + (shaped.map { "two network namespaces over veth shaped to \($0.shape)" } ?? "loopback") + ", "
             + (maxBandwidth.map { "at most \($0)/s" } ?? "unlimited bandwidth") + ", \(channels) channel(s)" + (key ? ", keyed" : ""))
         say("  rate MiB/s  achieved     total   downtime    setup      sent  iterations  throttle  converged")
         // Warm the host first: the first few GiB a fresh process touches cost this nested host seconds
@@ -63,7 +67,7 @@ struct BenchMigrate: ParsableCommand {
                                     rate: UInt64(max(1, rate * 256)), seed: UInt64(rate + 1), stop: .duration(3600))
             try vm.start(spec)
             Thread.sleep(forTimeInterval: 0.5)
-            let (report, moved) = try migrateOverLoopback(vm, options: MigrationOptions(
+            let (report, moved) = try migrateOverLoopback(vm, link: shaped, options: MigrationOptions(
                 downtimeLimit: downtimeLimit.value, convergence: .force, key: key ? .random() : nil,
                 maxBandwidth: maxBandwidth.map { Double($0.bytes) }, channels: channels))
             _ = try moved.stop()
@@ -80,6 +84,7 @@ struct BenchMigrate: ParsableCommand {
                     ("bench", "migrate"), ("backend", backend.rawValue), ("channels", channels), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
                     ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
                     ("achieved_dirty_rate_mib_s", achieved), ("max_bandwidth", maxBandwidth.map { Int($0.bytes) } ?? 0),
+                    ("link", shaped.map { $0.shape.rate } ?? "loopback"),
                     ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),
                     ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),
                     ("throttle_pct", report.throttlePercent), ("converged", report.converged), ("keyed", key),

@@ -1,0 +1,135 @@
+import CVMMSys
+import Foundation
+import Glibc
+
+/// Two hosts on one machine: two network namespaces joined by a veth pair, each end's egress shaped
+/// by tc's token bucket (tbf) to a rate, so a migration's source and destination talk over a real
+/// kernel network path with a real bottleneck (`vmm bench migrate --link`, the link tests). The
+/// process makes and removes everything itself (it must be root) and uses only addresses inside its
+/// own namespaces. Latency and loss need tc's netem, which this host's kernel lacks: a link is a
+/// rate only, and `ShapedLink.Shape` refuses a delay, saying so.
+public final class ShapedLink: @unchecked Sendable {
+    /// A link's shape: a rate as tc writes it (`100mbit`, `1gbit`, `10gbit`).
+    public struct Shape: Sendable, CustomStringConvertible {
+        public var rate: String
+        /// Bits per second.
+        public var bitsPerSecond: Double
+
+        /// `RATE` (e.g. `1gbit`); `RATE,DELAY` is refused while netem is missing.
+        public init(parsing text: String) throws {
+            let parts = text.split(separator: ",").map(String.init)
+            guard let first = parts.first, let bits = Self.bits(first) else {
+                throw MigrationError(.badOption, "a link is a rate such as 100mbit, 1gbit or 10gbit, not \(text)")
+            }
+            guard parts.count == 1 else {
+                throw MigrationError(.badOption, "a link's delay or loss (\(parts.dropFirst().joined(separator: ","))) needs tc's netem, "
+                                     + "which this kernel lacks: give a rate only")
+            }
+            rate = first.lowercased()
+            bitsPerSecond = bits
+        }
+
+        public var description: String { rate }
+
+        private static func bits(_ s: String) -> Double? {
+            let units: [(String, Double)] = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)]
+            for (u, m) in units where s.lowercased().hasSuffix(u) {
+                guard let v = Double(s.dropLast(u.count)), v > 0, v * m <= 1e11 else { return nil }
+                return v * m
+            }
+            return nil
+        }
+    }
+
+    public enum Side: Sendable { case source, destination }
+
+    public let shape: Shape
+    /// The destination end's address, inside its namespace.
+    public let destinationHost: String
+    private let names: (source: String, destination: String)
+
+    /// Makes the namespaces and the link; `deinit` removes them.
+    public init(_ shape: Shape) throws {
+        self.shape = shape
+        let tag = "\(getpid() % 100_000)-\(Self.counter.add())"
+        names = ("vmm-\(tag)-src", "vmm-\(tag)-dst")
+        let subnet = "10.\(200 + Int(getpid() % 50)).\(Self.counter.value % 250)"
+        destinationHost = "\(subnet).2"
+        let (a, b) = ("vma\(tag)".prefix(15), "vmb\(tag)".prefix(15))
+        // A burst of 10 ms at the rate (at least 64 KiB), so the bucket neither starves a fast link
+        // nor lets a slow one run far ahead of its rate.
+        let burst = max(65_536, Int(shape.bitsPerSecond / 8 / 100))
+        let steps: [[String]] = [
+            ["netns", "add", names.source], ["netns", "add", names.destination],
+            ["link", "add", String(a), "netns", names.source, "type", "veth", "peer", "name", String(b), "netns", names.destination],
+            ["-n", names.source, "addr", "add", "\(subnet).1/24", "dev", String(a)],
+            ["-n", names.destination, "addr", "add", "\(subnet).2/24", "dev", String(b)],
+            ["-n", names.source, "link", "set", String(a), "up"], ["-n", names.destination, "link", "set", String(b), "up"],
+            ["-n", names.source, "link", "set", "lo", "up"], ["-n", names.destination, "link", "set", "lo", "up"],
+        ]
+        do {
+            for s in steps { try Self.run("ip", s) }
+            for (ns, dev) in [(names.source, String(a)), (names.destination, String(b))] {
+                try Self.run("ip", ["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", shape.rate,
+                                    "burst", "\(burst)", "latency", "50ms"])
+            }
+        } catch {
+            remove()
+            throw error
+        }
+    }
+
+    deinit { remove() }
+
+    private func remove() {
+        // The veth pair goes with its namespaces.
+        for ns in [names.source, names.destination] { try? Self.run("ip", ["netns", "del", ns]) }
+    }
+
+    /// Runs `body` on this thread inside `side`'s namespace (sockets made there stay there), then
+    /// puts the thread back.
+    public func within<T>(_ side: Side, _ body: () throws -> T) throws -> T {
+        let home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
+        guard home >= 0 else { throw MigrationError.connection("open /proc/thread-self/ns/net: \(String(cString: strerror(errno)))") }
+        defer { close(home) }
+        let name = side == .source ? names.source : names.destination
+        let fd = open("/var/run/netns/\(name)", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw MigrationError.connection("open /var/run/netns/\(name): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard cvmm_setns_net(fd) == 0 else {
+            throw MigrationError.connection("setns into \(name): \(String(cString: strerror(errno))) (a shaped link needs root)")
+        }
+        defer { _ = cvmm_setns_net(home) }
+        return try body()
+    }
+
+    /// Whether this host can make a link (root, `ip` and `tc` with tbf); why not, if it cannot.
+    public static var unavailable: String? {
+        do { _ = try ShapedLink(Shape(parsing: "1gbit")); return nil } catch { return "\(error)" }
+    }
+
+    private static func run(_ tool: String, _ arguments: [String]) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/\(tool)")
+        p.arguments = arguments
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        do { try p.run() } catch {
+            throw MigrationError.connection("\(tool) \(arguments.joined(separator: " ")): \(error) (a shaped link needs iproute2's \(tool))")
+        }
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            let why = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            throw MigrationError.connection("\(tool) \(arguments.joined(separator: " ")) failed: \(why)")
+        }
+    }
+
+    private static let counter = Counter()
+    private final class Counter: @unchecked Sendable {
+        private let lock = NSLock()
+        private var n = 0
+        func add() -> Int { lock.withLock { n += 1; return n } }
+        var value: Int { lock.withLock { n } }
+    }
+}
