@@ -200,14 +200,21 @@ public final class Connection: @unchecked Sendable {
     /// Flushes, then waits until the peer has acknowledged every byte (the socket's send queue is
     /// empty), within the timeout: so a pass's time, and the bandwidth drawn from it, are the
     /// link's and not how fast the socket buffers filled (on a slow link they hold seconds of it,
-    /// which the pause would otherwise wait out). Files return at once.
+    /// which the pause would otherwise wait out). Files return at once. A peer that speaks (an ERROR)
+    /// ends the wait, for the caller to read why; one that resets or hangs up fails it.
     func waitUntilDelivered() throws {
         try flush()
         let deadline = Date().addingTimeInterval(timeout)
         while cvmm_unsent_bytes(fd) > 0 {
             try checkStopped(sending: true)
             guard Date() < deadline else { throw failure(.timeout("the peer acknowledging what was sent within \(formatDuration(timeout))")) }
-            usleep(500)
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let rc = poll(&p, 1, 1)
+            if rc > 0 {
+                if p.revents & Int16(POLLERR | POLLHUP) != 0 { throw failure(.connection("the peer reset or closed the connection")) }
+                return
+            }
+            if rc < 0 && errno != EINTR { throw failure(.connection("poll: \(String(cString: strerror(errno)))")) }
         }
     }
 

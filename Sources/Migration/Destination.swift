@@ -148,8 +148,8 @@ final class ChannelReader: @unchecked Sendable {
 
 /// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the machine
 /// state and the digest END carries. `written` tracks which pages records wrote (carry it across a
-/// chain of snapshot files), and `digest`, if given, what they wrote (across a chain likewise).
-/// chain of snapshot files). Every record's checksum (and MAC, on an authenticated connection) is
+/// chain of snapshot files), and `digest`, if given, what memory holds where they wrote (across a
+/// chain likewise). Every record's checksum (and MAC, on an authenticated connection) is
 /// checked first. At each SYNC the channel waits at `barrier` for the others; a further channel
 /// (not `main`) ends at the last pass's SYNC and returns nil.
 func applyRecords(from connection: Connection, into vm: any VirtualMachine, guest: GuestDescription, written: DirtyBitmap,
@@ -179,11 +179,10 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
                     digest?.set(p, nil, &sums)
                 }
             } else {
-                buffer.withUnsafeBytes { b in
-                    host.copyMemory(from: b.baseAddress!, byteCount: Int(r.count) << 12)
-                    // Hashed from the record just read, while it is in the cache.
-                    if let digest { for p in run { digest.set(p, b.baseAddress! + Int((p - run.lowerBound) << 12), &sums) } }
-                }
+                buffer.withUnsafeBytes { host.copyMemory(from: $0.baseAddress!, byteCount: Int(r.count) << 12) }
+                // Hashed from guest memory as it now is (still in the cache), so the digest checks
+                // where the pages landed, not only what arrived.
+                if let digest { for p in run { digest.set(p, host + Int((p - run.lowerBound) << 12), &sums) } }
                 written.set(first: r.firstPage, count: UInt64(r.count))
             }
         case .error:

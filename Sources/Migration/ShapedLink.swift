@@ -51,25 +51,31 @@ public final class ShapedLink: @unchecked Sendable {
     /// Makes the namespaces and the link; `deinit` removes them.
     public init(_ shape: Shape) throws {
         self.shape = shape
-        let tag = "\(getpid() % 100_000)-\(Self.counter.add())"
+        // Unique on this host (a full pid and a random part): a link never touches another's.
+        let tag = "\(getpid())-\(String(UInt32.random(in: 0...UInt32.max), radix: 36))"
         names = ("vmm-\(tag)-src", "vmm-\(tag)-dst")
-        let subnet = "10.\(200 + Int(getpid() % 50)).\(Self.counter.value % 250)"
+        // Each pair of namespaces is isolated: every link may use the same subnet.
+        let subnet = "10.200.0"
         destinationHost = "\(subnet).2"
-        let (a, b) = ("vma\(tag)".prefix(15), "vmb\(tag)".prefix(15))
+        // Made inside the new namespaces, the interfaces' names need not be unique either.
+        let (a, b) = ("vmmsrc", "vmmdst")
         // A burst of 10 ms at the rate (at least 64 KiB), so the bucket neither starves a fast link
         // nor lets a slow one run far ahead of its rate.
         let burst = max(65_536, Int(shape.bitsPerSecond / 8 / 100))
         let steps: [[String]] = [
             ["netns", "add", names.source], ["netns", "add", names.destination],
-            ["link", "add", String(a), "netns", names.source, "type", "veth", "peer", "name", String(b), "netns", names.destination],
-            ["-n", names.source, "addr", "add", "\(subnet).1/24", "dev", String(a)],
-            ["-n", names.destination, "addr", "add", "\(subnet).2/24", "dev", String(b)],
-            ["-n", names.source, "link", "set", String(a), "up"], ["-n", names.destination, "link", "set", String(b), "up"],
+            ["link", "add", a, "netns", names.source, "type", "veth", "peer", "name", b, "netns", names.destination],
+            ["-n", names.source, "addr", "add", "\(subnet).1/24", "dev", a],
+            ["-n", names.destination, "addr", "add", "\(subnet).2/24", "dev", b],
+            ["-n", names.source, "link", "set", a, "up"], ["-n", names.destination, "link", "set", b, "up"],
             ["-n", names.source, "link", "set", "lo", "up"], ["-n", names.destination, "link", "set", "lo", "up"],
         ]
         do {
-            for s in steps { try Self.run("ip", s) }
-            for (ns, dev) in [(names.source, String(a)), (names.destination, String(b))] {
+            for s in steps {
+                try Self.run("ip", s)
+                if s.count == 3 && s[0] == "netns" && s[1] == "add" { created.append(s[2]) }
+            }
+            for (ns, dev) in [(names.source, a), (names.destination, b)] {
                 try Self.run("ip", ["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", shape.rate,
                                     "burst", "\(burst)", "latency", "50ms"])
             }
@@ -81,9 +87,13 @@ public final class ShapedLink: @unchecked Sendable {
 
     deinit { remove() }
 
+    /// The namespaces this link made (only those are removed).
+    private var created: [String] = []
+
     private func remove() {
         // The veth pair goes with its namespaces.
-        for ns in [names.source, names.destination] { try? Self.run("ip", ["netns", "del", ns]) }
+        for ns in created { try? Self.run("ip", ["netns", "del", ns]) }
+        created = []
     }
 
     /// Runs `body` on this thread inside `side`'s namespace (sockets made there stay there), then
@@ -123,13 +133,5 @@ public final class ShapedLink: @unchecked Sendable {
             let why = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             throw MigrationError.connection("\(tool) \(arguments.joined(separator: " ")) failed: \(why)")
         }
-    }
-
-    private static let counter = Counter()
-    private final class Counter: @unchecked Sendable {
-        private let lock = NSLock()
-        private var n = 0
-        func add() -> Int { lock.withLock { n += 1; return n } }
-        var value: Int { lock.withLock { n } }
     }
 }

@@ -111,8 +111,9 @@ public final class SnapshotChain {
                                   pausedSeconds: Date().timeIntervalSince(t0))
         } catch {
             unlink(temporary)
-            // Transactional: what this diff would have held is reported by the next one.
-            if diff { try? vm.markDirty(bitmap) }
+            // Transactional: what this file would have held is reported by the next one (a failed
+            // full one puts every page back, so the next diff holds all of memory).
+            try? vm.markDirty(bitmap)
             throw error
         }
     }

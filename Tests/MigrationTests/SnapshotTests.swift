@@ -102,6 +102,23 @@ import KVMBackend
         #expect(restored.ram.slots[0].pointer.load(fromByteOffset: 0x80_0000, as: UInt64.self) == 0xBEEF)
     }
 
+    /// A full snapshot that fails to write in the middle of a chain loses nothing either: the page
+    /// written before it reaches the next diff (it was harvested and dropped, and the running
+    /// digest, which does not read memory, let the stale restore pass).
+    @Test func failedFullIsReportedByTheNextDiff() throws {
+        let (vm, _) = try runningVM()
+        let chain = SnapshotChain(vm: vm)
+        try chain.take(to: dir + "/full-base")
+        var marker: UInt64 = 0xF00D
+        try withUnsafeBytes(of: &marker) { try vm.writeGuest(GPA(0x80_0000), $0) }
+        #expect(throws: (any Error).self) { try chain.take(to: dir + "/no-such-dir/full", full: true) }
+        try chain.take(to: dir + "/full-d1")
+        chain.finish()
+        _ = try vm.stop()
+        let (restored, _) = try restoreSnapshots([dir + "/full-base", dir + "/full-d1"])
+        #expect(restored.ram.slots[0].pointer.load(fromByteOffset: 0x80_0000, as: UInt64.self) == 0xF00D)
+    }
+
     @Test func corruptOrTruncatedSnapshotsAreRefused() throws {
         let (vm, _) = try runningVM()
         let chain = SnapshotChain(vm: vm)
