@@ -12,10 +12,10 @@ import GuestMemory
 /// both ends keep the digest as pages go out and come in, and END costs nothing to compute however
 /// large the guest (versions 2 to 4 hashed 64 MiB chunks, which left up to a chunk per dirty page
 /// to read in the pause).
-public struct DigestSums: Sendable, Equatable {
+struct DigestSums: Sendable, Equatable {
     var lanes: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
 
-    public init() {}
+    init() {}
 
     private static let mixes: (UInt64, UInt64, UInt64, UInt64) = (0x9E37_79B1_85EB_CA87, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x85EB_CA77_C2B2_AE63)
 
@@ -36,13 +36,13 @@ public struct DigestSums: Sendable, Equatable {
     }
 
     /// The 32 bytes END carries.
-    public var bytes: [UInt8] {
+    var bytes: [UInt8] {
         var out: [UInt8] = []
         for lane in [lanes.0, lanes.1, lanes.2, lanes.3] { out.append(le: lane) }
         return out
     }
 
-    public static func == (a: DigestSums, b: DigestSums) -> Bool { a.bytes == b.bytes }
+    static func == (a: DigestSums, b: DigestSums) -> Bool { a.bytes == b.bytes }
 
     /// h(p): the page's record checksum, in 64 bits, mixed with its RAM page number; never 0 (which
     /// stands for a zero page).

@@ -84,6 +84,12 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     public var bandwidth = 0.0   // bytes per second, measured
     /// Every pre-copy pass, in order.
     public var passes: [PassRecord] = []
+    /// What the guest really dirtied while logged, in bytes per second: pages new to the log per
+    /// second of the passes.
+    public var dirtyRate: Double {
+        let span = passes.reduce(0) { $0 + $1.seconds }
+        return span > 0 ? passes.reduce(0) { $0 + $1.dirtyRate * $1.seconds } / span : 0
+    }
     public init() {}
 
     public var description: String {
@@ -174,8 +180,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             lastHarvest = Date()
             // The pause sends what is dirty (the digest is kept as pages go, so nothing is left to hash).
             let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
-            let sendTime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
-            let expectedDowntime = sendTime
+            let expectedDowntime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
             let bandwidth = report.bandwidth
             report.passes.append(PassRecord(pass: report.iterations, pages: planned, bytes: UInt64(bytes), seconds: seconds,
                                             dirtyRate: remaining / dirtiedOver, expectedDowntime: expectedDowntime,
@@ -186,9 +191,9 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
                         formatBytes(UInt64(remaining)), expectedDowntime * 1e3))
             // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
             // what the guest dirties while it sends what is dirty now (at the rate just seen).
-            let predicted = remaining / dirtiedOver * sendTime / max(report.bandwidth, 1)
-            let anotherPassPays = predicted < expectedDowntime * 0.67 && sendTime > downtimeLimit / 4
-            if sendTime <= downtimeLimit && !anotherPassPays { report.converged = true; break }
+            let predicted = remaining / dirtiedOver * expectedDowntime / max(report.bandwidth, 1)
+            let anotherPassPays = predicted < expectedDowntime * 0.67 && expectedDowntime > downtimeLimit / 4
+            if expectedDowntime <= downtimeLimit && !anotherPassPays { report.converged = true; break }
             if report.iterations >= options.maxIterations {
                 guard options.convergence == .force else {
                     throw MigrationError(.notConverged, String(format: "did not converge in %d passes: the pause would take about %.0f ms, "
@@ -309,9 +314,9 @@ final class PageSender {
                 // A run of zero pages, or of non-zero pages, up to 256, not beyond the slot.
                 let (host, slotEnd) = ram.location(page: p)
                 let runEnd = min(end, slotEnd)
-                let zero = isZero(host)
+                let zero = isZeroPage(host)
                 var n: UInt64 = 1
-                while p + n < runEnd && n < maxRun && isZero(host + Int(n << 12)) == zero { n += 1 }
+                while p + n < runEnd && n < maxRun && isZeroPage(host + Int(n << 12)) == zero { n += 1 }
                 do {
                     // A sealed payload is read once by the cipher; a clear one is copied first, so
                     // its checksum covers exactly the bytes sent.
@@ -335,7 +340,6 @@ final class PageSender {
         if let failure { throw failure }
     }
 
-    private func isZero(_ page: UnsafeMutableRawPointer) -> Bool { isZeroPage(page) }
 }
 
 /// Migrates `vm` to a new VM in this process over loopback TCP, or over `link` between two network

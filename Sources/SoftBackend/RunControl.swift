@@ -39,8 +39,10 @@ public final class RunControl: @unchecked Sendable {
         set { throttle.store(min(Self.maxThrottle, max(0, newValue * 10)), ordering: .relaxed) }
     }
 
-    /// Percent of the time vCPU `vcpu` alone sleeps (to 0.1%, at most 99): a dirty limit's throttle.
-    public func setThrottle(vcpu: Int, percent: Double) {
+    /// Percent of the time vCPU `vcpu` alone sleeps (to 0.1%, at most 99: a dirty limit's throttle),
+    /// or with `vcpu` nil every vCPU (in whole percent: auto-converge).
+    public func setThrottle(percent: Double, vcpu: Int?) {
+        guard let vcpu else { throttlePercent = Int(percent); return }
         precondition(vcpu >= 0 && vcpu < vcpuCount, "vCPU \(vcpu) of \(vcpuCount)")
         let perMille = percent.isFinite ? Int((percent * 10).rounded()) : 0
         vcpuThrottles[vcpu].store(min(Self.maxThrottle, max(0, perMille)), ordering: .relaxed)

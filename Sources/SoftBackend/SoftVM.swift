@@ -121,10 +121,7 @@ public final class SoftVM: @unchecked Sendable {
     }
 
     /// Slows vCPU `vcpu` (nil: every vCPU, auto-converge) to (100 - percent)% of its time; 0 lifts it.
-    public func setThrottle(percent: Double, vcpu: Int? = nil) {
-        guard let control else { return }
-        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = Int(percent) }
-    }
+    public func setThrottle(percent: Double, vcpu: Int? = nil) { control?.setThrottle(percent: percent, vcpu: vcpu) }
 
     public func resume() throws(SoftVMError) {
         guard let c = control else { throw .notRunning }

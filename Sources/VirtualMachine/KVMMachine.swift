@@ -338,15 +338,10 @@ final class KVMMachine: VirtualMachine {
         return Self.encode(workload, try vcpus.map { v throws(KVMError) in try v.saveState() })
     }
 
-    func setThrottle(percent: Double, vcpu: Int?) {
-        guard let control = runner?.control else { return }
-        if let vcpu { control.setThrottle(vcpu: vcpu, percent: percent) } else { control.throttlePercent = Int(percent) }
-    }
+    func setThrottle(percent: Double, vcpu: Int?) { runner?.control.setThrottle(percent: percent, vcpu: vcpu) }
 
     func dirtyRingCounts() throws -> [UInt64] {
-        guard changeLock.withLock({ mode?.strategy }) == .ring else {
-            throw VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first")
-        }
+        guard changeLock.withLock({ mode?.strategy }) == .ring else { throw VMError.ringCountsNeedRing }
         try harvestRings()
         return ringLock.withLock { ringCounts }
     }

@@ -136,7 +136,7 @@ final class SoftMachine: VirtualMachine {
     func setThrottle(percent: Double, vcpu: Int?) { vm.setThrottle(percent: percent, vcpu: vcpu) }
 
     func dirtyRingCounts() throws -> [UInt64] {
-        guard dirtyLogMode?.strategy == .ring else { throw VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first") }
+        guard dirtyLogMode?.strategy == .ring else { throw VMError.ringCountsNeedRing }
         vm.mmu.drainDirtyRings()
         return vm.vcpus.map { UInt64($0.ring.pushedTotal) }
     }

@@ -110,6 +110,8 @@ public enum VMError: Error, CustomStringConvertible {
         case let .failed(what): return what
         }
     }
+
+    static let ringCountsNeedRing = VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first")
 }
 
 /// A guest with RAM in one or more memslots, as either backend runs it: the memory contract that

@@ -48,8 +48,9 @@ struct BenchMigrate: ParsableCommand {
             + (shaped.map { "two network namespaces over veth shaped to \($0.shape)" } ?? "loopback") + ", "
             + (maxBandwidth.map { "at most \($0)/s" } ?? "unlimited bandwidth") + ", \(channels) channel(s)" + (key ? ", keyed" : ""))
         say("  rate MiB/s  achieved     total   downtime    setup      sent  iterations  throttle  converged")
-        // Warm the host first: the first few GiB a fresh process touches cost this nested host seconds
-        // more (the outer hypervisor backs them on first touch), which would land on the first row only.
+        // Warm the host first: memory this nested host has never touched costs seconds more (the
+        // outer hypervisor backs it on first touch), which would land on the first row (later rows
+        // can still meet such memory: README says how the figures were taken).
         do {
             let warm = try HostMemory(size: memory.bytes + workingSet.bytes, backing: backing)
             try warm.populate()
@@ -71,10 +72,8 @@ struct BenchMigrate: ParsableCommand {
                 downtimeLimit: downtimeLimit.value, convergence: .force, key: key ? .random() : nil,
                 maxBandwidth: maxBandwidth.map { Double($0.bytes) }, channels: channels))
             _ = try moved.stop()
-            // What the guest really dirtied while logged (pages new to the log per second of the
-            // passes), beside the rate it was asked for.
-            let span = report.passes.reduce(0) { $0 + $1.seconds }
-            let achieved = span > 0 ? report.passes.reduce(0) { $0 + $1.dirtyRate * $1.seconds } / span / Double(1 << 20) : 0
+            // What the guest really dirtied while logged, beside the rate it was asked for.
+            let achieved = report.dirtyRate / Double(1 << 20)
             say(String(format: "  %10d %9.0f %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, achieved, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
                          report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
