@@ -1,0 +1,114 @@
+import CVMMSys
+import Glibc
+
+/// Guest RAM whose absent pages fault to this process instead of reading as zeros (userfaultfd in
+/// missing mode over every slot): post-copy and lazy restore put each page in place on first touch.
+/// A thread touching an absent page, a vCPU in KVM_RUN or a soft vCPU alike, sleeps until `place`
+/// or `placeZeros` fills it. Unregistered (every sleeper woken to read zeros) and closed on deinit or
+/// `release()`.
+public final class MissingPages: @unchecked Sendable {   // the fd is used from several threads; the kernel serializes it
+    public let ram: GuestRAM
+    private let fd: Int32
+    /// Bytes placed at once: the host page of the backing (a hugetlb page faults and fills whole).
+    public let granule: UInt64
+    private var registered = true
+    /// Zeros one granule long, for backings UFFDIO_ZEROPAGE does not serve (hugetlb).
+    private let zeros: UnsafeMutableRawPointer?
+
+    /// Registers every slot of `ram`. Pages present now stay; absent ones fault from here on.
+    public init(ram: GuestRAM) throws(GuestMemoryError) {
+        self.ram = ram
+        granule = ram.backing == .thp ? PageSize.bytes4K : ram.backing.hostPageSize.bytes
+        var fd: Int32 = -1
+        let e = cvmm_uffd_open(&fd)
+        guard e == 0 else {
+            throw .systemCall(e == EPERM ? "userfaultfd (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)" : "userfaultfd", errno: e)
+        }
+        self.fd = fd
+        if ram.backing == .hugetlb2M || ram.backing == .hugetlb1G {
+            // Anonymous memory reads as zeros without being allocated.
+            let p = mmap(nil, Int(granule), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            zeros = p == MAP_FAILED ? nil : p
+        } else {
+            zeros = nil
+        }
+        for (i, m) in ram.slots.enumerated() {
+            let e = cvmm_uffd_register(fd, UInt64(UInt(bitPattern: m.pointer)), m.size)
+            guard e == 0 else {
+                for m in ram.slots.prefix(i) { _ = cvmm_uffd_unregister(fd, UInt64(UInt(bitPattern: m.pointer)), m.size) }
+                close(fd)
+                if let zeros { munmap(zeros, Int(granule)) }
+                throw .systemCall("UFFDIO_REGISTER(slot \(i), \(formatBytes(m.size)), \(ram.backing))", errno: e)
+            }
+        }
+    }
+
+    deinit {
+        release()
+        close(fd)
+        if let zeros { munmap(zeros, Int(granule)) }
+    }
+
+    /// Stops faulting: every page still absent reads as zeros from now on, and every thread
+    /// sleeping on one wakes. Repeating it does nothing.
+    public func release() {
+        guard registered else { return }
+        registered = false
+        for m in ram.slots { _ = cvmm_uffd_unregister(fd, UInt64(UInt(bitPattern: m.pointer)), m.size) }
+    }
+
+    /// Fills `count` RAM pages from `page` (one slot, whole granules) with `bytes` and wakes whoever
+    /// waits on them. False if something was placed there first (the pages are left as they are).
+    @discardableResult
+    public func place(page: UInt64, count: UInt64, from bytes: UnsafeRawPointer) throws(GuestMemoryError) -> Bool {
+        let e = cvmm_uffd_copy(fd, address(page), bytes, count << PageSize.shift4K)
+        if e == EEXIST { return false }
+        guard e == 0 else { throw .systemCall("UFFDIO_COPY(page \(page), \(count) pages)", errno: e) }
+        return true
+    }
+
+    /// Fills `count` RAM pages from `page` (one slot, whole granules) with zeros; false if something
+    /// was placed there first.
+    @discardableResult
+    public func placeZeros(page: UInt64, count: UInt64) throws(GuestMemoryError) -> Bool {
+        if let zeros {
+            var p = page
+            var placed = true
+            let step = granule >> PageSize.shift4K
+            while p < page + count {
+                placed = try place(page: p, count: step, from: zeros) && placed
+                p += step
+            }
+            return placed
+        }
+        let e = cvmm_uffd_zeropage(fd, address(page), count << PageSize.shift4K)
+        if e == EEXIST { return false }
+        guard e == 0 else { throw .systemCall("UFFDIO_ZEROPAGE(page \(page), \(count) pages)", errno: e) }
+        return true
+    }
+
+    /// Waits up to `timeout` seconds for faults and returns the RAM pages they touched, in the order
+    /// they came (a page may come more than once: several threads, or a retried fault); empty when
+    /// none came.
+    public func waitForFaults(timeout: Double) throws(GuestMemoryError) -> [UInt64] {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let rc = poll(&p, 1, Int32(timeout * 1000))
+        if rc < 0 && errno != EINTR { throw .systemCall("poll(userfaultfd)", errno: errno) }
+        guard rc > 0 else { return [] }
+        var addresses = [UInt64](repeating: 0, count: 64)
+        let n = addresses.withUnsafeMutableBufferPointer { cvmm_uffd_read_faults(fd, $0.baseAddress, 64) }
+        guard n >= 0 else { throw .systemCall("read(userfaultfd)", errno: -n) }
+        return addresses.prefix(Int(n)).compactMap(page(at:))
+    }
+
+    /// The RAM page at host address `a`, if it lies in guest RAM.
+    public func page(at a: UInt64) -> UInt64? {
+        for (s, m) in ram.slots.enumerated() {
+            let base = UInt64(UInt(bitPattern: m.pointer))
+            if a >= base && a < base + m.size { return ram.firstPage[s] + ((a - base) >> PageSize.shift4K) }
+        }
+        return nil
+    }
+
+    private func address(_ page: UInt64) -> UInt64 { UInt64(UInt(bitPattern: ram.pointer(page: page))) }
+}
