@@ -16,11 +16,13 @@ final class ChannelSenders: @unchecked Sendable {
     /// Called on the calling thread with the pages this pass has sent so far, on every channel.
     var tick: ((UInt64) -> Void)?
 
-    init(ram: GuestRAM, connections: [Connection]) {
+    /// Passes go over the first `pageChannels` connections (all by default; post-copy keeps the last
+    /// for pages the destination asks for).
+    init(ram: GuestRAM, connections: [Connection], pageChannels: Int? = nil) {
         self.connections = connections
         let digest = PageDigest(pages: ram.pages)
         self.digest = digest
-        senders = connections.map { PageSender(ram: ram, connection: $0, digest: digest) }
+        senders = connections.prefix(pageChannels ?? connections.count).map { PageSender(ram: ram, connection: $0, digest: digest) }
         for (i, s) in senders.enumerated() {
             s.tick = { [unowned self] n in
                 let total = pagesDone.add(n, ordering: .relaxed).newValue
@@ -34,7 +36,7 @@ final class ChannelSenders: @unchecked Sendable {
     /// Opens every further channel and names it (a CHANNEL record: the token and its index), all at
     /// once: the destination takes them in the order they reached it, which need not be ours.
     func open(key: MigrationKey?, token: UInt64) throws {
-        try onEachChannel(from: 1) { [self] i in
+        try onEachChannel(from: 1, to: connections.count) { [self] i in
             try Handshake.open(connections[i], key: key, further: true)
             try connections[i].sendRecord(.channel, count: UInt32(i), firstPage: token)
             try connections[i].flush()
@@ -53,7 +55,7 @@ final class ChannelSenders: @unchecked Sendable {
                 report.zeroPages += r.zeroPages
             }
         }
-        try onEachChannel(from: 0) { [self] i in
+        try onEachChannel(from: 0, to: senders.count) { [self] i in
             var r = MigrationReport()
             defer { reports.withLock { $0.append(r) } }
             while true {
@@ -70,10 +72,10 @@ final class ChannelSenders: @unchecked Sendable {
         }
     }
 
-    /// Runs `body(i)` for channels `first...`: channel 0 on the calling thread, the others on a thread
-    /// each. The first failure shuts every connection (so no channel stays blocked) and is rethrown
-    /// once all are done.
-    private func onEachChannel(from first: Int, _ body: @escaping @Sendable (Int) throws -> Void) throws {
+    /// Runs `body(i)` for channels `first..<end`: channel 0 on the calling thread, the others on a
+    /// thread each. The first failure shuts every connection (so no channel stays blocked) and is
+    /// rethrown once all are done.
+    private func onEachChannel(from first: Int, to end: Int, _ body: @escaping @Sendable (Int) throws -> Void) throws {
         let failure = Mutex<Error?>(nil)
         let connections = connections
         @Sendable func run(_ i: Int) {
@@ -83,7 +85,7 @@ final class ChannelSenders: @unchecked Sendable {
             }
         }
         let group = DispatchGroup()
-        for i in connections.indices.dropFirst() where i >= first {
+        for i in 1..<max(1, end) where i >= first {
             group.enter()
             Thread { run(i); group.leave() }.start()
         }

@@ -32,6 +32,9 @@ public final class Connection: @unchecked Sendable {
     /// Where a sealed payload lands before it is opened.
     var openBuffer: [UInt8] = []
     private var ignoringStop = false
+    /// One thread sends while another receives (post-copy's requests and pages): receiving then
+    /// leaves flushing to the sender, whose buffer it would otherwise race for.
+    var duplex = false
 
     /// Cancels the transfer from any thread (Ctrl-C): a send or receive under way fails with
     /// `.cancelled` within a tenth of a second, and the side using it rolls back and tells its peer.
@@ -252,7 +255,7 @@ public final class Connection: @unchecked Sendable {
 
     /// Fills `buffer`, waiting at most until `deadline` (by default `timeout` from now).
     public func receive(into buffer: UnsafeMutableRawBufferPointer, deadline: Date? = nil) throws {
-        try flush()
+        if !duplex { try flush() }
         var off = 0
         let deadline = deadline ?? Date().addingTimeInterval(timeout)
         while off < buffer.count {

@@ -43,6 +43,8 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
     var readers: [ChannelReader] = []
     defer { for r in readers { r.join() } }
     var loaded: (any VirtualMachine)?
+    // Post-copy's channel for the pages the destination asks for: the last; it carries no pass.
+    var urgent: Connection?
     do {
         let guest: GuestDescription, count: Int
         switch opening {
@@ -59,6 +61,10 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             guard (1...Connection.maxChannels).contains(count) else { throw MigrationError.badStream("\(count) channels") }
             channels = try acceptor.waitForChannels(token: first.firstPage, count: count, cancellation: cancellation)
             for c in channels { cancellation?.watch(c) }
+            if first.postcopyChannel {
+                guard count >= 2 else { throw MigrationError.badStream("a post-copy channel among \(count) channel(s)") }
+                urgent = channels.last
+            }
         }
         let vm = try guest.makeGuest(maxMemory: options.maxMemory)
         tell(.setup, "a \(vm.backend) guest: \(vm.ram.layout), \(vm.vcpuCount) vCPU(s)"
@@ -69,18 +75,19 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         if case let .open(open) = opening { version = open.version } else { version = 2 }
         let local = version >= 5 ? PageDigest(pages: vm.pages) : nil
         let written = DirtyBitmap(pages: vm.pages)
-        let barrier = PassBarrier(parties: channels.count + 1, timeout: options.timeout)
+        let pageChannels = urgent == nil ? channels : Array(channels.dropLast())
+        let barrier = PassBarrier(parties: pageChannels.count + 1, timeout: options.timeout)
         // A failure on a further channel releases the barrier and stops every connection, so the main
         // channel stops at once and reports it.
         let all = [connection] + channels
-        readers = channels.map { c in
+        readers = pageChannels.map { c in
             ChannelReader(onFailure: { barrier.fail(); for c in all { c.interrupt() } }) {
                 try applyRecords(from: c, into: vm, guest: guest, written: written, digest: local, barrier: barrier, main: false)
             }
         }
-        let state: MachineState, digest: [UInt8]
+        let ending: StreamEnd
         do {
-            (state, digest) = try applyRecords(from: connection, into: vm, guest: guest, written: written, digest: local, barrier: barrier) {
+            ending = try applyRecords(from: connection, into: vm, guest: guest, written: written, digest: local, barrier: barrier) {
                 tell(.receiving, force: false)
             }!
         } catch {
@@ -93,18 +100,36 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         // Every channel closed the last pass before the main one read on: their readers are done.
         for r in readers { r.join() }
         if let e = readers.lazy.compactMap(\.failure).first { throw e }
-        tell(.verifying, "all records in; checking the memory digest")
-        guard local?.value ?? chunkDigest(vm.ram) == digest else { throw MigrationError.digestMismatch }
-        if case .legacy = opening {
-            try vm.start(from: state)
-            loaded = vm
-            try connection.send([1])
-            try connection.flush()
-        } else {
+        switch ending {
+        case let .postcopy(state, wanted, silence):
+            guard let urgent, let local else { throw MigrationError.badStream("post-copy without its channel") }
             try vm.start(from: state, paused: true)
             loaded = vm
-            tell(.verifying, "memory digest matches; the guest is loaded, paused; READY")
-            try Switchover.destination(connection, vm: vm)
+            // From here a source silent this long is gone: the guest here stops.
+            for c in all { c.timeout = silence }
+            let pc = try PostcopyDestination(vm: vm, wanted: wanted, digest: local, main: connection, urgent: urgent)
+            let pages = wanted.reduce(0) { $0 + $1.nonzeroBitCount }
+            tell(.verifying, "post-copy: the guest is loaded, paused, \(formatBytes(UInt64(pages) << 12)) to fetch as it runs; READY")
+            do { try Switchover.destination(connection, vm: vm) } catch let e as SwitchoverInDoubt {
+                // Without the source nobody serves its missing pages: the guest cannot go on here.
+                throw MigrationError.connection("post-copy: \(e.why); the guest cannot run here without the source's pages: discarded")
+            }
+            tell(.postcopy, "the guest runs here; \(pages) pages follow")
+            try pc.run { tell(.postcopy, $0) }
+        case let .end(state, digest):
+            tell(.verifying, "all records in; checking the memory digest")
+            guard local?.value ?? chunkDigest(vm.ram) == digest else { throw MigrationError.digestMismatch }
+            if case .legacy = opening {
+                try vm.start(from: state)
+                loaded = vm
+                try connection.send([1])
+                try connection.flush()
+            } else {
+                try vm.start(from: state, paused: true)
+                loaded = vm
+                tell(.verifying, "memory digest matches; the guest is loaded, paused; READY")
+                try Switchover.destination(connection, vm: vm)
+            }
         }
         tell(.done, "the source handed the guest over; it runs here")
         return vm
@@ -146,19 +171,27 @@ final class ChannelReader: @unchecked Sendable {
     }
 }
 
-/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record; returns the machine
-/// state and the digest END carries. `written` tracks which pages records wrote (carry it across a
+/// How a stream's pre-copy part ended: with END (the state and the digest), or with POSTCOPY (the
+/// state, the pages to fetch, and the seconds of silence after which the source counts as gone).
+enum StreamEnd {
+    case end(MachineState, digest: [UInt8])
+    case postcopy(MachineState, wanted: [UInt64], silence: Double)
+}
+
+/// Applies PAGES records to `vm`'s memory (fresh, all zeros) until the END record (or POSTCOPY);
+/// returns how the stream ended. `written` tracks which pages records wrote (carry it across a
 /// chain of snapshot files), and `digest`, if given, what memory holds where they wrote (across a
 /// chain likewise). Every record's checksum (and MAC, on an authenticated connection) is
 /// checked first. At each SYNC the channel waits at `barrier` for the others; a further channel
 /// (not `main`) ends at the last pass's SYNC and returns nil.
 func applyRecords(from connection: Connection, into vm: any VirtualMachine, guest: GuestDescription, written: DirtyBitmap,
                   digest: PageDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true,
-                  tick: () -> Void = {}) throws -> (MachineState, [UInt8])? {
+                  tick: () -> Void = {}) throws -> StreamEnd? {
     let ram = vm.ram
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
     var state: MachineState?
     var sawLastPass = false
+    var wanted: [UInt64]?
     var sums = DigestSums()
     defer { digest?.add(sums) }
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
@@ -187,8 +220,22 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
             }
         case .error:
             throw r.error(from: .source)!
-        case .guest, .channel, .ready, .go, .running:
+        case .guest, .channel, .ready, .go, .running, .request, .complete:
             throw MigrationError.badStream("a \(r.type) record among the pages")
+        case .discard:
+            guard main, barrier != nil, sawLastPass else { throw MigrationError.badStream("a discard record before the last pass was closed") }
+            if wanted == nil { wanted = [UInt64](repeating: 0, count: ram.bitmapWords) }
+            let first = Int(r.firstPage >> 6)
+            for i in 0..<Int(r.count) { wanted![first + i] |= r.payload.le(UInt64.self, at: i * 8) }
+        case .postcopy:
+            guard main, barrier != nil, sawLastPass else { throw MigrationError.badStream("post-copy before the last pass was closed") }
+            guard let state else { throw MigrationError.badStream("no state record before post-copy") }
+            var w = wanted ?? [UInt64](repeating: 0, count: ram.bitmapWords)
+            if ram.pages % 64 != 0 { w[w.count - 1] &= (1 << (ram.pages % 64)) - 1 }   // no page beyond RAM
+            guard Postcopy.widened(w, granule: Postcopy.granule(ram.backing)) == w else {
+                throw MigrationError.badStream("post-copy names part of a huge page: a \(ram.backing) guest fetches whole ones")
+            }
+            return .postcopy(state, wanted: w, silence: max(0.1, Double(r.count) / 1000))
         case .sync:
             try barrier?.arrive(pass: r.count)
             sawLastPass = sawLastPass || r.last
@@ -200,7 +247,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
             guard main else { throw MigrationError.badStream("an end record on a further channel") }
             guard barrier == nil || sawLastPass else { throw MigrationError.badStream("the end came before the last pass was closed") }
             guard let state else { throw MigrationError.badStream("no state record before the end") }
-            return (state, r.payload)
+            return .end(state, digest: r.payload)
         }
     }
 }

@@ -15,7 +15,7 @@ enum Handshake {
     static let magic = Array("VMMMIGR1".utf8)
     /// The stream version this build writes, and the oldest it reads; version 2 streams open with
     /// their own header, the others with OPEN.
-    static let version: UInt32 = 5
+    static let version: UInt32 = 6
     static let oldestVersion: UInt32 = 2
     static let oldestOpenVersion: UInt32 = 3
     static let openSize = 48, acceptSize = 88, confirmSize = 36

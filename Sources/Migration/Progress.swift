@@ -5,7 +5,7 @@ import GuestMemory
 /// (about ten times a second), and at every change of phase or iteration.
 public struct MigrationProgress: Sendable {
     public enum Phase: String, Sendable {
-        case setup, precopy = "pre-copy", stopAndCopy = "stop-and-copy", receiving, verifying, done
+        case setup, precopy = "pre-copy", stopAndCopy = "stop-and-copy", postcopy = "post-copy", receiving, verifying, done
     }
     public var phase: Phase = .setup
     /// The source's pass over memory: 1 is the full first pass, later ones send what was dirtied.
@@ -38,6 +38,9 @@ public struct MigrationProgress: Sendable {
             return "receiving: \(formatBytes(bytes)) in, \(rate)"
         case .verifying, .done, .setup:
             return phase.rawValue + (event.map { ": " + $0 } ?? "")
+        case .postcopy:
+            return String(format: "post-copy: %3.0f%% of %@ pushed, %@", percent, formatBytes(pagesPlanned << 12), rate)
+                + (event.map { "; " + $0 } ?? "")
         case .precopy, .stopAndCopy:
             var s = String(format: "%@ iteration %d: %3.0f%% of %@ sent, %@, %@ left, expected downtime %.0f ms",
                            phase.rawValue, iteration, percent, formatBytes(pagesPlanned << 12), rate,

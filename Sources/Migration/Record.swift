@@ -21,6 +21,16 @@ public enum RecordType: UInt8, Sendable {
     case ready = 8
     case go = 9
     case running = 10
+    /// Post-copy (docs/migration-stream.md, "Post-copy"): the pages the destination must fetch (a
+    /// bitmap, count words from first page, a multiple of 64), before STATE.
+    case discard = 11
+    /// After STATE: load the guest now and run it once handed over; its pages follow on demand. Count:
+    /// the source's timeout in milliseconds (the destination stops a guest whose source is silent longer).
+    case postcopy = 12
+    /// Destination to source, during post-copy: a guest thread waits on these pages (count from first).
+    case request = 13
+    /// Destination to source, during post-copy: every page is in place and the digest matches.
+    case complete = 14
 }
 
 /// One record as read from the stream, checked.
@@ -32,13 +42,17 @@ public struct Record {
     public var count: UInt32
     public var firstPage: UInt64
     public var payload: [UInt8]
+    /// GUEST: the last channel carries only pages the destination asked for (post-copy).
+    public var postcopyChannel = false
 
     public static let headerSize = 24
     public static let maxPagesPerRecord: UInt32 = 256
     static let maxPagesPerSealedRecord: UInt32 = 32
     static let maxPayload = Int(maxPagesPerRecord) << 12
-    /// Flag bits: PAGES all zero; SYNC closing the last pass.
-    static let zeroRun: UInt8 = 1, lastPass: UInt8 = 2
+    /// Flag bits: PAGES all zero; SYNC closing the last pass; GUEST with a post-copy channel.
+    static let zeroRun: UInt8 = 1, lastPass: UInt8 = 2, withPostcopyChannel: UInt8 = 4
+    /// Pages one REQUEST may name: a 1 GiB huge page.
+    static let maxRequestPages: UInt32 = 1 << 18
 
     /// Encodes a record header for `payload` (the checksum covers header and payload; a sealed record
     /// leaves it 0, the seal covers both).
@@ -61,7 +75,7 @@ public struct Record {
     /// Reads the next record, checking its sizes and its checksum, or its seal on a sealed
     /// connection. The whole record must arrive within the connection's timeout.
     static func read(from c: Connection, pageLimit: UInt64, into buffer: inout [UInt8]) throws -> Record {
-        try c.flush()   // what this side owes the peer goes first, on its own deadline
+        if !c.duplex { try c.flush() }   // what this side owes the peer goes first, on its own deadline
         let deadline = Date().addingTimeInterval(c.timeout)
         let h: [UInt8], length: Int
         if let cipher = c.receiveCipher {
@@ -100,7 +114,8 @@ public struct Record {
         let type = RecordType(rawValue: h[0])!
         return Record(type: type, zero: type == .pages && h[1] & zeroRun != 0, last: type == .sync && h[1] & lastPass != 0,
                       count: h.le(UInt32.self, at: 4), firstPage: h.le(UInt64.self, at: 8),
-                      payload: type == .pages ? [] : Array(buffer[0..<length]))
+                      payload: type == .pages ? [] : Array(buffer[0..<length]),
+                      postcopyChannel: type == .guest && h[1] & withPostcopyChannel != 0)
     }
 
     static func read(from c: Connection, pageLimit: UInt64) throws -> Record {
@@ -123,7 +138,16 @@ public struct Record {
         case .end: guard length == 32 else { throw MigrationError.badStream("end record of \(length) bytes") }
         case .guest: guard length <= 8192 else { throw MigrationError.badStream("guest description of \(length) bytes") }
         case .error: guard length >= 4, length <= 4100 else { throw MigrationError.badStream("error record of \(length) bytes") }
-        case .sync, .channel, .ready, .go, .running:
+        case .discard:
+            guard first % 64 == 0, first < pageLimit, UInt64(count) <= (pageLimit - first + 63) / 64, length == Int(count) * 8,
+                  length <= maxPayload else {
+                throw MigrationError.badStream("discard bitmap of \(count) words (\(length) bytes) at page \(first), outside guest memory of \(pageLimit) pages")
+            }
+        case .request:
+            guard length == 0, count > 0, count <= maxRequestPages, first < pageLimit, UInt64(count) <= pageLimit - first else {
+                throw MigrationError.badStream("request for pages \(first)+\(count) outside guest memory of \(pageLimit) pages")
+            }
+        case .sync, .channel, .ready, .go, .running, .postcopy, .complete:
             guard length == 0 else { throw MigrationError.badStream("\(type) record of \(length) bytes") }
         }
     }
@@ -163,8 +187,8 @@ extension Connection {
         try tag.withUnsafeBytes { try send($0) }
     }
 
-    func sendRecord(_ type: RecordType, count: UInt32 = 0, firstPage: UInt64 = 0, payload: [UInt8]) throws {
-        try payload.withUnsafeBytes { try sendRecord(type, count: count, firstPage: firstPage, payload: $0) }
+    func sendRecord(_ type: RecordType, flags: UInt8 = 0, count: UInt32 = 0, firstPage: UInt64 = 0, payload: [UInt8]) throws {
+        try payload.withUnsafeBytes { try sendRecord(type, flags: flags, count: count, firstPage: firstPage, payload: $0) }
     }
 
     /// The STATE record: the backend's code, a reserved byte, the state's format, then the state.

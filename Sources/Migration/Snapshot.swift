@@ -161,7 +161,9 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, M
         // A version 5 file keeps the digest as its pages land; an older one is checked by reading
         // memory. A chain of mixed versions reads memory once the running digest was not kept.
         if h.version < 5 { digest = nil }
-        let (state, carried) = try applyRecords(from: file, into: vm!, guest: h.guest, written: written!, digest: digest)!
+        guard case let .end(state, carried) = try applyRecords(from: file, into: vm!, guest: h.guest, written: written!, digest: digest)! else {
+            throw MigrationError.badStream("\(path): a post-copy record in a snapshot")
+        }
         last = state
         // Every file's digest must hold for the memory as restored up to it.
         let restored = h.version < 5 ? chunkDigest(vm!.ram) : digest?.value ?? memoryDigest(vm!.ram)

@@ -9,6 +9,9 @@ public enum Convergence: String, Sendable, CaseIterable {
     case cancel
     /// Switch over anyway, and report the downtime it took.
     case force
+    /// Switch to post-copy as soon as another pass would not bring the pause within the limit: the
+    /// guest runs on the destination at once, and its pages follow as it touches them.
+    case postcopy
 }
 
 /// How the source migrates.
@@ -28,6 +31,9 @@ public struct MigrationOptions: Sendable {
     public var maxBandwidth: Double?
     /// TCP connections carrying page data (multifd); the first also carries the rest of the stream.
     public var channels: Int
+    /// The connections to open to the destination: the channels, and with post-copy one more for the
+    /// pages the destination asks for.
+    public var connections: Int { channels + (convergence == .postcopy ? 1 : 0) }
     /// How the source logs the guest's writes (nil: the VM's default; a dirty limit wants the ring,
     /// whose per-vCPU counts it measures).
     public var dirtyLog: DirtyStrategy?
@@ -84,6 +90,8 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
     public var bandwidth = 0.0   // bytes per second, measured
     /// Every pre-copy pass, in order.
     public var passes: [PassRecord] = []
+    /// Set when the migration switched to post-copy.
+    public var postcopy: PostcopyReport?
     /// What the guest really dirtied while logged, in bytes per second: pages new to the log per
     /// second of the passes.
     public var dirtyRate: Double {
@@ -97,6 +105,8 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
                totalSeconds * 1e3, downtimeSeconds * 1e3, setupSeconds * 1e3, formatBytes(bytesSent), pagesSent, zeroPages,
                iterations, converged ? "converged" : "iteration limit", bandwidth / Double(1 << 20))
             + (throttlePercent > 0 ? ", throttled to \(100 - throttlePercent)%" : "")
+            + (postcopy.map { String(format: ", post-copy after pass %d: %llu pages in %.0f ms, %llu asked for", $0.afterPass, $0.pages,
+                                     $0.seconds * 1e3, $0.requestedPages) } ?? "")
     }
 }
 
@@ -118,7 +128,13 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
     let out = ProgressReporter(progress)
     let all = [connection] + more
     guard all.count <= Connection.maxChannels else { throw MigrationError.connection("at most \(Connection.maxChannels) channels") }
-    let channels = ChannelSenders(ram: vm.ram, connections: all)
+    // Post-copy's requested pages go on the last connection, alone, so they never wait behind a pass.
+    let urgent = options.convergence == .postcopy ? all.last : nil
+    guard urgent == nil || all.count >= 2 else {
+        throw MigrationError(.badOption, "post-copy needs a connection of its own for the pages the destination asks for: "
+                             + "open options.connections (\(options.connections)) connections")
+    }
+    let channels = ChannelSenders(ram: vm.ram, connections: all, pageChannels: all.count - (urgent == nil ? 0 : 1))
     func tell(_ event: String? = nil, force: Bool = true) { out.report(bytes: channels.bytesSent, event: event, force: force) }
     for c in all {
         c.timeout = options.timeout
@@ -144,7 +160,8 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         // accept, and each then names this migration's token.
         let token = UInt64.random(in: 0...UInt64.max)
         try Handshake.open(connection, key: options.key, further: false)
-        try connection.sendRecord(.guest, count: UInt32(all.count), firstPage: token, payload: GuestDescription(vm).encoded())
+        try connection.sendRecord(.guest, flags: urgent == nil ? 0 : Record.withPostcopyChannel, count: UInt32(all.count), firstPage: token,
+                                  payload: GuestDescription(vm).encoded())
         try connection.flush()
         try channels.open(key: options.key, token: token)
         try vm.enableDirtyLogging(DirtyLogConfig(strategy: options.dirtyLog ?? vm.defaultDirtyStrategy))
@@ -158,6 +175,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         out.update { $0.phase = .precopy }
         var lastHarvest = Date()   // logging began just before the first pass
         var downtimeLimit = options.downtimeLimit
+        var postcopyNow = false
         while true {
             if connection.isCancelled { throw MigrationError.cancelled }
             if let tuning = options.tuning {
@@ -194,6 +212,10 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             let predicted = remaining / dirtiedOver * expectedDowntime / max(report.bandwidth, 1)
             let anotherPassPays = predicted < expectedDowntime * 0.67 && expectedDowntime > downtimeLimit / 4
             if expectedDowntime <= downtimeLimit && !anotherPassPays { report.converged = true; break }
+            if urgent != nil && (predicted > downtimeLimit || report.iterations >= options.maxIterations) {
+                postcopyNow = true
+                break
+            }
             if report.iterations >= options.maxIterations {
                 guard options.convergence == .force else {
                     throw MigrationError(.notConverged, String(format: "did not converge in %d passes: the pause would take about %.0f ms, "
@@ -211,6 +233,10 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
                 out.update { $0.throttlePercent = report.throttlePercent }
                 tell("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
             }
+        }
+        if postcopyNow, let urgent {
+            return try switchToPostcopy(vm, main: connection, urgent: urgent, channels: channels, pending: pending, wasRunning: wasRunning,
+                                options: options, report: report, paused: &paused, out: out, start: start)
         }
         // Stop-and-copy.
         let pauseStart = Date()
@@ -303,43 +329,43 @@ final class PageSender {
         var failure: Error?
         var sums = DigestSums()
         defer { digest.add(sums) }
-        // Sealed records stay small: each seal allocates its output, and at this size the allocator
-        // reuses memory instead of mapping (and faulting in) fresh pages for every record.
-        let maxRun = UInt64(connection.sendCipher == nil ? Record.maxPagesPerRecord : Record.maxPagesPerSealedRecord)
         forEachRun(bitmap, words: words) { start, count in
             guard failure == nil else { return }
-            var p = start
-            let end = start + count
-            while p < end && failure == nil {
-                // A run of zero pages, or of non-zero pages, up to 256, not beyond the slot.
-                let (host, slotEnd) = ram.location(page: p)
-                let runEnd = min(end, slotEnd)
-                let zero = isZeroPage(host)
-                var n: UInt64 = 1
-                while p + n < runEnd && n < maxRun && isZeroPage(host + Int(n << 12)) == zero { n += 1 }
-                do {
-                    // A sealed payload is read once by the cipher; a clear one is copied first, so
-                    // its checksum covers exactly the bytes sent.
-                    let sealed = connection.sendCipher != nil
-                    if !zero && !sealed { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
-                    let source = UnsafeRawPointer(sealed ? host : staging)
-                    // Hashed as sent (from the copy, or from memory a sealed record read): a page that
-                    // changes after this is dirty and goes again, so its last send is what memory holds.
-                    for i in 0..<n { digest.set(p + i, zero ? nil : source + Int(i << 12), &sums) }
-                    let payload = UnsafeRawBufferPointer(start: zero ? nil : source, count: zero ? 0 : Int(n << 12))
-                    try connection.sendRecord(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload)
-                } catch {
-                    failure = error
-                }
-                report.pagesSent += n
-                if zero { report.zeroPages += n }
-                p += n
-                tick?(n)
-            }
+            do { try send(start, count: count, sums: &sums, report: &report) } catch { failure = error }
         }
         if let failure { throw failure }
     }
 
+    /// Sends pages `start..<start+count`: runs of zero pages, or of non-zero pages, each up to 256
+    /// pages and never beyond a slot.
+    func send(_ start: UInt64, count: UInt64, sums: inout DigestSums, report: inout MigrationReport) throws {
+        // Sealed records stay small: each seal allocates its output, and at this size the allocator
+        // reuses memory instead of mapping (and faulting in) fresh pages for every record.
+        let maxRun = UInt64(connection.sendCipher == nil ? Record.maxPagesPerRecord : Record.maxPagesPerSealedRecord)
+        var p = start
+        let end = start + count
+        while p < end {
+            let (host, slotEnd) = ram.location(page: p)
+            let runEnd = min(end, slotEnd)
+            let zero = isZeroPage(host)
+            var n: UInt64 = 1
+            while p + n < runEnd && n < maxRun && isZeroPage(host + Int(n << 12)) == zero { n += 1 }
+            // A sealed payload is read once by the cipher; a clear one is copied first, so its
+            // checksum covers exactly the bytes sent.
+            let sealed = connection.sendCipher != nil
+            if !zero && !sealed { staging.copyMemory(from: host, byteCount: Int(n << 12)) }
+            let source = UnsafeRawPointer(sealed ? host : staging)
+            // Hashed as sent (from the copy, or from memory a sealed record read): a page that
+            // changes after this is dirty and goes again, so its last send is what memory holds.
+            for i in 0..<n { digest.set(p + i, zero ? nil : source + Int(i << 12), &sums) }
+            let payload = UnsafeRawBufferPointer(start: zero ? nil : source, count: zero ? 0 : Int(n << 12))
+            try connection.sendRecord(.pages, zero: zero, count: UInt32(n), firstPage: p, payload: payload)
+            report.pagesSent += n
+            if zero { report.zeroPages += n }
+            p += n
+            tick?(n)
+        }
+    }
 }
 
 /// Migrates `vm` to a new VM in this process over loopback TCP, or over `link` between two network
@@ -361,7 +387,7 @@ public func migrateOverLoopback(_ vm: any VirtualMachine, link: ShapedLink? = ni
     }.start()
     let report: MigrationReport
     do {
-        let connect = { try Connection.connect(to: listener.address, channels: options.channels) }
+        let connect = { try Connection.connect(to: listener.address, channels: options.connections) }
         let (main, more) = try link.map { try $0.within(.source, connect) } ?? connect()
         report = try migrate(vm, over: main, more: more, options: options, progress: progress)
     } catch {

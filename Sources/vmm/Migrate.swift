@@ -59,10 +59,10 @@ struct Migrate: ParsableCommand {
         say("source: \(guest.backend) guest, \(guest.vcpus) vCPU(s), \(guest.memory) \(guest.backing); running \(spec) for \(after.value) s")
         Thread.sleep(forTimeInterval: after.value)
         if key == nil { warn("source: no --key-file: the stream is neither encrypted nor authenticated") }
-        let (connection, more) = try Connection.connect(to: address, channels: channels, timeout: timeout.value)
         let options = MigrationOptions(downtimeLimit: downtimeLimit.value, maxIterations: maxPasses, convergence: convergence,
                                        timeout: timeout.value, key: key,
-                                       maxBandwidth: maxBandwidth.map { Double($0.bytes) })
+                                       maxBandwidth: maxBandwidth.map { Double($0.bytes) }, channels: channels)
+        let (connection, more) = try Connection.connect(to: address, channels: options.connections, timeout: timeout.value)
         let cancel = Cancellation()
         for c in [connection] + more { cancel.watch(c) }
         var passes: [PassRecord] = []
