@@ -127,6 +127,17 @@ public final class HostMemory: @unchecked Sendable {
         }
     }
 
+    /// Drops the host pages of many ranges (offset, length) at once, as `discard` does one.
+    public func discard(ranges: [(offset: UInt64, length: UInt64)]) throws(GuestMemoryError) {
+        let advice = backing == .memfd ? MADV_REMOVE : MADV_DONTNEED
+        let vector = ranges.map { r -> iovec in
+            precondition(r.offset + r.length <= size, "discard beyond the mapping")
+            return iovec(iov_base: pointer + Int(r.offset), iov_len: Int(r.length))
+        }
+        let e = vector.withUnsafeBufferPointer { cvmm_madvise_ranges($0.baseAddress, $0.count, advice) }
+        guard e == 0 else { throw .systemCall(advice == MADV_REMOVE ? "madvise(MADV_REMOVE)" : "madvise(MADV_DONTNEED)", errno: e) }
+    }
+
     /// Faults in every host page of a range for writing (MADV_POPULATE_WRITE), so later measurements
     /// do not include the host's own first-touch faults.
     public func populate(offset: UInt64 = 0, length: UInt64? = nil) throws(GuestMemoryError) {

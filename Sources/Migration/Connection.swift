@@ -176,13 +176,17 @@ public final class Connection: @unchecked Sendable {
         }
         bytesSent += UInt64(bytes.count)
         if let limit = maxBandwidth, limit > 0 {
-            // Stay under the limit on average: sleep until the bytes sent so far are due.
+            // Stay under the limit on average: sleep until the bytes sent so far are due, all of it
+            // now (a debt left would fall on whatever is sent next: the pause's records). A
+            // connection idle for long earns no burst: the schedule starts again.
+            if pacedBytes / limit - Date().timeIntervalSince(paceStart) < -0.1 { paceStart = Date(); pacedBytes = 0 }
             pacedBytes += Double(bytes.count)
-            let due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
-            if due > 0.001 {
-                try flush()
+            var due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
+            if due > 0.001 { try flush() }
+            while due > 0.001 {
                 try checkStopped(sending: true)
                 usleep(UInt32(min(due, 0.1) * 1e6))
+                due = pacedBytes / limit - Date().timeIntervalSince(paceStart)
             }
         }
     }
@@ -287,6 +291,19 @@ public final class Connection: @unchecked Sendable {
             if direct { off += n } else { inputStart = 0; inputEnd = n }
         }
         bytesReceived += UInt64(buffer.count)
+    }
+
+    /// Waits, without a deadline, until the peer sends something or hangs up (a stop ends the wait):
+    /// for a channel that is rightly silent for long, as post-copy's requests are. The record that
+    /// follows is read with the timeout.
+    func waitUntilReadable() throws {
+        while inputStart >= inputEnd {
+            try checkStopped()
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let rc = poll(&p, 1, 100)
+            if rc > 0 { return }
+            if rc < 0 && errno != EINTR { throw failure(.connection("poll: \(String(cString: strerror(errno)))")) }
+        }
     }
 
     /// Whether the peer has sent something not yet read (a source sending pages hears from its

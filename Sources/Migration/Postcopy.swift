@@ -42,20 +42,21 @@ enum Postcopy {
     static func drop(_ wanted: [UInt64], from ram: GuestRAM, digest: PageDigest) throws {
         var sums = DigestSums()
         defer { digest.add(sums) }
-        var failure: Error?
+        var ranges = [[(offset: UInt64, length: UInt64)]](repeating: [], count: ram.slots.count)
         forEachRun(wanted) { first, count in
             for p in first..<(first + count) { digest.set(p, nil, &sums) }
             var p = first
-            while p < first + count && failure == nil {
+            while p < first + count {
                 let s = ram.slot(ofPage: p)
                 let n = min(first + count, ram.pages(ofSlot: s).upperBound) - p
-                do {
-                    try ram.slots[s].discard(offset: (p - ram.firstPage[s]) << PageSize.shift4K, length: n << PageSize.shift4K)
-                } catch { failure = MigrationError.vm("dropping the stale pages: \(error)") }
+                ranges[s].append(((p - ram.firstPage[s]) << PageSize.shift4K, n << PageSize.shift4K))
                 p += n
             }
         }
-        if let failure { throw failure }
+        // All at once: a busy guest's set is many short runs, and this is downtime.
+        for (s, r) in ranges.enumerated() where !r.isEmpty {
+            do { try ram.slots[s].discard(ranges: r) } catch { throw MigrationError.vm("dropping the stale pages: \(error)") }
+        }
     }
 
     /// The source's switch, with the guest paused, every pass closed and the state saved: sends the
@@ -151,13 +152,15 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
         endSent = true
         try main.sendEnd(digest: digest.value)
         try main.flush()
-        try waitFor("the destination to place every page and check the digest (COMPLETE)") { completed }
+        // The destination answers within its own timeout of the last byte it got, which is at most
+        // ours: COMPLETE, or an ERROR saying it stopped. Waiting twice as long hears either.
+        try waitFor("the destination to place every page and check the digest (COMPLETE)", seconds: 2 * main.timeout + 0.5) { completed }
         report.seconds = Date().timeIntervalSince(start)
     }
 
     /// Waits (up to the timeout) until `done`, or throws the server's failure.
-    private func waitFor(_ what: String, _ done: () -> Bool) throws {
-        let deadline = Date().addingTimeInterval(main.timeout)
+    private func waitFor(_ what: String, seconds: Double? = nil, _ done: () -> Bool) throws {
+        let deadline = Date().addingTimeInterval(seconds ?? main.timeout)
         condition.lock()
         defer { condition.unlock() }
         while !done() {
@@ -213,6 +216,7 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
         var sent = MigrationReport()
         do {
             while true {
+                try main.waitUntilReadable()   // requests come when the guest faults, however rarely
                 let r = try Record.read(from: main, pageLimit: ram.pages)
                 switch r.type {
                 case .request:
@@ -414,6 +418,8 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         while true {
             let r: Record
             do {
+                // The post-copy channel carries pages only when asked: it may be silent for long.
+                if !main { try c.waitUntilReadable() }
                 r = try Record.read(from: c, pageLimit: ram.pages, into: &buffer)
             } catch {
                 if !main && isFinished { return nil }   // stopped on purpose: every page came
@@ -571,9 +577,13 @@ func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connec
             out.report(bytes: channels.bytesSent, force: false)
         }
     } catch {
-        if pc.endSent { throw SwitchoverInDoubt(side: .source, why: "sent every page and END, then \(error) instead of COMPLETE", vm: vm) }
-        // Before GO: pre-copy's rollback. After it, the destination cannot finish without END.
+        // Before GO: pre-copy's rollback.
         guard goSent else { throw error }
+        // After END the destination may have finished, unless it said it stopped (it says so only
+        // once its guest is stopped for good).
+        if pc.endSent && (error as? MigrationError)?.toldBy == nil && peerReason(main) == nil {
+            throw SwitchoverInDoubt(side: .source, why: "sent every page and END, then \(error) instead of COMPLETE", vm: vm)
+        }
         try fallBack(error, options: options, main: main, out: out)
     }
     _ = try? vm.stop()

@@ -105,8 +105,8 @@ public struct MigrationReport: Sendable, CustomStringConvertible {
                totalSeconds * 1e3, downtimeSeconds * 1e3, setupSeconds * 1e3, formatBytes(bytesSent), pagesSent, zeroPages,
                iterations, converged ? "converged" : "iteration limit", bandwidth / Double(1 << 20))
             + (throttlePercent > 0 ? ", throttled to \(100 - throttlePercent)%" : "")
-            + (postcopy.map { String(format: ", post-copy after pass %d: %llu pages in %.0f ms, %llu asked for", $0.afterPass, $0.pages,
-                                     $0.seconds * 1e3, $0.requestedPages) } ?? "")
+            + (postcopy.map { String(format: ", post-copy after pass %d: %llu pages in %.0f ms, %llu asked for in %llu requests", $0.afterPass, $0.pages,
+                                     $0.seconds * 1e3, $0.requestedPages, $0.requests) } ?? "")
     }
 }
 

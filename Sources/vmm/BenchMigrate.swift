@@ -28,6 +28,8 @@ struct BenchMigrate: ParsableCommand {
     var maxBandwidth: ByteSize?
     @Option(help: "Migrate between two network namespaces over a veth link shaped to this rate (e.g. 1gbit), instead of loopback.")
     var link: String?
+    @Option(help: "When pre-copy does not converge: force (switch over anyway) or postcopy (the guest runs on the destination at once, its pages follow).")
+    var convergence: Convergence = .force
     @Option(help: "TCP connections carrying page data (1-16).")
     var channels: Int = 1
     @Flag(help: "Encrypt and authenticate the stream with a random key, as --key-file does.")
@@ -46,7 +48,8 @@ struct BenchMigrate: ParsableCommand {
         let shaped = try link.map { try ShapedLink(ShapedLink.Shape(parsing: $0)) }
         say("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, "
             + (shaped.map { "two network namespaces over veth shaped to \($0.shape)" } ?? "loopback") + ", "
-            + (maxBandwidth.map { "at most \($0)/s" } ?? "unlimited bandwidth") + ", \(channels) channel(s)" + (key ? ", keyed" : ""))
+            + (maxBandwidth.map { "at most \($0)/s" } ?? "unlimited bandwidth") + ", \(channels) channel(s)" + (key ? ", keyed" : "")
+            + ", convergence=\(convergence)")
         say("  rate MiB/s  achieved     total   downtime    setup      sent  iterations  throttle  converged")
         // Warm the host first: memory this nested host has never touched costs seconds more (the
         // outer hypervisor backs it on first touch), which would land on the first row (later rows
@@ -69,14 +72,18 @@ struct BenchMigrate: ParsableCommand {
             try vm.start(spec)
             Thread.sleep(forTimeInterval: 0.5)
             let (report, moved) = try migrateOverLoopback(vm, link: shaped, options: MigrationOptions(
-                downtimeLimit: downtimeLimit.value, convergence: .force, key: key ? .random() : nil,
+                downtimeLimit: downtimeLimit.value, convergence: convergence, key: key ? .random() : nil,
                 maxBandwidth: maxBandwidth.map { Double($0.bytes) }, channels: channels))
             _ = try moved.stop()
             // What the guest really dirtied while logged, beside the rate it was asked for.
             let achieved = report.dirtyRate / Double(1 << 20)
             say(String(format: "  %10d %9.0f %8.0fms %8.0fms %6.1fms %9@ %11d %8d%% %10@", rate, achieved, report.totalSeconds * 1e3,
                          report.downtimeSeconds * 1e3, report.setupSeconds * 1e3, formatBytes(report.bytesSent),
-                         report.iterations, report.throttlePercent, report.converged ? "yes" : "no"))
+                         report.iterations, report.throttlePercent, report.converged ? "yes" : report.postcopy == nil ? "no" : "post-copy"))
+            if let p = report.postcopy {
+                say(String(format: "             post-copy: %@ fetched in %.0f ms after the switch, %llu pages asked for in %llu requests",
+                           formatBytes(p.pages << 12), p.seconds * 1e3, p.requestedPages, p.requests))
+            }
             say("             downtime: " + report.downtimeParts.map { String(format: "%@ %.1f", $0.name, $0.seconds * 1e3) }.joined(separator: ", ") + " ms")
             if json {
                 printJSON(jsonLine([
@@ -89,6 +96,8 @@ struct BenchMigrate: ParsableCommand {
                     ("throttle_pct", report.throttlePercent), ("converged", report.converged), ("keyed", key),
                     ("bandwidth_mib_s", report.bandwidth / Double(1 << 20)),
                     ("downtime_parts_ms", report.downtimeParts.map { ($0.name, $0.seconds * 1e3) as (String, Any) }),
+                    ("convergence", convergence.rawValue), ("postcopy_pages", report.postcopy?.pages ?? 0),
+                    ("postcopy_ms", (report.postcopy?.seconds ?? 0) * 1e3), ("postcopy_requests", report.postcopy?.requests ?? 0),
                 ]))
             }
         }

@@ -44,7 +44,7 @@ import KVMBackend
         let post = try #require(report.postcopy, "the migration switched to post-copy")
         #expect(post.afterPass == 1)
         #expect(post.pages > 0)
-        #expect(post.requestedPages > 0, "the guest faulted on pages the push had not brought yet")
+        #expect(post.requests > 0, "the guest faulted on pages the push had not brought yet, and asked for them")
         if backing == .hugetlb2M { #expect(post.pages % 512 == 0, "hugetlb pages go whole") }
         let perStep: UInt64 = backend == .soft ? 2 : 1
         #expect(runs.allSatisfy { $0.accesses >= pages * perStep }, "at least one full pass on the destination")
@@ -56,6 +56,75 @@ import KVMBackend
             let steps = zip(values, values.dropFirst()).filter { $0 != $1 }
             #expect(values.last! >= 2, "lane \(lane) made passes")
             #expect(steps.count <= 1 && steps.allSatisfy { $0 == $1 + 1 }, "lane \(lane): counters \(Set(values).sorted().prefix(8))")
+        }
+    }
+}
+
+/// A connection cut during post-copy: the main channel towards the destination (the push, END),
+/// towards the source (READY, RUNNING, the requests, COMPLETE), and the post-copy channel. Every
+/// run ends with the guest whole on exactly one side, running there with its checks passing: on the
+/// destination if post-copy finished, else back on the source as it was at the switch.
+@Suite(.serialized) struct PostcopyCutTests {
+    static let timeout = 1.5
+    static let spec = WorkloadSpec(pattern: .counter, base: GPA(8 << 20), workingSet: 8 << 20, rate: 20_000, seed: 5, stop: .duration(120))
+
+    static func run(_ backend: BackendKind, plan: FaultProxy.Plan?) throws -> (any VirtualMachine, Result<MigrationReport, Error>,
+                                                                           Result<any VirtualMachine, Error>, FaultProxy) {
+        let src = try makeVirtualMachine(VMConfig(backend: backend, memory: 16 << 20, backing: .pages4K, vcpus: 1))
+        try src.start(spec)
+        Thread.sleep(forTimeInterval: 0.2)
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> any VirtualMachine in
+            try receive(on: listener, options: ReceiveOptions(timeout: timeout, acceptTimeout: 5))
+        }
+        let proxy = try FaultProxy(to: listener.address, plan: plan)
+        var options = MigrationOptions(downtimeLimit: 0.000_1, convergence: .postcopy, timeout: timeout, maxBandwidth: Double(8 << 20))
+        options.timeout = timeout
+        let source = Result {
+            let (main, more) = try Connection.connect(to: proxy.listener.address, channels: options.connections)
+            return try migrate(src, over: main, more: more, options: options)
+        }
+        return (src, source, Result { try dest() }, proxy)
+    }
+
+    static let backends: [BackendKind] = PostcopyTests.kvm ? [.soft, .kvm] : [.soft]
+
+    @Test(arguments: backends)
+    func aCutLeavesOneWholeGuest(_ backend: BackendKind) throws {
+        // A clean run gives the lengths of each direction.
+        let (src0, s0, d0, p0) = try Self.run(backend, plan: nil)
+        let report = try s0.get()
+        let down = p0.bytes(channel: 0, .toDestination), up = p0.bytes(channel: 0, .toSource), served = p0.bytes(channel: 1, .toDestination)
+        print("post-copy through the proxy (\(backend)): \(report); pause \(report.downtimeParts.map { "\($0.name) \(Int($0.seconds * 1e3)) ms" }); main \(down) bytes down, \(up) up; post-copy channel \(served)")
+        cleanUp(src0, d0)
+        let pushStart = down - Int(report.postcopy!.pages - report.postcopy!.requestedPages) * 4096
+        #expect(up > Handshake.acceptSize + 3 * 24, "requests went up")
+        #expect(served > 0, "pages asked for came on the post-copy channel")
+        let plans: [FaultProxy.Plan] = [
+            .init(direction: .toDestination, offset: pushStart + 100_000, fault: .cut),
+            .init(direction: .toDestination, offset: (pushStart + down) / 2, fault: .cut),
+            .init(direction: .toDestination, offset: down - 80, fault: .cut),            // END
+            .init(direction: .toDestination, offset: (pushStart + down) / 2, fault: .drop),
+            .init(direction: .toSource, offset: Handshake.acceptSize + 10, fault: .cut),   // READY
+            .init(direction: .toSource, offset: Handshake.acceptSize + 24 + 10, fault: .cut), // RUNNING
+            .init(direction: .toSource, offset: Handshake.acceptSize + 2 * 24 + 30, fault: .cut), // a request
+            .init(direction: .toSource, offset: up - 10, fault: .cut),                     // COMPLETE
+            .init(channel: 1, direction: .toDestination, offset: served / 3, fault: .cut),
+            .init(channel: 1, direction: .toDestination, offset: served / 2, fault: .drop),
+        ]
+        for plan in plans {
+            let (src, source, destination, proxy) = try Self.run(backend, plan: plan)
+            let label = "\(backend): \(plan) (fired: \(proxy.faultFired))"
+            print("\(label): source \(source.map { "\($0)" }), destination \(destination.map { "\($0.backend) guest" })")
+            try expectOneOwner(source: source, destination: destination, src, label)
+            // Whoever owns the guest runs it on, whole.
+            let owner: (any VirtualMachine)? = source.failure != nil && !(source.failure is SwitchoverInDoubt) ? src : try? destination.get()
+            if let owner {
+                Thread.sleep(forTimeInterval: 0.3)
+                let runs = try owner.stop()
+                #expect(runs.allSatisfy { $0.mismatches == 0 }, "\(label): the guest's checks failed: \(runs.map(\.mismatches))")
+            }
+            cleanUp(src, destination)
         }
     }
 }

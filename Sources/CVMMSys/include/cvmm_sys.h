@@ -7,6 +7,9 @@
 #include <malloc.h>
 #include <linux/memfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <errno.h>
 
 // memfd_create(2): glibc declares it only under _GNU_SOURCE, which Swift's Glibc module does not set.
 static inline int cvmm_memfd_create(const char *name, unsigned int flags) {
@@ -30,6 +33,30 @@ static inline int cvmm_unsent_bytes(int fd) {
 static inline void cvmm_keep_heap(int mmap_threshold, int trim_threshold) {
     mallopt(M_MMAP_THRESHOLD, mmap_threshold);
     mallopt(M_TRIM_THRESHOLD, trim_threshold);
+}
+
+// Applies madvise `advice` to `count` ranges of this process at once: process_madvise(2) on our
+// own pidfd takes up to 1024 ranges a call (and the kernel batches their TLB flushes), where a
+// madvise per range would pay a system call and a flush each. Falls back to madvise per range where
+// the kernel refuses. Returns 0 or the errno of the range that failed.
+static inline int cvmm_madvise_ranges(const struct iovec *ranges, size_t count, int advice) {
+    static int pidfd = -2;
+    if (pidfd == -2) pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+    size_t done = 0;
+    while (pidfd >= 0 && done < count) {
+        size_t n = count - done < 1024 ? count - done : 1024;
+        ssize_t bytes = syscall(SYS_process_madvise, pidfd, ranges + done, n, advice, 0);
+        if (bytes < 0) break;
+        // A short count stops at a range it could not advise: that one goes through madvise below.
+        size_t whole = 0, sum = 0;
+        while (whole < n && sum + ranges[done + whole].iov_len <= (size_t)bytes) { sum += ranges[done + whole].iov_len; whole++; }
+        done += whole;
+        if (whole < n) break;
+    }
+    for (; done < count; done++) {
+        if (madvise(ranges[done].iov_base, ranges[done].iov_len, advice) != 0) return errno;
+    }
+    return 0;
 }
 
 #endif
