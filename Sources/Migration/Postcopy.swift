@@ -458,9 +458,13 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
             condition.unlock()
             guard n > 0 else { throw MigrationError.badStream("page \(p) sent twice, or not one the destination fetches") }
             let bytes = data.map { $0 + Int((p - first) << PageSize.shift4K) }
+            // Absent until now, by the drop at the switch: a page found present would leave stale
+            // bytes in the guest.
+            let done: Bool
             do {
-                if let bytes { try faults.place(page: p, count: n, from: bytes) } else { try faults.placeZeros(page: p, count: n) }
+                done = try bytes.map { try faults.place(page: p, count: n, from: $0) } ?? faults.placeZeros(page: p, count: n)
             } catch { throw MigrationError.vm("placing pages \(p)+\(n): \(error)") }
+            guard done else { throw MigrationError.vm("pages \(p)+\(n) were present where post-copy dropped them") }
             var sums = DigestSums()
             for i in 0..<n { digest.set(p + i, bytes.map { $0 + Int(i << PageSize.shift4K) }, &sums) }
             placed(p, n, sums)
@@ -497,7 +501,9 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
             condition.unlock()
             guard full else { continue }
             defer { munmap(buffer, bytes) }
-            do { try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g): \(error)") }
+            let done: Bool
+            do { done = try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g): \(error)") }
+            guard done else { throw MigrationError.vm("huge page \(g) was present where post-copy dropped it") }
             var sums = DigestSums()
             for i in 0..<granule { digest.set(g + i, buffer + Int(i << PageSize.shift4K), &sums) }
             placed(g, granule, sums)
