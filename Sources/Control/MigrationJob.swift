@@ -6,7 +6,7 @@ import VirtualMachine
 /// status, the progress and pass history so far, and how it ended.
 final class MigrationJob: @unchecked Sendable {
     /// QMP's migration statuses.
-    enum Status: String { case setup, active, completed, failed, cancelled }
+    enum Status: String { case setup, active, postcopyActive = "postcopy-active", completed, failed, cancelled }
 
     let cancellation = Cancellation()
     let incoming: Bool
@@ -25,7 +25,7 @@ final class MigrationJob: @unchecked Sendable {
     }
 
     var status: Status { lock.withLock { _status } }
-    var isActive: Bool { [.setup, .active].contains(status) }
+    var isActive: Bool { [.setup, .active, .postcopyActive].contains(status) }
 
     /// Takes a progress report; returns the passes it completed since the last one.
     func update(_ p: MigrationProgress) -> (Status?, [PassRecord]) {
@@ -35,6 +35,11 @@ final class MigrationJob: @unchecked Sendable {
             if _status == .setup && (p.phase != .setup || p.bytes > 0) {
                 _status = .active
                 return (.active, newPasses)
+            }
+            // The guest runs on the destination now, its pages following (QMP's postcopy-active).
+            if _status == .active && p.phase == .postcopy {
+                _status = .postcopyActive
+                return (.postcopyActive, newPasses)
             }
             return (nil, newPasses)
         }
@@ -68,6 +73,11 @@ final class MigrationJob: @unchecked Sendable {
             if let report {
                 pairs.append(("setup-time", .int(Int64(report.setupSeconds * 1e3))))
                 pairs.append(("downtime", .int(Int64(report.downtimeSeconds * 1e3))))
+                if let p = report.postcopy {
+                    pairs.append(("postcopy", .object([("after-pass", .int(Int64(p.afterPass))), ("pages", .int(Int64(p.pages))),
+                                                       ("requests", .int(Int64(p.requests))), ("requested-pages", .int(Int64(p.requestedPages))),
+                                                       ("time", .int(Int64(p.seconds * 1e3)))])))
+                }
             }
             pairs.append(("ram", .object([
                 ("transferred", .int(Int64(report?.bytesSent ?? progress.bytes))),

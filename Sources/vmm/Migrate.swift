@@ -21,7 +21,7 @@ struct Migrate: ParsableCommand {
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
     @Option(help: "Pre-copy passes at most before the convergence policy decides.")
     var maxPasses: Int = 30
-    @Option(help: "At the pass limit with the pause over the downtime limit: cancel (keep the guest running here) or force (switch over anyway).")
+    @Option(help: "At the pass limit with the pause over the downtime limit: cancel (keep the guest running here), force (switch over anyway), or postcopy (as soon as another pass would not reach the limit, run the guest on the destination and send its pages as it touches them).")
     var convergence: Convergence = .cancel
     @Option(help: "Pre-shared key file (`vmm key generate`); the same file on the destination. Records are then encrypted and authenticated.")
     var keyFile: String?
