@@ -416,7 +416,9 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(held <= Double(2 * limit) * 1.1, "limited to 2 x \(limit) MiB/s, the guest dirtied \(held) MiB/s")
         _ = try c.execute("cancel-vcpu-dirty-limit").get()
         Thread.sleep(forTimeInterval: 1)
-        let after = try measure()
+        // The best of up to three windows: other suites running at once can take the cores for one.
+        var after = try measure()
+        for _ in 0..<2 where after <= Double(2 * limit) * 2 { after = max(after, try measure()) }
         #expect(try limits().isEmpty)
         #expect(after > Double(2 * limit) * 2, "the limit lifted, the guest dirtied only \(after) MiB/s")
         print("dirty limit (\(backend)): \(free) MiB/s free, \(held) MiB/s under 2 x \(limit), \(after) MiB/s after")
