@@ -210,7 +210,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             // Under the limit, one more pass still pays when it would cut the pause by a third: it leaves
             // what the guest dirties while it sends what is dirty now (at the rate just seen).
             let predicted = remaining / dirtiedOver * expectedDowntime / max(report.bandwidth, 1)
-            let anotherPassPays = predicted < expectedDowntime * 0.67 && expectedDowntime > downtimeLimit / 4
+            let anotherPassPays = predicted < expectedDowntime * 0.67 && expectedDowntime > max(downtimeLimit / 20, 0.003)
             if expectedDowntime <= downtimeLimit && !anotherPassPays { report.converged = true; break }
             if urgent != nil && (predicted > downtimeLimit || report.iterations >= options.maxIterations) {
                 postcopyNow = true
