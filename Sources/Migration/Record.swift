@@ -124,7 +124,7 @@ public struct Record {
     }
 
     /// Checks a header's type and sizes before its payload is read.
-    private static func check(_ h: [UInt8], pageLimit: UInt64) throws {
+    static func check(_ h: [UInt8], pageLimit: UInt64) throws {
         guard let type = RecordType(rawValue: h[0]) else { throw MigrationError.badStream("unknown record type \(h[0])") }
         let zero = type == .pages && h[1] & zeroRun != 0
         let count = h.le(UInt32.self, at: 4), first = h.le(UInt64.self, at: 8), length = Int(h.le(UInt32.self, at: 16))

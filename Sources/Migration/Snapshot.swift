@@ -124,39 +124,46 @@ public final class SnapshotChain {
     }
 }
 
+/// Checks that file `index` of a chain, with header `h`, follows the full snapshot `first` (nil for
+/// the first file itself): its kind, its chain, its guest and its place in the chain.
+func checkChainFile(_ h: SnapshotHeader, index: Int, path: String, first: (header: SnapshotHeader, path: String)?) throws {
+    if let first {
+        guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
+        guard h.chain == first.header.chain else {
+            func name(_ id: UInt64?) -> String { id.map { String(format: "%016llx", $0) } ?? "none (version 2)" }
+            throw MigrationError.badStream("\(path) belongs to chain \(name(h.chain)), not to the chain of \(first.path) (\(name(first.header.chain))): "
+                                           + "give the diffs taken after that full snapshot")
+        }
+        guard h.guest.layout == first.header.guest.layout, h.guest.vcpus == first.header.guest.vcpus else {
+            throw MigrationError.badStream("\(path) belongs to another guest (\(h.guest.layout), \(h.guest.vcpus) vCPUs)")
+        }
+    } else {
+        guard !h.diff else { throw MigrationError.badStream("\(path) is a diff: a chain starts with a full snapshot") }
+    }
+    guard h.sequence == UInt32(index) else {
+        throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(index): give the files in order")
+    }
+}
+
 /// Restores a chain (a full snapshot, then its diffs in order) into a new VM, checks the final
 /// memory against the last snapshot's digest, and returns the VM with the state to start it from.
 public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, MachineState) {
     guard !paths.isEmpty else { throw MigrationError.badStream("no snapshot files given") }
     var vm: (any VirtualMachine)?
     var last: MachineState?
-    var expected: UInt32 = 0
     var written: DirtyBitmap?   // which pages the files so far wrote
     var digest: PageDigest?     // the memory digest as the version 5 files so far left it
-    var chain: (UInt64?, String)?   // the full snapshot's chain id and path
+    var first: (header: SnapshotHeader, path: String)?
     for (index, path) in paths.enumerated() {
         let file = try Connection(file: path, writing: false)
         let h = try SnapshotHeader.read(from: file, path: path)
+        try checkChainFile(h, index: index, path: path, first: first)
         if index == 0 {
-            guard !h.diff else { throw MigrationError.badStream("\(path) is a diff: a chain starts with a full snapshot") }
             let guest = try h.guest.makeGuest(context: "\(path): ")
             vm = guest
             written = DirtyBitmap(pages: guest.pages)
             digest = PageDigest(pages: guest.pages)
-            chain = (h.chain, path)
-        } else {
-            guard h.diff else { throw MigrationError.badStream("\(path) is a full snapshot in the middle of a chain") }
-            guard h.chain == chain!.0 else {
-                func name(_ id: UInt64?) -> String { id.map { String(format: "%016llx", $0) } ?? "none (version 2)" }
-                throw MigrationError.badStream("\(path) belongs to chain \(name(h.chain)), not to the chain of \(chain!.1) (\(name(chain!.0))): "
-                                               + "give the diffs taken after that full snapshot")
-            }
-            guard h.guest.layout == vm!.ram.layout, h.guest.vcpus == UInt32(vm!.vcpuCount) else {
-                throw MigrationError.badStream("\(path) belongs to another guest (\(h.guest.layout), \(h.guest.vcpus) vCPUs)")
-            }
-        }
-        guard h.sequence == expected else {
-            throw MigrationError.badStream("\(path) is snapshot \(h.sequence) of its chain; expected \(expected): give the files in order")
+            first = (h, path)
         }
         // A version 5 file keeps the digest as its pages land; an older one is checked by reading
         // memory. A chain of mixed versions reads memory once the running digest was not kept.
@@ -168,7 +175,6 @@ public func restoreSnapshots(_ paths: [String]) throws -> (any VirtualMachine, M
         // Every file's digest must hold for the memory as restored up to it.
         let restored = h.version < 5 ? chunkDigest(vm!.ram) : digest?.value ?? memoryDigest(vm!.ram)
         guard restored == carried else { throw MigrationError.digestMismatch }
-        expected += 1
     }
     return (vm!, last!)
 }

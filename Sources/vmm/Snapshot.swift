@@ -55,12 +55,32 @@ struct SnapshotRestore: ParsableCommand {
     var files: [String]
     @Option(help: "How long the restored guest runs.")
     var runFor: Seconds = Seconds(argument: "1s")!
+    @Flag(help: "Start the guest at once and read each page from the files when it is first touched (userfaultfd); version 5 files, not hugetlb.")
+    var lazy = false
+    @Flag(inversion: .prefixedNo, help: "With --lazy, put every page in place behind the guest while it runs (else only at the end).")
+    var prefault = true
 
     func run() throws {
-        let (vm, state) = try restoreSnapshots(files)
-        say("restored \(vm.ram.layout), \(vm.vcpuCount) vCPU(s) from \(files.count) file(s); memory digest matches")
-        try vm.start(from: state)
-        Thread.sleep(forTimeInterval: runFor.value)
+        let start = Date()
+        let vm: any VirtualMachine
+        if lazy {
+            let restore = try LazyRestore(files)
+            vm = restore.vm
+            try restore.start(prefault: prefault)
+            say(String(format: "lazy restore of %@, %d vCPU(s) from %d file(s): the guest runs after %.1f ms", "\(vm.ram.layout)",
+                       vm.vcpuCount, files.count, Date().timeIntervalSince(start) * 1e3))
+            Thread.sleep(forTimeInterval: runFor.value)
+            try restore.finish()
+            say(String(format: "every page in place after %.0f ms (%llu read on first touch); memory digest matches",
+                       (restore.fullSeconds ?? 0) * 1e3, restore.faultedPages))
+        } else {
+            let (restored, state) = try restoreSnapshots(files)
+            vm = restored
+            say(String(format: "restored %@, %d vCPU(s) from %d file(s) in %.0f ms; memory digest matches", "\(vm.ram.layout)",
+                       vm.vcpuCount, files.count, Date().timeIntervalSince(start) * 1e3))
+            try vm.start(from: state)
+            Thread.sleep(forTimeInterval: runFor.value)
+        }
         let runs = try vm.stop()
         say("the guest made \(runs.reduce(0) { $0 + $1.accesses }) accesses after the restore")
     }
