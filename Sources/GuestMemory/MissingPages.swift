@@ -19,12 +19,7 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
     public init(ram: GuestRAM) throws(GuestMemoryError) {
         self.ram = ram
         granule = ram.backing == .thp ? PageSize.bytes4K : ram.backing.hostPageSize.bytes
-        var fd: Int32 = -1
-        let e = cvmm_uffd_open(&fd)
-        guard e == 0 else {
-            throw .systemCall(e == EPERM ? "userfaultfd (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)" : "userfaultfd", errno: e)
-        }
-        self.fd = fd
+        fd = try Self.open()
         if ram.backing == .hugetlb2M || ram.backing == .hugetlb1G {
             // Anonymous memory reads as zeros without being allocated.
             let p = mmap(nil, Int(granule), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
@@ -42,6 +37,19 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
             }
         }
     }
+
+    /// A userfaultfd handling kernel-mode faults too (KVM's).
+    private static func open() throws(GuestMemoryError) -> Int32 {
+        var fd: Int32 = -1
+        let e = cvmm_uffd_open(&fd)
+        guard e == 0 else {
+            throw .systemCall(e == EPERM ? "userfaultfd (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)" : "userfaultfd", errno: e)
+        }
+        return fd
+    }
+
+    /// Throws why this process cannot have guest pages fault to it, if it cannot.
+    public static func check() throws(GuestMemoryError) { close(try open()) }
 
     deinit {
         release()

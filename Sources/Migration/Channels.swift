@@ -43,8 +43,9 @@ final class ChannelSenders: @unchecked Sendable {
         }
     }
 
-    /// Sends pass `pass`: the pages `bitmap` names, then a SYNC on every channel.
-    func sendPass(_ bitmap: [UInt64], pass: UInt32, last: Bool, report: inout MigrationReport) throws {
+    /// Sends pass `pass`: the pages `bitmap` names, then a SYNC on every channel; with `delivered`,
+    /// returns once the destination has acknowledged it all.
+    func sendPass(_ bitmap: [UInt64], pass: UInt32, last: Bool, delivered: Bool = true, report: inout MigrationReport) throws {
         pagesDone.store(0, ordering: .relaxed)
         let blocks = (bitmap.count + 7) / 8
         let nextBlock = Atomic<Int>(0)
@@ -68,7 +69,7 @@ final class ChannelSenders: @unchecked Sendable {
             try connections[i].sendSync(pass: pass, last: last)
             // A pass ends when it has crossed the link (the last one too: the pause's parts then say
             // what the link took and what the destination did).
-            try connections[i].waitUntilDelivered()
+            if delivered { try connections[i].waitUntilDelivered() } else { try connections[i].flush() }
         }
     }
 

@@ -115,7 +115,7 @@ public final class Connection: @unchecked Sendable {
     /// The `channels` connections of one migration to `address`: the main one and the others.
     public static func connect(to address: MigrationAddress, channels: Int, timeout: Double = 10) throws -> (Connection, [Connection]) {
         guard (1...Int(maxChannels)).contains(channels) else {
-            throw MigrationError.connection("\(channels) channels: give 1 to \(maxChannels)")
+            throw MigrationError.connection("\(channels) connections: give 1 to \(maxChannels) (post-copy takes one of them for the pages the destination asks for)")
         }
         let main = try connect(to: address, timeout: timeout)
         return (main, try (1..<channels).map { _ in try connect(to: address, timeout: timeout) })
@@ -304,6 +304,15 @@ public final class Connection: @unchecked Sendable {
             if rc > 0 { return }
             if rc < 0 && errno != EINTR { throw failure(.connection("poll: \(String(cString: strerror(errno)))")) }
         }
+    }
+
+    /// Stops this side's sending for good (what it queued still goes) and waits, up to `seconds`,
+    /// until the peer has acknowledged all of it: from then on nothing more reaches the peer.
+    func fence(within seconds: Double) {
+        guard !isFile else { return }
+        shutdown(fd, Int32(SHUT_WR))
+        let deadline = Date().addingTimeInterval(seconds)
+        while cvmm_unsent_bytes(fd) > 0 && Date() < deadline { usleep(10_000) }
     }
 
     /// Whether the peer has sent something not yet read (a source sending pages hears from its

@@ -62,7 +62,11 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             channels = try acceptor.waitForChannels(token: first.firstPage, count: count, cancellation: cancellation)
             for c in channels { cancellation?.watch(c) }
             if first.postcopyChannel {
-                guard count >= 2 else { throw MigrationError.badStream("a post-copy channel among \(count) channel(s)") }
+                guard count >= 2, open.version >= 6 else { throw MigrationError.badStream("a post-copy channel among \(count) channel(s), version \(open.version)") }
+                // Refused here, before any memory moves, rather than at the switch.
+                do { try MissingPages.check() } catch {
+                    throw MigrationError(.badOption, "post-copy needs userfaultfd on the destination: \(error); migrate without convergence=postcopy")
+                }
                 urgent = channels.last
             }
         }
@@ -192,6 +196,8 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
     var state: MachineState?
     var sawLastPass = false
     var wanted: [UInt64]?
+    // DISCARD comes only between passes (after a SYNC), and no page of a pass after it.
+    var closed = false
     var sums = DigestSums()
     defer { digest?.add(sums) }
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
@@ -201,6 +207,8 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
         tick()
         switch r.type {
         case .pages:
+            guard wanted == nil else { throw MigrationError.badStream("a page record after a discard") }
+            closed = false
             let run = r.firstPage..<(r.firstPage + UInt64(r.count))
             let (host, slotEnd) = ram.location(page: r.firstPage)
             guard run.upperBound <= slotEnd else {
@@ -220,23 +228,35 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
             }
         case .error:
             throw r.error(from: .source)!
-        case .guest, .channel, .ready, .go, .running, .request, .complete:
+        case .guest, .channel, .ready, .go, .running, .request, .complete, .dropped:
             throw MigrationError.badStream("a \(r.type) record among the pages")
         case .discard:
-            guard main, barrier != nil, sawLastPass else { throw MigrationError.badStream("a discard record before the last pass was closed") }
-            if wanted == nil { wanted = [UInt64](repeating: 0, count: ram.bitmapWords) }
+            guard main, barrier != nil, closed, let digest else { throw MigrationError.badStream("a discard record inside a pass or outside a migration") }
+            // Dropped at once: before the pause the guest still runs on the source.
+            var batch = [UInt64](repeating: 0, count: ram.bitmapWords)
             let first = Int(r.firstPage >> 6)
-            for i in 0..<Int(r.count) { wanted![first + i] |= r.payload.le(UInt64.self, at: i * 8) }
+            for i in 0..<Int(r.count) { batch[first + i] = r.payload.le(UInt64.self, at: i * 8) }
+            if ram.pages % 64 != 0 { batch[batch.count - 1] &= (1 << (ram.pages % 64)) - 1 }   // no page beyond RAM
+            if wanted == nil { wanted = [UInt64](repeating: 0, count: ram.bitmapWords) }
+            for i in batch.indices where batch[i] != 0 {
+                guard wanted![i] & batch[i] == 0 else { throw MigrationError.badStream("a page named stale twice") }
+                wanted![i] |= batch[i]
+            }
+            try Postcopy.drop(batch, from: ram, digest: digest)
+            if r.last && !sawLastPass {
+                try connection.sendRecord(.dropped)
+                try connection.flush()
+            }
         case .postcopy:
             guard main, barrier != nil, sawLastPass else { throw MigrationError.badStream("post-copy before the last pass was closed") }
             guard let state else { throw MigrationError.badStream("no state record before post-copy") }
-            var w = wanted ?? [UInt64](repeating: 0, count: ram.bitmapWords)
-            if ram.pages % 64 != 0 { w[w.count - 1] &= (1 << (ram.pages % 64)) - 1 }   // no page beyond RAM
+            let w = wanted ?? [UInt64](repeating: 0, count: ram.bitmapWords)
             guard Postcopy.widened(w, granule: Postcopy.granule(ram.backing)) == w else {
                 throw MigrationError.badStream("post-copy names part of a huge page: a \(ram.backing) guest fetches whole ones")
             }
             return .postcopy(state, wanted: w, silence: max(0.1, Double(r.count) / 1000))
         case .sync:
+            closed = true
             try barrier?.arrive(pass: r.count)
             sawLastPass = sawLastPass || r.last
             if r.last && !main { return nil }

@@ -100,6 +100,8 @@ public struct SwitchoverInDoubt: Error, CustomStringConvertible, @unchecked Send
     public let why: String
     /// The guest, paused: on the source the VM that was migrating; on the destination the received one.
     public let vm: any VirtualMachine
+    /// The peer's ERROR, if one came where its answer belonged.
+    var told: MigrationError? = nil
 
     public var description: String {
         switch side {

@@ -36,7 +36,8 @@ enum Postcopy {
         return out
     }
 
-    /// The destination's switch: the wanted pages go from guest memory, and their part of the digest.
+    /// The destination, on each DISCARD: the pages it names go from guest memory, and their part of
+    /// the digest.
     /// Every one: a page pre-copy never wrote may still be present (a transparent huge page that a
     /// neighbour's write brought in).
     static func drop(_ wanted: [UInt64], from ram: GuestRAM, digest: PageDigest) throws {
@@ -59,21 +60,39 @@ enum Postcopy {
         }
     }
 
-    /// The source's switch, with the guest paused, every pass closed and the state saved: sends the
-    /// pages the destination must fetch (DISCARD), the state and POSTCOPY.
-    static func announce(_ c: Connection, wanted: [UInt64], state: MachineState, timeout: Double) throws {
+    /// Names the pages in `bitmap` to the destination as stale (DISCARD records; only words with a
+    /// bit set go). `ask`: the destination answers DROPPED once they are gone.
+    static func sendDiscard(_ c: Connection, _ bitmap: [UInt64], ask: Bool) throws {
         let perRecord = Record.maxPayload / 8
-        var w = 0
-        while w < wanted.count {
-            let n = min(perRecord, wanted.count - w)
-            // Only words with a bit set go: an idle guest's switch sends almost nothing.
-            if wanted[w..<(w + n)].contains(where: { $0 != 0 }) {
-                try wanted[w..<(w + n)].withUnsafeBytes { b in
-                    try c.sendRecord(.discard, count: UInt32(n), firstPage: UInt64(w) << 6, payload: b)
+        var w = 0, sent = false
+        while w < bitmap.count {
+            let n = min(perRecord, bitmap.count - w)
+            let last = w + n == bitmap.count
+            if bitmap[w..<(w + n)].contains(where: { $0 != 0 }) || (last && ask && !sent) {
+                try bitmap[w..<(w + n)].withUnsafeBytes { b in
+                    try c.sendRecord(.discard, flags: ask && last ? Record.lastPass : 0, count: UInt32(n), firstPage: UInt64(w) << 6, payload: b)
                 }
+                sent = true
+            } else if last && ask {
+                try c.sendRecord(.discard, flags: Record.lastPass, count: 0, firstPage: 0)
             }
             w += n
         }
+        try c.flush()
+    }
+
+    /// The source, before the pause: names the pages pre-copy left stale while the guest still runs
+    /// here, so the destination drops the bulk of them outside the pause; returns once it has.
+    static func dropEarly(_ c: Connection, _ bitmap: [UInt64]) throws {
+        try sendDiscard(c, bitmap, ask: true)
+        let answer = try Record.read(from: c, pageLimit: 0)
+        if let e = answer.error(from: .destination) { throw e }
+        guard answer.type == .dropped else { throw MigrationError.badStream("a \(answer.type) record where DROPPED belongs") }
+    }
+
+    /// The source's switch, with the guest paused, every pass closed and the last stale pages named:
+    /// the state and POSTCOPY.
+    static func announce(_ c: Connection, state: MachineState, timeout: Double) throws {
         try c.sendState(state)
         try c.sendRecord(.postcopy, count: UInt32(min(Double(UInt32.max), (timeout * 1000).rounded(.up))))
     }
@@ -97,7 +116,9 @@ public struct PostcopyReport: Sendable {
 final class PostcopySource: @unchecked Sendable {   // state under `condition`; the two threads share it
     private let ram: GuestRAM
     private let main: Connection, urgent: Connection
-    private let push: PageSender, serve: PageSender
+    private let pusher: PageSender, serve: PageSender
+    /// What the server sent.
+    private var served = MigrationReport()
     private let digest: PageDigest
     private let condition = NSCondition()
     private var unsent: [UInt64]
@@ -117,33 +138,46 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
         self.main = main
         self.urgent = urgent
         self.digest = digest
-        push = PageSender(ram: ram, connection: main, digest: digest)
+        pusher = PageSender(ram: ram, connection: main, digest: digest)
         serve = PageSender(ram: ram, connection: urgent, digest: digest)
         unsent = wanted
         left = UInt64(wanted.reduce(0) { $0 + $1.nonzeroBitCount })
         report.pages = left
     }
 
-    /// Pushes every page and waits for COMPLETE; `tick` gets the pages sent so far.
+    /// Pushes every page and waits for COMPLETE; `tick` gets the pages sent so far. On a failure
+    /// the destination's reason, if the server read one, is the one thrown.
     func run(sent: inout MigrationReport, tick: @escaping (UInt64) -> Void) throws {
-        let start = Date()
         main.duplex = true
-        defer { main.duplex = false }
         let server = Thread { [self] in serveRequests() }
         server.start()
-        defer {
+        func stopServer() {
             // The server ends on COMPLETE, on a failure, or when this side stops its connections.
             main.interrupt()
             urgent.interrupt()
             condition.lock()
             while serving >= 0 { _ = condition.wait(until: Date().addingTimeInterval(0.1)) }
             condition.unlock()
+            main.duplex = false
+            sent.pagesSent += served.pagesSent
+            sent.zeroPages += served.zeroPages
         }
-        push.tick = tick
+        do {
+            try push(sent: &sent, tick: tick)
+        } catch {
+            stopServer()
+            throw condition.withLock { failure } ?? error
+        }
+        stopServer()
+    }
+
+    private func push(sent: inout MigrationReport, tick: @escaping (UInt64) -> Void) throws {
+        let start = Date()
+        pusher.tick = tick
         var sums = DigestSums()
         defer { digest.add(sums) }
         while let (first, count) = nextRun() {
-            try push.send(first, count: count, sums: &sums, report: &sent)
+            try pusher.send(first, count: count, sums: &sums, report: &sent)
         }
         // Every page has gone or is going out on the post-copy channel: wait for those, then END.
         try waitFor("the pages asked for to go out") { serving == 0 }
@@ -214,6 +248,7 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
     private func serveRequests() {
         var sums = DigestSums()
         var sent = MigrationReport()
+        defer { condition.withLock { served = sent } }
         do {
             while true {
                 try main.waitUntilReadable()   // requests come when the guest faults, however rarely
@@ -296,7 +331,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
     private var failure: Error?
     private(set) var stats = (faults: 0, requests: 0, latencyNanos: UInt64(0), maxLatencyNanos: UInt64(0))
 
-    /// Drops the wanted pages and registers guest RAM for faults.
+    /// Registers guest RAM for faults (the DISCARD records dropped the wanted pages as they came).
     init(vm: any VirtualMachine, wanted: [UInt64], digest: PageDigest, main: Connection, urgent: Connection) throws {
         self.vm = vm
         ram = vm.ram
@@ -308,7 +343,6 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         absent = wanted
         requested = [UInt64](repeating: 0, count: wanted.count)
         left = UInt64(wanted.reduce(0) { $0 + $1.nonzeroBitCount })
-        try Postcopy.drop(wanted, from: vm.ram, digest: digest)
         do { faults = try MissingPages(ram: ram) } catch { throw MigrationError.vm("post-copy needs userfaultfd: \(error)") }
     }
 
@@ -350,8 +384,9 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
             condition.unlock()
             if let failed { throw failed }
             guard digest.value == end else { throw MigrationError.digestMismatch }
-            faults.release()
+            // The fault thread first: a zero fill it is making must not meet an unregistered range.
             faulter.join()
+            faults.release()
             try sendLock.withLock {
                 try main.sendRecord(.complete)
                 try main.flush()
@@ -373,10 +408,11 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
 
     private func fail(_ e: Error) {
         condition.lock()
-        if failure == nil && !finished { failure = e }
+        let first = failure == nil && !finished
+        if first { failure = e }
         condition.broadcast()
         condition.unlock()
-        main.interrupt()
+        if first { main.interrupt() }
     }
 
     private var isFinished: Bool { condition.lock(); defer { condition.unlock() }; return finished }
@@ -395,7 +431,9 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
                 }
                 condition.lock()
                 stats.faults += 1
-                let ask = !isSet(requested, first) && isSet(absent, p)
+                // Ask unless asked already or in place: for a huge page, while any part is still to
+                // come (the push may have sent part of it, the rest far behind).
+                let ask = !isSet(requested, first) && (isSet(absent, p) || (granule > 1 && filling[first] != nil))
                 if ask {
                     requested[Int(first >> 6)] |= 1 << (first & 63)
                     asked[first] = monotonicNanos()
@@ -534,7 +572,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
 /// here (migrate's rollback) once the destination has surely stopped its own: at once if it said so,
 /// else after the timeout it stops a silent source's guest by.
 func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connection, channels: ChannelSenders, pending: [UInt64],
-                      wasRunning: Bool, options: MigrationOptions, report: MigrationReport, paused: inout Bool,
+                      named: [UInt64], wasRunning: Bool, options: MigrationOptions, report: MigrationReport, paused: inout Bool,
                       out: ProgressReporter, start: Date) throws -> MigrationReport {
     var report = report
     let pauseStart = Date()
@@ -558,9 +596,16 @@ func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connec
     let pages = UInt64(wanted.reduce(0) { $0 + $1.nonzeroBitCount })
     out.update { $0.phase = .postcopy; $0.pagesPlanned = pages; $0.pagesDone = 0 }
     // Every page channel closes the last pass, which carries nothing: the rest goes on demand.
-    try channels.sendPass([UInt64](repeating: 0, count: wanted.count), pass: UInt32(report.iterations + 1), last: true, report: &report)
+    // Not waited for: a peer that spoke (DROPPED) may hold its acknowledgement back for 40 ms
+    // (delayed ACK), and what follows goes on the same connections anyway.
+    try channels.sendPass([UInt64](repeating: 0, count: wanted.count), pass: UInt32(report.iterations + 1), last: true, delivered: false,
+                          report: &report)
     part("last pass")
-    try Postcopy.announce(main, wanted: wanted, state: try vm.saveState(), timeout: options.timeout)
+    // What the destination has not dropped yet: the pages dirtied since the last harvest.
+    var rest = wanted
+    for i in rest.indices { rest[i] &= ~named[i] }
+    try Postcopy.sendDiscard(main, rest, ask: false)
+    try Postcopy.announce(main, state: try vm.saveState(), timeout: options.timeout)
     part("state")
     let pc = PostcopySource(ram: vm.ram, main: main, urgent: urgent, wanted: wanted, digest: channels.digest)
     var goSent = false
@@ -568,7 +613,7 @@ func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connec
         let ready: Date
         do { ready = try Switchover.source(main, vm: vm, resumeThere: wasRunning) } catch let e as SwitchoverInDoubt {
             goSent = true
-            throw MigrationError.connection(e.why)
+            throw e.told ?? MigrationError.connection(e.why)
         }
         goSent = true
         part("destination", at: ready)
@@ -587,10 +632,11 @@ func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connec
         guard goSent else { throw error }
         // After END the destination may have finished, unless it said it stopped (it says so only
         // once its guest is stopped for good).
-        if pc.endSent && (error as? MigrationError)?.toldBy == nil && peerReason(main) == nil {
+        let told = (error as? MigrationError).flatMap { $0.toldBy == nil ? nil : $0 } ?? stoppedReason(main)
+        if pc.endSent && told == nil {
             throw SwitchoverInDoubt(side: .source, why: "sent every page and END, then \(error) instead of COMPLETE", vm: vm)
         }
-        try fallBack(error, options: options, main: main, out: out)
+        try fallBack(error, told: told, options: options, main: main, urgent: urgent, out: out)
     }
     _ = try? vm.stop()
     var post = pc.report
@@ -606,13 +652,27 @@ func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connec
 /// A post-copy that broke after GO and before END: once the destination has surely stopped its
 /// guest (it said so, or it stops one whose source is silent for the timeout), throws for migrate to
 /// resume the guest here.
-private func fallBack(_ error: Error, options: MigrationOptions, main: Connection, out: ProgressReporter) throws -> Never {
-    if let told = (error as? MigrationError).flatMap({ $0.toldBy == nil ? nil : $0 }) ?? peerReason(main) {
+private func fallBack(_ error: Error, told: MigrationError?, options: MigrationOptions, main: Connection, urgent: Connection,
+                      out: ProgressReporter) throws -> Never {
+    if let told {
         throw MigrationError(told.code, "post-copy failed after the switch: \(told.message); the destination discarded its guest, "
                              + "which resumes here as it was at the switch", toldBy: told.toldBy)
     }
+    // Nothing more reaches the destination from here: its timeout runs from what it already has.
     out.report(event: "post-copy broke (\(error)); waiting \(formatDuration(options.timeout)) for the destination to stop its guest")
+    main.fence(within: options.timeout)
+    urgent.fence(within: options.timeout)
     Thread.sleep(forTimeInterval: options.timeout + 0.5)
     throw MigrationError(.connection, "post-copy broke after the switch (\(error)); the destination, silent, has stopped its guest "
                          + "by now, and the guest resumes here as it was at the switch (what it ran there since is lost)")
+}
+
+/// The destination's ERROR among what it sent last (requests may come before it).
+private func stoppedReason(_ c: Connection) -> MigrationError? {
+    for _ in 0..<100_000 {
+        guard c.peerHasSpoken, let r = try? c.withoutStop(timeout: 1, { try Record.read(from: c, pageLimit: UInt64(1) << 48) }) else { return nil }
+        if let e = r.error(from: .destination) { return e }
+        guard r.type == .request else { return nil }
+    }
+    return nil
 }

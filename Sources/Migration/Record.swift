@@ -31,13 +31,16 @@ public enum RecordType: UInt8, Sendable {
     case request = 13
     /// Destination to source, during post-copy: every page is in place and the digest matches.
     case complete = 14
+    /// Destination to source, before the pause: the pages the DISCARD records so far named are dropped
+    /// (the answer to a DISCARD with the ask flag).
+    case dropped = 15
 }
 
 /// One record as read from the stream, checked.
 public struct Record {
     public var type: RecordType
     public var zero: Bool
-    /// SYNC: the pass sent while the source was paused.
+    /// SYNC: the pass sent while the source was paused; DISCARD: answer with DROPPED.
     public var last: Bool
     public var count: UInt32
     public var firstPage: UInt64
@@ -112,7 +115,7 @@ public struct Record {
             }
         }
         let type = RecordType(rawValue: h[0])!
-        return Record(type: type, zero: type == .pages && h[1] & zeroRun != 0, last: type == .sync && h[1] & lastPass != 0,
+        return Record(type: type, zero: type == .pages && h[1] & zeroRun != 0, last: (type == .sync || type == .discard) && h[1] & lastPass != 0,
                       count: h.le(UInt32.self, at: 4), firstPage: h.le(UInt64.self, at: 8),
                       payload: type == .pages ? [] : Array(buffer[0..<length]),
                       postcopyChannel: type == .guest && h[1] & withPostcopyChannel != 0)
@@ -147,7 +150,7 @@ public struct Record {
             guard length == 0, count > 0, count <= maxRequestPages, first < pageLimit, UInt64(count) <= pageLimit - first else {
                 throw MigrationError.badStream("request for pages \(first)+\(count) outside guest memory of \(pageLimit) pages")
             }
-        case .sync, .channel, .ready, .go, .running, .postcopy, .complete:
+        case .sync, .channel, .ready, .go, .running, .postcopy, .complete, .dropped:
             guard length == 0 else { throw MigrationError.badStream("\(type) record of \(length) bytes") }
         }
     }

@@ -235,7 +235,11 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             }
         }
         if postcopyNow, let urgent {
-            return try switchToPostcopy(vm, main: connection, urgent: urgent, channels: channels, pending: pending, wasRunning: wasRunning,
+            // The bulk of the stale pages are dropped on the destination while the guest still runs
+            // here; the pause drops only what it dirtied meanwhile.
+            let named = Postcopy.widened(pending, granule: Postcopy.granule(vm.ram.backing))
+            try Postcopy.dropEarly(connection, named)
+            return try switchToPostcopy(vm, main: connection, urgent: urgent, channels: channels, pending: pending, named: named, wasRunning: wasRunning,
                                 options: options, report: report, paused: &paused, out: out, start: start)
         }
         // Stop-and-copy.

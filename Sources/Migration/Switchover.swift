@@ -46,7 +46,7 @@ enum Switchover {
         }
         guard running.type == .running else {
             let what = running.error(from: .destination).map { "the destination said: \($0.message)" } ?? "a \(running.type) record came"
-            throw SwitchoverInDoubt(side: .source, why: "\(what) instead of RUNNING", vm: vm)
+            throw SwitchoverInDoubt(side: .source, why: "\(what) instead of RUNNING", vm: vm, told: running.error(from: .destination))
         }
         return readyAt
     }

@@ -40,8 +40,8 @@ static inline void cvmm_keep_heap(int mmap_threshold, int trim_threshold) {
 // madvise per range would pay a system call and a flush each. Falls back to madvise per range where
 // the kernel refuses. Returns 0 or the errno of the range that failed.
 static inline int cvmm_madvise_ranges(const struct iovec *ranges, size_t count, int advice) {
-    static int pidfd = -2;
-    if (pidfd == -2) pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+    // Opened per call: a descriptor kept across a fork would name the parent.
+    int pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0);
     size_t done = 0;
     while (pidfd >= 0 && done < count) {
         size_t n = count - done < 1024 ? count - done : 1024;
@@ -53,6 +53,7 @@ static inline int cvmm_madvise_ranges(const struct iovec *ranges, size_t count, 
         done += whole;
         if (whole < n) break;
     }
+    if (pidfd >= 0) close(pidfd);
     for (; done < count; done++) {
         if (madvise(ranges[done].iov_base, ranges[done].iov_len, advice) != 0) return errno;
     }
