@@ -53,11 +53,30 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     private func setVM(_ vm: any VirtualMachine) { self.vm = vm }
 
     /// Restores a snapshot chain (a full snapshot, then its diffs) and runs the guest from it.
-    public init(restoring paths: [String]) throws {
-        let (vm, state) = try restoreSnapshots(paths)
-        try vm.start(from: state)
+    /// `lazy`: the guest starts at once and its pages come from the files as it touches them, the
+    /// rest filled in behind (event RESTORE_COMPLETE, or RESTORE_FAILED, which stops the guest).
+    public init(restoring paths: [String], lazy: Bool = false) throws {
+        guard lazy else {
+            let (vm, state) = try restoreSnapshots(paths)
+            try vm.start(from: state)
+            _status = .running
+            setVM(vm)
+            return
+        }
+        let restore = try LazyRestore(paths)
+        try restore.start()
         _status = .running
-        setVM(vm)
+        setVM(restore.vm)
+        Thread { [self] in
+            do {
+                try restore.finish()
+                emit("RESTORE_COMPLETE", .object([("time", .int(Int64((restore.fullSeconds ?? 0) * 1e3))),
+                                                  ("faulted-pages", .int(Int64(restore.faultedPages)))]))
+            } catch {
+                lock.withLock { _status = .shutdown }
+                emit("RESTORE_FAILED", .object([("error", .string("\(error)"))]))
+            }
+        }.start()
     }
 
     /// Waits on `listener` for a migration (again after one that fails) and runs the guest it brings.

@@ -67,8 +67,8 @@ final class ChannelSenders: @unchecked Sendable {
                 try senders[i].send(bitmap, words: (b * 8)..<min(bitmap.count, b * 8 + 8), report: &r)
             }
             try connections[i].sendSync(pass: pass, last: last)
-            // A pass ends when it has crossed the link (the last one too: the pause's parts then say
-            // what the link took and what the destination did).
+            // A pass ends when it has crossed the link, so its time and bandwidth are the link's and
+            // not how fast socket buffers filled.
             if delivered { try connections[i].waitUntilDelivered() } else { try connections[i].flush() }
         }
     }

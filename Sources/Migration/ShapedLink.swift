@@ -2,34 +2,50 @@ import CVMMSys
 import Foundation
 import Glibc
 
-/// Two hosts on one machine: two network namespaces joined by a veth pair, each end's egress shaped
-/// by tc's token bucket (tbf) to a rate, so a migration's source and destination talk over a real
-/// kernel network path with a real bottleneck (`vmm bench migrate --link`, the link tests). The
-/// process makes and removes everything itself (it must be root) and uses only addresses inside its
-/// own namespaces. Latency and loss need tc's netem, which this host's kernel lacks: a link is a
-/// rate only, and `ShapedLink.Shape` refuses a delay, saying so.
+/// Two hosts on one machine: two network namespaces joined by a link whose ends' egress is shaped by
+/// tc's token bucket (tbf) to a rate, so a migration's source and destination talk over a real kernel
+/// network path with a real bottleneck (`vmm bench migrate --link`, the link tests). The link is a
+/// veth pair; with a round trip or a loss, which need tc's netem and this host's kernel lacks, it is a
+/// TUN device in each namespace with a DelayLine between them. The process makes and removes
+/// everything itself (it must be root) and uses only addresses inside its own namespaces.
 public final class ShapedLink: @unchecked Sendable {
-    /// A link's shape: a rate as tc writes it (`100mbit`, `1gbit`, `10gbit`).
+    /// A link's shape: a rate as tc writes it (`100mbit`, `1gbit`, `10gbit`), and optionally a round
+    /// trip and a loss (`1gbit,20ms,0.1%`).
     public struct Shape: Sendable, CustomStringConvertible {
         public var rate: String
         /// Bits per second.
         public var bitsPerSecond: Double
+        /// Seconds a packet and its answer spend on the link (half each way).
+        public var roundTrip: Double = 0
+        /// The share of packets lost, each way.
+        public var loss: Double = 0
 
-        /// `RATE` (e.g. `1gbit`); `RATE,DELAY` is refused while netem is missing.
+        /// `RATE[,RTT[,LOSS%]]`, e.g. `1gbit`, `1gbit,20ms`, `1gbit,20ms,0.1%`.
         public init(parsing text: String) throws {
-            let parts = text.split(separator: ",").map(String.init)
-            guard let first = parts.first, let bits = Self.bits(first) else {
-                throw MigrationError(.badOption, "a link is a rate such as 100mbit, 1gbit or 10gbit, not \(text)")
+            let parts = text.split(separator: ",").map { String($0).lowercased() }
+            guard let first = parts.first, let bits = Self.bits(first), parts.count <= 3 else {
+                throw MigrationError(.badOption, "a link is RATE[,RTT[,LOSS%]] such as 1gbit or 1gbit,20ms,0.1%, not \(text)")
             }
-            guard parts.count == 1 else {
-                throw MigrationError(.badOption, "a link's delay or loss (\(parts.dropFirst().joined(separator: ","))) needs tc's netem, "
-                                     + "which this kernel lacks: give a rate only")
-            }
-            rate = first.lowercased()
+            rate = first
             bitsPerSecond = bits
+            if parts.count > 1 {
+                let t = parts[1]
+                let ms = t.hasSuffix("ms") ? Double(t.dropLast(2)) : t.hasSuffix("us") ? Double(t.dropLast(2)).map { $0 / 1000 } : nil
+                guard let ms, ms >= 0, ms <= 10_000 else { throw MigrationError(.badOption, "a link's round trip is like 20ms or 200us, not \(t)") }
+                roundTrip = ms / 1000
+            }
+            if parts.count > 2 {
+                guard parts[2].hasSuffix("%"), let p = Double(parts[2].dropLast()), p >= 0, p < 100 else {
+                    throw MigrationError(.badOption, "a link's loss is a percentage like 0.1%, not \(parts[2])")
+                }
+                loss = p / 100
+            }
         }
 
-        public var description: String { rate }
+        public var description: String {
+            rate + (roundTrip > 0 || loss > 0 ? String(format: ", RTT %g ms", roundTrip * 1000) : "")
+                + (loss > 0 ? String(format: ", %g%% loss", loss * 100) : "")
+        }
 
         private static func bits(_ s: String) -> Double? {
             let units: [(String, Double)] = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)]
@@ -62,18 +78,35 @@ public final class ShapedLink: @unchecked Sendable {
         // A burst of 10 ms at the rate (at least 64 KiB), so the bucket neither starves a fast link
         // nor lets a slow one run far ahead of its rate.
         let burst = max(65_536, Int(shape.bitsPerSecond / 8 / 100))
+        let delayed = shape.roundTrip > 0 || shape.loss > 0
         let steps: [[String]] = [
             ["netns", "add", names.source], ["netns", "add", names.destination],
+            ["-n", names.source, "link", "set", "lo", "up"], ["-n", names.destination, "link", "set", "lo", "up"],
+        ] + (delayed ? [] : [
             ["link", "add", a, "netns", names.source, "type", "veth", "peer", "name", b, "netns", names.destination],
             ["-n", names.source, "addr", "add", "\(subnet).1/24", "dev", a],
             ["-n", names.destination, "addr", "add", "\(subnet).2/24", "dev", b],
             ["-n", names.source, "link", "set", a, "up"], ["-n", names.destination, "link", "set", b, "up"],
-            ["-n", names.source, "link", "set", "lo", "up"], ["-n", names.destination, "link", "set", "lo", "up"],
-        ]
+        ])
         do {
             for s in steps {
                 try Self.run("ip", s)
                 if s.count == 3 && s[0] == "netns" && s[1] == "add" { created.append(s[2]) }
+            }
+            if delayed {
+                // A TUN device in each namespace (made from a thread inside it), point to point, with
+                // large packets so the delay line copies few of them.
+                func tun(_ side: Side, _ name: String) throws -> Int32 {
+                    let fd = try within(side) { cvmm_tun_open(name) }
+                    guard fd >= 0 else { throw MigrationError.connection("open a TUN device: \(String(cString: strerror(-fd))) (a delayed link needs /dev/net/tun)") }
+                    return fd
+                }
+                let (fa, fb) = (try tun(.source, a), try tun(.destination, b))
+                delayLine = DelayLine(fa, fb, roundTrip: shape.roundTrip, loss: shape.loss)
+                for (ns, dev, here, there) in [(names.source, a, "\(subnet).1", "\(subnet).2"), (names.destination, b, "\(subnet).2", "\(subnet).1")] {
+                    try Self.run("ip", ["-n", ns, "link", "set", dev, "mtu", "65000", "up"])
+                    try Self.run("ip", ["-n", ns, "addr", "add", here, "peer", there, "dev", dev])
+                }
             }
             for (ns, dev) in [(names.source, a), (names.destination, b)] {
                 try Self.run("ip", ["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", shape.rate,
@@ -90,7 +123,12 @@ public final class ShapedLink: @unchecked Sendable {
     /// The namespaces this link made (only those are removed).
     private var created: [String] = []
 
+    /// The wire of a delayed link.
+    private var delayLine: DelayLine?
+
     private func remove() {
+        delayLine?.stop()
+        delayLine = nil
         // The veth pair goes with its namespaces.
         for ns in created { try? Self.run("ip", ["netns", "del", ns]) }
         created = []

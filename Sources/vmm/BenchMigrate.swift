@@ -90,7 +90,7 @@ struct BenchMigrate: ParsableCommand {
                     ("bench", "migrate"), ("backend", backend.rawValue), ("channels", channels), ("memory_gib", Double(memory.bytes) / Double(1 << 30)),
                     ("working_set_gib", Double(workingSet.bytes) / Double(1 << 30)), ("dirty_rate_mib_s", rate),
                     ("achieved_dirty_rate_mib_s", achieved), ("max_bandwidth", maxBandwidth.map { Int($0.bytes) } ?? 0),
-                    ("link", shaped.map { $0.shape.rate } ?? "loopback"),
+                    ("link", shaped.map { "\($0.shape)" } ?? "loopback"),
                     ("total_ms", report.totalSeconds * 1e3), ("downtime_ms", report.downtimeSeconds * 1e3),
                     ("setup_ms", report.setupSeconds * 1e3), ("bytes_sent", report.bytesSent), ("iterations", report.iterations),
                     ("throttle_pct", report.throttlePercent), ("converged", report.converged), ("keyed", key),

@@ -21,6 +21,8 @@ struct Start: ParsableCommand {
     var incoming: String?
     @Option(parsing: .upToNextOption, help: "Restore this snapshot chain (a full snapshot, then its diffs in order) and run it, instead of starting a guest.")
     var restore: [String] = []
+    @Flag(help: "With --restore: start the guest at once and read each page from the files when it is first touched (userfaultfd), the rest filled in behind.")
+    var lazy = false
     @Flag(help: "Log with the dirty ring, as QEMU's dirty-ring-size: a dirty limit (set-vcpu-dirty-limit) needs it on kvm, where it is chosen before the vCPUs first run.")
     var dirtyRing = false
     @Option(help: "With --incoming: the pre-shared key file the source uses.")
@@ -30,6 +32,7 @@ struct Start: ParsableCommand {
 
     func validate() throws {
         if incoming != nil && !restore.isEmpty { throw ValidationError("--incoming and --restore: give one") }
+        if lazy && restore.isEmpty { throw ValidationError("--lazy goes with --restore") }
         if dirtyRing && (incoming != nil || !restore.isEmpty) { throw ValidationError("--dirty-ring goes with a VM started here, not with --incoming or --restore") }
     }
 
@@ -42,8 +45,8 @@ struct Start: ParsableCommand {
             managed = ManagedVM(incoming: listener, options: ReceiveOptions(key: key, acceptTimeout: 3600, maxMemory: maxMemory?.bytes))
             warn("vmm: waiting for a migration on \(listener.address)")
         } else if !restore.isEmpty {
-            managed = try ManagedVM(restoring: restore)
-            warn("vmm: restored \(restore.count) snapshot file(s); the guest runs on")
+            managed = try ManagedVM(restoring: restore, lazy: lazy)
+            warn("vmm: restored \(restore.count) snapshot file(s)\(lazy ? " lazily (its pages follow as it runs)" : ""); the guest runs on")
         } else {
             var spec = try guest.workload(workload)
             spec.stop = .duration(WorkloadStop.maxDuration)

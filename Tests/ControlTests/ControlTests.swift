@@ -315,14 +315,17 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(try c.execute("query-status").get()["status"] == .string("running"))
         try a.quitAndWait()
 
-        let restored = try Served(ManagedVM(restoring: [dir + "/base", dir + "/base.1"]))
-        let r = try restored.client()
-        #expect(try r.execute("query-status").get()["status"] == .string("running"))
-        #expect(try r.execute("query-vm").get()["workload"]?.string?.contains("pattern=counter") == true)
-        Thread.sleep(forTimeInterval: 0.3)
-        let runs = try restored.vm.machine!.stop()
-        #expect(runs.allSatisfy { $0.accesses > 0 } && runs.reduce(0) { $0 + $1.mismatches } == 0, "\(runs)")
-        try restored.quitAndWait()
+        // Eagerly, and lazily (pages read from the files as the guest touches them).
+        for lazy in [false, true] {
+            let restored = try Served(ManagedVM(restoring: [dir + "/base", dir + "/base.1"], lazy: lazy))
+            let r = try restored.client()
+            #expect(try r.execute("query-status").get()["status"] == .string("running"))
+            #expect(try r.execute("query-vm").get()["workload"]?.string?.contains("pattern=counter") == true)
+            Thread.sleep(forTimeInterval: 0.3)
+            let runs = try restored.vm.machine!.stop()
+            #expect(runs.allSatisfy { $0.accesses > 0 } && runs.reduce(0) { $0 + $1.mismatches } == 0, "lazy \(lazy): \(runs)")
+            try restored.quitAndWait()
+        }
     }
 
     /// calc-dirty-rate on a guest dirtying a known rate (one vCPU, a new page every access, 5000

@@ -60,4 +60,25 @@ static inline int cvmm_madvise_ranges(const struct iovec *ranges, size_t count, 
     return 0;
 }
 
+// A TUN device (IP packets, no packet information header) named `name`, made in this thread's
+// network namespace; returns its descriptor (non-blocking) or -errno. TUNSETIFF is an ioctl Swift
+// cannot call.
+#include <fcntl.h>
+#include <string.h>
+#include <net/if.h>
+// linux/if_tun.h's values (its header pulls in linux/if.h, which clashes with glibc's net/if.h).
+#define CVMM_TUNSETIFF _IOW('T', 202, int)
+#define CVMM_IFF_TUN 0x0001
+#define CVMM_IFF_NO_PI 0x1000
+static inline int cvmm_tun_open(const char *name) {
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = CVMM_IFF_TUN | CVMM_IFF_NO_PI;
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(fd, CVMM_TUNSETIFF, &ifr) != 0) { int e = errno; close(fd); return -e; }
+    return fd;
+}
+
 #endif

@@ -1,0 +1,71 @@
+import CVMMSys
+import Foundation
+import Glibc
+import GuestMemory
+import Synchronization
+
+/// A wire with latency and loss between two TUN devices, one in each namespace of a shaped link,
+/// for a kernel without tc's netem: every IP packet one end sends is read here and written to the
+/// other end half the round trip later, or dropped with the loss probability. TCP runs end to end
+/// over it (this is a router, not a relay), so both ends see the real round trip and retransmit
+/// what is lost.
+final class DelayLine: @unchecked Sendable {   // each direction's thread owns its queue; `running` is atomic
+    private let ends: (Int32, Int32)
+    private let oneWay: UInt64
+    private let loss: Double
+    private let running = Atomic<Bool>(true)
+    private var threads: [Thread] = []
+    private let done = DispatchGroup()
+
+    /// Carries packets between the TUN descriptors `a` and `b` (owned: closed on `stop`).
+    init(_ a: Int32, _ b: Int32, roundTrip: Double, loss: Double) {
+        ends = (a, b)
+        oneWay = UInt64(roundTrip / 2 * 1e9)
+        self.loss = loss
+        for (from, to) in [(a, b), (b, a)] {
+            done.enter()
+            let t = Thread { [self] in carry(from: from, to: to); done.leave() }
+            t.name = "delay-line"
+            t.start()
+            threads.append(t)
+        }
+    }
+
+    func stop() {
+        guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        done.wait()
+        close(ends.0)
+        close(ends.1)
+    }
+
+    deinit { stop() }
+
+    private func carry(from: Int32, to: Int32) {
+        var queue: [(due: UInt64, packet: [UInt8])] = []
+        var head = 0
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        var rng = SystemRandomNumberGenerator()
+        while running.load(ordering: .acquiring) {
+            let now = monotonicNanos()
+            let wait = head < queue.count ? Int32(min(100, (queue[head].due &- min(now, queue[head].due)) / 1_000_000)) : 100
+            var p = pollfd(fd: from, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, wait) > 0 {
+                while true {
+                    let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, $0.count) }
+                    guard n > 0 else { break }
+                    if loss > 0 && Double.random(in: 0..<1, using: &rng) < loss { continue }
+                    queue.append((monotonicNanos() + oneWay, Array(buffer[0..<n])))
+                }
+            }
+            let due = monotonicNanos()
+            while head < queue.count && queue[head].due <= due {
+                _ = queue[head].packet.withUnsafeBytes { write(to, $0.baseAddress, $0.count) }
+                head += 1
+            }
+            if head > 4096 && head * 2 > queue.count {
+                queue.removeFirst(head)
+                head = 0
+            }
+        }
+    }
+}
