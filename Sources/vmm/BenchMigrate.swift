@@ -26,7 +26,7 @@ struct BenchMigrate: ParsableCommand {
     var downtimeLimit: Seconds = Seconds(argument: "300ms")!
     @Option(help: "Bandwidth limit in bytes per second (e.g. 128M); unlimited by default.")
     var maxBandwidth: ByteSize?
-    @Option(help: "Migrate between two network namespaces over a veth link shaped to this rate (e.g. 1gbit), instead of loopback.")
+    @Option(help: "Migrate between two network namespaces over a link of this rate, and optionally round trip and loss (e.g. 1gbit or 1gbit,20ms,0.1%), instead of loopback.")
     var link: String?
     @Option(help: "When pre-copy does not converge: force (switch over anyway) or postcopy (the guest runs on the destination at once, its pages follow).")
     var convergence: Convergence = .force
@@ -47,7 +47,7 @@ struct BenchMigrate: ParsableCommand {
         Output.json = json
         let shaped = try link.map { try ShapedLink(ShapedLink.Shape(parsing: $0)) }
         say("bench migrate: \(backend) backend, \(memory) \(backing) guest, working set \(workingSet), 1 vCPU, "
-            + (shaped.map { "two network namespaces over veth shaped to \($0.shape)" } ?? "loopback") + ", "
+            + (shaped.map { "two network namespaces over a link of \($0.shape)" } ?? "loopback") + ", "
             + (maxBandwidth.map { "at most \($0)/s" } ?? "unlimited bandwidth") + ", \(channels) channel(s)" + (key ? ", keyed" : "")
             + ", convergence=\(convergence)")
         say("  rate MiB/s  achieved     total   downtime    setup      sent  iterations  throttle  converged")
