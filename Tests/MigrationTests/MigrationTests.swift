@@ -16,6 +16,24 @@ final class ResultBox<T>: @unchecked Sendable {
     let done = DispatchSemaphore(value: 0)
 }
 
+/// A counter guest (2 vCPUs) that ran on after a migration: every vCPU made at least one full pass
+/// with no failed check, and each lane's counters step by one at most once (where the vCPU is).
+func expectCounterGuestWhole(_ moved: any VirtualMachine, _ spec: WorkloadSpec, _ backend: BackendKind, _ runs: [VCPURun]) {
+    let pages = spec.pages
+    // Soft vCPUs count the check's load and store; KVM's count steps.
+    let perStep: UInt64 = backend == .soft ? 2 : 1
+    #expect(runs.allSatisfy { $0.accesses >= pages * perStep }, "at least one full pass on the destination")
+    #expect(runs.allSatisfy { $0.mismatches == 0 }, "counter checks failed: \(runs.map(\.mismatches))")
+    for lane in 0..<2 {
+        let values = (0..<pages).map { p -> UInt64 in
+            moved.ram.pointer(linear: spec.base.raw + p << 12 + UInt64(lane * 8)).load(as: UInt64.self)
+        }
+        let steps = zip(values, values.dropFirst()).filter { $0 != $1 }
+        #expect(values.last! >= 2, "lane \(lane) made passes")
+        #expect(steps.count <= 1 && steps.allSatisfy { $0 == $1 + 1 }, "lane \(lane): counters \(Set(values).sorted().prefix(8))")
+    }
+}
+
 /// The state of a 1-vCPU soft guest about to run `spec` (for streams written by hand).
 func pausedState(_ spec: WorkloadSpec) throws -> MachineState {
     let vm = try makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
@@ -96,7 +114,6 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         // Paced so a pass takes 0.2 s: each iteration's dirty pages are a part of the working set, and a
         // page dropped anywhere in the stream goes unrepaired until the guest checks it.
         let spec = WorkloadSpec(pattern: .counter, base: GPA(8 << 20), workingSet: 16 << 20, rate: 20_000, seed: 3, stop: .duration(120))
-        let pages = spec.pages
         try vm.start(spec)
         // Three quarters into a pass: with three slots the guest is writing the last slot as the stream
         // goes out, so a slot whose dirty pages went missing would show.
@@ -105,18 +122,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         Thread.sleep(forTimeInterval: 0.6)
         let runs = try moved.stop()
         print("counter guest (\(backend), \(layout), \(channels) channel(s)): \(report); on the destination \(runs.map(\.accesses)) accesses")
-        // Soft vCPUs count the check's load and store; KVM's count steps.
-        let perStep: UInt64 = backend == .soft ? 2 : 1
-        #expect(runs.allSatisfy { $0.accesses >= pages * perStep }, "at least one full pass on the destination")
-        #expect(runs.allSatisfy { $0.mismatches == 0 }, "counter checks failed: \(runs.map(\.mismatches))")
-        for lane in 0..<2 {
-            let values = (0..<pages).map { p -> UInt64 in
-                moved.ram.pointer(linear: spec.base.raw + p << 12 + UInt64(lane * 8)).load(as: UInt64.self)
-            }
-            let steps = zip(values, values.dropFirst()).filter { $0 != $1 }
-            #expect(values.last! >= 2, "lane \(lane) made passes")
-            #expect(steps.count <= 1 && steps.allSatisfy { $0 == $1 + 1 }, "lane \(lane): counters \(Set(values).sorted().prefix(8))")
-        }
+        expectCounterGuestWhole(moved, spec, backend, runs)
     }
 
     /// --max-bandwidth holds the stream to the limit on average.
