@@ -32,3 +32,25 @@ public func forEachRun(_ bitmap: [UInt64], words range: Range<Int>? = nil, _ bod
     let r = range ?? 0..<bitmap.count
     bitmap.withUnsafeBufferPointer { forEachRun($0, pages: UInt64(r.lowerBound) << 6..<UInt64(r.upperBound) << 6, body) }
 }
+
+/// A page bitmap held in an array (bit p of word p / 64), as passes, post-copy and restores keep them.
+extension Array where Element == UInt64 {
+    /// Pages set.
+    @inlinable public var pageCount: UInt64 { reduce(0) { $0 + UInt64($1.nonzeroBitCount) } }
+
+    @inlinable public func isSet(_ page: UInt64) -> Bool { self[Int(page >> 6)] & (1 << (page & 63)) != 0 }
+
+    @inlinable public mutating func set(_ page: UInt64) { self[Int(page >> 6)] |= 1 << (page & 63) }
+
+    /// Clears the run of set bits from `page` on, at most `limit` long and while `also` holds for
+    /// the page; returns its length (0 if `page` is clear).
+    @inlinable
+    public mutating func takeRun(from page: UInt64, upTo limit: UInt64, while also: (UInt64) -> Bool = { _ in true }) -> UInt64 {
+        var n: UInt64 = 0
+        while n < limit, page + n < UInt64(count) << 6, isSet(page + n), also(page + n) {
+            self[Int((page + n) >> 6)] &= ~(1 << ((page + n) & 63))
+            n += 1
+        }
+        return n
+    }
+}

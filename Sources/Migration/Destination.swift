@@ -1,5 +1,6 @@
 import Foundation
 import GuestMemory
+import DirtyLog
 import VirtualMachine
 
 /// How the destination receives.
@@ -112,8 +113,8 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             // From here a source silent this long is gone: the guest here stops.
             for c in all { c.timeout = silence }
             let pc = try PostcopyDestination(vm: vm, wanted: wanted, digest: local, main: connection, urgent: urgent)
-            let pages = wanted.reduce(0) { $0 + $1.nonzeroBitCount }
-            tell(.verifying, "post-copy: the guest is loaded, paused, \(formatBytes(UInt64(pages) << 12)) to fetch as it runs; READY")
+            let pages = wanted.pageCount
+            tell(.verifying, "post-copy: the guest is loaded, paused, \(formatBytes(pages << 12)) to fetch as it runs; READY")
             do { try Switchover.destination(connection, vm: vm) } catch let e as SwitchoverInDoubt {
                 // Without the source nobody serves its missing pages: the guest cannot go on here.
                 throw MigrationError.connection("post-copy: \(e.why); the guest cannot run here without the source's pages: discarded")

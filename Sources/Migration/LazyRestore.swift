@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import GuestMemory
+import DirtyLog
 import VirtualMachine
 
 /// A snapshot chain restored on demand (Firecracker's userfaultfd restore): the files are scanned
@@ -170,11 +171,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         condition.lock()
         var p = run.first
         while p < run.first + run.count {
-            var n: UInt64 = 0
-            while p + n < run.first + run.count && owner[Int(p + n)] == UInt32(i) && absent[Int((p + n) >> 6)] & (1 << ((p + n) & 63)) != 0 {
-                absent[Int((p + n) >> 6)] &= ~(1 << ((p + n) & 63))
-                n += 1
-            }
+            let n = absent.takeRun(from: p, upTo: run.first + run.count - p) { owner[Int($0)] == UInt32(i) }
             if n > 0 { pieces.append((p, n)) }
             p += max(n, 1)
         }
@@ -216,9 +213,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         let h = Array(b[0..<Record.headerSize])
         try Record.check(h, pageLimit: pageLimit)
         guard Int(h.le(UInt32.self, at: 16)) == payload else { throw MigrationError.badStream("a snapshot file changed under the restore") }
-        var crc = RecordChecksum()
-        b.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<20])); crc.update(UnsafeRawBufferPointer(rebasing: $0[Record.headerSize...])) }
-        guard crc.value == h.le(UInt32.self, at: 20) else { throw MigrationError.badStream("checksum mismatch in a snapshot record at byte \(offset)") }
+        guard b.withUnsafeBytes({ Record.checksumMatches($0, UnsafeRawBufferPointer(rebasing: $0[Record.headerSize...])) }) else { throw MigrationError.badStream("checksum mismatch in a snapshot record at byte \(offset)") }
         return (h, Array(b[Record.headerSize...]))
     }
 

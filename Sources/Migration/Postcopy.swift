@@ -141,7 +141,7 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
         pusher = PageSender(ram: ram, connection: main, digest: digest)
         serve = PageSender(ram: ram, connection: urgent, digest: digest)
         unsent = wanted
-        left = UInt64(wanted.reduce(0) { $0 + $1.nonzeroBitCount })
+        left = wanted.pageCount
         report.pages = left
     }
 
@@ -218,7 +218,8 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
             let word = unsent[w] & (~0 << (p & 63))
             if word != 0 {
                 let first = UInt64(w) << 6 + UInt64(word.trailingZeroBitCount)
-                let run = take(first, upTo: UInt64(Record.maxPagesPerRecord))
+                let run = unsent.takeRun(from: first, upTo: UInt64(Record.maxPagesPerRecord))
+                left -= run
                 cursor = first + run
                 return (first, run)
             }
@@ -227,20 +228,6 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
             if p >= pages { p = 0 }
         }
         return nil
-    }
-
-    /// Clears the unsent bits of the run from `first` (set there), up to `limit` pages; returns its length.
-    private func take(_ first: UInt64, upTo limit: UInt64) -> UInt64 {
-        var n: UInt64 = 0
-        while n < limit, first + n < UInt64(unsent.count) << 6 {
-            let p = first + n
-            let bit: UInt64 = 1 << (p & 63)
-            guard unsent[Int(p >> 6)] & bit != 0 else { break }
-            unsent[Int(p >> 6)] &= ~bit
-            n += 1
-        }
-        left -= n
-        return n
     }
 
     /// The server thread: reads the destination's REQUESTs (and its COMPLETE or ERROR) from the
@@ -261,13 +248,9 @@ final class PostcopySource: @unchecked Sendable {   // state under `condition`; 
                     var p = r.firstPage
                     let end = r.firstPage + UInt64(r.count)
                     while p < end {
-                        if unsent[Int(p >> 6)] & (1 << (p & 63)) != 0 {
-                            let n = take(p, upTo: end - p)
-                            runs.append((p, n))
-                            p += n
-                        } else {
-                            p += 1
-                        }
+                        let n = unsent.takeRun(from: p, upTo: end - p)
+                        if n > 0 { runs.append((p, n)); left -= n }
+                        p += max(n, 1)
                     }
                     if !runs.isEmpty { serving += 1; cursor = end }
                     condition.unlock()
@@ -342,7 +325,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         self.wanted = wanted
         absent = wanted
         requested = [UInt64](repeating: 0, count: wanted.count)
-        left = UInt64(wanted.reduce(0) { $0 + $1.nonzeroBitCount })
+        left = wanted.pageCount
         do { faults = try MissingPages(ram: ram) } catch { throw MigrationError.vm("post-copy needs userfaultfd: \(error)") }
     }
 
@@ -417,15 +400,13 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
 
     private var isFinished: Bool { condition.lock(); defer { condition.unlock() }; return finished }
 
-    private func isSet(_ bitmap: [UInt64], _ p: UInt64) -> Bool { bitmap[Int(p >> 6)] & (1 << (p & 63)) != 0 }
-
     /// The fault thread: each fault on a page the source sends is asked for (once); one on a page
     /// it does not send reads as zeros (it held zeros at the switch and was never written here).
     private func serveFaults() throws {
         while !isFinished {
             for p in try faults.waitForFaults(timeout: 0.05) {
                 let first = p / granule * granule
-                if !isSet(wanted, p) {
+                if !wanted.isSet(p) {
                     try faults.placeZeros(page: first, count: granule)
                     continue
                 }
@@ -433,9 +414,9 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
                 stats.faults += 1
                 // Ask unless asked already or in place: for a huge page, while any part is still to
                 // come (the push may have sent part of it, the rest far behind).
-                let ask = !isSet(requested, first) && (isSet(absent, p) || (granule > 1 && filling[first] != nil))
+                let ask = !requested.isSet(first) && (absent.isSet(p) || (granule > 1 && filling[first] != nil))
                 if ask {
-                    requested[Int(first >> 6)] |= 1 << (first & 63)
+                    requested.set(first)
                     asked[first] = monotonicNanos()
                     stats.requests += 1
                 }
@@ -487,13 +468,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         var p = first
         while p < first + count {
             // Claim the run of absent pages from p: this thread alone places them.
-            condition.lock()
-            var n: UInt64 = 0
-            while p + n < first + count && isSet(absent, p + n) {
-                absent[Int((p + n) >> 6)] &= ~(1 << ((p + n) & 63))
-                n += 1
-            }
-            condition.unlock()
+            let n = condition.withLock { absent.takeRun(from: p, upTo: first + count - p) }
             guard n > 0 else { throw MigrationError.badStream("page \(p) sent twice, or not one the destination fetches") }
             let bytes = data.map { $0 + Int((p - first) << PageSize.shift4K) }
             // Absent until now, by the drop at the switch: a page found present would leave stale
@@ -516,11 +491,10 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         for p in first..<(first + count) {
             let g = p / granule * granule
             condition.lock()
-            guard isSet(absent, p) else {
+            guard absent.takeRun(from: p, upTo: 1) == 1 else {
                 condition.unlock()
                 throw MigrationError.badStream("page \(p) sent twice, or not one the destination fetches")
             }
-            absent[Int(p >> 6)] &= ~(1 << (p & 63))
             var (buffer, n): (UnsafeMutableRawPointer, UInt64)
             if let f = filling[g] {
                 (buffer, n) = f
@@ -566,47 +540,36 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
     }
 }
 
-/// The source's switch to post-copy, where pre-copy would not converge (migrate's last step then):
-/// pauses the guest, closes the passes, names the pages to fetch, hands the guest over and serves
-/// its pages until the destination has them all. A failure after GO and before END resumes the guest
-/// here (migrate's rollback) once the destination has surely stopped its own: at once if it said so,
-/// else after the timeout it stops a silent source's guest by.
-func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connection, channels: ChannelSenders, pending: [UInt64],
-                      named: [UInt64], wasRunning: Bool, options: MigrationOptions, report: MigrationReport, paused: inout Bool,
+/// The source's switch to post-copy, where pre-copy would not converge (migrate's last step then),
+/// with the guest paused and `stale` harvested: closes the passes, names the pages `named` left
+/// out, hands the guest over and serves its pages until the destination has them all. A failure
+/// after GO and before END resumes the guest here (migrate's rollback) once the destination has
+/// surely stopped its own: at once if it said so, else after the timeout it stops a silent
+/// source's guest by.
+func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connection, channels: ChannelSenders, stale: [UInt64],
+                      named: [UInt64], pause: PauseClock, wasRunning: Bool, options: MigrationOptions, report: MigrationReport,
                       out: ProgressReporter, start: Date) throws -> MigrationReport {
     var report = report
-    let pauseStart = Date()
-    var mark = pauseStart
-    func part(_ name: String, at now: Date = Date()) {
-        report.downtimeParts.append((name, now.timeIntervalSince(mark)))
-        mark = now
-    }
+    var pause = pause
     func tell(_ event: String) { out.report(bytes: channels.bytesSent, event: event) }
     vm.setThrottle(percent: 0)
-    paused = true
-    try vm.pause()
-    part("pause")
-    var wanted = pending
-    let last = try vm.getDirtyLog()
-    for i in wanted.indices { wanted[i] |= last[i] }
     // The guest stays paused here until it comes back or goes: nothing more to log.
     try? vm.disableDirtyLogging()
-    part("harvest")
-    wanted = Postcopy.widened(wanted, granule: Postcopy.granule(vm.ram.backing))
-    let pages = UInt64(wanted.reduce(0) { $0 + $1.nonzeroBitCount })
+    let wanted = Postcopy.widened(stale, granule: Postcopy.granule(vm.ram.backing))
+    let pages = wanted.pageCount
     out.update { $0.phase = .postcopy; $0.pagesPlanned = pages; $0.pagesDone = 0 }
     // Every page channel closes the last pass, which carries nothing: the rest goes on demand.
     // Not waited for: a peer that spoke (DROPPED) may hold its acknowledgement back for 40 ms
     // (delayed ACK), and what follows goes on the same connections anyway.
     try channels.sendPass([UInt64](repeating: 0, count: wanted.count), pass: UInt32(report.iterations + 1), last: true, delivered: false,
                           report: &report)
-    part("last pass")
+    pause.part("last pass")
     // What the destination has not dropped yet: the pages dirtied since the last harvest.
     var rest = wanted
     for i in rest.indices { rest[i] &= ~named[i] }
     try Postcopy.sendDiscard(main, rest, ask: false)
     try Postcopy.announce(main, state: try vm.saveState(), timeout: options.timeout)
-    part("state")
+    pause.part("state")
     let pc = PostcopySource(ram: vm.ram, main: main, urgent: urgent, wanted: wanted, digest: channels.digest)
     var goSent = false
     do {
@@ -616,9 +579,9 @@ func switchToPostcopy(_ vm: any VirtualMachine, main: Connection, urgent: Connec
             throw e.told ?? MigrationError.connection(e.why)
         }
         goSent = true
-        part("destination", at: ready)
-        part("handover")
-        report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
+        pause.part("destination", at: ready)
+        pause.part("handover")
+        (report.downtimeSeconds, report.downtimeParts) = (pause.seconds, pause.parts)
         tell(String(format: "post-copy after pass %d: the destination runs the guest; %@ follow", report.iterations,
                     formatBytes(pages << 12)))
         var done: UInt64 = 0

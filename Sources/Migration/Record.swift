@@ -107,10 +107,7 @@ public struct Record {
             try check(h, pageLimit: pageLimit)
             if buffer.count < length { buffer = [UInt8](repeating: 0, count: length) }
             try buffer.withUnsafeMutableBytes { b in try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<length]), deadline: deadline) }
-            var crc = RecordChecksum()
-            h.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<20])) }
-            buffer.withUnsafeBytes { crc.update(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
-            guard crc.value == h.le(UInt32.self, at: 20) else {
+            guard h.withUnsafeBytes({ h in buffer.withUnsafeBytes { checksumMatches(h, UnsafeRawBufferPointer(rebasing: $0[0..<length])) } }) else {
                 throw MigrationError.badStream("checksum mismatch in a \(RecordType(rawValue: h[0])!) record at page \(h.le(UInt64.self, at: 8))")
             }
         }
@@ -124,6 +121,15 @@ public struct Record {
     static func read(from c: Connection, pageLimit: UInt64) throws -> Record {
         var buffer: [UInt8] = []
         return try read(from: c, pageLimit: pageLimit, into: &buffer)
+    }
+
+    /// Whether a clear record's checksum (header bytes 20..<24) covers its first 20 header bytes and
+    /// `payload`.
+    static func checksumMatches(_ header: UnsafeRawBufferPointer, _ payload: UnsafeRawBufferPointer) -> Bool {
+        var crc = RecordChecksum()
+        crc.update(UnsafeRawBufferPointer(rebasing: header[0..<20]))
+        crc.update(payload)
+        return crc.value == header.loadUnaligned(fromByteOffset: 20, as: UInt32.self).littleEndian
     }
 
     /// Checks a header's type and sizes before its payload is read.

@@ -184,7 +184,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
                 let perChannel = tuning.maxBandwidth.map { $0 / Double(all.count) }
                 for c in all { c.maxBandwidth = perChannel }
             }
-            let iteration = report.iterations + 1, planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+            let iteration = report.iterations + 1, planned = pending.pageCount
             out.update { $0.iteration = iteration; $0.pagesPlanned = planned; $0.pagesDone = 0 }
             let t0 = Date()
             let sentBefore = channels.bytesSent
@@ -197,7 +197,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             let dirtiedOver = max(Date().timeIntervalSince(lastHarvest), 1e-3)
             lastHarvest = Date()
             // The pause sends what is dirty (the digest is kept as pages go, so nothing is left to hash).
-            let remaining = Double(pending.reduce(0) { $0 + $1.nonzeroBitCount }) * 4096
+            let remaining = Double(pending.pageCount) * 4096
             let expectedDowntime = report.bandwidth > 0 ? remaining / report.bandwidth : 0
             let bandwidth = report.bandwidth
             report.passes.append(PassRecord(pass: report.iterations, pages: planned, bytes: UInt64(bytes), seconds: seconds,
@@ -234,43 +234,38 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
                 tell("auto-converge: vCPUs throttled to \(100 - report.throttlePercent)% of their time")
             }
         }
-        if postcopyNow, let urgent {
-            // The bulk of the stale pages are dropped on the destination while the guest still runs
-            // here; the pause drops only what it dirtied meanwhile.
-            let named = Postcopy.widened(pending, granule: Postcopy.granule(vm.ram.backing))
-            try Postcopy.dropEarly(connection, named)
-            return try switchToPostcopy(vm, main: connection, urgent: urgent, channels: channels, pending: pending, named: named, wasRunning: wasRunning,
-                                options: options, report: report, paused: &paused, out: out, start: start)
-        }
-        // Stop-and-copy.
-        let pauseStart = Date()
-        var mark = pauseStart
-        func part(_ name: String, at now: Date = Date()) {
-            report.downtimeParts.append((name, now.timeIntervalSince(mark)))
-            mark = now
-        }
+        // Post-copy: the bulk of the stale pages are dropped on the destination while the guest still
+        // runs here; the pause drops only what it dirtied meanwhile.
+        let named = postcopyNow ? Postcopy.widened(pending, granule: Postcopy.granule(vm.ram.backing)) : nil
+        if let named { try Postcopy.dropEarly(connection, named) }
+        // The pause: stop-and-copy, or the switch to post-copy.
+        var pause = PauseClock()
         // Set first: a pause that times out may have parked some vCPUs, and the rollback resumes them.
         paused = true
         try vm.pause()
-        part("pause")
+        pause.part("pause")
         let last = try vm.getDirtyLog()
-        part("harvest")
+        pause.part("harvest")
         for i in pending.indices { pending[i] |= last[i] }
-        let planned = UInt64(pending.reduce(0) { $0 + $1.nonzeroBitCount })
+        if let urgent, let named {
+            return try switchToPostcopy(vm, main: connection, urgent: urgent, channels: channels, stale: pending, named: named,
+                                        pause: pause, wasRunning: wasRunning, options: options, report: report, out: out, start: start)
+        }
+        let planned = pending.pageCount
         out.update { $0.phase = .stopAndCopy; $0.pagesPlanned = planned; $0.pagesDone = 0 }
         tell()
         // Not waited for: READY says it arrived, and waiting would add a round trip (and a delayed
         // acknowledgement, up to 40 ms) to the pause.
         try channels.sendPass(pending, pass: UInt32(report.iterations + 1), last: true, delivered: false, report: &report)
-        part("last pass")
+        pause.part("last pass")
         try connection.sendState(try vm.saveState())
-        part("state")
+        pause.part("state")
         try connection.sendEnd(digest: channels.digest.value)
         vm.setThrottle(percent: 0)
         let ready = try Switchover.source(connection, vm: vm, resumeThere: wasRunning)
-        part("destination", at: ready)
-        part("handover")
-        report.downtimeSeconds = Date().timeIntervalSince(pauseStart)
+        pause.part("destination", at: ready)
+        pause.part("handover")
+        (report.downtimeSeconds, report.downtimeParts) = (pause.seconds, pause.parts)
         // The guest runs at the destination now: whatever stopping this copy reports, it never resumes.
         _ = try? vm.stop()
         try? vm.disableDirtyLogging()
@@ -300,6 +295,21 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         }
         throw reason
     }
+}
+
+/// The pause of a switchover, timed in parts (`MigrationReport.downtimeParts`).
+struct PauseClock {
+    let start = Date()
+    private var mark: Date
+    private(set) var parts: [(name: String, seconds: Double)] = []
+    init() { mark = start }
+    /// Ends the part `name` at `now`; the next part starts there.
+    mutating func part(_ name: String, at now: Date = Date()) {
+        parts.append((name, now.timeIntervalSince(mark)))
+        mark = now
+    }
+    /// Since the pause began.
+    var seconds: Double { Date().timeIntervalSince(start) }
 }
 
 /// The destination's ERROR, if it sent one (a source sending pages does not read until it stops).
