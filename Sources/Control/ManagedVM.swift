@@ -17,6 +17,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         case inmigrate
         /// Migrated away: the guest runs at the destination.
         case postmigrate
+        /// A lazy restore failed: the guest stopped on memory that is not the snapshot's. Only `quit` is left.
+        case internalError = "internal-error"
         case shutdown
     }
 
@@ -33,6 +35,9 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
     /// The snapshot chain diffs continue; a migration or a dirty-rate measurement ends it (they
     /// need the dirty log), so the next snapshot is a full one.
     private var chain: SnapshotChain?
+    /// A lazy restore still placing pages: until it ends, the guest's memory may not be the
+    /// snapshot's, so it is not copied anywhere.
+    private var restoring = false
     private var incomingThread: Thread?
     private let parameters = MigrationTuning(downtimeLimit: 0.3, maxBandwidth: nil)
     private let eventLock = NSLock()
@@ -66,14 +71,17 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         let restore = try LazyRestore(paths)
         try restore.start()
         _status = .running
+        restoring = true
         setVM(restore.vm)
         Thread { [self] in
             do {
                 try restore.finish()
+                lock.withLock { restoring = false }
                 emit("RESTORE_COMPLETE", .object([("time", .int(Int64((restore.fullSeconds ?? 0) * 1e3))),
                                                   ("faulted-pages", .int(Int64(restore.faultedPages)))]))
             } catch {
-                lock.withLock { _status = .shutdown }
+                // The guest was stopped before `finish` threw; `quit` still shuts the process down.
+                lock.withLock { if _status != .shutdown { _status = .internalError } }
                 emit("RESTORE_FAILED", .object([("error", .string("\(error)"))]))
             }
         }.start()
@@ -180,12 +188,18 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         case .inmigrate: throw QMPError.generic("cannot \(what): the VM is waiting for an incoming migration")
         case .postmigrate: throw QMPError.generic("cannot \(what): the guest was migrated away and runs at the destination")
         case .shutdown: throw QMPError.generic("cannot \(what): the VM is shutting down")
+        case .internalError: throw QMPError.generic("cannot \(what): the lazy restore failed and the guest stopped (see RESTORE_FAILED); quit")
         case .running, .paused: break
         }
         if !duringMigration && migration?.isActive == true && migration?.incoming == false {
             throw QMPError.generic("cannot \(what) while a migration runs: cancel it first with migrate-cancel")
         }
         return vm!
+    }
+
+    /// Refuses `what` while a lazy restore still places pages.
+    private func refuseWhileRestoring(_ what: String) throws {
+        if restoring { throw QMPError.generic("cannot \(what) while the lazy restore places pages: wait for RESTORE_COMPLETE") }
     }
 
     /// Refuses `what` while a dirty-rate measurement holds the dirty log.
@@ -225,6 +239,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         guard kind == nil || kind == "full" || kind == "diff" else { throw QMPError.generic("kind: full or diff, not \(kind!)") }
         let report: SnapshotReport = try lock.withLock {
             let vm = try guest(for: "take a snapshot")
+            try refuseWhileRestoring("take a snapshot")
             try refuseWhileMeasuring("take a snapshot")
             if kind == "diff" && chain == nil {
                 throw QMPError.generic("no chain to take a diff of: take a full snapshot first (a migration or a dirty-rate measurement ends a chain)")
@@ -421,6 +436,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {
         let job: MigrationJob, vm: any VirtualMachine
         (job, vm) = try lock.withLock {
             let vm = try guest(for: "migrate")
+            try refuseWhileRestoring("migrate")
             try takeDirtyLog(for: "migrate")
             // Every argument checked and the VM free: only now do the parameters change.
             applyParameters()

@@ -98,50 +98,73 @@ final class ChannelSenders: @unchecked Sendable {
 
 /// The destination's meeting point at the end of each pass: a channel that read its SYNC waits here
 /// until every channel has read the same pass's SYNC, so a page resent in a later pass on one channel
-/// never lands before its earlier copy from another. A failure on any channel releases everyone.
-final class PassBarrier: @unchecked Sendable {
+/// never lands before its earlier copy from another. It also holds the rules that span channels:
+/// they agree on which pass is the last, and once the main channel read a DISCARD no channel's pass
+/// carries pages (they would land on memory post-copy dropped). A failure on any channel releases
+/// everyone.
+final class PassBarrier: @unchecked Sendable {   // state under `condition`
     private let parties: Int
     private let timeout: Double
     private let condition = NSCondition()
     private var arrived = 0
     private var generation = 0
-    private var pass: UInt32?
-    private var failed = false
+    private var pass: (number: UInt32, last: Bool)?
+    private var pagesInPass = false
+    private var discarded = false
+    /// The first failure, which every waiting channel then reports.
+    private var failure: Error?
 
     init(parties: Int, timeout: Double) {
         self.parties = parties
         self.timeout = timeout
     }
 
-    func arrive(pass p: UInt32) throws {
+    /// The main channel read a DISCARD: from here no pass may carry pages.
+    func noteDiscard() {
+        condition.lock()
+        discarded = true
+        condition.unlock()
+    }
+
+    /// A channel read the SYNC closing pass `p` (`last`, and whether its part of the pass carried
+    /// pages); waits for the others.
+    func arrive(pass p: UInt32, last: Bool, carriedPages: Bool) throws {
         condition.lock()
         defer { condition.unlock() }
-        if failed { throw MigrationError.badStream("another channel failed") }
-        if let pass, pass != p { throw MigrationError.badStream("channels disagree on the pass: \(pass) and \(p)") }
-        pass = p
+        func fail(_ e: Error) -> Error {
+            if failure == nil { failure = e }
+            condition.broadcast()
+            return e
+        }
+        if let failure { throw failure }
+        if let pass, pass.number != p { throw fail(MigrationError.badStream("channels disagree on the pass: \(pass.number) and \(p)")) }
+        if let pass, pass.last != last { throw fail(MigrationError.badStream("channels disagree whether pass \(p) is the last")) }
+        pass = (p, last)
+        pagesInPass = pagesInPass || carriedPages
         arrived += 1
         let g = generation
         if arrived == parties {
+            if discarded && pagesInPass { throw fail(MigrationError.badStream("pages in pass \(p), after a discard")) }
             arrived = 0
             pass = nil
+            pagesInPass = false
             generation += 1
             condition.broadcast()
             return
         }
         let deadline = Date().addingTimeInterval(timeout)
-        while generation == g && !failed {
+        while generation == g && failure == nil {
             guard condition.wait(until: deadline) else {
-                failed = true
-                condition.broadcast()
-                throw MigrationError.timeout("the other channels did not close pass \(p) within \(timeout) s")
+                throw fail(MigrationError.timeout("the other channels did not close pass \(p) within \(timeout) s"))
             }
         }
-        if failed { throw MigrationError.badStream("another channel failed") }
+        if let failure { throw failure }
     }
 
+    /// A channel failed outside the barrier: everyone waiting here stops.
     func fail() {
         condition.lock()
-        failed = true
+        if failure == nil { failure = MigrationError.badStream("another channel failed") }
         condition.broadcast()
         condition.unlock()
     }

@@ -47,11 +47,15 @@ final class DelayLine: @unchecked Sendable {   // each direction's thread owns i
         var rng = SystemRandomNumberGenerator()
         while running.load(ordering: .acquiring) {
             let now = monotonicNanos()
-            let wait = head < queue.count ? Int32(min(100, (queue[head].due &- min(now, queue[head].due)) / 1_000_000)) : 100
+            // Rounded up: a packet due in under a millisecond waits that millisecond, not a spin.
+            let wait = head < queue.count ? Int32(min(100, (queue[head].due &- min(now, queue[head].due) + 999_999) / 1_000_000)) : 100
             var p = pollfd(fd: from, events: Int16(POLLIN), revents: 0)
             if poll(&p, 1, wait) > 0 {
+                // The device went away (its namespace deleted): this direction ends.
+                guard p.revents & Int16(POLLERR | POLLHUP | POLLNVAL) == 0 else { return }
                 while true {
                     let n = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, $0.count) }
+                    if n < 0 && errno != EAGAIN && errno != EINTR { return }
                     guard n > 0 else { break }
                     if loss > 0 && Double.random(in: 0..<1, using: &rng) < loss { continue }
                     queue.append((monotonicNanos() + oneWay, Array(buffer[0..<n])))

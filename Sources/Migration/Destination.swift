@@ -87,12 +87,14 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         let all = [connection] + channels
         readers = pageChannels.map { c in
             ChannelReader(onFailure: { barrier.fail(); for c in all { c.interrupt() } }) {
-                try applyRecords(from: c, into: vm, guest: guest, written: written, digest: local, barrier: barrier, main: false)
+                try applyRecords(from: c, into: vm, guest: guest, written: written, digest: local, barrier: barrier, main: false,
+                                 postcopy: urgent != nil)
             }
         }
         let ending: StreamEnd
         do {
-            ending = try applyRecords(from: connection, into: vm, guest: guest, written: written, digest: local, barrier: barrier) {
+            ending = try applyRecords(from: connection, into: vm, guest: guest, written: written, digest: local, barrier: barrier,
+                                      postcopy: urgent != nil) {
                 tell(.receiving, force: false)
             }!
         } catch {
@@ -188,9 +190,10 @@ enum StreamEnd {
 /// chain of snapshot files), and `digest`, if given, what memory holds where they wrote (across a
 /// chain likewise). Every record's checksum (and MAC, on an authenticated connection) is
 /// checked first. At each SYNC the channel waits at `barrier` for the others; a further channel
-/// (not `main`) ends at the last pass's SYNC and returns nil.
+/// (not `main`) ends at the last pass's SYNC and returns nil. DISCARD and POSTCOPY come only on a
+/// stream that negotiated a post-copy channel (`postcopy`).
 func applyRecords(from connection: Connection, into vm: any VirtualMachine, guest: GuestDescription, written: DirtyBitmap,
-                  digest: PageDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true,
+                  digest: PageDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true, postcopy: Bool = false,
                   tick: () -> Void = {}) throws -> StreamEnd? {
     let ram = vm.ram
     var buffer = [UInt8](repeating: 0, count: 256 * 4096)
@@ -199,6 +202,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
     var wanted: [UInt64]?
     // DISCARD comes only between passes (after a SYNC), and no page of a pass after it.
     var closed = false
+    var carriedPages = false
     var sums = DigestSums()
     defer { digest?.add(sums) }
     // The new VM's memory reads as zeros: a zero run only needs clearing where data already landed,
@@ -210,6 +214,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
         case .pages:
             guard wanted == nil else { throw MigrationError.badStream("a page record after a discard") }
             closed = false
+            carriedPages = true
             let run = r.firstPage..<(r.firstPage + UInt64(r.count))
             let (host, slotEnd) = ram.location(page: r.firstPage)
             guard run.upperBound <= slotEnd else {
@@ -232,7 +237,10 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
         case .guest, .channel, .ready, .go, .running, .request, .complete, .dropped:
             throw MigrationError.badStream("a \(r.type) record among the pages")
         case .discard:
-            guard main, barrier != nil, closed, let digest else { throw MigrationError.badStream("a discard record inside a pass or outside a migration") }
+            guard main, postcopy, let barrier, closed, let digest else {
+                throw MigrationError.badStream("a discard record inside a pass or outside a post-copy migration")
+            }
+            barrier.noteDiscard()
             // Dropped at once: before the pause the guest still runs on the source.
             var batch = [UInt64](repeating: 0, count: ram.bitmapWords)
             let first = Int(r.firstPage >> 6)
@@ -249,7 +257,8 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
                 try connection.flush()
             }
         case .postcopy:
-            guard main, barrier != nil, sawLastPass else { throw MigrationError.badStream("post-copy before the last pass was closed") }
+            guard main, postcopy else { throw MigrationError.badStream("a post-copy record in a migration that negotiated no post-copy channel") }
+            guard sawLastPass else { throw MigrationError.badStream("post-copy before the last pass was closed") }
             guard let state else { throw MigrationError.badStream("no state record before post-copy") }
             let w = wanted ?? [UInt64](repeating: 0, count: ram.bitmapWords)
             guard Postcopy.widened(w, granule: Postcopy.granule(ram.backing)) == w else {
@@ -258,7 +267,8 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
             return .postcopy(state, wanted: w, silence: max(0.1, Double(r.count) / 1000))
         case .sync:
             closed = true
-            try barrier?.arrive(pass: r.count)
+            try barrier?.arrive(pass: r.count, last: r.last, carriedPages: carriedPages)
+            carriedPages = false
             sawLastPass = sawLastPass || r.last
             if r.last && !main { return nil }
         case .state:

@@ -9,7 +9,7 @@ import VirtualMachine
 /// a page is read from its file, checksum checked, when a vCPU first touches it, while a filler puts
 /// the rest in place behind it (`prefault`). Once every page is in, memory is checked against the
 /// last file's digest. Needs version 5 files (their running digest) and a backing faulted in 4 KiB
-/// pages (not hugetlb).
+/// pages (not hugetlb). Its threads hold it until `finish` or `cancel`: call one of them.
 public final class LazyRestore: @unchecked Sendable {   // shared state under `condition`; threads below
     public let vm: any VirtualMachine
     public let state: MachineState
@@ -113,7 +113,18 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             }
         }
         if prefault { spawn { [self] in try fill() } }
-        try vm.start(from: state, paused: paused)
+        do { try vm.start(from: state, paused: paused) } catch { cancel(); throw error }
+    }
+
+    /// Gives up: stops the guest and the threads serving it. The guest's memory is then not the
+    /// snapshot's.
+    public func cancel() {
+        condition.lock(); stopping = true; condition.unlock()
+        faults.release()
+        _ = try? vm.stop()
+        condition.lock()
+        while threads > 0 { condition.wait() }
+        condition.unlock()
     }
 
     /// Puts every page still absent in place (within `timeout` seconds), checks memory against the
@@ -135,9 +146,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             guard digest.value == expected else { throw MigrationError.digestMismatch }
             faults.release()
         } catch {
-            condition.lock(); stopping = true; condition.unlock()
-            faults.release()
-            _ = try? vm.stop()
+            cancel()
             throw error
         }
     }
@@ -152,8 +161,10 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
                 if failure == nil { failure = error }
                 condition.broadcast()
                 condition.unlock()
-                // A vCPU may wait on a page nobody will place: wake it (onto zeros) so it can stop.
+                // A vCPU may wait on a page nobody will place: wake it (onto zeros), then stop the
+                // guest at once, before it runs on far on memory that is not the snapshot's.
                 faults.release()
+                _ = try? vm.stop()
             }
             condition.lock(); threads -= 1; condition.broadcast(); condition.unlock()
         }.start()
@@ -177,7 +188,11 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         }
         condition.unlock()
         guard !pieces.isEmpty else { return }
-        let (_, payload) = try Self.read(files[run.file], at: run.offset, payload: run.zero ? 0 : Int(run.count) << 12, pageLimit: vm.pages)
+        let (h, payload) = try Self.read(files[run.file], at: run.offset, payload: run.zero ? 0 : Int(run.count) << 12, pageLimit: vm.pages)
+        guard h[0] == RecordType.pages.rawValue, h.le(UInt64.self, at: 8) == run.first, UInt64(h.le(UInt32.self, at: 4)) == run.count,
+              (h[1] & Record.zeroRun != 0) == run.zero else {
+            throw MigrationError.badStream("a snapshot file changed under the restore (the record at byte \(run.offset) is not the one scanned)")
+        }
         var sums = DigestSums()
         for (first, n) in pieces {
             let done: Bool

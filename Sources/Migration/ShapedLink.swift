@@ -101,7 +101,9 @@ public final class ShapedLink: @unchecked Sendable {
                     guard fd >= 0 else { throw MigrationError.connection("open a TUN device: \(String(cString: strerror(-fd))) (a delayed link needs /dev/net/tun)") }
                     return fd
                 }
-                let (fa, fb) = (try tun(.source, a), try tun(.destination, b))
+                let fa = try tun(.source, a)
+                let fb: Int32
+                do { fb = try tun(.destination, b) } catch { close(fa); throw error }
                 delayLine = DelayLine(fa, fb, roundTrip: shape.roundTrip, loss: shape.loss)
                 for (ns, dev, here, there) in [(names.source, a, "\(subnet).1", "\(subnet).2"), (names.destination, b, "\(subnet).2", "\(subnet).1")] {
                     try Self.run("ip", ["-n", ns, "link", "set", dev, "mtu", "65000", "up"])
@@ -147,7 +149,10 @@ public final class ShapedLink: @unchecked Sendable {
         guard cvmm_setns_net(fd) == 0 else {
             throw MigrationError.connection("setns into \(name): \(String(cString: strerror(errno))) (a shaped link needs root)")
         }
-        defer { _ = cvmm_setns_net(home) }
+        defer {
+            // A thread left in the other namespace would make every later socket there: no way on.
+            if cvmm_setns_net(home) != 0 { fatalError("setns back from \(name): \(String(cString: strerror(errno)))") }
+        }
         return try body()
     }
 

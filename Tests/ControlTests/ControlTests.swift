@@ -4,7 +4,7 @@ import Testing
 @testable import Control
 import GuestMemory
 import KVMBackend
-import Migration
+@testable import Migration
 import VirtualMachine
 import Workload
 
@@ -325,6 +325,48 @@ func skipKVM(_ backend: BackendKind) -> Bool {
             let runs = try restored.vm.machine!.stop()
             #expect(runs.allSatisfy { $0.accesses > 0 } && runs.reduce(0) { $0 + $1.mismatches } == 0, "lazy \(lazy): \(runs)")
             try restored.quitAndWait()
+        }
+
+        // A page record of the last diff corrupted after it was taken: the lazy restore finds it when it
+        // reads the page, stops the guest (status internal-error), refuses what would run or copy
+        // it, and still quits.
+        try corruptFirstPageRecord(dir + "/base.1")
+        let failed = try Served(ManagedVM(restoring: [dir + "/base", dir + "/base.1"], lazy: true))
+        let f = try failed.client()
+        let deadline = Date().addingTimeInterval(20)
+        while try f.execute("query-status").get()["status"] != .string("internal-error") && Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        #expect(try f.execute("query-status").get()["status"] == .string("internal-error"))
+        #expect(failed.vm.machine?.runState == .stopped)
+        for (command, arguments) in [("cont", JSON.object([])), ("snapshot-create", .object([("path", .string(dir + "/again"))])),
+                                     ("migrate", .object([("uri", .string("unix:/nonexistent"))]))] {
+            guard case let .failure(e) = try f.execute(command, arguments) else { Issue.record("\(command) after a failed restore ran"); continue }
+            #expect(e.desc.contains("lazy restore failed"), "\(command): \(e.desc)")
+        }
+        try failed.quitAndWait()
+    }
+
+    /// Flips a byte in the payload of the first data page record of the snapshot at `path`.
+    func corruptFirstPageRecord(_ path: String) throws {
+        let c = try Connection(file: path, writing: false)
+        _ = try SnapshotHeader.read(from: c, path: path)
+        var offset = Int(c.bytesReceived)
+        let fd = open(path, O_RDWR)
+        defer { close(fd) }
+        while true {
+            var h = [UInt8](repeating: 0, count: Record.headerSize)
+            #expect(pread(fd, &h, h.count, off_t(offset)) == h.count)
+            let length = Int(h.le(UInt32.self, at: 16))
+            if h[0] == RecordType.pages.rawValue && length > 0 {
+                var b: UInt8 = 0
+                _ = pread(fd, &b, 1, off_t(offset + Record.headerSize + 100))
+                b ^= 0xff
+                _ = pwrite(fd, &b, 1, off_t(offset + Record.headerSize + 100))
+                return
+            }
+            try #require(h[0] == RecordType.pages.rawValue, "no data page record in \(path)")
+            offset += Record.headerSize + length
         }
     }
 

@@ -106,6 +106,48 @@ import KVMBackend
         #expect(d.code == .digestMismatch && told.code == .digestMismatch && told.message == d.message)
     }
 
+    /// A hostile source's post-copy records out of place: a DISCARD on a stream that negotiated no
+    /// post-copy channel, and pages on a further channel after a DISCARD dropped memory (they would
+    /// land where post-copy expects nothing). Both are refused before any guest runs.
+    @Test(arguments: [false, true])
+    func postcopyRecordsOutOfPlaceAreRefused(negotiated: Bool) throws {
+        let listener = try Listener(.tcp(host: "127.0.0.1", port: 0))
+        let dest = background { () throws -> any VirtualMachine in try receive(on: listener, options: ReceiveOptions(timeout: 5)) }
+        let c = try Connection.connect(to: listener.address)
+        try Handshake.open(c, key: nil, further: false)
+        let token: UInt64 = 0x5eed
+        try c.sendRecord(.guest, flags: negotiated ? Record.withPostcopyChannel : 0, count: negotiated ? 3 : 1, firstPage: token,
+                         payload: GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0).encoded())
+        try c.flush()
+        var further: [Connection] = []
+        if negotiated {
+            for i in 1...2 {
+                let f = try Connection.connect(to: listener.address)
+                try Handshake.open(f, key: nil, further: true)
+                try f.sendRecord(.channel, count: UInt32(i), firstPage: token)
+                try f.flush()
+                further.append(f)
+            }
+            try further[0].sendSync(pass: 1, last: false)
+            try further[0].flush()
+        }
+        try c.sendSync(pass: 1, last: false)
+        var stale = [UInt64](repeating: 0, count: 4)
+        stale[0] = 0b1000
+        try Postcopy.sendDiscard(c, stale, ask: negotiated)
+        if negotiated {
+            #expect(try Record.read(from: c, pageLimit: 0).type == .dropped)
+            try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try further[0].sendRecord(.pages, count: 1, firstPage: 3, payload: $0) }
+            try further[0].sendSync(pass: 2, last: true)
+            try further[0].flush()
+            try c.sendSync(pass: 2, last: true)
+            try c.flush()
+        }
+        let d = try #require(Result { try dest() }.failure as? MigrationError)
+        #expect(d.code == .badStream)
+        #expect("\(d)".contains(negotiated ? "after a discard" : "outside a post-copy migration"), "\(d)")
+    }
+
     /// A source of a version outside the destination's range is refused, both versions named; and
     /// a destination whose range leaves out this source's version is refused by the source.
     @Test func versionsOutsideTheRangeAreRefusedByName() throws {
