@@ -29,7 +29,7 @@ public protocol CommandHandler: AnyObject, Sendable {
 /// request gets exactly one answer, in order, and negotiated clients also get every event. A client
 /// that sends garbage gets an error and stays connected; one that stops reading is dropped. At most
 /// `maxClients` at a time; a longer line than `maxLine` is answered with an error and skipped.
-public final class ControlServer: @unchecked Sendable {
+public final class ControlServer: @unchecked Sendable {   // clients under its lock; each client has a thread
     public static let maxLine = 64 << 10
     public static let maxClients = 16
     public let path: String
@@ -150,7 +150,7 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     /// One client's session: greeting, then a request per line until it leaves.
-    private func serve(_ client: Client) {
+    func serve(_ client: Client) {
         client.send(greeting)
         while !isStopped, let line = client.readLine() {
             switch line {
@@ -214,7 +214,7 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     /// One connected client.
-    final class Client: @unchecked Sendable {
+    final class Client: @unchecked Sendable {   // writes under `writeLock`; reads on its own thread
         let fd: Int32
         private let writeLock = NSLock()
         private var buffer: [UInt8] = []

@@ -1,20 +1,23 @@
 import DirtyLog
 import Foundation
 import Migration
+import Synchronization
 
 /// A dirty-rate measurement of the running guest, as `query-dirty-rate` reports it.
-final class DirtyRateJob: @unchecked Sendable {
+final class DirtyRateJob: Sendable {
     /// QMP's dirty-rate statuses.
     enum Status: String { case measuring, measured, failed }
 
     let strategy: DirtyStrategy
     let window: Double
     let cancellation = Cancellation()
-    private let lock = NSLock()
-    private var _status = Status.measuring
-    private var samples: [DirtyRateReport.Sample] = []
-    private var report: DirtyRateReport?
-    private var error: String?
+    private struct State {
+        var status = Status.measuring
+        var samples: [DirtyRateReport.Sample] = []
+        var report: DirtyRateReport?
+        var error: String?
+    }
+    private let state = Mutex(State())
     private let started = Date()
 
     init(strategy: DirtyStrategy, window: Double) {
@@ -22,31 +25,32 @@ final class DirtyRateJob: @unchecked Sendable {
         self.window = window
     }
 
-    var status: Status { lock.withLock { _status } }
-    func add(_ s: DirtyRateReport.Sample) { lock.withLock { samples.append(s) } }
+    var status: Status { state.withLock { $0.status } }
+    func add(_ sample: DirtyRateReport.Sample) { state.withLock { $0.samples.append(sample) } }
     func finish(_ result: Result<DirtyRateReport, Error>) {
-        lock.withLock {
+        state.withLock { s in
             switch result {
-            case let .success(r): report = r; _status = .measured
-            case let .failure(e): error = "\(e)"; _status = .failed
+            case let .success(r): s.report = r; s.status = .measured
+            case let .failure(e): s.error = "\(e)"; s.status = .failed
             }
         }
     }
 
     /// The mean rate in MiB/s, once measured.
-    var rate: Double? { lock.withLock { report.map { $0.rate / 1_048_576 } } }
+    var rate: Double? { state.withLock { $0.report.map { $0.rate / 1_048_576 } } }
 
     var json: JSON {
-        lock.withLock {
-            var pairs: [(String, JSON)] = [("status", .string(_status.rawValue)), ("start-time", .int(Int64(started.timeIntervalSince1970))),
+        let s = state.withLock { $0 }
+        do {
+            var pairs: [(String, JSON)] = [("status", .string(s.status.rawValue)), ("start-time", .int(Int64(started.timeIntervalSince1970))),
                                            ("calc-time-ms", .int(Int64(window * 1e3))), ("mode", .string(strategy.rawValue))]
-            if let report {
+            if let report = s.report {
                 pairs.append(("dirty-rate", .double((report.rate / 1_048_576 * 10).rounded() / 10)))
                 pairs.append(("distinct-pages", .int(Int64(report.distinctPages))))
             }
-            pairs.append(("samples", .array(samples.map { .object([("pages", .int(Int64($0.pages))), ("duration-ms", .int(Int64($0.seconds * 1e3))),
+            pairs.append(("samples", .array(s.samples.map { .object([("pages", .int(Int64($0.pages))), ("duration-ms", .int(Int64($0.seconds * 1e3))),
                                                                     ("dirty-rate", .double(($0.rate / 1_048_576 * 10).rounded() / 10))]) })))
-            if let error { pairs.append(("error-desc", .string(error))) }
+            if let error = s.error { pairs.append(("error-desc", .string(error))) }
             return .object(pairs)
         }
     }

@@ -9,7 +9,7 @@ import Workload
 /// and the one-shot CLI's. It starts running a workload, or waits for an incoming migration; it can be
 /// paused, resumed, given another workload, migrated away (and, once away, reports it), and asked how a
 /// migration goes. Commands run one at a time; migrations run on threads of their own.
-public final class ManagedVM: CommandHandler, @unchecked Sendable {
+public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state under `lock`, events under `eventLock`
     /// QMP's run states, those a VM of ours passes through.
     public enum Status: String, Sendable {
         case running, paused

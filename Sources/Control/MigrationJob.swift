@@ -1,22 +1,25 @@
 import Foundation
 import Migration
+import Synchronization
 import VirtualMachine
 
 /// One outgoing or incoming migration as the control socket reports it (`query-migrate`): its
 /// status, the progress and pass history so far, and how it ended.
-final class MigrationJob: @unchecked Sendable {
+final class MigrationJob: Sendable {
     /// QMP's migration statuses.
     enum Status: String { case setup, active, postcopyActive = "postcopy-active", completed, failed, cancelled }
 
     let cancellation = Cancellation()
     let incoming: Bool
-    private let lock = NSLock()
-    private var _status = Status.setup
-    private var progress = MigrationProgress()
-    private var report: MigrationReport?
-    private var error: String?
+    private struct State {
+        var status = Status.setup
+        var progress = MigrationProgress()
+        var report: MigrationReport?
+        var error: String?
+        var finished: Date?
+    }
+    private let state = Mutex(State())
     private let started = Date()
-    private var finished: Date?
     private let totalBytes: UInt64
 
     init(incoming: Bool, totalBytes: UInt64) {
@@ -24,21 +27,21 @@ final class MigrationJob: @unchecked Sendable {
         self.totalBytes = totalBytes
     }
 
-    var status: Status { lock.withLock { _status } }
+    var status: Status { state.withLock { $0.status } }
     var isActive: Bool { [.setup, .active, .postcopyActive].contains(status) }
 
     /// Takes a progress report; returns the passes it completed since the last one.
     func update(_ p: MigrationProgress) -> (Status?, [PassRecord]) {
-        lock.withLock {
-            let newPasses = Array(p.passes.dropFirst(progress.passes.count))
-            progress = p
-            if _status == .setup && (p.phase != .setup || p.bytes > 0) {
-                _status = .active
+        state.withLock { s in
+            let newPasses = Array(p.passes.dropFirst(s.progress.passes.count))
+            s.progress = p
+            if s.status == .setup && (p.phase != .setup || p.bytes > 0) {
+                s.status = .active
                 return (.active, newPasses)
             }
             // The guest runs on the destination now, its pages following (QMP's postcopy-active).
-            if _status == .active && p.phase == .postcopy {
-                _status = .postcopyActive
+            if s.status == .active && p.phase == .postcopy {
+                s.status = .postcopyActive
                 return (.postcopyActive, newPasses)
             }
             return (nil, newPasses)
@@ -46,20 +49,22 @@ final class MigrationJob: @unchecked Sendable {
     }
 
     func finish(_ status: Status, report: MigrationReport? = nil, error: String? = nil) {
-        lock.withLock {
-            _status = status
-            self.report = report
-            self.error = error
-            finished = Date()
+        state.withLock { s in
+            s.status = status
+            s.report = report
+            s.error = error
+            s.finished = Date()
         }
     }
 
     /// query-migrate's answer.
     var json: JSON {
-        lock.withLock {
-            let end = finished ?? Date()
+        let s = state.withLock { $0 }
+        let (progress, report) = (s.progress, s.report)
+        do {
+            let end = s.finished ?? Date()
             var pairs: [(String, JSON)] = [
-                ("status", .string(_status.rawValue)),
+                ("status", .string(s.status.rawValue)),
                 ("incoming", .bool(incoming)),
                 ("total-time", .int(Int64(end.timeIntervalSince(started) * 1e3))),
             ]
@@ -81,12 +86,12 @@ final class MigrationJob: @unchecked Sendable {
             }
             pairs.append(("ram", .object([
                 ("transferred", .int(Int64(report?.bytesSent ?? progress.bytes))),
-                ("remaining", .int(Int64(_status == .completed ? 0 : progress.remainingBytes))),
+                ("remaining", .int(Int64(s.status == .completed ? 0 : progress.remainingBytes))),
                 ("total", .int(Int64(totalBytes))),
                 ("mbps", .double((bandwidth * 8 / 1e6 * 10).rounded() / 10)),
             ])))
             pairs.append(("passes", .array(passes.map(\.json))))
-            if let error { pairs.append(("error-desc", .string(error))) }
+            if let error = s.error { pairs.append(("error-desc", .string(error))) }
             return .object(pairs)
         }
     }

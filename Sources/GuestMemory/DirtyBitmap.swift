@@ -3,7 +3,7 @@ import Synchronization
 /// One bit per 4 KiB page of a memslot, in 64-bit words: bit i of word w is page 64w + i (the
 /// KVM_GET_DIRTY_LOG layout). Any thread marks pages with an atomic OR; a harvest swaps each word to
 /// zero, so a page marked concurrently with a harvest is reported by it or by the next one, never lost.
-public final class DirtyBitmap: @unchecked Sendable {
+public final class DirtyBitmap: @unchecked Sendable {   // words are atomics in raw memory
     public let pages: UInt64
     public let wordCount: Int
     @usableFromInline let words: UnsafeMutablePointer<Atomic<UInt64>>

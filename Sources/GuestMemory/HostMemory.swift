@@ -28,7 +28,7 @@ public enum Backing: String, Sendable, CaseIterable, CustomStringConvertible {
 }
 
 /// One contiguous host mapping backing guest memory. Unmapped (and its memfd closed) on deinit.
-public final class HostMemory: @unchecked Sendable {
+public final class HostMemory: @unchecked Sendable {   // immutable mapping; guest memory is shared by design
     public let base: HVA
     public let size: UInt64
     public let backing: Backing

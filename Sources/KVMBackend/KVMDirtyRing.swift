@@ -6,7 +6,7 @@ import Synchronization
 /// One vCPU's KVM dirty ring (KVM_CAP_DIRTY_LOG_RING), mmap'd from the vCPU fd. KVM writes entries and
 /// marks them dirty; we harvest in order and mark each reset; KVM_RESET_DIRTY_RINGS then re-protects
 /// the pages and reuses the entries.
-public final class KVMDirtyRing: @unchecked Sendable {
+public final class KVMDirtyRing: @unchecked Sendable {   // the ring is shared with the kernel; harvests serialized by the VM's ring lock
     /// kvm_dirty_gfn flags (the ABI's bit 0 and bit 1).
     static let flagDirty: UInt32 = 1
     static let flagReset: UInt32 = 2

@@ -2,7 +2,7 @@ import CVMMSys
 import Glibc
 
 /// An open /dev/kvm: API version and capability checks, and the factory for VMs.
-public final class KVMSystem: @unchecked Sendable {
+public final class KVMSystem: Sendable {
     public let fd: Int32
     public let vcpuMmapSize: Int
 

@@ -27,7 +27,7 @@ public enum KVMExit: Equatable, Sendable, CustomStringConvertible {
 }
 
 /// One KVM vCPU with its mmap'd kvm_run.
-public final class KVMVCPU: @unchecked Sendable {
+public final class KVMVCPU: @unchecked Sendable {   // KVM_RUN on its own thread; kicks are signals; kvm_run is shared with the kernel
     public let vm: KVMVM
     public let id: Int32
     public let fd: Int32

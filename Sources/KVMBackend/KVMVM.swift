@@ -8,7 +8,7 @@ import GuestMemory
 /// The slot map is read by the VMM's writes and dirty-log calls and changed by slot and logging
 /// changes, from any thread: one lock guards it, held across each KVM_SET_USER_MEMORY_REGION so the
 /// map and KVM's own never disagree, and across each VMM write so a slot cannot change under it.
-public final class KVMVM: @unchecked Sendable {
+public final class KVMVM: @unchecked Sendable {   // slot table under its lock; the kernel serializes the ioctls
     public let system: KVMSystem
     public let fd: Int32
 

@@ -175,7 +175,7 @@ extension KVMVCPU {
 }
 
 /// Kicks a vCPU thread out of KVM_RUN once a deadline passes, unless cancelled first.
-final class Watchdog: @unchecked Sendable {
+final class Watchdog: @unchecked Sendable {   // `cancelled` under `cond`
     private let cond = NSCondition()
     private var cancelled = false
 

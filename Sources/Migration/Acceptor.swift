@@ -6,7 +6,7 @@ import Synchronization
 /// of its own, opens each (Handshake) on a thread of its own, hands the first source's main
 /// connection and then that migration's further channels to the receiver, and refuses everything
 /// else ("busy", or the handshake's reason), so a second source never disturbs the first.
-final class Acceptor: @unchecked Sendable {
+final class Acceptor: @unchecked Sendable {   // its state under `condition`
     private let listener: Listener
     private let key: MigrationKey?
     private let timeout: Double

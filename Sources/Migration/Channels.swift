@@ -7,7 +7,7 @@ import Synchronization
 /// bitmap at a time (a channel takes the next block no channel took), and each channel then closes
 /// the pass with a SYNC. The first connection is sent on by the calling thread, the others by a thread
 /// each; a failure on any shuts all of them down, so no thread stays blocked.
-final class ChannelSenders: @unchecked Sendable {
+final class ChannelSenders: @unchecked Sendable {   // each sender owns its connection; shared counters are atomic
     let connections: [Connection]
     private let senders: [PageSender]
     private let pagesDone = Atomic<UInt64>(0)

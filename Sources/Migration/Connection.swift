@@ -7,7 +7,7 @@ import Synchronization
 /// receive finishes within `timeout` seconds of its start or fails, however the peer trickles its
 /// bytes; `cancel()` and `interrupt()` stop one from any thread within a tenth of a second, without
 /// closing the socket, so the side can still tell its peer why.
-public final class Connection: @unchecked Sendable {
+public final class Connection: @unchecked Sendable {   // one reader and one writer at a time, by the protocol; cancel is atomic
     let fd: Int32
     /// A regular file (a snapshot) rather than a socket.
     let isFile: Bool
@@ -350,7 +350,7 @@ public final class Connection: @unchecked Sendable {
 
 
 /// A listening socket, TCP or Unix.
-public final class Listener: @unchecked Sendable {
+public final class Listener: Sendable {
     let fd: Int32
     /// What it listens on (with the port a port 0 picked).
     public let address: MigrationAddress
@@ -420,35 +420,31 @@ public final class Listener: @unchecked Sendable {
 
 /// Cancels a migration from any thread (Ctrl-C): every connection it watches is cancelled, and so
 /// is any it watches later. The side rolls back and tells its peer.
-public final class Cancellation: @unchecked Sendable {
-    private let lock = NSLock()
-    private var connections: [Connection] = []
-    private var cancelled = false
+public final class Cancellation: Sendable {
+    private let state = Mutex<(connections: [Connection], cancelled: Bool)>(([], false))
 
     public init() {}
 
-    public var isCancelled: Bool { lock.lock(); defer { lock.unlock() }; return cancelled }
+    public var isCancelled: Bool { state.withLock { $0.cancelled } }
 
     public func cancel() {
-        lock.lock()
-        cancelled = true
-        let all = connections
-        lock.unlock()
+        let all = state.withLock { s in
+            s.cancelled = true
+            return s.connections
+        }
         for c in all { c.cancel() }
     }
 
     public func watch(_ c: Connection) {
-        lock.lock()
-        connections.append(c)
-        let now = cancelled
-        lock.unlock()
+        let now = state.withLock { s in
+            s.connections.append(c)
+            return s.cancelled
+        }
         if now { c.cancel() }
     }
 
     /// Lets go of the connections it watches (a finished migration's sockets then close).
     public func forget() {
-        lock.lock()
-        connections = []
-        lock.unlock()
+        state.withLock { $0.connections = [] }
     }
 }

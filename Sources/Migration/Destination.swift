@@ -1,6 +1,7 @@
 import Foundation
 import GuestMemory
 import DirtyLog
+import Synchronization
 import VirtualMachine
 
 /// How the destination receives.
@@ -34,6 +35,37 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
     let acceptor = Acceptor(listener: listener, key: options.key, timeout: options.timeout, onRefusal: { why in out.report(event: why) })
     defer { acceptor.stop() }
     let (connection, opening) = try acceptor.waitForMain(seconds: options.acceptTimeout, cancellation: cancellation)
+    return try receive(connection, opening, options: options, cancellation: cancellation, out: out) { token, count in
+        try acceptor.waitForChannels(token: token, count: count, cancellation: cancellation)
+    }
+}
+
+/// The destination side over one connection the caller already holds (a socket pair, a socket
+/// handed over by a management process: QEMU's `fd:` migration), as `receive(on:)` does otherwise.
+/// One connection carries one channel: a source that asks for more (or for post-copy) is refused.
+public func receive(over connection: Connection, options: ReceiveOptions = ReceiveOptions(), cancellation: Cancellation? = nil,
+                    progress: ((MigrationProgress) -> Void)? = nil) throws -> any VirtualMachine {
+    let opening = try Handshake.readOpening(connection)
+    switch opening {
+    case .legacy:
+        guard options.key == nil else {
+            throw MigrationError(.version, "a version 2 source connected; this destination has a key, and version 2 streams are neither encrypted nor authenticated")
+        }
+    case let .open(open):
+        guard !open.further else { throw MigrationError.badStream("a further channel where the stream's first connection belongs") }
+        try Handshake.accept(connection, open: open, key: options.key)
+    }
+    return try receive(connection, opening, options: options, cancellation: cancellation, out: ProgressReporter(progress)) { _, count in
+        guard count == 1 else {
+            throw MigrationError(.badOption, "the source asks for \(count) connections; a migration over one connection has one: migrate with one channel and without post-copy")
+        }
+        return []
+    }
+}
+
+/// The stream after its opening: `further` brings the source's other channels.
+private func receive(_ connection: Connection, _ opening: Handshake.Opening, options: ReceiveOptions, cancellation: Cancellation?,
+                     out: ProgressReporter, further: (UInt64, Int) throws -> [Connection]) throws -> any VirtualMachine {
     cancellation?.watch(connection)
     let start = monotonicNanos()
     var channels: [Connection] = []
@@ -60,7 +92,7 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
             guest = try GuestDescription.decode(first.payload, version: open.version, context: "")
             count = Int(first.count)
             guard (1...Connection.maxChannels).contains(count) else { throw MigrationError.badStream("\(count) channels") }
-            channels = try acceptor.waitForChannels(token: first.firstPage, count: count, cancellation: cancellation)
+            channels = try further(first.firstPage, count)
             for c in channels { cancellation?.watch(c) }
             if first.postcopyChannel {
                 guard count >= 2, open.version >= 6 else { throw MigrationError.badStream("a post-copy channel among \(count) channel(s), version \(open.version)") }
@@ -81,20 +113,21 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
         let local = version >= 5 ? PageDigest(pages: vm.pages) : nil
         let written = DirtyBitmap(pages: vm.pages)
         let pageChannels = urgent == nil ? channels : Array(channels.dropLast())
+        let postcopy = urgent != nil
         let barrier = PassBarrier(parties: pageChannels.count + 1, timeout: options.timeout)
         // A failure on a further channel releases the barrier and stops every connection, so the main
         // channel stops at once and reports it.
         let all = [connection] + channels
         readers = pageChannels.map { c in
             ChannelReader(onFailure: { barrier.fail(); for c in all { c.interrupt() } }) {
-                try applyRecords(from: c, into: vm, guest: guest, written: written, digest: local, barrier: barrier, main: false,
-                                 postcopy: urgent != nil)
+                _ = try applyRecords(from: c, into: vm, guest: guest, written: written, digest: local, barrier: barrier, main: false,
+                                 postcopy: postcopy)
             }
         }
         let ending: StreamEnd
         do {
             ending = try applyRecords(from: connection, into: vm, guest: guest, written: written, digest: local, barrier: barrier,
-                                      postcopy: urgent != nil) {
+                                      postcopy: postcopy) {
                 tell(.receiving, force: false)
             }!
         } catch {
@@ -157,24 +190,27 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
 }
 
 /// A further channel's records, applied on a thread of their own.
-final class ChannelReader: @unchecked Sendable {
-    private(set) var failure: Error?
+final class ChannelReader: Sendable {
+    private let failed = Mutex<Error?>(nil)
     private let done = DispatchSemaphore(value: 0)
-    private var joined = false
+    private let joined = Atomic<Bool>(false)
 
-    init(onFailure: @escaping () -> Void, _ body: @escaping () throws -> Any?) {
+    init(onFailure: @escaping @Sendable () -> Void, _ body: @escaping @Sendable () throws -> Void) {
         Thread { [self] in
-            do { _ = try body() } catch {
-                failure = error
+            do { try body() } catch {
+                failed.withLock { $0 = error }
                 onFailure()
             }
             done.signal()
         }.start()
     }
 
+    /// The thread's error, once it ended with one.
+    var failure: Error? { failed.withLock { $0 } }
+
     /// Waits for the thread (once).
     func join() {
-        if !joined { done.wait(); joined = true }
+        if !joined.exchange(true, ordering: .acquiringAndReleasing) { done.wait() }
     }
 }
 

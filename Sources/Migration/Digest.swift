@@ -66,7 +66,7 @@ func avalanche(_ x: UInt64) -> UInt64 {
 /// applied (0 for zeros), and the sums. Threads may update it at once for different pages (each
 /// keeps its own sums and hands them in with `add`), as the channels of one pass do: a pass names a
 /// page once, and passes are separated by the SYNC barrier.
-final class PageDigest: @unchecked Sendable {
+final class PageDigest: @unchecked Sendable {   // each page hash is written by the one channel that placed it; the total under `lock`
     let pages: UInt64
     private let hashes: UnsafeMutablePointer<UInt64>
     private let lock = NSLock()
@@ -103,7 +103,8 @@ final class PageDigest: @unchecked Sendable {
 /// files carried no running digest, or a test, checks against.
 public func memoryDigest(_ ram: GuestRAM) -> [UInt8] {
     let blocks = Int((ram.pages + 4095) / 4096)
-    let parts = UnsafeMutablePointer<DigestSums>.allocate(capacity: max(1, blocks))
+    // Each iteration writes its own element.
+    nonisolated(unsafe) let parts = UnsafeMutablePointer<DigestSums>.allocate(capacity: max(1, blocks))
     defer { parts.deallocate() }
     DispatchQueue.concurrentPerform(iterations: blocks) { b in
         var sums = DigestSums()
@@ -118,7 +119,8 @@ public func memoryDigest(_ ram: GuestRAM) -> [UInt8] {
     return total.bytes
 }
 
-private let zeroPage = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096).initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+// Written once, then only read.
+nonisolated(unsafe) private let zeroPage = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096).initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
 
 /// Whether a 4 KiB page holds only zeros.
 @inline(__always)
@@ -139,9 +141,11 @@ public func chunkDigest(_ ram: GuestRAM) -> [UInt8] {
             offset += chunkDigestSize
         }
     }
-    let lanes = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, chunks.count * 4))
+    // Each iteration reads its own chunk and writes its own lanes.
+    nonisolated(unsafe) let lanes = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, chunks.count * 4))
     defer { lanes.deallocate() }
     chunks.withUnsafeBufferPointer { chunks in
+        nonisolated(unsafe) let chunks = chunks
         DispatchQueue.concurrentPerform(iterations: chunks.count) { i in
             var h = RecordChecksum()
             h.update(UnsafeRawBufferPointer(start: chunks[i].0, count: chunks[i].1))

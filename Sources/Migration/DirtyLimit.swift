@@ -12,7 +12,7 @@ import VirtualMachine
 /// each limited vCPU's throttle so its rate heads for 80% of its limit. A vCPU under its limit
 /// gets its time back the same way. Rates are smoothed over periods (half the last, half the
 /// rest): a throttled KVM vCPU runs and sleeps in bursts longer than a period's slice of time.
-public final class DirtyLimiter: @unchecked Sendable {
+public final class DirtyLimiter: @unchecked Sendable {   // its per-vCPU state under its lock; one thread adjusts throttles
     /// One vCPU as the limiter sees it.
     public struct VCPU: Sendable {
         public var index: Int

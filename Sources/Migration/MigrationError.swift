@@ -94,7 +94,7 @@ public struct MigrationError: Error, Equatable, CustomStringConvertible {
 /// The guest is paused here and was not resumed; it may run on the other side, or on neither. The
 /// operator decides: if the other side does not run it, resume it here (`resume()` on the VM, the
 /// control socket's `cont`); otherwise discard it.
-public struct SwitchoverInDoubt: Error, CustomStringConvertible, @unchecked Sendable {
+public struct SwitchoverInDoubt: Error, CustomStringConvertible, Sendable {
     public let side: MigrationError.Side
     /// What broke.
     public let why: String

@@ -3,7 +3,7 @@ import Foundation
 import Glibc
 
 /// A pre-shared key for migration: both ends hold the same one (`vmm key generate` makes it).
-public struct MigrationKey: @unchecked Sendable {
+public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendable) is immutable once made
     let key: SymmetricKey
     public static let minimumBytes = 16
 

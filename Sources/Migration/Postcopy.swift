@@ -340,10 +340,9 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         // A failing thread records why first (the main reader's failure is then its consequence).
         let faulter = ChannelReader(onFailure: {}) { [self] in
             do { try serveFaults() } catch { fail(error); throw error }
-            return nil
         }
         let reader = ChannelReader(onFailure: {}) { [self] in
-            do { return try readPages(from: urgent, main: false) } catch { fail(error); throw error }
+            do { _ = try readPages(from: urgent, main: false) } catch { fail(error); throw error }
         }
         defer {
             condition.lock(); finished = true; condition.unlock()

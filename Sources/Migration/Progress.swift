@@ -82,7 +82,7 @@ public struct PassRecord: Sendable, Equatable {
 
 /// Hands progress to a caller's callback: at once for an event or a change of phase, otherwise at
 /// most ten times a second. `status` is the report being built up.
-final class ProgressReporter: @unchecked Sendable {
+final class ProgressReporter: @unchecked Sendable {   // `status` and `last` under `lock`; the callback under `callbackLock`
     private var status = MigrationProgress()
     private let callback: ((MigrationProgress) -> Void)?
     private var last: UInt64 = 0

@@ -8,7 +8,7 @@ import Glibc
 /// veth pair; with a round trip or a loss, which need tc's netem and this host's kernel lacks, it is a
 /// TUN device in each namespace with a DelayLine between them. The process makes and removes
 /// everything itself (it must be root) and uses only addresses inside its own namespaces.
-public final class ShapedLink: @unchecked Sendable {
+public final class ShapedLink: @unchecked Sendable {   // made and removed by one owner; `within` touches only the calling thread
     /// A link's shape: a rate as tc writes it (`100mbit`, `1gbit`, `10gbit`), and optionally a round
     /// trip and a loss (`1gbit,20ms,0.1%`).
     public struct Shape: Sendable, CustomStringConvertible {

@@ -1,6 +1,7 @@
 import Foundation
 import GuestMemory
 import DirtyLog
+import Synchronization
 import VirtualMachine
 
 /// What a migration does when pre-copy reaches its pass limit with the pause still over the downtime limit.
@@ -51,22 +52,19 @@ public struct MigrationOptions: Sendable {
 
 /// The parameters a running migration takes from its controller at every pass (QMP's
 /// migrate-set-parameters).
-public final class MigrationTuning: @unchecked Sendable {
-    private let lock = NSLock()
-    private var limit: Double
-    private var bandwidth: Double?
+public final class MigrationTuning: Sendable {
+    private let values: Mutex<(limit: Double, bandwidth: Double?)>
     public init(downtimeLimit: Double, maxBandwidth: Double?) {
-        limit = downtimeLimit
-        bandwidth = maxBandwidth
+        values = Mutex((downtimeLimit, maxBandwidth))
     }
     public var downtimeLimit: Double {
-        get { lock.withLock { limit } }
-        set { lock.withLock { limit = newValue } }
+        get { values.withLock { $0.limit } }
+        set { values.withLock { $0.limit = newValue } }
     }
     /// Bytes per second over all channels; nil: unlimited.
     public var maxBandwidth: Double? {
-        get { lock.withLock { bandwidth } }
-        set { lock.withLock { bandwidth = newValue } }
+        get { values.withLock { $0.bandwidth } }
+        set { values.withLock { $0.bandwidth = newValue } }
     }
 }
 
@@ -391,15 +389,13 @@ public func migrateOverLoopback(_ vm: any VirtualMachine, link: ShapedLink? = ni
                                 progress: ((MigrationProgress) -> Void)? = nil) throws -> (MigrationReport, any VirtualMachine) {
     let listener = try link.map { l in try l.within(.destination) { try Listener(.tcp(host: l.destinationHost, port: 0)) } }
         ?? Listener(.tcp(host: "127.0.0.1", port: 0))
-    final class Box: @unchecked Sendable {
-        var result: Result<any VirtualMachine, Error>?
-        let done = DispatchSemaphore(value: 0)
-    }
-    let box = Box()
+    let received = Mutex<Result<any VirtualMachine, Error>?>(nil)
+    let done = DispatchSemaphore(value: 0)
     let receiving = ReceiveOptions(key: options.key, timeout: options.timeout, acceptTimeout: options.timeout)
     Thread {
-        box.result = Result { try receive(on: listener, options: receiving) }
-        box.done.signal()
+        let r = Result<any VirtualMachine, Error> { try receive(on: listener, options: receiving) }
+        received.withLock { $0 = r }
+        done.signal()
     }.start()
     let report: MigrationReport
     do {
@@ -407,9 +403,9 @@ public func migrateOverLoopback(_ vm: any VirtualMachine, link: ShapedLink? = ni
         let (main, more) = try link.map { try $0.within(.source, connect) } ?? connect()
         report = try migrate(vm, over: main, more: more, options: options, progress: progress)
     } catch {
-        box.done.wait()
+        done.wait()
         throw error
     }
-    box.done.wait()
-    return (report, try box.result!.get())
+    done.wait()
+    return (report, try received.withLock { $0 }!.get())
 }

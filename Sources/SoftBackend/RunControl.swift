@@ -4,7 +4,7 @@ import Synchronization
 
 /// Start, pause, resume and stop for a set of vCPU threads. vCPUs poll the flags at safe points
 /// (every batch of accesses) and park outside guest mode while paused.
-public final class RunControl: @unchecked Sendable {
+public final class RunControl: @unchecked Sendable {   // counters under `cond`; flags atomic
     private let pause = Atomic<Bool>(false)
     private let stop = Atomic<Bool>(false)
     private let cond = NSCondition()

@@ -36,7 +36,7 @@ public typealias ExitHandler = @Sendable (VCPUExit) -> UInt64
 
 /// A software vCPU: every guest load and store goes TLB -> hardware walk -> stage-2 fault, and lands
 /// in real host memory. Its methods run on the vCPU's own thread, between `enterGuest` and `exitGuest`.
-public final class SoftVCPU: @unchecked Sendable {
+public final class SoftVCPU: @unchecked Sendable {   // its methods run on the vCPU's own thread; others reach it only through the TLB mailbox
     public let index: Int
     public let mmu: Stage2MMU
     public let tlb = SoftTLB()
@@ -44,12 +44,13 @@ public final class SoftVCPU: @unchecked Sendable {
     public let ring: DirtyRing
     /// For a nested guest's vCPU: the shadow MMU it translates through (L2 GPAs), instead of L0's.
     public let nested: ShadowMMU?
-    public var cache: TableCache
-    public var stats = VCPUStats()
+    // Both only on the vCPU's thread (and read once it stopped): no exclusivity check per access.
+    @exclusivity(unchecked) public var cache: TableCache
+    @exclusivity(unchecked) public var stats = VCPUStats()
     /// Handles exits; by default reads from unclaimed addresses return all ones and writes are dropped.
-    public var exitHandler: ExitHandler = { _ in ~0 }
+    @exclusivity(unchecked) public var exitHandler: ExitHandler = { _ in ~0 }
     /// The last exit taken, for tests and reports.
-    public private(set) var lastExit: VCPUExit?
+    @exclusivity(unchecked) public private(set) var lastExit: VCPUExit?
     /// The run's control while `run` is going: a fault that keeps retrying parks or gives up through it.
     private var control: RunControl?
 
@@ -246,7 +247,7 @@ public final class SoftVCPU: @unchecked Sendable {
         return t.entry.compareExchange(t.leaf, t.leaf.setting(Descriptor.write | Descriptor.accessFlag))
     }
 
-    @usableFromInline var pendingExit: VCPUExit?
+    @exclusivity(unchecked) @usableFromInline var pendingExit: VCPUExit?
 
     /// Leaves guest mode to let the VMM handle the access, then returns what a read sees.
     @usableFromInline @inline(never)

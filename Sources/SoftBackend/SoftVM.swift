@@ -23,7 +23,7 @@ public enum SoftVMError: Error, CustomStringConvertible {
 }
 
 /// A VM on the soft backend: guest memory in memslots, our stage-2 MMU, and software vCPU threads.
-public final class SoftVM: @unchecked Sendable {
+public final class SoftVM: @unchecked Sendable {   // control under `controlLock`; the MMU synchronizes itself
     public let mmu: Stage2MMU
     public let vcpus: [SoftVCPU]
     // Read by other threads (a dirty limiter's throttles, run state) while start and stop change it.

@@ -4,7 +4,7 @@ import Glibc
 /// every thread has exited and released what its closure held (a Foundation Thread can outlive the
 /// point where its work signals completion, keeping a whole VM's memory mapped a moment longer).
 public func runOnThreads(_ count: Int, stackSize: Int = 1 << 20, _ body: @escaping @Sendable (Int) -> Void) {
-    final class Box: @unchecked Sendable {
+    final class Box: Sendable {
         let body: @Sendable (Int) -> Void
         let index: Int
         init(_ body: @escaping @Sendable (Int) -> Void, _ index: Int) { self.body = body; self.index = index }

@@ -145,7 +145,7 @@ public struct ChangeHook {
 /// Tables unlinked from the tree but perhaps still being read by a walker. They are freed only under
 /// the MMU write lock (no host walker inside) after a TLB shootdown (no vCPU mid-walk): an RCU grace
 /// period whose quiescent states are the vCPUs' safe points.
-public final class RetireList: @unchecked Sendable {
+public final class RetireList: Sendable {
     private let tables = Mutex<[(DescriptorTable, Int)]>([])
     public init() {}
     public func add(_ t: DescriptorTable, level: Int) { tables.withLock { $0.append((t, level)) } }

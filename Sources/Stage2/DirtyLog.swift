@@ -4,7 +4,7 @@ import GuestMemory
 import Synchronization
 
 /// The dirty state of one logging memslot.
-public final class SlotDirtyLog: @unchecked Sendable {
+public final class SlotDirtyLog: @unchecked Sendable {   // `slot` changes only under the MMU lock held exclusively
     /// The slot as it is now (a move changes its range). Guarded by the MMU lock.
     public internal(set) var slot: Memslot
     public let config: DirtyLogConfig
@@ -46,7 +46,7 @@ public struct DirtyRingEntry: Hashable, Sendable {
 ///
 /// One producer (the vCPU, lock-free: it writes the entry, then publishes the index with release
 /// ordering) and consumers serialized by a lock, as KVM's ring shared with user space.
-public final class DirtyRing: @unchecked Sendable {
+public final class DirtyRing: @unchecked Sendable {   // single producer (its vCPU), single consumer (harvest); indices atomic
     public let capacity: Int
     /// The ring may overrun `capacity` by one block's pages: the full check comes before a write is
     /// allowed, the push after it (KVM's soft limit below the hard size).

@@ -3,11 +3,13 @@ import Glibc
 /// The MMU lock (KVM's mmu_lock as a reader-writer lock): faults and shared walks take it for
 /// reading, operations that free structure or change the memslot map take it for writing.
 /// Writers are preferred so a stream of faults cannot starve an unmap.
-public final class MMULock: @unchecked Sendable {
+public final class MMULock: @unchecked Sendable {   // a pthread rwlock: synchronization itself
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
     public init() {
-        lock = .allocate(capacity: 1)
+        // A cache line of its own: faults on every vCPU hit it, and nothing else should share its line.
+        lock = UnsafeMutableRawPointer.allocate(byteCount: max(64, MemoryLayout<pthread_rwlock_t>.size), alignment: 64)
+            .bindMemory(to: pthread_rwlock_t.self, capacity: 1)
         var attr = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attr)
         pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))

@@ -24,7 +24,7 @@ public struct TLBEntry {
 /// Other threads never write the entries. They post a flush request (a range) into the mailbox and
 /// wait for the vCPU to acknowledge it at its next safe point, or find it outside guest mode, in which
 /// case it will apply the flush before it next enters: the shootdown-by-IPI protocol of a real host.
-public final class SoftTLB: @unchecked Sendable {
+public final class SoftTLB: @unchecked Sendable {   // entries are the owner vCPU's; other threads only post flushes through the mailbox atomics
     public static let entryCount = 4096
     @usableFromInline let entries: UnsafeMutablePointer<TLBEntry>
     @usableFromInline static let mask = UInt64(entryCount - 1)
@@ -34,7 +34,7 @@ public final class SoftTLB: @unchecked Sendable {
 
     // Mailbox.
     @usableFromInline let requestSeq = Atomic<UInt64>(0)
-    @usableFromInline var seenSeq: UInt64 = 0
+    @exclusivity(unchecked) @usableFromInline var seenSeq: UInt64 = 0
     let ackSeq = Atomic<UInt64>(0)
     let inGuest = Atomic<Bool>(false)
     private let pending = Mutex<(lo: UInt64, hi: UInt64)>((.max, 0))
@@ -44,14 +44,14 @@ public final class SoftTLB: @unchecked Sendable {
     /// the slot bitmaps when full, at every acknowledged shootdown and when leaving guest mode, so a
     /// harvest that first shoots down every TLB sees them all.
     @usableFromInline let dirtyBuffer: UnsafeMutablePointer<UInt64>
-    @usableFromInline var dirtyCount = 0
+    @exclusivity(unchecked) @usableFromInline var dirtyCount = 0
     @usableFromInline static let dirtyBufferCapacity = 512
     /// Paging-structure cache: the last-level table behind the 2 MiB region walked last (as MMUs
     /// cache upper-level entries), so a TLB miss in that region reads one descriptor instead of
     /// descending four levels. Dropped at every flush: a table is unlinked only together with a
     /// shootdown, and freed only after every vCPU has acknowledged it.
-    @usableFromInline var walkRegion: UInt64 = 0     // (gpa >> 21) + 1; 0: empty
-    @usableFromInline var walkTable = UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: 8)!
+    @exclusivity(unchecked) @usableFromInline var walkRegion: UInt64 = 0     // (gpa >> 21) + 1; 0: empty
+    @exclusivity(unchecked) @usableFromInline var walkTable = UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: 8)!
 
     /// The leaf for `gpa` from the cached last-level table, if the region matches and it is valid.
     @inlinable @inline(__always)
@@ -229,7 +229,7 @@ public final class SoftTLB: @unchecked Sendable {
 }
 
 /// The vCPU TLBs that may cache translations of one stage-2 table, and the shootdown across them.
-public final class TLBDomain: @unchecked Sendable {
+public final class TLBDomain: @unchecked Sendable {   // members under a Mutex; counters atomic
     private let members = Mutex<[SoftTLB]>([])
     private let shootdownCount = Atomic<UInt64>(0)
     private let shootdownWaitNanos = Atomic<UInt64>(0)
@@ -317,7 +317,7 @@ public final class TLBDomain: @unchecked Sendable {
 /// slot's range and bitmap, immutable. The MMU replaces it whenever those slots change
 /// (read-copy-update): a vCPU reads it only while in guest mode, and the MMU releases the old one only
 /// after a shootdown every vCPU in guest mode has acknowledged.
-final class DirtyTargets: @unchecked Sendable {
+final class DirtyTargets: @unchecked Sendable {   // immutable after init; the words it points to are atomics
     let starts: UnsafeMutablePointer<UInt64>
     let ends: UnsafeMutablePointer<UInt64>
     /// The bitmaps' words, raw: publishing touches no reference count.

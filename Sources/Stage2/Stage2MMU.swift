@@ -55,7 +55,7 @@ public enum FaultOutcome: Equatable, Sendable, CustomStringConvertible {
 
 /// The stage-2 MMU of one VM: the memslot map, the guest-physical -> host table, the TLBs that cache
 /// it, and the MMU-notifier state. Every operation on the table is a visitor on the one walker.
-public final class Stage2MMU: @unchecked Sendable {
+public final class Stage2MMU: @unchecked Sendable {   // lock-guarded state (`lock`, `nestedLock`); descriptors are atomics
     public let ipaBits: Int
     public let startLevel: Int
     public let root: DescriptorTable
@@ -66,13 +66,14 @@ public final class Stage2MMU: @unchecked Sendable {
     /// A fresh hook for one walk's changes; `commit` acts on what it gathered.
     public var changeHook: ChangeHook { ChangeHook(tlbs: tlbs, retired: retired, logs: self) }
 
-    /// Guarded by `lock`: read under shared, written under exclusive.
-    var slotTable: MemslotTable
+    /// Guarded by `lock`: read under shared, written under exclusive. The lock-guarded state below is
+    /// exempt from Swift's per-access exclusivity check: the lock is the check, and faults read it.
+    @exclusivity(unchecked) var slotTable: MemslotTable
     /// The VMM's own writes into logging slots (`writeGuest`), kept apart from what the guest's faults
     /// record and merged into every get: the same log the KVM backend keeps.
     public let vmmWrites = VMMWriteLog()
     /// Logging slots, by id. Guarded by `lock`.
-    var dirtyLogs: [Int: SlotDirtyLog] = [:] { didSet { refreshDirtyTargets() } }
+    @exclusivity(unchecked) var dirtyLogs: [Int: SlotDirtyLog] = [:] { didSet { refreshDirtyTargets() } }
     /// Every vCPU's dirty ring.
     let rings = Mutex<[DirtyRing]>([])
     /// Nested guests and the rmaps of the L1 frames their shadow leaves map. `nestedLock` serializes
@@ -83,11 +84,11 @@ public final class Stage2MMU: @unchecked Sendable {
     let hasNested = Atomic<Bool>(false)
     // MMU-notifier state: the sequence is read before a fault takes the lock and re-checked under it.
     private let invalidateSeq = Atomic<UInt64>(0)
-    private var invalidatesInProgress = 0
-    private var invalidateRange = HVARange(start: HVA(.max), end: HVA(0))
+    @exclusivity(unchecked) private var invalidatesInProgress = 0
+    @exclusivity(unchecked) private var invalidateRange = HVARange(start: HVA(.max), end: HVA(0))
 
     /// Test hook run by the fault path between reading the invalidation sequence and taking the lock.
-    public var faultWindowHook: (@Sendable () -> Void)?
+    @exclusivity(unchecked) public var faultWindowHook: (@Sendable () -> Void)?
     /// Test hook run by long walks between chunks, with the lock released.
     public var chunkBoundaryHook: (@Sendable () -> Void)?
 

@@ -4,7 +4,7 @@ import Synchronization
 
 /// A 4 KiB stage-2 table: 512 descriptors, each updated atomically in place.
 @frozen
-public struct DescriptorTable: Hashable, @unchecked Sendable {
+public struct DescriptorTable: Hashable, @unchecked Sendable {   // points at atomics: every access to a descriptor is atomic
     public static let entries = 512
     public static let bytes = 4096
 
@@ -32,7 +32,7 @@ public struct DescriptorTable: Hashable, @unchecked Sendable {
 
 /// The address of one descriptor. Every update is atomic; shared walks only ever compare-and-swap.
 @frozen
-public struct DescriptorPointer: @unchecked Sendable {
+public struct DescriptorPointer: @unchecked Sendable {   // points at an atomic descriptor
     public let base: UnsafeMutablePointer<Atomic<UInt64>>
     @inlinable @inline(__always) public init(_ p: UnsafeMutablePointer<Atomic<UInt64>>) { base = p }
 
@@ -59,7 +59,7 @@ public struct DescriptorPointer: @unchecked Sendable {
 
 /// Process-wide pool of zeroed 4 KiB table pages, carved from 2 MiB mmap chunks.
 /// Freed tables are zeroed by the freeing thread, so allocation is a pop.
-public final class TableAllocator: @unchecked Sendable {
+public final class TableAllocator: Sendable {
     private struct Pool {
         var free: [UnsafeMutableRawPointer] = []
         var chunks: [UnsafeMutableRawPointer] = []
@@ -80,11 +80,13 @@ public final class TableAllocator: @unchecked Sendable {
 
     /// Hands out `count` zeroed tables.
     public func allocate(_ count: Int, into out: inout [UnsafeMutableRawPointer]) {
-        pool.withLock { p in
+        // Taken as addresses: what leaves the lock must be Sendable. Rare (a table per 512 faults).
+        let taken = pool.withLock { p in
             while p.free.count < count { Self.grow(&p) }
-            out.append(contentsOf: p.free.suffix(count))
-            p.free.removeLast(count)
+            defer { p.free.removeLast(count) }
+            return p.free.suffix(count).map { UInt(bitPattern: $0) }
         }
+        out.append(contentsOf: taken.lazy.map { UnsafeMutableRawPointer(bitPattern: $0)! })
         inUse.add(count, ordering: .relaxed)
     }
 

@@ -4,12 +4,13 @@ import GuestMemory
 import KVMBackend
 import SoftBackend
 import Stage2
+import Synchronization
 import Workload
 
 /// The KVM backend behind the VirtualMachine interface. Dirty logging: `wp` is KVM's dirty bitmap
 /// (with manual protect if asked), `ring` is KVM's dirty ring; the soft MMU's other strategies have
 /// no KVM counterpart.
-final class KVMMachine: VirtualMachine {
+final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state under changeLock / ringLock / the runner's
     let system: KVMSystem
     let vm: KVMVM
     let ram: GuestRAM
@@ -351,29 +352,29 @@ final class KVMMachine: VirtualMachine {
 /// The vCPU threads of a background run: each runs the guest program in chunks of accesses (continuing
 /// one stream), paces it to the spec's rate and the auto-converge throttle at its progress exits, and
 /// parks when paused. Pause and stop kick the threads out of KVM_RUN.
-final class KVMRunner: @unchecked Sendable {
+final class KVMRunner: Sendable {
     let control: RunControl
     let results: RunResults
-    private let lock = NSLock()
-    private var threads: [pthread_t?]
+    /// Each vCPU's thread while it runs, for kicks.
+    private let threads: Mutex<[pthread_t?]>
     private let vcpus: [KVMVCPU]
 
     init(vcpus: [KVMVCPU], ram: GuestRAM, spec: WorkloadSpec, restored: Bool, paused: Bool,
-         onRingFull: @escaping () throws(KVMError) -> Void) {
+         onRingFull: @escaping @Sendable () throws(KVMError) -> Void) {
         self.vcpus = vcpus
         control = RunControl(vcpus: vcpus.count, paused: paused)
         results = RunResults(count: vcpus.count)
-        threads = Array(repeating: nil, count: vcpus.count)
+        threads = Mutex(Array(repeating: nil, count: vcpus.count))
         for i in vcpus.indices {
             let t = Thread { [self] in
                 KVMVCPU.allowKicksOnThisThread()
-                lock.lock(); threads[i] = pthread_self(); lock.unlock()
+                threads.withLock { $0[i] = pthread_self() }
                 do throws(KVMError) {
                     results.set(i, .success(try runVCPU(i, ram: ram, spec: spec, restored: restored, onRingFull: onRingFull)))
                 } catch {
                     results.set(i, .failure(error))
                 }
-                lock.lock(); threads[i] = nil; lock.unlock()
+                threads.withLock { $0[i] = nil }
                 control.vcpuFinished()
             }
             t.name = "kvm-vcpu\(i)"
@@ -382,9 +383,9 @@ final class KVMRunner: @unchecked Sendable {
     }
 
     func kickAll() {
-        lock.lock()
-        defer { lock.unlock() }
-        for (v, t) in zip(vcpus, threads) { if let t { v.kick(thread: t) } }
+        threads.withLock { threads in
+            for (v, t) in zip(vcpus, threads) { if let t { v.kick(thread: t) } }
+        }
     }
 
     private func runVCPU(_ i: Int, ram: GuestRAM, spec: WorkloadSpec, restored: Bool,
@@ -448,10 +449,9 @@ final class KVMRunner: @unchecked Sendable {
     }
 }
 
-final class RunResults: @unchecked Sendable {
-    private let lock = NSLock()
-    private var results: [Result<VCPURun, KVMError>?]
-    init(count: Int) { results = Array(repeating: nil, count: count) }
-    func set(_ i: Int, _ r: Result<VCPURun, KVMError>) { lock.lock(); results[i] = r; lock.unlock() }
-    var values: [Result<VCPURun, KVMError>?] { lock.lock(); defer { lock.unlock() }; return results }
+final class RunResults: Sendable {
+    private let results: Mutex<[Result<VCPURun, KVMError>?]>
+    init(count: Int) { results = Mutex(Array(repeating: nil, count: count)) }
+    func set(_ i: Int, _ r: Result<VCPURun, KVMError>) { results.withLock { $0[i] = r } }
+    var values: [Result<VCPURun, KVMError>?] { results.withLock { $0 } }
 }

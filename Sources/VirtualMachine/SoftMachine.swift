@@ -6,7 +6,7 @@ import Stage2
 import Workload
 
 /// The soft backend behind the VirtualMachine interface.
-final class SoftMachine: VirtualMachine {
+final class SoftMachine: VirtualMachine, Sendable {   // SoftVM synchronizes; see its locks
     let vm: SoftVM
     let ram: GuestRAM
     var backend: BackendKind { .soft }

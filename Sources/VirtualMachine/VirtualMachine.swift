@@ -123,7 +123,8 @@ public enum VMError: Error, CustomStringConvertible {
 /// (strategy, manual protect, initially-set) for every slot logging at a time, as KVM's capabilities
 /// are per VM. Slot bitmaps number a slot's pages from its start; RAM-wide bitmaps (the calls without
 /// a slot) number RAM pages across the RAM slots (GuestRAM). Workloads use linear addresses (RAMLayout).
-public protocol VirtualMachine: AnyObject {
+/// Every call may come from any thread: a migration harvests while a control socket pauses.
+public protocol VirtualMachine: AnyObject, Sendable {
     var backend: BackendKind { get }
     var vcpuCount: Int { get }
     /// The guest's RAM: slot 0 at GPA 0, then any others.

@@ -5,6 +5,7 @@ import GuestMemory
 import KVMBackend
 import SoftBackend
 import Stage2
+import Synchronization
 import Workload
 
 /// `vmm bench dirty-log`: the KVM selftest dirty_log_perf_test's phases on the soft backend.
@@ -264,12 +265,11 @@ struct BenchDirtyLog: ParsableCommand {
 }
 
 /// A thread-safe counter for the ring-full handler.
-final class Counter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var n = 0
-    func add(_ k: Int) { lock.lock(); n += k; lock.unlock() }
-    func reset() { lock.lock(); n = 0; lock.unlock() }
-    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
+final class Counter: Sendable {
+    private let n = Atomic<Int>(0)
+    func add(_ k: Int) { n.add(k, ordering: .relaxed) }
+    func reset() { n.store(0, ordering: .relaxed) }
+    var value: Int { n.load(ordering: .relaxed) }
 }
 
 func timeMs(_ body: () throws -> Void) rethrows -> Double {

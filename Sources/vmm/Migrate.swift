@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import GuestMemory
 import Migration
+import Synchronization
 import VirtualMachine
 import Workload
 
@@ -179,17 +180,16 @@ func awaitOperator(_ vm: any VirtualMachine, prefix: String, wait: Double) {
     let pid = getpid()
     warn("\(prefix): to resume the guest HERE: kill -USR1 \(pid); to discard this copy: Ctrl-C (waiting up to \(Int(wait)) s)")
     let decided = DispatchSemaphore(value: 0)
-    final class Choice: @unchecked Sendable { var resume = false }
-    let choice = Choice()
+    let choice = Atomic<Bool>(false)
     let sources = [(SIGUSR1, true), (SIGINT, false), (SIGTERM, false)].map { sig, resume in
         signal(sig, SIG_IGN)
         let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-        s.setEventHandler { choice.resume = resume; decided.signal() }
+        s.setEventHandler { choice.store(resume, ordering: .relaxed); decided.signal() }
         s.resume()
         return s
     }
     defer { for s in sources { s.cancel() } }
-    guard decided.wait(timeout: .now() + wait) == .success, choice.resume else {
+    guard decided.wait(timeout: .now() + wait) == .success, choice.load(ordering: .relaxed) else {
         warn("\(prefix): the paused copy here is discarded")
         return
     }
@@ -278,7 +278,7 @@ final class ProgressLine {
         guard terminal else { return }
         clear()
         say(prefix + p.line, terminator: "")
-        fflush(Output.json ? stderr : stdout)
+        fflush(nil)   // every output stream: stdout or stderr, whichever said it
         live = true
     }
 

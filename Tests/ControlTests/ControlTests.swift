@@ -142,7 +142,8 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         _ = silent
 
         // Two clients at once, each with its own answers in order.
-        let other = try served.client()
+        // Handed to the thread below, which alone uses it.
+        nonisolated(unsafe) let other = try served.client()
         let done = DispatchSemaphore(value: 0)
         final class Box: @unchecked Sendable { var ok = 0 }
         let box = Box()

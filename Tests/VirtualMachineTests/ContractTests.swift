@@ -102,7 +102,7 @@ func busyWriter(_ vm: any VirtualMachine) -> WorkloadSpec {
 }
 
 /// Runs `body` on a thread of its own until `stop` is set; returns a join that rethrows its error.
-func background(_ name: String, _ stop: StopFlag, _ body: @escaping () throws -> Void) -> () throws -> Void {
+func background(_ name: String, _ stop: StopFlag, _ body: @escaping @Sendable () throws -> Void) -> () throws -> Void {
     let done = DispatchSemaphore(value: 0)
     let failure = Mutex<String?>(nil)
     let t = Thread {
@@ -234,9 +234,9 @@ final class StopFlag: @unchecked Sendable {
                 try? withUnsafeBytes(of: &seq) { try machine.writeGuest(extraGPA, $0) }
             }
         }
-        var cycles = 0
+        let cycleCount = Atomic<Int>(0)
         let churn = background("slot-churn", stop) {
-            try machine.addSlot(id: 8, gpa: GPA(2 << 30), memory: extra, flags: cycles % 2 == 0 ? [.dirtyLogging] : [])
+            try machine.addSlot(id: 8, gpa: GPA(2 << 30), memory: extra, flags: cycleCount.load(ordering: .relaxed) % 2 == 0 ? [.dirtyLogging] : [])
             var v: UInt64 = 7
             try withUnsafeBytes(of: &v) { try machine.writeGuest(GPA(2 << 30) + 0x3000, $0) }
             try machine.moveSlot(id: 8, to: GPA(3 << 30))
@@ -246,7 +246,7 @@ final class StopFlag: @unchecked Sendable {
             if caps.readOnlySlots { try machine.setSlotFlags(id: 8, [.readOnly]) }
             try machine.moveSlot(id: 8, to: GPA(2 << 30))
             try machine.deleteSlot(id: 8)
-            cycles += 1
+            cycleCount.add(1, ordering: .relaxed)
         }
         // Harvest while everything runs, with a pause and resume now and then; check once the VMM's
         // threads are done (their writes would change RAM under a check).
@@ -265,6 +265,7 @@ final class StopFlag: @unchecked Sendable {
         try oracle.harvest()
         let stale = oracle.stalePages()
         _ = try vm.stop()
+        let cycles = cycleCount.load(ordering: .relaxed)
         #expect(cycles > 0, "\(cell): the second slot churned")
         #expect(stale.isEmpty, "\(cell): \(stale.count) RAM pages never reported while a slot churned")
         print("contract churn \(cell): \(cycles) slot cycles, \(oracle.reported) pages reported, none lost")

@@ -24,7 +24,7 @@ public struct RmapEntry: Hashable, Sendable {
 /// The rmap of one L0 memslot (L1 memory): per L1 frame, empty (0), one entry inline (flag bit 0
 /// set), or a list (the value is the list's index + 1, shifted left by one). Adding an entry that is
 /// already there does nothing, so repeated faults cannot grow it without bound.
-public final class NestedRmap: @unchecked Sendable {
+public final class NestedRmap: @unchecked Sendable {   // lists under `lock`; heads are atomics in raw memory
     public let pages: UInt64
     private let heads: UnsafeMutablePointer<UInt64>
     private var lists: [[RmapEntry]] = []

@@ -27,7 +27,7 @@ public enum NestedFaultOutcome: Equatable, Sendable, CustomStringConvertible {
 /// table for L2 (in L1 memory, same descriptor format, outputs are L1 GPAs) and L0's stage-2 for L1.
 /// Shadow leaves are like TLB entries of the two combined: whatever removes an L1 mapping or
 /// permission at L0 removes the shadow leaves built on it, found through the rmap.
-public final class ShadowMMU: @unchecked Sendable {
+public final class ShadowMMU: Sendable {
     public let lpid: Int
     /// L1's table for this guest: the GPA (in L1 memory) of its level-0 table (48-bit L2 IPA).
     public let l1Table: GPA
