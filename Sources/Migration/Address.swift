@@ -99,6 +99,11 @@ struct SocketAddress: CustomStringConvertible {
         }
     }
 
+    /// A C string in `chars`, up to its terminating zero.
+    private static func string(_ chars: [CChar]) -> String {
+        String(decoding: chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     var description: String {
         var text = [CChar](repeating: 0, count: 64)
         return storage.withUnsafeBytes { p -> String in
@@ -106,11 +111,11 @@ struct SocketAddress: CustomStringConvertible {
             case AF_INET:
                 var a = p.load(as: sockaddr_in.self).sin_addr
                 inet_ntop(AF_INET, &a, &text, 64)
-                return "\(String(cString: text)):\(port)"
+                return "\(Self.string(text)):\(port)"
             case AF_INET6:
                 var a = p.load(as: sockaddr_in6.self).sin6_addr
                 inet_ntop(AF_INET6, &a, &text, 64)
-                return "[\(String(cString: text))]:\(port)"
+                return "[\(Self.string(text))]:\(port)"
             default:
                 return "unix socket"
             }

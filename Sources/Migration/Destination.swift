@@ -232,7 +232,7 @@ func applyRecords(from connection: Connection, into vm: any VirtualMachine, gues
                   digest: PageDigest? = nil, barrier: PassBarrier? = nil, main: Bool = true, postcopy: Bool = false,
                   tick: () -> Void = {}) throws -> StreamEnd? {
     let ram = vm.ram
-    var buffer = [UInt8](repeating: 0, count: 256 * 4096)
+    var buffer: [UInt8] = []   // grown by Record.read to what the records need
     var state: MachineState?
     var sawLastPass = false
     var wanted: [UInt64]?

@@ -32,7 +32,7 @@ enum Handshake {
 
     static func nonce() -> [UInt8] {
         var rng = SystemRandomNumberGenerator()
-        return (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        return (0..<4).flatMap { _ in withUnsafeBytes(of: rng.next()) { Array($0) } }
     }
 
     static func proof(_ key: MigrationKey, _ role: String, _ transcript: [UInt8]) -> [UInt8] {

@@ -105,7 +105,8 @@ public struct Record {
             h = try c.receive(headerSize, deadline: deadline)
             length = Int(h.le(UInt32.self, at: 16))
             try check(h, pageLimit: pageLimit)
-            if buffer.count < length { buffer = [UInt8](repeating: 0, count: length) }
+            // Grown in doublings up to the largest record, so a stream of growing runs reallocates little.
+            if buffer.count < length { buffer = [UInt8](repeating: 0, count: max(length, min(maxPayload, buffer.count * 2))) }
             try buffer.withUnsafeMutableBytes { b in try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<length]), deadline: deadline) }
             guard h.withUnsafeBytes({ h in buffer.withUnsafeBytes { checksumMatches(h, UnsafeRawBufferPointer(rebasing: $0[0..<length])) } }) else {
                 throw MigrationError.badStream("checksum mismatch in a \(RecordType(rawValue: h[0])!) record at page \(h.le(UInt64.self, at: 8))")

@@ -1,0 +1,49 @@
+import Foundation
+import FuzzSupport
+import Glibc
+import GuestMemory
+@testable import Migration
+import VirtualMachine
+
+// A snapshot file as `vmm snapshot restore` reads it. The first input byte: bit 0 fixes the record
+// checksums; bit 1 runs the whole eager restore (a new guest as the header describes, if it has at
+// most 16 MiB and 4 vCPUs: records, state, digest), else the header is read and the records are
+// applied by the restore's own code to a reused 1 MiB guest, which keeps most inputs fast.
+
+private let path = NSTemporaryDirectory() + "vmm-fuzz-snapshot-\(getpid())"
+private let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+nonisolated(unsafe) private let vm = try! makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
+nonisolated(unsafe) private let written = DirtyBitmap(pages: vm.pages)
+
+private func write(_ bytes: [UInt8]) {
+    ftruncate(fd, 0)
+    _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+}
+
+runFuzzer { data, size in
+    guard let data, size > 0 else { return 0 }
+    var bytes = Array(UnsafeBufferPointer(start: data + 1, count: size - 1))
+    do {
+        write(bytes)
+        var c = try Connection(file: path, writing: false)
+        let header = try SnapshotHeader.read(from: c, path: "fuzz")
+        if data[0] & 1 != 0 {
+            // The header's own length is what the reader consumed before the records.
+            fixChecksums(&bytes, from: Int(c.bytesReceived))
+            write(bytes)
+            c = try Connection(file: path, writing: false)
+            _ = try SnapshotHeader.read(from: c, path: "fuzz")
+        }
+        if data[0] & 2 != 0 {
+            guard header.guest.layout.size <= 16 << 20, header.guest.vcpus <= 4 else { return 0 }
+            let (restored, _) = try restoreSnapshots([path])
+            _ = try? restored.stop()
+        } else if case let .end(state, _)? = try applyRecords(from: c, into: vm, guest: header.guest, written: written,
+                                                               digest: PageDigest(pages: vm.pages)) {
+            _ = state
+        }
+    } catch {
+        _ = "\(error)"
+    }
+    return 0
+}

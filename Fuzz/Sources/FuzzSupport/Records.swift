@@ -1,0 +1,28 @@
+@testable import Migration
+
+/// Makes a fuzz input's record checksums right, so mutations reach what lies behind the checksum
+/// check: walks `bytes` from `offset` as records (24-byte headers, payload lengths as they say) and
+/// rewrites each header's checksum over its first 20 bytes and its payload (cut short at the end).
+public func fixChecksums(_ bytes: inout [UInt8], from offset: Int) {
+    var o = offset
+    while o + Record.headerSize <= bytes.count {
+        let length = Int(bytes.le(UInt32.self, at: o + 16))
+        let end = min(bytes.count, o + Record.headerSize + length)
+        var crc = RecordChecksum()
+        crc.update(Array(bytes[o..<(o + 20)]))
+        crc.update(Array(bytes[(o + Record.headerSize)..<end]))
+        let v = crc.value
+        for k in 0..<4 { bytes[o + 20 + k] = UInt8(truncatingIfNeeded: v >> (8 * k)) }
+        o = end
+    }
+}
+
+/// `bytes` sent down a fresh socket pair whose writing end then stops: the reading end sees them,
+/// then the end of the stream. Answers the reader writes go into the socket buffer, unread.
+public func connection(carrying bytes: [UInt8]) -> (reader: Connection, writer: Connection) {
+    let (writer, reader) = try! Connection.pair(timeout: 1)
+    try! writer.send(bytes)
+    try! writer.flush()
+    writer.fence(within: 0)
+    return (reader, writer)
+}
