@@ -22,16 +22,18 @@ let package = Package(
     targets: [
         // Only what Swift cannot reach: syscall wrappers that glibc does not export to Swift.
         .target(name: "CVMMSys"),
-        .target(name: "GuestMemory", dependencies: ["CVMMSys"]),
+        // The system layer: the system-call wrapper and the owners of descriptors and mappings.
+        .target(name: "HostSystem"),
+        .target(name: "GuestMemory", dependencies: ["CVMMSys", "HostSystem"]),
         .target(name: "DirtyLog", dependencies: ["GuestMemory"]),
         .target(name: "Stage2", dependencies: ["GuestMemory", "DirtyLog"]),
         .target(name: "Workload", dependencies: ["GuestMemory"]),
         .target(name: "SoftBackend", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload"]),
-        .target(name: "KVMBackend", dependencies: ["CVMMSys", "GuestMemory", "DirtyLog", "Workload"]),
+        .target(name: "KVMBackend", dependencies: ["CVMMSys", "HostSystem", "GuestMemory", "DirtyLog", "Workload"]),
         .target(name: "VirtualMachine", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend"]),
-        .target(name: "Migration", dependencies: ["CVMMSys", "GuestMemory", "DirtyLog", "Workload", "VirtualMachine",
+        .target(name: "Migration", dependencies: ["CVMMSys", "HostSystem", "GuestMemory", "DirtyLog", "Workload", "VirtualMachine",
                                                   .product(name: "Crypto", package: "swift-crypto")]),
-        .target(name: "Control", dependencies: ["GuestMemory", "Workload", "VirtualMachine", "Migration"]),
+        .target(name: "Control", dependencies: ["HostSystem", "GuestMemory", "Workload", "VirtualMachine", "Migration"]),
         .executableTarget(
             name: "vmm",
             dependencies: [

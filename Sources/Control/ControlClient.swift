@@ -1,11 +1,13 @@
 import Foundation
 import Glibc
+import HostSystem
 
 /// A client of the control socket (`vmm ctl`, the tests, a script's library): connects, reads the
 /// greeting, negotiates, then sends commands and reads their answers; events that arrive meanwhile
 /// are kept for `waitEvent`. Every read has a deadline.
 public final class ControlClient {
-    private let fd: Int32
+    private let socket: FileDescriptor
+    private var fd: Int32 { socket.raw }
     private var buffer: [UInt8] = []
     public let timeout: Double
     /// Events read so far and not yet waited for, oldest first.
@@ -21,12 +23,13 @@ public final class ControlClient {
         let bytes = Array(path.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw QMPError.generic("socket path too long: \(path)") }
         withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw QMPError.generic("socket: \(String(cString: strerror(errno)))") }
+        do {
+            socket = FileDescriptor(owning: try system("socket") { Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) })
+        } catch { throw QMPError.generic("\(error)") }
+        let fd = socket.raw
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
         guard rc == 0 else {
             let e = errno
-            close(fd)
             throw QMPError.generic("cannot connect to \(path): \(String(cString: strerror(e))) (is `vmm start --api \(path)` running?)")
         }
         greeting = try readMessage()
@@ -35,8 +38,6 @@ public final class ControlClient {
             if case let .failure(e) = try execute("qmp_capabilities") { throw e }
         }
     }
-
-    deinit { close(fd) }
 
     /// Sends raw bytes (a test's malformed input).
     public func send(raw bytes: [UInt8]) throws {

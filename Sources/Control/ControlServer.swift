@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import HostSystem
 
 /// An error a command answers with, in QMP's shape: a class and a description that says what to do.
 public struct QMPError: Error, CustomStringConvertible, Sendable {
@@ -33,7 +34,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
     public static let maxLine = 64 << 10
     public static let maxClients = 16
     public let path: String
-    private let fd: Int32
+    private let listening: FileDescriptor
+    private var fd: Int32 { listening.raw }
     private let handler: CommandHandler
     private let greeting: JSON
     private let lock = NSLock()
@@ -62,24 +64,21 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         var st = stat()
         if stat(path, &st) == 0 {
             guard st.st_mode & S_IFMT == S_IFSOCK else { throw QMPError.generic("--api \(path): the path exists and is not a socket") }
-            let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            let live = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0
-            close(probe)
+            let probe = FileDescriptor(owning: try system("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) })
+            let live = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe.raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0
             if live { throw QMPError.generic("--api \(path): another process serves that socket") }
             unlink(path)
         }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw QMPError.generic("socket: \(String(cString: strerror(errno)))") }
+        listening = FileDescriptor(owning: try system("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) })
+        let fd = listening.raw
         // Private from the moment it exists: no other user can connect between bind and a chmod.
         let mask = umask(0o177)
         let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
         umask(mask)
         guard bound == 0, listen(fd, 16) == 0 else {
             let e = errno
-            close(fd)
             throw QMPError.generic("--api \(path): \(String(cString: strerror(e)))")
         }
-        self.fd = fd
         let t = Thread { [self] in acceptLoop() }
         t.name = "control-accept"
         t.start()
@@ -111,8 +110,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         eventQueue.sync {}   // the last events (SHUTDOWN) go out first
         for c in all { c.close() }
         for c in all { c.done.wait() }
-        Glibc.close(fd)
-        unlink(path)
+        unlink(path)   // the listening socket itself closes with the server
     }
 
     deinit { stop() }
@@ -215,7 +213,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
 
     /// One connected client.
     final class Client: @unchecked Sendable {   // writes under `writeLock`; reads on its own thread
-        let fd: Int32
+        private let socket: FileDescriptor
+        var fd: Int32 { socket.raw }
         private let writeLock = NSLock()
         private var buffer: [UInt8] = []
         private var discarding = false
@@ -229,8 +228,9 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             set { flag.lock(); _negotiated = newValue; flag.unlock() }
         }
 
+        /// Takes ownership of the connected socket `fd`.
         init(fd: Int32) {
-            self.fd = fd
+            socket = FileDescriptor(owning: fd)
             // A client that stops reading is dropped after this long rather than holding up events.
             var t = timeval(tv_sec: 2, tv_usec: 0)
             setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &t, socklen_t(MemoryLayout<timeval>.size))
@@ -309,7 +309,6 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             shutdown(fd, Int32(SHUT_RDWR))
         }
 
-        deinit { Glibc.close(fd) }
     }
 }
 

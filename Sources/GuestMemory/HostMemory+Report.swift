@@ -1,17 +1,14 @@
 import Foundation
 import Glibc
+import HostSystem
 
 /// Reads a /proc file. They report size 0, so read until EOF rather than trusting the size.
 func readProcFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
+    guard let file = try? FileDescriptor(opening: path, O_RDONLY) else { return nil }
     var bytes: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 1 << 16)
     while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { break }
+        guard let n = try? system("read(\(path))", { chunk.withUnsafeMutableBytes { read(file.raw, $0.baseAddress, $0.count) } }), n > 0 else { break }
         bytes.append(contentsOf: chunk[0..<n])
     }
     return String(decoding: bytes, as: UTF8.self)

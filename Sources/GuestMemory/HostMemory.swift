@@ -1,6 +1,7 @@
 import CVMMSys
 import Foundation
 import Glibc
+import HostSystem
 
 /// How a memslot's host memory is obtained.
 public enum Backing: String, Sendable, CaseIterable, CustomStringConvertible {
@@ -32,10 +33,9 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
     public let base: HVA
     public let size: UInt64
     public let backing: Backing
-    /// The memfd behind a `.memfd` mapping, -1 otherwise.
-    public let fd: Int32
-    private let mappedBase: UnsafeMutableRawPointer
-    private let mappedSize: Int
+    /// The memfd behind a `.memfd` mapping.
+    let file: FileDescriptor?
+    private let mapping: Mapping
 
     public var range: HVARange { HVARange(start: base, size: size) }
     public var pointer: UnsafeMutableRawPointer { base.pointer }
@@ -47,73 +47,63 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
         guard size % PageSize.bytes4K == 0 else { throw .unalignedSize(size, alignment: PageSize.bytes4K) }
         self.size = size
         self.backing = backing
-        var fd: Int32 = -1
         switch backing {
         case .pages4K, .thp:
             // THP: start on a 2 MiB boundary, else the kernel cannot place PMD-sized pages and the
             // stage-2 cannot use 2 MiB blocks congruent with them.
             let align = max(alignment, backing == .thp ? PageSize.bytes2M : PageSize.bytes4K)
-            let a = try Self.mapAligned(size, align)
+            let m = try Self.host { () throws(SystemCallError) in try Self.mapAligned(size, align) }
             let advice = backing == .thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE
-            if madvise(a, Int(size), advice) != 0 {
-                let e = errno
-                munmap(a, Int(size))
-                throw .systemCall(backing == .thp ? "madvise(MADV_HUGEPAGE)" : "madvise(MADV_NOHUGEPAGE)", errno: e)
+            _ = try Self.host { () throws(SystemCallError) in
+                try system(backing == .thp ? "madvise(MADV_HUGEPAGE)" : "madvise(MADV_NOHUGEPAGE)") { madvise(m.base, m.size, advice) }
             }
-            (mappedBase, mappedSize, base) = (a, Int(size), HVA(a))
+            mapping = m
+            file = nil
         case .hugetlb2M, .hugetlb1G:
             let ps = backing.hostPageSize.bytes
             guard size % ps == 0 else { throw .hugePageSizeMismatch(size: size, pageSize: ps) }
             let sizeFlag: Int32 = (backing == .hugetlb1G ? 30 : 21) << MAP_HUGE_SHIFT
             do {
-                let p = try Self.map(size, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | sizeFlag, -1)
-                (mappedBase, mappedSize, base) = (p, Int(size), HVA(p))
-            } catch .systemCall(_, let e) where e == ENOMEM || e == EINVAL {
+                mapping = try Mapping(size: Int(size), flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | sizeFlag, what: formatBytes(size))
+            } catch where error.errno == ENOMEM || error.errno == EINVAL {
                 let sysctl = backing == .hugetlb1G
                     ? "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
                     : "/proc/sys/vm/nr_hugepages"
                 throw .hugePagesNotReserved(pageSize: ps, requested: size, sysctl: sysctl)
-            }
-        case .memfd:
-            fd = cvmm_memfd_create("vmm-guest", UInt32(MFD_CLOEXEC))
-            guard fd >= 0 else { throw .systemCall("memfd_create", errno: errno) }
-            guard ftruncate(fd, off_t(size)) == 0 else {
-                let e = errno
-                close(fd)
-                throw .systemCall("ftruncate(memfd, \(size))", errno: e)
-            }
-            do {
-                let p = try Self.map(size, MAP_SHARED, fd)
-                (mappedBase, mappedSize, base) = (p, Int(size), HVA(p))
             } catch {
-                close(fd)
-                throw error
+                throw .systemCall(error.call, errno: error.errno)
             }
+            file = nil
+        case .memfd:
+            // Owned as soon as made: a failure after closes and unmaps what was made before it.
+            let fd = try Self.host { () throws(SystemCallError) in
+                FileDescriptor(owning: try system("memfd_create") { cvmm_memfd_create("vmm-guest", UInt32(MFD_CLOEXEC)) })
+            }
+            _ = try Self.host { () throws(SystemCallError) in try system("ftruncate(memfd, \(size))") { ftruncate(fd.raw, off_t(size)) } }
+            mapping = try Self.host { () throws(SystemCallError) in try Mapping(size: Int(size), flags: MAP_SHARED, fd: fd, what: formatBytes(size)) }
+            file = consume fd
         }
-        self.fd = fd
+        base = HVA(mapping.base)
     }
 
-    deinit {
-        munmap(mappedBase, mappedSize)
-        if fd >= 0 { close(fd) }
+    /// `body`'s system-call failure as this type's error.
+    private static func host<T: ~Copyable>(_ body: () throws(SystemCallError) -> T) throws(GuestMemoryError) -> T {
+        do { return try body() } catch { throw .systemCall(error.call, errno: error.errno) }
     }
 
-    private static func map(_ size: UInt64, _ flags: Int32, _ fd: Int32) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags, fd, 0)
-        guard let p, p != MAP_FAILED else { throw .systemCall("mmap(\(formatBytes(size)))", errno: errno) }
-        return p
-    }
-
-    /// Anonymous private memory starting at a multiple of `align`: over-map by `align` and trim.
-    private static func mapAligned(_ size: UInt64, _ align: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+    /// Anonymous private memory starting at a multiple of `align`: over-map by `align`, give the
+    /// ends back, own the middle.
+    private static func mapAligned(_ size: UInt64, _ align: UInt64) throws(SystemCallError) -> Mapping {
         let total = Int(size + align)
-        let p = try map(UInt64(total), MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1)
+        guard let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), p != MAP_FAILED else {
+            throw SystemCallError("mmap(\(formatBytes(size)))", errno: errno)
+        }
         let raw = UInt64(UInt(bitPattern: p))
         let head = Int(((raw + align - 1) & ~(align - 1)) - raw)
         if head > 0 { munmap(p, head) }
         let tail = total - head - Int(size)
         if tail > 0 { munmap(p + head + Int(size), tail) }
-        return p + head
+        return Mapping(owning: p + head, size: Int(size))
     }
 
     /// Drops the host pages of a range (the memory reads back as zeros). The caller must first have

@@ -1,5 +1,6 @@
 import CVMMSys
 import Glibc
+import HostSystem
 
 /// Guest RAM whose absent pages fault to this process instead of reading as zeros (userfaultfd in
 /// missing mode over every slot): post-copy and lazy restore put each page in place on first touch.
@@ -8,54 +9,48 @@ import Glibc
 /// `release()`.
 public final class MissingPages: @unchecked Sendable {   // the fd is used from several threads; the kernel serializes it
     public let ram: GuestRAM
-    private let fd: Int32
+    private let uffd: FileDescriptor
+    private var fd: Int32 { uffd.raw }
     /// Bytes placed at once: the host page of the backing (a hugetlb page faults and fills whole).
     public let granule: UInt64
     private var registered = true
     /// Zeros one granule long, for backings UFFDIO_ZEROPAGE does not serve (hugetlb).
+    private let zeroMapping: Mapping
     private let zeros: UnsafeMutableRawPointer?
 
     /// Registers every slot of `ram`. Pages present now stay; absent ones fault from here on.
     public init(ram: GuestRAM) throws(GuestMemoryError) {
         self.ram = ram
         granule = ram.backing == .thp ? PageSize.bytes4K : ram.backing.hostPageSize.bytes
-        fd = try Self.open()
-        if ram.backing == .hugetlb2M || ram.backing == .hugetlb1G {
-            // Anonymous memory reads as zeros without being allocated.
-            let p = mmap(nil, Int(granule), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-            zeros = p == MAP_FAILED ? nil : p
-        } else {
-            zeros = nil
-        }
+        uffd = try Self.open()
+        // Anonymous memory reads as zeros without being allocated (one granule, whatever the backing).
+        do {
+            zeroMapping = try Mapping(size: Int(granule), protection: PROT_READ, flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, what: "zeros")
+        } catch { throw .systemCall(error.call, errno: error.errno) }
+        zeros = ram.backing == .hugetlb2M || ram.backing == .hugetlb1G ? zeroMapping.base : nil
         for (i, m) in ram.slots.enumerated() {
-            let e = cvmm_uffd_register(fd, UInt64(UInt(bitPattern: m.pointer)), m.size)
+            let e = cvmm_uffd_register(uffd.raw, UInt64(UInt(bitPattern: m.pointer)), m.size)
             guard e == 0 else {
-                for m in ram.slots.prefix(i) { _ = cvmm_uffd_unregister(fd, UInt64(UInt(bitPattern: m.pointer)), m.size) }
-                close(fd)
-                if let zeros { munmap(zeros, Int(granule)) }
+                for m in ram.slots.prefix(i) { _ = cvmm_uffd_unregister(uffd.raw, UInt64(UInt(bitPattern: m.pointer)), m.size) }
                 throw .systemCall("UFFDIO_REGISTER(slot \(i), \(formatBytes(m.size)), \(ram.backing))", errno: e)
             }
         }
     }
 
     /// A userfaultfd handling kernel-mode faults too (KVM's).
-    private static func open() throws(GuestMemoryError) -> Int32 {
+    private static func open() throws(GuestMemoryError) -> FileDescriptor {
         var fd: Int32 = -1
         let e = cvmm_uffd_open(&fd)
         guard e == 0 else {
             throw .systemCall(e == EPERM ? "userfaultfd (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)" : "userfaultfd", errno: e)
         }
-        return fd
+        return FileDescriptor(owning: fd)
     }
 
     /// Throws why this process cannot have guest pages fault to it, if it cannot.
-    public static func check() throws(GuestMemoryError) { close(try open()) }
+    public static func check() throws(GuestMemoryError) { _ = try open() }
 
-    deinit {
-        release()
-        close(fd)
-        if let zeros { munmap(zeros, Int(granule)) }
-    }
+    deinit { release() }
 
     /// Stops faulting: every page still absent reads as zeros from now on, and every thread
     /// sleeping on one wakes. Repeating it does nothing.

@@ -11,7 +11,7 @@ extension KVMVM {
         withUnsafeMutableBytes(of: &e.args) { raw in
             for (i, a) in args.prefix(4).enumerated() { raw.storeBytes(of: a, toByteOffset: i * 8, as: UInt64.self) }
         }
-        guard cvmm_ioctl(fd, cvmm_KVM_ENABLE_CAP, &e) == 0 else { throw .ioctl("KVM_ENABLE_CAP(\(cap.name))", errno: errno) }
+        guard cvmm_ioctl(fd.raw, cvmm_KVM_ENABLE_CAP, &e) == 0 else { throw .ioctl("KVM_ENABLE_CAP(\(cap.name))", errno: errno) }
     }
 
     /// Sets manual dirty-log protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) on or off, with
@@ -44,7 +44,7 @@ extension KVMVM {
             c.num_pages = UInt32(min(UInt64(bitmap.count * 64), slotPages - firstPage))
             c.first_page = firstPage
             c.dirty_bitmap = buf.baseAddress
-            return cvmm_ioctl(fd, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
+            return cvmm_ioctl(fd.raw, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
         }
         guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
         vmmWrites.forget(slot: Int(slot), bitmap: bitmap, firstPage: firstPage)
@@ -59,7 +59,7 @@ extension KVMVM {
             var log = kvm_dirty_log()
             log.slot = slot
             log.dirty_bitmap = buf.baseAddress
-            return cvmm_ioctl(fd, cvmm_KVM_GET_DIRTY_LOG, &log)
+            return cvmm_ioctl(fd.raw, cvmm_KVM_GET_DIRTY_LOG, &log)
         }
         guard rc == 0 else { throw .ioctl("KVM_GET_DIRTY_LOG(slot \(slot))", errno: errno) }
         takeVMMDirty(slot: slot, into: &words)

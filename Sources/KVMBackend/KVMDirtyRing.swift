@@ -1,5 +1,6 @@
 import CVMMSys
 import Glibc
+import HostSystem
 import GuestMemory
 import Synchronization
 
@@ -13,22 +14,18 @@ public final class KVMDirtyRing: @unchecked Sendable {   // the ring is shared w
     /// Bytes of one ring entry (struct kvm_dirty_gfn).
     public static let entryBytes = MemoryLayout<kvm_dirty_gfn>.stride
 
-    private let base: UnsafeMutableRawPointer
-    private let bytes: Int
+    private let ring: Mapping
+    private var base: UnsafeMutableRawPointer { ring.base }
     public let entries: Int
     private var fetch = 0
 
-    init(vcpuFD: Int32, bytes: Int) throws(KVMError) {
+    init(vcpu: borrowing FileDescriptor, bytes: Int) throws(KVMError) {
         let offset = off_t(KVM_DIRTY_LOG_PAGE_OFFSET) * off_t(getpagesize())
-        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, vcpuFD, offset), p != MAP_FAILED else {
-            throw .ioctl("mmap(dirty ring, \(bytes) bytes)", errno: errno)
-        }
-        base = p
-        self.bytes = bytes
+        do {
+            ring = try Mapping(size: bytes, flags: MAP_SHARED, fd: vcpu, offset: offset, what: "dirty ring, \(bytes) bytes")
+        } catch { throw .ioctl(error.call, errno: error.errno) }
         entries = bytes / MemoryLayout<kvm_dirty_gfn>.stride
     }
-
-    deinit { munmap(base, bytes) }
 
     /// Collects the entries KVM published since the last harvest, in order, marking each for reset.
     public func harvest(_ body: (_ slot: UInt32, _ page: UInt64) -> Void) -> Int {
@@ -73,7 +70,7 @@ extension KVMVM {
         pthread_sigmask(SIG_BLOCK, &kick, &saved)
         defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
         for _ in 0..<100_000 {
-            let n = cvmm_ioctl_value(fd, cvmm_KVM_RESET_DIRTY_RINGS, 0)
+            let n = cvmm_ioctl_value(fd.raw, cvmm_KVM_RESET_DIRTY_RINGS, 0)
             if n == 0 { return }
             if n < 0 && errno != EINTR { throw .ioctl("KVM_RESET_DIRTY_RINGS", errno: errno) }
         }

@@ -1,33 +1,30 @@
 import CVMMSys
 import Glibc
+import HostSystem
 
 /// An open /dev/kvm: API version and capability checks, and the factory for VMs.
 public final class KVMSystem: Sendable {
-    public let fd: Int32
+    let fd: FileDescriptor
     public let vcpuMmapSize: Int
 
     public init(path: String = "/dev/kvm") throws(KVMError) {
-        let fd = open(path, O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else {
-            switch errno {
+        do { fd = try FileDescriptor(opening: path, O_RDWR) } catch {
+            switch error.errno {
             case ENOENT, ENODEV, ENXIO: throw .noDevice(path)
             case EACCES, EPERM: throw .permissionDenied(path)
             case let e: throw .ioctl("open(\(path))", errno: e)
             }
         }
-        self.fd = fd
-        let version = cvmm_ioctl_value(fd, cvmm_KVM_GET_API_VERSION, 0)
-        guard version == 12 else { close(fd); throw .apiVersion(version) }
-        let size = cvmm_ioctl_value(fd, cvmm_KVM_GET_VCPU_MMAP_SIZE, 0)
-        guard size > 0 else { let e = errno; close(fd); throw .ioctl("KVM_GET_VCPU_MMAP_SIZE", errno: e) }
+        let version = cvmm_ioctl_value(fd.raw, cvmm_KVM_GET_API_VERSION, 0)
+        guard version == 12 else { throw .apiVersion(version) }
+        let size = cvmm_ioctl_value(fd.raw, cvmm_KVM_GET_VCPU_MMAP_SIZE, 0)
+        guard size > 0 else { throw .ioctl("KVM_GET_VCPU_MMAP_SIZE", errno: errno) }
         vcpuMmapSize = Int(size)
     }
 
-    deinit { close(fd) }
-
     /// KVM_CHECK_EXTENSION: 0 when absent, else the capability's value (often 1, sometimes a size).
     public func capability(_ cap: KVMCapability) -> Int32 {
-        max(0, cvmm_ioctl_value(fd, cvmm_KVM_CHECK_EXTENSION, UInt(cap.raw)))
+        max(0, cvmm_ioctl_value(fd.raw, cvmm_KVM_CHECK_EXTENSION, UInt(cap.raw)))
     }
 
     /// Throws `capabilityMissing` naming the capability unless it is present.

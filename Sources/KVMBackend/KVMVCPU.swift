@@ -1,5 +1,6 @@
 import CVMMSys
 import Glibc
+import HostSystem
 import GuestMemory
 
 /// Why KVM_RUN returned.
@@ -30,50 +31,38 @@ public enum KVMExit: Equatable, Sendable, CustomStringConvertible {
 public final class KVMVCPU: @unchecked Sendable {   // KVM_RUN on its own thread; kicks are signals; kvm_run is shared with the kernel
     public let vm: KVMVM
     public let id: Int32
-    public let fd: Int32
+    let fd: FileDescriptor
+    private let runArea: Mapping
     private let kvmRun: UnsafeMutablePointer<kvm_run>
-    private let runSize: Int
     /// The vCPU's dirty ring, when the VM enabled rings before creating it.
     public let dirtyRing: KVMDirtyRing?
 
     init(vm: KVMVM, id: Int32) throws(KVMError) {
         self.vm = vm
         self.id = id
-        let fd = cvmm_ioctl_value(vm.fd, cvmm_KVM_CREATE_VCPU, UInt(id))
-        guard fd >= 0 else { throw .ioctl("KVM_CREATE_VCPU(\(id))", errno: errno) }
-        self.fd = fd
-        runSize = vm.system.vcpuMmapSize
-        guard let p = mmap(nil, runSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = errno
-            close(fd)
-            throw .ioctl("mmap(kvm_run)", errno: e)
-        }
-        kvmRun = p.bindMemory(to: kvm_run.self, capacity: 1)
+        let raw = cvmm_ioctl_value(vm.fd.raw, cvmm_KVM_CREATE_VCPU, UInt(id))
+        guard raw >= 0 else { throw .ioctl("KVM_CREATE_VCPU(\(id))", errno: errno) }
+        // Owned from here: a later failure closes and unmaps what was made.
+        let fd = FileDescriptor(owning: raw)
         do {
-            dirtyRing = vm.dirtyRingBytes > 0 ? try KVMDirtyRing(vcpuFD: fd, bytes: vm.dirtyRingBytes) : nil
-        } catch {
-            munmap(kvmRun, runSize)
-            close(fd)
-            throw error
-        }
-    }
-
-    deinit {
-        munmap(kvmRun, runSize)
-        close(fd)
+            runArea = try Mapping(size: vm.system.vcpuMmapSize, flags: MAP_SHARED, fd: fd, what: "kvm_run")
+        } catch { throw .ioctl(error.call, errno: error.errno) }
+        kvmRun = runArea.base.bindMemory(to: kvm_run.self, capacity: 1)
+        dirtyRing = vm.dirtyRingBytes > 0 ? try KVMDirtyRing(vcpu: fd, bytes: vm.dirtyRingBytes) : nil
+        self.fd = fd
     }
 
     /// A vCPU state structure read with a KVM_GET_* ioctl (`name` for the error).
     func getState<T: BitwiseCopyable>(_ request: UInt, _ name: String, _ empty: T) throws(KVMError) -> T {
         var v = empty
-        guard cvmm_ioctl(fd, request, &v) == 0 else { throw .ioctl(name, errno: errno) }
+        guard cvmm_ioctl(fd.raw, request, &v) == 0 else { throw .ioctl(name, errno: errno) }
         return v
     }
 
     /// A vCPU state structure written with a KVM_SET_* ioctl.
     func setState<T: BitwiseCopyable>(_ request: UInt, _ name: String, _ value: T) throws(KVMError) {
         var v = value
-        guard cvmm_ioctl(fd, request, &v) == 0 else { throw .ioctl(name, errno: errno) }
+        guard cvmm_ioctl(fd.raw, request, &v) == 0 else { throw .ioctl(name, errno: errno) }
     }
 
     public func registers() throws(KVMError) -> kvm_regs { try getState(cvmm_KVM_GET_REGS, "KVM_GET_REGS", kvm_regs()) }
@@ -84,7 +73,7 @@ public final class KVMVCPU: @unchecked Sendable {   // KVM_RUN on its own thread
     /// Runs the vCPU until its next exit to user space and decodes it. Fatal exits (failed entry,
     /// internal error, anything unknown) throw with the vCPU's registers in the message.
     public func run() throws(KVMError) -> KVMExit {
-        if cvmm_ioctl_value(fd, cvmm_KVM_RUN, 0) != 0 {
+        if cvmm_ioctl_value(fd.raw, cvmm_KVM_RUN, 0) != 0 {
             let e = errno
             if e == EINTR || e == EAGAIN { return .interrupted }
             throw .ioctl("KVM_RUN", errno: e)

@@ -2,6 +2,7 @@ import CVMMSys
 import Foundation
 import Glibc
 import GuestMemory
+import HostSystem
 
 /// A KVM virtual machine: its memslots and vCPUs.
 ///
@@ -10,7 +11,7 @@ import GuestMemory
 /// map and KVM's own never disagree, and across each VMM write so a slot cannot change under it.
 public final class KVMVM: @unchecked Sendable {   // slot table under its lock; the kernel serializes the ioctls
     public let system: KVMSystem
-    public let fd: Int32
+    let fd: FileDescriptor
 
     /// A memslot as KVM holds it.
     struct Slot {
@@ -35,12 +36,10 @@ public final class KVMVM: @unchecked Sendable {   // slot table under its lock; 
 
     public init(system: KVMSystem) throws(KVMError) {
         self.system = system
-        let fd = cvmm_ioctl_value(system.fd, cvmm_KVM_CREATE_VM, 0)
+        let fd = cvmm_ioctl_value(system.fd.raw, cvmm_KVM_CREATE_VM, 0)
         guard fd >= 0 else { throw .ioctl("KVM_CREATE_VM", errno: errno) }
-        self.fd = fd
+        self.fd = FileDescriptor(owning: fd)
     }
-
-    deinit { close(fd) }
 
     /// Runs `body` on the slot map under its lock.
     func withSlots<T, E: Error>(_ body: (inout [UInt32: Slot]) throws(E) -> T) throws(E) -> T {
@@ -81,7 +80,7 @@ public final class KVMVM: @unchecked Sendable {   // slot table under its lock; 
         if readOnly { flags |= UInt32(KVM_MEM_READONLY) }
         var region = kvm_userspace_memory_region(slot: slot, flags: flags, guest_phys_addr: gpa.raw,
                                                  memory_size: size, userspace_addr: host)
-        guard cvmm_ioctl(fd, cvmm_KVM_SET_USER_MEMORY_REGION, &region) == 0 else {
+        guard cvmm_ioctl(fd.raw, cvmm_KVM_SET_USER_MEMORY_REGION, &region) == 0 else {
             throw .ioctl("KVM_SET_USER_MEMORY_REGION(slot \(slot), \(formatBytes(size)) at \(gpa))", errno: errno)
         }
     }

@@ -8,27 +8,44 @@ public enum MigrationAddress: Sendable, Equatable, CustomStringConvertible {
     case unix(path: String)
 
     public init(parsing text: String) throws {
-        if text.hasPrefix("unix:") {
-            let path = String(text.dropFirst(5))
+        // Read as bytes, not characters: a combining mark after a colon must not hide the colon.
+        let bytes = Array(text.utf8)
+        if bytes.starts(with: Array("unix:".utf8)) {
+            let path = String(decoding: bytes.dropFirst(5), as: UTF8.self)
             guard !path.isEmpty else { throw MigrationError.connection("\(text): give a socket path after unix:") }
             // sun_path holds 107 bytes and a NUL.
             guard path.utf8.count < 108 else { throw MigrationError.connection("\(text): a Unix socket path is at most 107 bytes") }
+            // A control character would reach the kernel as is, and a NUL would cut the path short there.
+            guard !path.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
+                throw MigrationError.connection("unix:\(Self.visible(path)): a socket path has no control characters")
+            }
             self = .unix(path: path)
             return
         }
-        let rest = text.hasPrefix("tcp:") ? String(text.dropFirst(4)) : text
-        let usage = "\(text) is not an address: give tcp:HOST:PORT (a hostname, IPv4, or [IPv6]), or unix:PATH"
-        guard let colon = rest.lastIndex(of: ":"), let port = UInt16(rest[rest.index(after: colon)...]) else {
+        let rest = bytes.starts(with: Array("tcp:".utf8)) ? Array(bytes.dropFirst(4)) : bytes
+        let usage = "\(Self.visible(text)) is not an address: give tcp:HOST:PORT (a hostname, IPv4, or [IPv6]), or unix:PATH"
+        guard let colon = rest.lastIndex(of: UInt8(ascii: ":")),
+              let port = UInt16(String(decoding: rest[(colon + 1)...], as: UTF8.self)) else {
             throw MigrationError.connection(usage)
         }
-        var host = String(rest[..<colon])
-        if host.hasPrefix("[") {
-            guard host.hasSuffix("]"), host.count > 2 else { throw MigrationError.connection(usage) }
-            host = String(host.dropFirst().dropLast())
-        } else if host.contains(":") {
-            throw MigrationError.connection("\(text): put an IPv6 address in brackets, e.g. tcp:[::1]:\(port)")
+        var host = Array(rest[..<colon])
+        if host.first == UInt8(ascii: "[") {
+            guard host.last == UInt8(ascii: "]"), host.count > 2 else { throw MigrationError.connection(usage) }
+            host = Array(host.dropFirst().dropLast())
+        } else if host.contains(UInt8(ascii: ":")) {
+            throw MigrationError.connection("\(Self.visible(text)): put an IPv6 address in brackets, e.g. tcp:[::1]:\(port)")
         }
-        self = .tcp(host: host.isEmpty ? "localhost" : host, port: port)
+        // Host names and addresses are ASCII without spaces; anything else would reach the resolver
+        // as something other than what was written (a NUL cuts it short).
+        guard host.allSatisfy({ (0x21...0x7E).contains($0) }) else {
+            throw MigrationError.connection("\(Self.visible(text)): a host is a name or an address in ASCII, without spaces")
+        }
+        self = .tcp(host: host.isEmpty ? "localhost" : String(decoding: host, as: UTF8.self), port: port)
+    }
+
+    /// `text` with control characters shown as `?`, for a message.
+    private static func visible(_ text: String) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.map { $0.properties.generalCategory == .control ? "?" : $0 }))
     }
 
     public var description: String {

@@ -1,6 +1,7 @@
 import CVMMSys
 import Foundation
 import Glibc
+import HostSystem
 import Synchronization
 
 /// One end of a stream: a socket (TCP or Unix) or a snapshot file. On a socket every send and
@@ -8,7 +9,9 @@ import Synchronization
 /// bytes; `cancel()` and `interrupt()` stop one from any thread within a tenth of a second, without
 /// closing the socket, so the side can still tell its peer why.
 public final class Connection: @unchecked Sendable {   // one reader and one writer at a time, by the protocol; cancel is atomic
-    let fd: Int32
+    /// The socket or file, owned: closed when the connection goes.
+    private let descriptor: FileDescriptor
+    var fd: Int32 { descriptor.raw }
     /// A regular file (a snapshot) rather than a socket.
     let isFile: Bool
     /// Seconds a send or receive may take.
@@ -72,9 +75,9 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
 
     /// Opens a snapshot file for writing (created, truncated) or reading.
     public init(file path: String, writing: Bool) throws {
-        let fd = writing ? open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) : open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw MigrationError.connection("open \(path): \(String(cString: strerror(errno)))") }
-        self.fd = fd
+        do {
+            descriptor = try FileDescriptor(opening: path, writing ? O_WRONLY | O_CREAT | O_TRUNC : O_RDONLY, mode: 0o644)
+        } catch { throw MigrationError.connection("cannot open \(path)", cause: error) }
         isFile = true
         timeout = .infinity
     }
@@ -86,8 +89,9 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
     }
 
     /// Takes a connected socket.
-    init(socket fd: Int32, timeout: Double) {
-        self.fd = fd
+    init(socket: consuming FileDescriptor, timeout: Double) {
+        let fd = socket.raw
+        descriptor = socket
         isFile = false
         self.timeout = timeout
         var one: Int32 = 1
@@ -103,11 +107,10 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
             throw MigrationError.connection("socketpair: \(String(cString: strerror(errno)))")
         }
-        return (Connection(socket: fds[0], timeout: timeout), Connection(socket: fds[1], timeout: timeout))
+        return (Connection(socket: FileDescriptor(owning: fds[0]), timeout: timeout), Connection(socket: FileDescriptor(owning: fds[1]), timeout: timeout))
     }
 
     deinit {
-        close(fd)
         output.deallocate()
         input.deallocate()
     }
@@ -129,8 +132,10 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
         var last = "no address"
         while true {
             for t in targets {
-                let fd = socket(t.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-                guard fd >= 0 else { last = "socket: \(String(cString: strerror(errno)))"; continue }
+                let raw = socket(t.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                guard raw >= 0 else { last = "socket: \(String(cString: strerror(errno)))"; continue }
+                let owned = FileDescriptor(owning: raw)   // closed unless a connection takes it
+                let fd = raw
                 // Non-blocking, so an unreachable host costs the timeout, not the kernel's minutes.
                 let flags = fcntl(fd, F_GETFL)
                 _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
@@ -146,9 +151,8 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
                 }
                 if e == 0 {
                     _ = fcntl(fd, F_SETFL, flags)
-                    return Connection(socket: fd, timeout: timeout)
+                    return Connection(socket: owned, timeout: timeout)
                 }
-                close(fd)
                 last = String(cString: strerror(e))
                 // Nobody listening yet: the destination may still be starting.
                 guard e == ECONNREFUSED || e == ENOENT || e == EINTR || e == EAGAIN else { throw MigrationError.connection("connect to \(address): \(last)") }
@@ -351,7 +355,8 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
 
 /// A listening socket, TCP or Unix.
 public final class Listener: Sendable {
-    let fd: Int32
+    private let descriptor: FileDescriptor
+    private var fd: Int32 { descriptor.raw }
     /// What it listens on (with the port a port 0 picked).
     public let address: MigrationAddress
     private let unixPath: String?
@@ -374,16 +379,16 @@ public final class Listener: Sendable {
                 unlink(path)
             }
         }
-        let fd = socket(target.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
+        let raw = socket(target.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard raw >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
+        descriptor = FileDescriptor(owning: raw)   // closed on any failure below, with the listener
+        let fd = raw
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         guard target.withSockaddr({ bind(fd, $0, $1) }) == 0, listen(fd, 16) == 0 else {
-            let e = errno
-            close(fd)
+            let e = errno   // before the message is built
             throw MigrationError.connection("listen on \(address): \(String(cString: strerror(e)))")
         }
-        self.fd = fd
         switch address {
         case let .tcp(host, _):
             var bound = SocketAddress()
@@ -399,7 +404,6 @@ public final class Listener: Sendable {
     }
 
     deinit {
-        close(fd)
         if let unixPath { unlink(unixPath) }
     }
 
@@ -411,10 +415,9 @@ public final class Listener: Sendable {
             throw rc == 0 ? MigrationError.timeout("no source connected to \(address) within \(formatDuration(timeout))")
                           : MigrationError.connection("poll: \(String(cString: strerror(errno)))")
         }
-        let c = Glibc.accept(fd, nil, nil)
+        let c = accept4(fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
         guard c >= 0 else { throw MigrationError.connection("accept: \(String(cString: strerror(errno)))") }
-        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
-        return Connection(socket: c, timeout: ioTimeout ?? timeout)
+        return Connection(socket: FileDescriptor(owning: c), timeout: ioTimeout ?? timeout)
     }
 }
 

@@ -2,6 +2,7 @@ import CVMMSys
 import Foundation
 import Glibc
 import GuestMemory
+import HostSystem
 import Synchronization
 
 /// A wire with latency and loss between two TUN devices, one in each namespace of a shaped link,
@@ -10,19 +11,21 @@ import Synchronization
 /// over it (this is a router, not a relay), so both ends see the real round trip and retransmit
 /// what is lost.
 final class DelayLine: @unchecked Sendable {   // each direction's thread owns its queue; `running` is atomic
-    private let ends: (Int32, Int32)
+    private let a: FileDescriptor, b: FileDescriptor
     private let oneWay: UInt64
     private let loss: Double
     private let running = Atomic<Bool>(true)
     private var threads: [Thread] = []
     private let done = DispatchGroup()
 
-    /// Carries packets between the TUN descriptors `a` and `b` (owned: closed on `stop`).
-    init(_ a: Int32, _ b: Int32, roundTrip: Double, loss: Double) {
-        ends = (a, b)
+    /// Carries packets between the TUN devices `a` and `b` (closed when the line goes).
+    init(_ a: consuming FileDescriptor, _ b: consuming FileDescriptor, roundTrip: Double, loss: Double) {
+        let (ra, rb) = (a.raw, b.raw)
+        self.a = a
+        self.b = b
         oneWay = UInt64(roundTrip / 2 * 1e9)
         self.loss = loss
-        for (from, to) in [(a, b), (b, a)] {
+        for (from, to) in [(ra, rb), (rb, ra)] {
             done.enter()
             let t = Thread { [self] in carry(from: from, to: to); done.leave() }
             t.name = "delay-line"
@@ -34,8 +37,6 @@ final class DelayLine: @unchecked Sendable {   // each direction's thread owns i
     func stop() {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         done.wait()
-        close(ends.0)
-        close(ends.1)
     }
 
     deinit { stop() }

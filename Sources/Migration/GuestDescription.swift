@@ -72,7 +72,7 @@ public struct GuestDescription: Equatable, Sendable {
         try need(end)
         let regions = (0..<slots).map { i in RAMLayout.Region(gpa: GPA(b.le(UInt64.self, at: 12 + i * 16)), size: b.le(UInt64.self, at: 20 + i * 16)) }
         let layout: RAMLayout
-        do { layout = try RAMLayout(regions) } catch { throw MigrationError.badStream("\(context)\(error)") }
+        do { layout = try RAMLayout(regions) } catch { throw MigrationError.badStream("\(context)the guest's memory layout", cause: error) }
         var guest = GuestDescription(layout: layout, vcpus: b.le(UInt32.self, at: 0), backend: b[4], backing: b[5])
         if version < 4 {
             try need(end + 4)
@@ -112,12 +112,12 @@ public struct GuestDescription: Equatable, Sendable {
         } catch let e as GuestMemoryError {
             switch e {
             case .systemCall(_, errno: ENOMEM), .hugePagesNotReserved:
-                throw MigrationError(.outOfMemory, "the destination cannot map the guest's \(formatBytes(layout.size)): \(e)")
+                throw MigrationError(.outOfMemory, "the destination cannot map the guest's \(formatBytes(layout.size))", cause: e)
             default:
-                throw MigrationError.vm("\(context)\(e)")
+                throw MigrationError.vm("\(context)making the guest", cause: e)
             }
         } catch {
-            throw MigrationError.vm("\(context)\(error)")
+            throw MigrationError.vm("\(context)making the guest", cause: error)
         }
     }
 }

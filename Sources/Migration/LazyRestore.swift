@@ -24,7 +24,9 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
     private let runs: [Run]
     /// Per RAM page, the run holding its last copy.
     private let owner: [UInt32]
-    private let files: [Int32]
+    /// Each file of the chain, open once: its header was read through it, its records are read
+    /// from it at their offsets.
+    private let files: [Connection]
     private let faults: MissingPages
     private let digest: PageDigest
     private let expected: [UInt8]
@@ -43,37 +45,30 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         var first: (header: SnapshotHeader, path: String)?
         var runs: [Run] = []
         var owner: [UInt32] = []
-        var files: [Int32] = []
+        var files: [Connection] = []
         var state: MachineState?, expected: [UInt8] = []
         var vm: (any VirtualMachine)?
-        do {
-            for (index, path) in paths.enumerated() {
-                let c = try Connection(file: path, writing: false)
-                let h = try SnapshotHeader.read(from: c, path: path)
-                try checkChainFile(h, index: index, path: path, first: first)
-                guard h.version >= 5 else {
-                    throw MigrationError.badStream("\(path) is a version \(h.version) snapshot; a lazy restore needs version 5 files: restore it without --lazy")
-                }
-                if index == 0 {
-                    guard Postcopy.granule(Backing(wireCode: h.guest.backing)) == 1 else {
-                        throw MigrationError.badStream("\(path): a lazy restore places 4 KiB pages; this \(Backing(wireCode: h.guest.backing)) guest restores without --lazy")
-                    }
-                    vm = try h.guest.makeGuest(context: "\(path): ")
-                    owner = [UInt32](repeating: .max, count: Int(vm!.pages))
-                    first = (h, path)
-                }
-                let fd = open(path, O_RDONLY | O_CLOEXEC)
-                guard fd >= 0 else { throw MigrationError.connection("open \(path): \(String(cString: strerror(errno)))") }
-                files.append(fd)
-                (state, expected) = try Self.scan(fd, from: Int(c.bytesReceived), path: path, file: files.count - 1, guest: h.guest,
-                                                  ram: vm!.ram, runs: &runs, owner: &owner)
+        for (index, path) in paths.enumerated() {
+            let c = try Connection(file: path, writing: false)
+            let h = try SnapshotHeader.read(from: c, path: path)
+            try checkChainFile(h, index: index, path: path, first: first)
+            guard h.version >= 5 else {
+                throw MigrationError.badStream("\(path) is a version \(h.version) snapshot; a lazy restore needs version 5 files: restore it without --lazy")
             }
-            // The full snapshot holds every page.
-            if let p = owner.firstIndex(of: .max) { throw MigrationError.badStream("\(paths[0]) holds no copy of page \(p)") }
-        } catch {
-            for fd in files { close(fd) }
-            throw error
+            if index == 0 {
+                guard Postcopy.granule(Backing(wireCode: h.guest.backing)) == 1 else {
+                    throw MigrationError.badStream("\(path): a lazy restore places 4 KiB pages; this \(Backing(wireCode: h.guest.backing)) guest restores without --lazy")
+                }
+                vm = try h.guest.makeGuest(context: "\(path): ")
+                owner = [UInt32](repeating: .max, count: Int(vm!.pages))
+                first = (h, path)
+            }
+            files.append(c)
+            (state, expected) = try Self.scan(c.fd, from: Int(c.bytesReceived), path: path, file: files.count - 1, guest: h.guest,
+                                              ram: vm!.ram, runs: &runs, owner: &owner)
         }
+        // The full snapshot holds every page.
+        if let p = owner.firstIndex(of: .max) { throw MigrationError.badStream("\(paths[0]) holds no copy of page \(p)") }
         self.vm = vm!
         self.state = state!
         self.runs = runs
@@ -90,8 +85,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             for m in ram.slots { try m.discard(offset: 0, length: m.size) }
             faults = try MissingPages(ram: ram)
         } catch {
-            for fd in files { close(fd) }
-            throw MigrationError.vm("a lazy restore needs userfaultfd: \(error)")
+            throw MigrationError.vm("a lazy restore needs userfaultfd", cause: error)
         }
         openSeconds = Date().timeIntervalSince(started)
     }
@@ -101,7 +95,6 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         stopping = true
         condition.unlock()
         faults.release()
-        for fd in files { close(fd) }
     }
 
     /// Starts the guest (paused if asked), serving its faults; with `prefault` a filler puts every
@@ -188,7 +181,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         }
         condition.unlock()
         guard !pieces.isEmpty else { return }
-        let (h, payload) = try Self.read(files[run.file], at: run.offset, payload: run.zero ? 0 : Int(run.count) << 12, pageLimit: vm.pages)
+        let (h, payload) = try Self.read(files[run.file].fd, at: run.offset, payload: run.zero ? 0 : Int(run.count) << 12, pageLimit: vm.pages)
         guard h[0] == RecordType.pages.rawValue, h.le(UInt64.self, at: 8) == run.first, UInt64(h.le(UInt32.self, at: 4)) == run.count,
               (h[1] & Record.zeroRun != 0) == run.zero else {
             throw MigrationError.badStream("a snapshot file changed under the restore (the record at byte \(run.offset) is not the one scanned)")

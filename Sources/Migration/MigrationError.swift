@@ -64,19 +64,32 @@ public struct MigrationError: Error, Equatable, CustomStringConvertible {
     public var message: String
     /// Set when the peer stopped and said why; nil when this side found it.
     public var toldBy: Side?
+    /// The error underneath, when another layer's failure is why (a system call, the VM, KVM).
+    public var cause: (any Error)?
 
-    public init(_ code: Code, _ message: String, toldBy: Side? = nil) {
+    public init(_ code: Code, _ message: String, toldBy: Side? = nil, cause: (any Error)? = nil) {
         self.code = code
         self.message = message
         self.toldBy = toldBy
+        self.cause = cause
     }
 
-    public var description: String { toldBy.map { "\(message) (said the \($0))" } ?? message }
+    /// The message with its cause: what the CLI prints and what an ERROR record carries.
+    public var reason: String { cause.map { "\(message): \($0)" } ?? message }
 
-    public static func connection(_ why: String) -> MigrationError { .init(.connection, "connection: \(why)") }
+    public var description: String { toldBy.map { "\(reason) (said the \($0))" } ?? reason }
+
+    /// Equal in what the peer can see: code, reason and who said it.
+    public static func == (a: MigrationError, b: MigrationError) -> Bool {
+        a.code == b.code && a.reason == b.reason && a.toldBy == b.toldBy
+    }
+
+    public static func connection(_ why: String, cause: (any Error)? = nil) -> MigrationError { .init(.connection, "connection: \(why)", cause: cause) }
     public static func timeout(_ what: String) -> MigrationError { .init(.timeout, "timed out: \(what)") }
-    public static func badStream(_ why: String) -> MigrationError { .init(.badStream, "bad migration stream or snapshot: \(why)") }
-    public static func vm(_ why: String) -> MigrationError { .init(.vm, "VM: \(why)") }
+    public static func badStream(_ why: String, cause: (any Error)? = nil) -> MigrationError {
+        .init(.badStream, "bad migration stream or snapshot: \(why)", cause: cause)
+    }
+    public static func vm(_ why: String, cause: (any Error)? = nil) -> MigrationError { .init(.vm, "VM: \(why)", cause: cause) }
     public static func authentication(_ why: String) -> MigrationError { .init(.authentication, "authentication failed: \(why)") }
     public static let cancelled = MigrationError(.cancelled, "cancelled")
     public static let digestMismatch = MigrationError(.digestMismatch,
@@ -85,6 +98,7 @@ public struct MigrationError: Error, Equatable, CustomStringConvertible {
     /// `error` as a reason to send the peer: a migration error as it is, anything else by its text.
     public init(describing error: Error) {
         if let e = error as? MigrationError { self = e; return }
+        if let e = error as? VMError { self.init(.vm, "VM: \(e.message)", cause: e.cause); return }
         self.init(.unknown, "\(error)")
     }
 }

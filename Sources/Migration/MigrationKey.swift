@@ -1,11 +1,13 @@
 import Crypto
 import Foundation
 import Glibc
+import HostSystem
 
 /// A pre-shared key for migration: both ends hold the same one (`vmm key generate` makes it).
 public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendable) is immutable once made
     let key: SymmetricKey
     public static let minimumBytes = 16
+    public static let maximumBytes = 4096
 
     public init(bytes: [UInt8]) throws {
         guard bytes.count >= Self.minimumBytes else {
@@ -31,14 +33,22 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
             throw MigrationError(.badKey, "the key file \(path) is open to other users (mode \(String(st.st_mode & 0o777, radix: 8))): "
                                  + "make it private with `chmod 600 \(path)`")
         }
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            throw MigrationError(.badKey, "cannot read the key file \(path): \(String(cString: strerror(errno)))")
+        // One byte more than a key may have, to tell a key from a file that is not one.
+        var bytes = [UInt8](repeating: 0, count: Self.maximumBytes + 1)
+        var n = 0
+        do {
+            let file = try FileDescriptor(opening: path, O_RDONLY)
+            while n < bytes.count {
+                let got = try system("read(\(path))") { bytes.withUnsafeMutableBytes { read(file.raw, $0.baseAddress! + n, $0.count - n) } }
+                if got == 0 { break }
+                n += got
+            }
+        } catch {
+            throw MigrationError(.badKey, "cannot read the key file \(path): \(String(cString: strerror(error.errno)))")
         }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 4096)
-        let n = read(fd, &bytes, bytes.count)
-        guard n >= 0 else { throw MigrationError(.badKey, "cannot read the key file \(path): \(String(cString: strerror(errno)))") }
+        guard n <= Self.maximumBytes else {
+            throw MigrationError(.badKey, "the key file \(path) holds more than \(Self.maximumBytes) bytes: it is not a key; make one with `vmm key generate FILE`")
+        }
         guard n >= Self.minimumBytes else {
             throw MigrationError(.badKey, "the key file \(path) holds \(n) bytes; a migration key needs at least \(Self.minimumBytes): "
                                  + "make one with `vmm key generate FILE`")
@@ -48,19 +58,21 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
 
     /// Writes a new random 32-byte key to `path`, readable by this user only; refuses to replace a file.
     public static func generate(to path: String) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            let e = errno
-            throw MigrationError(.badKey, "cannot create the key file \(path): \(String(cString: strerror(e)))"
-                                 + (e == EEXIST ? " (remove it first to replace it)" : ""))
+        let file: FileDescriptor
+        do { file = try FileDescriptor(opening: path, O_WRONLY | O_CREAT | O_EXCL, mode: 0o600) } catch {
+            throw MigrationError(.badKey, "cannot create the key file \(path): \(String(cString: strerror(error.errno)))"
+                                 + (error.errno == EEXIST ? " (remove it first to replace it)" : ""))
         }
-        defer { close(fd) }
         var rng = SystemRandomNumberGenerator()
         let bytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
-        guard write(fd, bytes, bytes.count) == bytes.count, fsync(fd) == 0 else {
-            let e = errno
+        do {
+            guard try system("write(\(path))", { write(file.raw, bytes, bytes.count) }) == bytes.count else {
+                throw SystemCallError("write(\(path))", errno: EIO)
+            }
+            _ = try system("fsync(\(path))") { fsync(file.raw) }
+        } catch {
             unlink(path)
-            throw MigrationError(.badKey, "cannot write the key file \(path): \(String(cString: strerror(e)))")
+            throw MigrationError(.badKey, "cannot write the key file \(path): \(String(cString: strerror(error.errno)))")
         }
     }
 

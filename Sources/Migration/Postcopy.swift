@@ -56,7 +56,7 @@ enum Postcopy {
         }
         // All at once: a busy guest's set is many short runs, and this is downtime.
         for (s, r) in ranges.enumerated() where !r.isEmpty {
-            do { try ram.slots[s].discard(ranges: r) } catch { throw MigrationError.vm("dropping the stale pages: \(error)") }
+            do { try ram.slots[s].discard(ranges: r) } catch { throw MigrationError.vm("dropping the stale pages", cause: error) }
         }
     }
 
@@ -326,7 +326,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         absent = wanted
         requested = [UInt64](repeating: 0, count: wanted.count)
         left = wanted.pageCount
-        do { faults = try MissingPages(ram: ram) } catch { throw MigrationError.vm("post-copy needs userfaultfd: \(error)") }
+        do { faults = try MissingPages(ram: ram) } catch { throw MigrationError.vm("post-copy needs userfaultfd", cause: error) }
     }
 
     deinit { for (_, (buffer, _)) in filling { munmap(buffer, Int(granule << PageSize.shift4K)) } }
@@ -475,7 +475,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
             let done: Bool
             do {
                 done = try bytes.map { try faults.place(page: p, count: n, from: $0) } ?? faults.placeZeros(page: p, count: n)
-            } catch { throw MigrationError.vm("placing pages \(p)+\(n): \(error)") }
+            } catch { throw MigrationError.vm("placing pages \(p)+\(n)", cause: error) }
             guard done else { throw MigrationError.vm("pages \(p)+\(n) were present where post-copy dropped them") }
             var sums = DigestSums()
             for i in 0..<n { digest.set(p + i, bytes.map { $0 + Int(i << PageSize.shift4K) }, &sums) }
@@ -513,7 +513,7 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
             guard full else { continue }
             defer { munmap(buffer, bytes) }
             let done: Bool
-            do { done = try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g): \(error)") }
+            do { done = try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g)", cause: error) }
             guard done else { throw MigrationError.vm("huge page \(g) was present where post-copy dropped it") }
             var sums = DigestSums()
             for i in 0..<granule { digest.set(g + i, buffer + Int(i << PageSize.shift4K), &sums) }

@@ -221,7 +221,7 @@ extension Connection {
     func sendError(_ e: MigrationError) throws {
         var payload: [UInt8] = []
         payload.append(le: e.code.rawValue)
-        payload += Array(e.message.utf8.prefix(4096))
+        payload += Array(e.reason.utf8.prefix(4096))
         try withoutStop {
             try sendRecord(.error, payload: payload)
             try flush()

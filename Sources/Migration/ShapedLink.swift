@@ -1,6 +1,7 @@
 import CVMMSys
 import Foundation
 import Glibc
+import HostSystem
 
 /// Two hosts on one machine: two network namespaces joined by a link whose ends' egress is shaped by
 /// tc's token bucket (tbf) to a rate, so a migration's source and destination talk over a real kernel
@@ -96,15 +97,12 @@ public final class ShapedLink: @unchecked Sendable {   // made and removed by on
             if delayed {
                 // A TUN device in each namespace (made from a thread inside it), point to point, with
                 // large packets so the delay line copies few of them.
-                func tun(_ side: Side, _ name: String) throws -> Int32 {
+                func tun(_ side: Side, _ name: String) throws -> FileDescriptor {
                     let fd = try within(side) { cvmm_tun_open(name) }
                     guard fd >= 0 else { throw MigrationError.connection("open a TUN device: \(String(cString: strerror(-fd))) (a delayed link needs /dev/net/tun)") }
-                    return fd
+                    return FileDescriptor(owning: fd)
                 }
-                let fa = try tun(.source, a)
-                let fb: Int32
-                do { fb = try tun(.destination, b) } catch { close(fa); throw error }
-                delayLine = DelayLine(fa, fb, roundTrip: shape.roundTrip, loss: shape.loss)
+                delayLine = DelayLine(try tun(.source, a), try tun(.destination, b), roundTrip: shape.roundTrip, loss: shape.loss)
                 for (ns, dev, here, there) in [(names.source, a, "\(subnet).1", "\(subnet).2"), (names.destination, b, "\(subnet).2", "\(subnet).1")] {
                     try Self.run("ip", ["-n", ns, "link", "set", dev, "mtu", "65000", "up"])
                     try Self.run("ip", ["-n", ns, "addr", "add", here, "peer", there, "dev", dev])
@@ -139,19 +137,18 @@ public final class ShapedLink: @unchecked Sendable {   // made and removed by on
     /// Runs `body` on this thread inside `side`'s namespace (sockets made there stay there), then
     /// puts the thread back.
     public func within<T>(_ side: Side, _ body: () throws -> T) throws -> T {
-        let home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
-        guard home >= 0 else { throw MigrationError.connection("open /proc/thread-self/ns/net: \(String(cString: strerror(errno)))") }
-        defer { close(home) }
         let name = side == .source ? names.source : names.destination
-        let fd = open("/var/run/netns/\(name)", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw MigrationError.connection("open /var/run/netns/\(name): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        guard cvmm_setns_net(fd) == 0 else {
+        let home: FileDescriptor, target: FileDescriptor
+        do {
+            home = try FileDescriptor(opening: "/proc/thread-self/ns/net", O_RDONLY)
+            target = try FileDescriptor(opening: "/var/run/netns/\(name)", O_RDONLY)
+        } catch { throw MigrationError.connection("cannot enter the namespace \(name)", cause: error) }
+        guard cvmm_setns_net(target.raw) == 0 else {
             throw MigrationError.connection("setns into \(name): \(String(cString: strerror(errno))) (a shaped link needs root)")
         }
         defer {
             // A thread left in the other namespace would make every later socket there: no way on.
-            if cvmm_setns_net(home) != 0 { fatalError("setns back from \(name): \(String(cString: strerror(errno)))") }
+            if cvmm_setns_net(home.raw) != 0 { fatalError("setns back from \(name): \(String(cString: strerror(errno)))") }
         }
         return try body()
     }

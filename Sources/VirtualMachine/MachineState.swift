@@ -72,7 +72,7 @@ struct StateReader {
     /// The workload a state begins with.
     mutating func workload() throws -> WorkloadSpec {
         let text = try string()
-        do { return try WorkloadSpec.parse(text) } catch { throw VMError.failed("\(what) names a workload that does not parse (\(text)): \(error)") }
+        do { return try WorkloadSpec.parse(text) } catch { throw VMError.failed("\(what) names a workload that does not parse (\(text))", cause: error) }
     }
     /// Checks a vCPU count against the VM's.
     mutating func vcpus(_ expected: Int) throws {

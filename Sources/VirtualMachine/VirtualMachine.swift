@@ -101,15 +101,29 @@ public struct VCPURun: Sendable, Equatable {
     public init() {}
 }
 
-public enum VMError: Error, CustomStringConvertible {
-    case unsupported(String)
-    case failed(String)
-    public var description: String {
-        switch self {
-        case let .unsupported(what): return what
-        case let .failed(what): return what
-        }
+/// An error of the VM layer: its kind (a caller may act on it), what happened and what to do, and
+/// the error underneath when another layer's failure is why (KVM, guest memory, a system call).
+public struct VMError: Error, CustomStringConvertible {
+    public enum Kind: String, Sendable {
+        /// What was asked cannot be done by this backend or this host (a capability, a size).
+        case unsupported
+        /// It could be done, and failed.
+        case failed
     }
+    public let kind: Kind
+    public let message: String
+    public let cause: (any Error)?
+
+    public init(_ kind: Kind, _ message: String, cause: (any Error)? = nil) {
+        self.kind = kind
+        self.message = message
+        self.cause = cause
+    }
+
+    public static func unsupported(_ message: String, cause: (any Error)? = nil) -> VMError { VMError(.unsupported, message, cause: cause) }
+    public static func failed(_ message: String, cause: (any Error)? = nil) -> VMError { VMError(.failed, message, cause: cause) }
+
+    public var description: String { cause.map { "\(message): \($0)" } ?? message }
 
     static let ringCountsNeedRing = VMError.failed("per-vCPU dirty counts come from the dirty ring: log with ring first")
 }

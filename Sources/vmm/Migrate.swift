@@ -222,6 +222,7 @@ func failureJSON(_ command: String, _ error: Error) -> String {
     let e = MigrationError(describing: error)
     var fields: [(String, Any)] = [("command", command), ("status", exitStatus(error) == ExitStatus.cancelled ? "cancelled" : "failed"),
                                    ("error_class", error is ValidationError ? "bad option" : e.code.description), ("error", e.message)]
+    if let cause = e.cause { fields.append(("cause", "\(cause)")) }
     if let side = e.toldBy { fields.append(("told_by", "\(side)")) }
     return jsonLine(fields)
 }

@@ -48,9 +48,9 @@ import Testing
 
     @Test func memfdIsSharedWithASecondMapping() throws {
         let m = try HostMemory(size: 1 << 20, backing: .memfd)
-        #expect(m.fd >= 0)
+        let fd = try #require(m.file?.raw)
         m.pointer.storeBytes(of: 0xDEAD_BEEF, toByteOffset: 8192, as: UInt64.self)
-        let other = mmap(nil, 1 << 20, PROT_READ, MAP_SHARED, m.fd, 0)!
+        let other = mmap(nil, 1 << 20, PROT_READ, MAP_SHARED, fd, 0)!
         defer { munmap(other, 1 << 20) }
         #expect(other.load(fromByteOffset: 8192, as: UInt64.self) == 0xDEAD_BEEF)
         // Discard punches the hole in the file too.
