@@ -34,7 +34,9 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
     public let size: UInt64
     public let backing: Backing
     /// The memfd behind a `.memfd` mapping.
-    let file: FileDescriptor?
+    private let file: FileDescriptor?
+    /// Its number, for this package's own calls on it.
+    package let memfd: Int32?
     private let mapping: Mapping
 
     public var range: HVARange { HVARange(start: base, size: size) }
@@ -59,6 +61,7 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
             }
             mapping = m
             file = nil
+            memfd = nil
         case .hugetlb2M, .hugetlb1G:
             let ps = backing.hostPageSize.bytes
             guard size % ps == 0 else { throw .hugePageSizeMismatch(size: size, pageSize: ps) }
@@ -74,6 +77,7 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
                 throw .systemCall(error.call, errno: error.errno)
             }
             file = nil
+            memfd = nil
         case .memfd:
             // Owned as soon as made: a failure after closes and unmaps what was made before it.
             let fd = try Self.host { () throws(SystemCallError) in
@@ -81,6 +85,7 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
             }
             _ = try Self.host { () throws(SystemCallError) in try system("ftruncate(memfd, \(size))") { ftruncate(fd.raw, off_t(size)) } }
             mapping = try Self.host { () throws(SystemCallError) in try Mapping(size: Int(size), flags: MAP_SHARED, fd: fd, what: formatBytes(size)) }
+            memfd = fd.raw
             file = consume fd
         }
         base = HVA(mapping.base)

@@ -415,7 +415,7 @@ public final class Listener: Sendable {
             throw rc == 0 ? MigrationError.timeout("no source connected to \(address) within \(formatDuration(timeout))")
                           : MigrationError.connection("poll: \(String(cString: strerror(errno)))")
         }
-        let c = accept4(fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
+        let c = cvmm_accept_cloexec(fd)
         guard c >= 0 else { throw MigrationError.connection("accept: \(String(cString: strerror(errno)))") }
         return Connection(socket: FileDescriptor(owning: c), timeout: ioTimeout ?? timeout)
     }

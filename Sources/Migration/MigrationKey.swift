@@ -58,21 +58,25 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
 
     /// Writes a new random 32-byte key to `path`, readable by this user only; refuses to replace a file.
     public static func generate(to path: String) throws {
-        let file: FileDescriptor
-        do { file = try FileDescriptor(opening: path, O_WRONLY | O_CREAT | O_EXCL, mode: 0o600) } catch {
-            throw MigrationError(.badKey, "cannot create the key file \(path): \(String(cString: strerror(error.errno)))"
-                                 + (error.errno == EEXIST ? " (remove it first to replace it)" : ""))
-        }
+        let file = try create(path)
         var rng = SystemRandomNumberGenerator()
         let bytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
-        do {
+        do throws(SystemCallError) {
             guard try system("write(\(path))", { write(file.raw, bytes, bytes.count) }) == bytes.count else {
                 throw SystemCallError("write(\(path))", errno: EIO)
             }
             _ = try system("fsync(\(path))") { fsync(file.raw) }
         } catch {
             unlink(path)
-            throw MigrationError(.badKey, "cannot write the key file \(path): \(String(cString: strerror(error.errno)))")
+            throw MigrationError(.badKey, "cannot write the key file \(path)", cause: error)
+        }
+    }
+
+    /// A new file at `path`, private to this user; never one that exists.
+    private static func create(_ path: String) throws -> FileDescriptor {
+        do { return try FileDescriptor(opening: path, O_WRONLY | O_CREAT | O_EXCL, mode: 0o600) } catch {
+            throw MigrationError(.badKey, "cannot create the key file \(path): \(String(cString: strerror(error.errno)))"
+                                 + (error.errno == EEXIST ? " (remove it first to replace it)" : ""))
         }
     }
 

@@ -138,11 +138,8 @@ public final class ShapedLink: @unchecked Sendable {   // made and removed by on
     /// puts the thread back.
     public func within<T>(_ side: Side, _ body: () throws -> T) throws -> T {
         let name = side == .source ? names.source : names.destination
-        let home: FileDescriptor, target: FileDescriptor
-        do {
-            home = try FileDescriptor(opening: "/proc/thread-self/ns/net", O_RDONLY)
-            target = try FileDescriptor(opening: "/var/run/netns/\(name)", O_RDONLY)
-        } catch { throw MigrationError.connection("cannot enter the namespace \(name)", cause: error) }
+        let home = try Self.namespace("/proc/thread-self/ns/net")
+        let target = try Self.namespace("/var/run/netns/\(name)")
         guard cvmm_setns_net(target.raw) == 0 else {
             throw MigrationError.connection("setns into \(name): \(String(cString: strerror(errno))) (a shaped link needs root)")
         }
@@ -151,6 +148,13 @@ public final class ShapedLink: @unchecked Sendable {   // made and removed by on
             if cvmm_setns_net(home.raw) != 0 { fatalError("setns back from \(name): \(String(cString: strerror(errno)))") }
         }
         return try body()
+    }
+
+    /// A network namespace's file, for setns.
+    private static func namespace(_ path: String) throws -> FileDescriptor {
+        do { return try FileDescriptor(opening: path, O_RDONLY) } catch {
+            throw MigrationError.connection("cannot open the network namespace \(path)", cause: error)
+        }
     }
 
     /// Whether this host can make a link (root, `ip` and `tc` with tbf); why not, if it cannot.

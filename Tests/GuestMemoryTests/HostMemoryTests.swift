@@ -48,7 +48,7 @@ import Testing
 
     @Test func memfdIsSharedWithASecondMapping() throws {
         let m = try HostMemory(size: 1 << 20, backing: .memfd)
-        let fd = try #require(m.file?.raw)
+        let fd = try #require(m.memfd)
         m.pointer.storeBytes(of: 0xDEAD_BEEF, toByteOffset: 8192, as: UInt64.self)
         let other = mmap(nil, 1 << 20, PROT_READ, MAP_SHARED, fd, 0)!
         defer { munmap(other, 1 << 20) }

@@ -9,6 +9,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <sys/socket.h>
 #include <errno.h>
 
 // memfd_create(2): glibc declares it only under _GNU_SOURCE, which Swift's Glibc module does not set.
@@ -70,6 +71,12 @@ static inline int cvmm_madvise_ranges(const struct iovec *ranges, size_t count, 
 #define CVMM_TUNSETIFF _IOW('T', 202, int)
 #define CVMM_IFF_TUN 0x0001
 #define CVMM_IFF_NO_PI 0x1000
+/// accept4 with SOCK_CLOEXEC: the accepted socket is never inherited across an exec, even by a
+/// process forked between accept and fcntl (glibc declares accept4 only under _GNU_SOURCE).
+static inline int cvmm_accept_cloexec(int fd) {
+    return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, SOCK_CLOEXEC);
+}
+
 static inline int cvmm_tun_open(const char *name) {
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return -errno;
