@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 @testable import GuestMemory
-@testable import SoftBackend
+@testable import Workload
 
 /// The pacer both backends' vCPUs use: a throttle slows a paced vCPU by its share, and a vCPU that
 /// fell behind (throttled, descheduled, just restored) does not burst to catch up.
