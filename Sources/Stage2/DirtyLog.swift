@@ -6,7 +6,7 @@ import Synchronization
 /// The dirty state of one logging memslot.
 public final class SlotDirtyLog: @unchecked Sendable {   // `slot` changes only under the MMU lock held exclusively
     /// The slot as it is now (a move changes its range). Guarded by the MMU lock.
-    public internal(set) var slot: Memslot
+    @exclusivity(unchecked) public internal(set) var slot: Memslot   // the lock is the check; faults read it
     public let config: DirtyLogConfig
     /// The strategy's answers to the MMU's questions.
     public let tracker: any DirtyTracker
