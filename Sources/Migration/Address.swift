@@ -35,10 +35,13 @@ public enum MigrationAddress: Sendable, Equatable, CustomStringConvertible {
         } else if host.contains(UInt8(ascii: ":")) {
             throw MigrationError.connection("\(Self.visible(text)): put an IPv6 address in brackets, e.g. tcp:[::1]:\(port)")
         }
-        // Host names and addresses are ASCII without spaces; anything else would reach the resolver
-        // as something other than what was written (a NUL cuts it short).
-        guard host.allSatisfy({ (0x21...0x7E).contains($0) }) else {
-            throw MigrationError.connection("\(Self.visible(text)): a host is a name or an address in ASCII, without spaces")
+        // Host names and addresses are letters, digits and . - _ (and : % inside brackets); anything
+        // else would reach the resolver as something other than what was written (a NUL cuts it
+        // short), or print as an address that reads back as another.
+        guard host.allSatisfy({ b in
+            (0x30...0x39).contains(b) || (0x41...0x5A).contains(b) || (0x61...0x7A).contains(b) || Array(".-_:%".utf8).contains(b)
+        }) else {
+            throw MigrationError.connection("\(Self.visible(text)): a host is a name or an address: letters, digits, '.', '-', '_' (and ':', '%' in brackets)")
         }
         self = .tcp(host: host.isEmpty ? "localhost" : String(decoding: host, as: UTF8.self), port: port)
     }
