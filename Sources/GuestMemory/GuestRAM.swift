@@ -73,7 +73,13 @@ public struct RAMLayout: Equatable, Sendable, CustomStringConvertible {
             guard let size = parseByteCount(String(parts[0])), size > 0 else {
                 throw .badLayout("'\(item)' is not a size like 512M or a slot like 6G@4G")
             }
-            var gpa = regions.last?.end ?? 0
+            // Where the previous slot ends, checked: the sizes are the user's, and may sum past 2^64.
+            var gpa: UInt64 = 0
+            if let last = regions.last {
+                let (end, overflow) = last.gpa.raw.addingReportingOverflow(last.size)
+                guard !overflow else { throw .badLayout("'\(text)': the slots end beyond the 48-bit guest-physical space") }
+                gpa = end
+            }
             if parts.count == 2 {
                 let t = parts[1].lowercased()
                 guard let g = t.hasPrefix("0x") ? UInt64(t.dropFirst(2), radix: 16) : parseByteCount(String(t)) else {
