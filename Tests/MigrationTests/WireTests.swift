@@ -323,7 +323,9 @@ import KVMBackend
         let (report, moved) = try migrateOverLoopback(vm, link: link, options: MigrationOptions(timeout: 10, key: .random()))
         #expect(memcmp(moved.ram.slots[0].pointer, Array("0123456789abcdef".utf8), 16) == 0)
         #expect(report.setupSeconds >= 0.03, "opening took \(report.setupSeconds * 1e3) ms over a 30 ms round trip")
-        #expect(report.downtimeSeconds >= 0.055 && report.downtimeSeconds < 0.1, "\(report.downtimeSeconds * 1e3) ms of downtime")
+        // With 1% loss a packet of the pause may be lost: one retransmission timeout (TCP's minimum is
+        // 200 ms) is allowed; the lossless link test holds the tight bound.
+        #expect(report.downtimeSeconds >= 0.055 && report.downtimeSeconds < 0.35, "\(report.downtimeSeconds * 1e3) ms of downtime")
         print("over a 200mbit,30ms,1% link: \(report)")
         _ = try moved.stop()
 
