@@ -11,7 +11,8 @@ let package = Package(
     ],
     targets: [
         .target(name: "CFuzzer"),
-        .target(name: "FuzzSupport", dependencies: ["CFuzzer", .product(name: "Migration", package: "vmm")]),
+        .target(name: "FuzzSupport", dependencies: ["CFuzzer", .product(name: "Migration", package: "vmm"),
+                                                   .product(name: "VirtualMachine", package: "vmm"), .product(name: "GuestMemory", package: "vmm")]),
         .executableTarget(name: "FuzzStream", dependencies: ["FuzzSupport", .product(name: "Migration", package: "vmm"),
                                                              .product(name: "VirtualMachine", package: "vmm"),
                                                              .product(name: "GuestMemory", package: "vmm")]),

@@ -14,22 +14,12 @@ public struct SystemCallError: Error, Equatable, CustomStringConvertible {
     public var description: String { "\(call): \(String(cString: strerror(errno)))" }
 }
 
-/// Every system call of the project goes through one of these: they retry what a signal
-/// interrupted (EINTR), read errno at once (before anything else can change it), and throw an
-/// error that names the call. `call` describes the call lazily: it is built only on failure.
+/// Every system call of the project goes through this: it retries what a signal interrupted
+/// (EINTR), reads errno at once (before anything else can change it), and throws an error that
+/// names the call. `call` describes the call lazily: it is built only on failure. `body` returns
+/// what the call does (an Int32 status or descriptor, an Int size), negative on failure.
 @inlinable
-package func system(_ call: @autoclosure () -> String, _ body: () -> Int32) throws(SystemCallError) -> Int32 {
-    while true {
-        let r = body()
-        if r >= 0 { return r }
-        let e = errno
-        if e != EINTR { throw SystemCallError(call(), errno: e) }
-    }
-}
-
-/// The same for calls that return a size (read, write, send, recv).
-@inlinable
-package func system(_ call: @autoclosure () -> String, _ body: () -> Int) throws(SystemCallError) -> Int {
+package func system<Result: SignedInteger>(_ call: @autoclosure () -> String, _ body: () -> Result) throws(SystemCallError) -> Result {
     while true {
         let r = body()
         if r >= 0 { return r }

@@ -13,6 +13,8 @@ public struct DescriptorTable: Hashable, @unchecked Sendable {   // points at at
     @inlinable @inline(__always) public init(_ raw: UnsafeMutableRawPointer) {
         base = raw.assumingMemoryBound(to: Atomic<UInt64>.self)
     }
+    /// The table at `address` (the table pool keeps tables by address).
+    @inlinable @inline(__always) public init(address: UInt) { self.init(UnsafeMutableRawPointer(bitPattern: address)!) }
     @inlinable @inline(__always) public var raw: UnsafeMutableRawPointer { UnsafeMutableRawPointer(base) }
 
     @inlinable @inline(__always) public func entry(_ i: Int) -> DescriptorPointer { DescriptorPointer(base + i) }
@@ -60,8 +62,9 @@ public struct DescriptorPointer: @unchecked Sendable {   // points at an atomic 
 /// Process-wide pool of zeroed 4 KiB table pages, carved from 2 MiB mmap chunks.
 /// Freed tables are zeroed by the freeing thread, so allocation is a pop.
 public final class TableAllocator: Sendable {
+    /// Free tables by address: addresses are Sendable, so they pass the lock without copying.
     private struct Pool {
-        var free: [UnsafeMutableRawPointer] = []
+        var free: [UInt] = []
         var chunks: [UnsafeMutableRawPointer] = []
     }
     private let pool = Mutex(Pool())
@@ -79,28 +82,26 @@ public final class TableAllocator: Sendable {
     public var bytesInUse: UInt64 { UInt64(tablesInUse * DescriptorTable.bytes) }
 
     /// Hands out `count` zeroed tables.
-    public func allocate(_ count: Int, into out: inout [UnsafeMutableRawPointer]) {
-        // Taken as addresses: what leaves the lock must be Sendable. Rare (a table per 512 faults).
-        let taken = pool.withLock { p in
+    public func allocate(_ count: Int, into out: inout [UInt]) {
+        pool.withLock { p in
             while p.free.count < count { Self.grow(&p) }
-            defer { p.free.removeLast(count) }
-            return p.free.suffix(count).map { UInt(bitPattern: $0) }
+            out.append(contentsOf: p.free.suffix(count))
+            p.free.removeLast(count)
         }
-        out.append(contentsOf: taken.lazy.map { UnsafeMutableRawPointer(bitPattern: $0)! })
         inUse.add(count, ordering: .relaxed)
     }
 
     public func allocate() -> DescriptorTable {
-        var out: [UnsafeMutableRawPointer] = []
+        var out: [UInt] = []
         allocate(1, into: &out)
-        return DescriptorTable(out[0])
+        return DescriptorTable(address: out[0])
     }
 
     /// Returns tables to the pool. The caller guarantees no walker can still reach them.
     public func free(_ tables: [DescriptorTable]) {
         guard !tables.isEmpty else { return }
         for t in tables { memset(t.raw, 0, DescriptorTable.bytes) }
-        pool.withLock { p in p.free.append(contentsOf: tables.map(\.raw)) }
+        pool.withLock { p in p.free.append(contentsOf: tables.map { UInt(bitPattern: $0.raw) }) }
         inUse.subtract(tables.count, ordering: .relaxed)
     }
 
@@ -112,7 +113,7 @@ public final class TableAllocator: Sendable {
         _ = c.bindMemory(to: Atomic<UInt64>.self, capacity: chunkBytes / 8)
         p.chunks.append(c)
         for i in stride(from: chunkBytes - DescriptorTable.bytes, through: 0, by: -DescriptorTable.bytes) {
-            p.free.append(c + i)
+            p.free.append(UInt(bitPattern: c + i))
         }
     }
 }
@@ -121,7 +122,7 @@ public final class TableAllocator: Sendable {
 /// so map and split never allocate under the lock. Falls back to the allocator if it runs dry.
 public struct TableCache {
     public let allocator: TableAllocator
-    private var tables: [UnsafeMutableRawPointer] = []
+    private var tables: [UInt] = []
     /// Tables taken from the cache (split and map memory), for reporting.
     public private(set) var used = 0
 
@@ -138,18 +139,18 @@ public struct TableCache {
     public mutating func take() -> DescriptorTable {
         if tables.isEmpty { allocator.allocate(4, into: &tables) }
         used += 1
-        return DescriptorTable(tables.removeLast())
+        return DescriptorTable(address: tables.removeLast())
     }
 
     /// Puts back a table the walk took but did not install.
     public mutating func giveBack(_ t: DescriptorTable) {
         used -= 1
-        tables.append(t.raw)
+        tables.append(UInt(bitPattern: t.raw))
     }
 
     /// Returns every cached table to the allocator.
     public mutating func drain() {
-        allocator.free(tables.map { DescriptorTable($0) })
+        allocator.free(tables.map { DescriptorTable(address: $0) })
         tables.removeAll(keepingCapacity: true)
     }
 }

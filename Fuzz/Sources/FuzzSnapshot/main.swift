@@ -12,8 +12,6 @@ import VirtualMachine
 
 private let path = NSTemporaryDirectory() + "vmm-fuzz-snapshot-\(getpid())"
 private let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-nonisolated(unsafe) private let vm = try! makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
-nonisolated(unsafe) private let written = DirtyBitmap(pages: vm.pages)
 
 private func write(_ bytes: [UInt8]) {
     ftruncate(fd, 0)
@@ -38,8 +36,8 @@ runFuzzer { data, size in
             guard header.guest.layout.size <= 16 << 20, header.guest.vcpus <= 4 else { return 0 }
             let (restored, _) = try restoreSnapshots([path])
             _ = try? restored.stop()
-        } else if case let .end(state, _)? = try applyRecords(from: c, into: vm, guest: header.guest, written: written,
-                                                               digest: PageDigest(pages: vm.pages)) {
+        } else if case let .end(state, _)? = try applyRecords(from: c, into: fuzzGuest, guest: header.guest, written: fuzzWritten,
+                                                               digest: PageDigest(pages: fuzzGuest.pages)) {
             _ = state
         }
     } catch {

@@ -9,8 +9,6 @@ import VirtualMachine
 // The first input byte picks the mode: bit 0 fixes the record checksums, bit 1 gives the
 // destination a key, bit 2 allows post-copy records, bit 3 makes the records a further channel's.
 
-nonisolated(unsafe) private let vm = try! makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
-nonisolated(unsafe) private let written = DirtyBitmap(pages: vm.pages)
 private let key = try! MigrationKey(bytes: [UInt8](repeating: 7, count: 32))
 private let guest = GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0)
 
@@ -31,7 +29,7 @@ runFuzzer { data, size in
         _ = first.error(from: .source)
         if first.type == .guest { _ = try? GuestDescription.decode(first.payload, version: Handshake.version, context: "") }
         let barrier = PassBarrier(parties: 1, timeout: 1)
-        if case let .end(state, _)? = try applyRecords(from: c, into: vm, guest: guest, written: written, digest: PageDigest(pages: vm.pages),
+        if case let .end(state, _)? = try applyRecords(from: c, into: fuzzGuest, guest: guest, written: fuzzWritten, digest: PageDigest(pages: fuzzGuest.pages),
                                                        barrier: barrier, main: mode & 8 == 0, postcopy: mode & 4 != 0) {
             _ = state
         }

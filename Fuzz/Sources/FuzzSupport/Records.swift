@@ -1,4 +1,11 @@
 @testable import Migration
+import GuestMemory
+import VirtualMachine
+
+/// A small guest the harnesses apply records to, made once and reused (its memory's content does
+/// not matter), and the bitmap of what records wrote into it.
+nonisolated(unsafe) public let fuzzGuest = try! makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
+nonisolated(unsafe) public let fuzzWritten = DirtyBitmap(pages: fuzzGuest.pages)
 
 /// Makes a fuzz input's record checksums right, so mutations reach what lies behind the checksum
 /// check: walks `bytes` from `offset` as records (24-byte headers, payload lengths as they say) and
