@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "VirtualMachine", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload", "SoftBackend", "KVMBackend"]),
         .target(name: "Migration", dependencies: ["CVMMSys", "HostSystem", "GuestMemory", "DirtyLog", "Workload", "VirtualMachine",
                                                   .product(name: "Crypto", package: "swift-crypto")]),
-        .target(name: "Control", dependencies: ["HostSystem", "GuestMemory", "Workload", "VirtualMachine", "Migration"]),
+        .target(name: "Control", dependencies: ["CVMMSys", "HostSystem", "GuestMemory", "Workload", "VirtualMachine", "Migration"]),
         .executableTarget(
             name: "vmm",
             dependencies: [

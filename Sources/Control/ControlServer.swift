@@ -1,3 +1,4 @@
+import CVMMSys
 import Foundation
 import Glibc
 import HostSystem
@@ -34,8 +35,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
     public static let maxLine = 64 << 10
     public static let maxClients = 16
     public let path: String
-    private let listening: FileDescriptor
-    private var fd: Int32 { listening.raw }
+    /// Closed by `stop`: the server may outlive it (a VM's event sink can hold it).
+    private var listening: FileDescriptor?
     private let handler: CommandHandler
     private let greeting: JSON
     private let lock = NSLock()
@@ -69,8 +70,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             if live { throw QMPError.generic("--api \(path): another process serves that socket") }
             unlink(path)
         }
-        listening = FileDescriptor(owning: try system("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) })
-        let fd = listening.raw
+        let socketFD = FileDescriptor(owning: try system("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) })
+        let fd = socketFD.raw
         // Private from the moment it exists: no other user can connect between bind and a chmod.
         let mask = umask(0o177)
         let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
@@ -79,7 +80,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             let e = errno
             throw QMPError.generic("--api \(path): \(String(cString: strerror(e)))")
         }
-        let t = Thread { [self] in acceptLoop() }
+        listening = consume socketFD
+        let t = Thread { [self] in acceptLoop(fd) }
         t.name = "control-accept"
         t.start()
     }
@@ -110,18 +112,19 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         eventQueue.sync {}   // the last events (SHUTDOWN) go out first
         for c in all { c.close() }
         for c in all { c.done.wait() }
-        unlink(path)   // the listening socket itself closes with the server
+        listening = nil
+        unlink(path)
     }
 
     deinit { stop() }
 
     private var isStopped: Bool { lock.lock(); defer { lock.unlock() }; return stopped }
 
-    private func acceptLoop() {
+    private func acceptLoop(_ fd: Int32) {
         while !isStopped {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             guard poll(&p, 1, 100) > 0 else { continue }
-            let c = accept(fd, nil, nil)
+            let c = cvmm_accept_cloexec(fd)
             guard c >= 0 else { continue }
             let client = Client(fd: c)
             lock.lock()

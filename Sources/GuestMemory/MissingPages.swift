@@ -1,6 +1,7 @@
 import CVMMSys
 import Glibc
 import HostSystem
+import Synchronization
 
 /// Guest RAM whose absent pages fault to this process instead of reading as zeros (userfaultfd in
 /// missing mode over every slot): post-copy and lazy restore put each page in place on first touch.
@@ -13,7 +14,8 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
     private var fd: Int32 { uffd.raw }
     /// Bytes placed at once: the host page of the backing (a hugetlb page faults and fills whole).
     public let granule: UInt64
-    private var registered = true
+    /// Cleared once: `release` may race with itself (a failing thread, `cancel`, deinit).
+    private let registered = Atomic<Bool>(true)
     /// Zeros one granule long, for backings UFFDIO_ZEROPAGE does not serve (hugetlb).
     private let zeroMapping: Mapping
     private let zeros: UnsafeMutableRawPointer?
@@ -55,8 +57,7 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
     /// Stops faulting: every page still absent reads as zeros from now on, and every thread
     /// sleeping on one wakes. Repeating it does nothing.
     public func release() {
-        guard registered else { return }
-        registered = false
+        guard registered.exchange(false, ordering: .acquiringAndReleasing) else { return }
         for m in ram.slots { _ = cvmm_uffd_unregister(fd, UInt64(UInt(bitPattern: m.pointer)), m.size) }
     }
 

@@ -16,5 +16,19 @@ public struct FileDescriptor: ~Copyable, Sendable {
         raw = try system("open(\(path))") { open(path, flags | O_CLOEXEC, mode) }
     }
 
+    /// Reads into `buffer` from byte `offset` of a file until it is full or the file ends
+    /// (retrying interrupted and short reads); returns how many bytes it read.
+    package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(SystemCallError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = try system("pread(\(buffer.count - done) bytes at \(offset + done))") {
+                pread(raw, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
     deinit { close(raw) }
 }

@@ -9,6 +9,8 @@ import Workload
 public final class KVMRunner: Sendable {
     public let control: RunControl
     public let results: RunResults
+    /// What the vCPUs run.
+    public let spec: WorkloadSpec
     /// Each vCPU's thread while it runs, for kicks.
     private let threads: Mutex<[pthread_t?]>
     private let vcpus: [KVMVCPU]
@@ -16,6 +18,7 @@ public final class KVMRunner: Sendable {
     public init(vcpus: [KVMVCPU], ram: GuestRAM, spec: WorkloadSpec, restored: Bool, paused: Bool,
          onRingFull: @escaping @Sendable () throws(KVMError) -> Void) {
         self.vcpus = vcpus
+        self.spec = spec
         control = RunControl(vcpus: vcpus.count, paused: paused)
         results = RunResults(count: vcpus.count)
         threads = Mutex(Array(repeating: nil, count: vcpus.count))
@@ -68,6 +71,8 @@ public final class KVMRunner: Sendable {
             return n - min(n, carried!)
         }
         if !restored { try vcpu.loadWorkload(part, index: i, memory: memory, layout: ram.layout) }
+        // The last run's stop left its kick set: every KVM_RUN would return at once.
+        vcpu.clearKick()
         loop: while true {
             if control.stopRequested { break }
             if control.pauseRequested {

@@ -12,6 +12,18 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
     /// The socket or file, owned: closed when the connection goes.
     private let descriptor: FileDescriptor
     var fd: Int32 { descriptor.raw }
+
+    /// Of a file: reads `count` bytes from byte `offset` (not moving the stream's place), or fewer
+    /// where the file ends.
+    func bytes(_ count: Int, at offset: Int) throws -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        let n: Int
+        do { n = try b.withUnsafeMutableBytes { p throws(SystemCallError) in try descriptor.read(into: p, at: offset) } } catch {
+            throw MigrationError.connection("reading a snapshot", cause: error)
+        }
+        b.removeLast(count - n)
+        return b
+    }
     /// A regular file (a snapshot) rather than a socket.
     let isFile: Bool
     /// Seconds a send or receive may take.

@@ -15,7 +15,6 @@ final class DelayLine: @unchecked Sendable {   // each direction's thread owns i
     private let oneWay: UInt64
     private let loss: Double
     private let running = Atomic<Bool>(true)
-    private var threads: [Thread] = []
     private let done = DispatchGroup()
 
     /// Carries packets between the TUN devices `a` and `b` (closed when the line goes).
@@ -30,7 +29,6 @@ final class DelayLine: @unchecked Sendable {   // each direction's thread owns i
             let t = Thread { [self] in carry(from: from, to: to); done.leave() }
             t.name = "delay-line"
             t.start()
-            threads.append(t)
         }
     }
 
@@ -39,6 +37,7 @@ final class DelayLine: @unchecked Sendable {   // each direction's thread owns i
         done.wait()
     }
 
+    // The threads hold the line while they run: its owner stops it; the descriptors close after.
     deinit { stop() }
 
     private func carry(from: Int32, to: Int32) {

@@ -45,6 +45,8 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
 /// One connection carries one channel: a source that asks for more (or for post-copy) is refused.
 public func receive(over connection: Connection, options: ReceiveOptions = ReceiveOptions(), cancellation: Cancellation? = nil,
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> any VirtualMachine {
+    connection.timeout = options.timeout
+    cancellation?.watch(connection)   // a cancel during the handshake stops it too
     let opening = try Handshake.readOpening(connection)
     switch opening {
     case .legacy:

@@ -64,7 +64,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
                 first = (h, path)
             }
             files.append(c)
-            (state, expected) = try Self.scan(c.fd, from: Int(c.bytesReceived), path: path, file: files.count - 1, guest: h.guest,
+            (state, expected) = try Self.scan(c, from: Int(c.bytesReceived), path: path, file: files.count - 1, guest: h.guest,
                                               ram: vm!.ram, runs: &runs, owner: &owner)
         }
         // The full snapshot holds every page.
@@ -106,13 +106,20 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             }
         }
         if prefault { spawn { [self] in try fill() } }
-        do { try vm.start(from: state, paused: paused) } catch { cancel(); throw error }
+        do {
+            try vm.start(from: state, paused: paused)
+            // A page that failed before the guest was up stopped nothing: stop it now.
+            if let failed = condition.withLock({ failure }) { throw failed }
+        } catch {
+            cancel()
+            throw error
+        }
     }
 
     /// Gives up: stops the guest and the threads serving it. The guest's memory is then not the
     /// snapshot's.
     public func cancel() {
-        condition.lock(); stopping = true; condition.unlock()
+        condition.lock(); stopping = true; condition.broadcast(); condition.unlock()
         faults.release()
         _ = try? vm.stop()
         condition.lock()
@@ -128,10 +135,10 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             try fill()
             condition.lock()
             let deadline = Date().addingTimeInterval(timeout)
-            while left > 0 && failure == nil {
+            while left > 0 && failure == nil && !stopping {
                 guard condition.wait(until: deadline) else { condition.unlock(); throw MigrationError.timeout("\(left) pages to put in place") }
             }
-            let failed = failure
+            let failed = failure ?? (left > 0 ? MigrationError.cancelled : nil)
             stopping = true
             while threads > 0 { condition.wait() }
             condition.unlock()
@@ -150,14 +157,18 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         condition.lock(); threads += 1; condition.unlock()
         Thread { [self] in
             do { try body() } catch {
-                condition.lock()
-                if failure == nil { failure = error }
-                condition.broadcast()
-                condition.unlock()
+                let first = condition.withLock {
+                    defer { condition.broadcast() }
+                    guard failure == nil else { return false }
+                    failure = error
+                    return true
+                }
                 // A vCPU may wait on a page nobody will place: wake it (onto zeros), then stop the
                 // guest at once, before it runs on far on memory that is not the snapshot's.
-                faults.release()
-                _ = try? vm.stop()
+                if first {
+                    faults.release()
+                    _ = try? vm.stop()
+                }
             }
             condition.lock(); threads -= 1; condition.broadcast(); condition.unlock()
         }.start()
@@ -181,7 +192,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         }
         condition.unlock()
         guard !pieces.isEmpty else { return }
-        let (h, payload) = try Self.read(files[run.file].fd, at: run.offset, payload: run.zero ? 0 : Int(run.count) << 12, pageLimit: vm.pages)
+        let (h, payload) = try Self.read(files[run.file], at: run.offset, payload: run.zero ? 0 : Int(run.count) << 12, pageLimit: vm.pages)
         guard h[0] == RecordType.pages.rawValue, h.le(UInt64.self, at: 8) == run.first, UInt64(h.le(UInt32.self, at: 4)) == run.count,
               (h[1] & Record.zeroRun != 0) == run.zero else {
             throw MigrationError.badStream("a snapshot file changed under the restore (the record at byte \(run.offset) is not the one scanned)")
@@ -212,12 +223,9 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
 
     /// Reads the record at `offset` (its payload `payload` bytes long), checks its sizes and
     /// checksum, and returns its header and payload.
-    private static func read(_ fd: Int32, at offset: Int, payload: Int, pageLimit: UInt64) throws -> ([UInt8], [UInt8]) {
-        var b = [UInt8](repeating: 0, count: Record.headerSize + payload)
-        let n = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
-        guard n == b.count else {
-            throw MigrationError.badStream(n < 0 ? "reading a snapshot: \(String(cString: strerror(errno)))" : "a snapshot file ends early (truncated or changed)")
-        }
+    private static func read(_ file: Connection, at offset: Int, payload: Int, pageLimit: UInt64) throws -> ([UInt8], [UInt8]) {
+        let b = try file.bytes(Record.headerSize + payload, at: offset)
+        guard b.count == Record.headerSize + payload else { throw MigrationError.badStream("a snapshot file ends early (truncated or changed)") }
         let h = Array(b[0..<Record.headerSize])
         try Record.check(h, pageLimit: pageLimit)
         guard Int(h.le(UInt32.self, at: 16)) == payload else { throw MigrationError.badStream("a snapshot file changed under the restore") }
@@ -227,14 +235,13 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
 
     /// Walks one file's records from `offset` by their headers, noting where each page's copy lies
     /// (later files replace earlier ones); reads and checks STATE and END. Returns them.
-    private static func scan(_ fd: Int32, from start: Int, path: String, file: Int, guest: GuestDescription, ram: GuestRAM,
+    private static func scan(_ source: Connection, from start: Int, path: String, file: Int, guest: GuestDescription, ram: GuestRAM,
                              runs: inout [Run], owner: inout [UInt32]) throws -> (MachineState, [UInt8]) {
         var offset = start
         var state: MachineState?
         while true {
-            var h = [UInt8](repeating: 0, count: Record.headerSize)
-            let n = h.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
-            guard n == Record.headerSize else { throw MigrationError.badStream("\(path) ends early, at byte \(offset) (truncated)") }
+            let h = try source.bytes(Record.headerSize, at: offset)
+            guard h.count == Record.headerSize else { throw MigrationError.badStream("\(path) ends early, at byte \(offset) (truncated)") }
             try Record.check(h, pageLimit: ram.pages)
             let length = Int(h.le(UInt32.self, at: 16))
             switch RecordType(rawValue: h[0])! {
@@ -247,10 +254,10 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
                 runs.append(Run(file: file, offset: offset, first: first, count: count, zero: h[1] & Record.zeroRun != 0))
                 for p in first..<(first + count) { owner[Int(p)] = UInt32(runs.count - 1) }
             case .state:
-                state = try guest.state(from: try read(fd, at: offset, payload: length, pageLimit: ram.pages).1, context: "\(path): ")
+                state = try guest.state(from: try read(source, at: offset, payload: length, pageLimit: ram.pages).1, context: "\(path): ")
             case .end:
                 guard let state else { throw MigrationError.badStream("\(path): no state record before the end") }
-                return (state, try read(fd, at: offset, payload: length, pageLimit: ram.pages).1)
+                return (state, try read(source, at: offset, payload: length, pageLimit: ram.pages).1)
             default:
                 throw MigrationError.badStream("\(path): a \(RecordType(rawValue: h[0])!) record in a snapshot")
             }

@@ -20,31 +20,20 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
     /// Reads a key file: its bytes are the key. The file must exist, be readable by this user, hold
     /// at least 16 bytes, and be private (no access for the group or others, as ssh asks of its keys).
     public init(file path: String) throws {
+        // Opened first, then checked through the descriptor: what is checked is what is read, even
+        // if the path changes meanwhile. Non-blocking, so a FIFO there cannot hang the open.
+        let file = try Self.open(path)
         var st = stat()
-        guard stat(path, &st) == 0 else {
-            let e = errno
-            if e == ENOENT {
-                throw MigrationError(.badKey, "the key file \(path) does not exist: make one with `vmm key generate \(path)` and copy it to both hosts")
-            }
-            throw MigrationError(.badKey, "cannot use the key file \(path): \(String(cString: strerror(e)))")
-        }
-        guard st.st_mode & S_IFMT == S_IFREG else { throw MigrationError(.badKey, "the key file \(path) is not a regular file") }
+        guard fstat(file.raw, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { throw MigrationError(.badKey, "the key file \(path) is not a regular file") }
         guard st.st_mode & 0o077 == 0 else {
             throw MigrationError(.badKey, "the key file \(path) is open to other users (mode \(String(st.st_mode & 0o777, radix: 8))): "
                                  + "make it private with `chmod 600 \(path)`")
         }
         // One byte more than a key may have, to tell a key from a file that is not one.
         var bytes = [UInt8](repeating: 0, count: Self.maximumBytes + 1)
-        var n = 0
-        do {
-            let file = try FileDescriptor(opening: path, O_RDONLY)
-            while n < bytes.count {
-                let got = try system("read(\(path))") { bytes.withUnsafeMutableBytes { read(file.raw, $0.baseAddress! + n, $0.count - n) } }
-                if got == 0 { break }
-                n += got
-            }
-        } catch {
-            throw MigrationError(.badKey, "cannot read the key file \(path): \(String(cString: strerror(error.errno)))")
+        let n: Int
+        do { n = try bytes.withUnsafeMutableBytes { b throws(SystemCallError) in try file.read(into: b, at: 0) } } catch {
+            throw MigrationError(.badKey, "cannot read the key file \(path)", cause: error)
         }
         guard n <= Self.maximumBytes else {
             throw MigrationError(.badKey, "the key file \(path) holds more than \(Self.maximumBytes) bytes: it is not a key; make one with `vmm key generate FILE`")
@@ -54,6 +43,15 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
                                  + "make one with `vmm key generate FILE`")
         }
         try self.init(bytes: Array(bytes[0..<n]))
+    }
+
+    private static func open(_ path: String) throws -> FileDescriptor {
+        do { return try FileDescriptor(opening: path, O_RDONLY | O_NONBLOCK) } catch {
+            if error.errno == ENOENT {
+                throw MigrationError(.badKey, "the key file \(path) does not exist: make one with `vmm key generate \(path)` and copy it to both hosts")
+            }
+            throw MigrationError(.badKey, "cannot use the key file \(path): \(String(cString: strerror(error.errno)))")
+        }
     }
 
     /// Writes a new random 32-byte key to `path`, readable by this user only; refuses to replace a file.

@@ -26,16 +26,14 @@ public enum SoftVMError: Error, CustomStringConvertible {
 public final class SoftVM: @unchecked Sendable {   // control under `controlLock`; the MMU synchronizes itself
     public let mmu: Stage2MMU
     public let vcpus: [SoftVCPU]
-    // Read by other threads (a dirty limiter's throttles, run state) while start and stop change it.
+    // Read by other threads (a dirty limiter's throttles, run state) while start and stop change
+    // them; two threads may stop the VM at once (a failing helper and its owner).
     private let controlLock = NSLock()
     private var _control: RunControl?
-    private var control: RunControl? {
-        get { controlLock.withLock { _control } }
-        set { controlLock.withLock { _control = newValue } }
-    }
-    private var threads: [Thread] = []
+    private var _workload: WorkloadSpec?
+    private var control: RunControl? { controlLock.withLock { _control } }
     /// What the vCPUs run, while started.
-    public private(set) var workload: WorkloadSpec?
+    public var workload: WorkloadSpec? { controlLock.withLock { _workload } }
 
     public init(vcpus: Int, ipaBits: Int = 48, ringCapacity: Int = 4096) {
         precondition(vcpus >= 1 && vcpus <= 256, "1 to 256 vCPUs")
@@ -96,12 +94,15 @@ public final class SoftVM: @unchecked Sendable {   // control under `controlLock
     /// Starts one thread per vCPU running `workload` (from `positions`, to continue migrated streams);
     /// `paused`, they make no access until `resume()`.
     public func start(_ workload: WorkloadSpec, from positions: [VCPUPosition]? = nil, paused: Bool = false) throws(SoftVMError) {
-        guard control == nil else { throw .alreadyRunning }
         if let p = workload.problem() { throw .workload(p) }
         let c = RunControl(vcpus: vcpus.count, paused: paused)
-        control = c
-        self.workload = workload
-        threads = vcpus.map { v in
+        let claimed = controlLock.withLock {
+            guard _control == nil else { return false }
+            (_control, _workload) = (c, workload)
+            return true
+        }
+        guard claimed else { throw .alreadyRunning }
+        for v in vcpus {
             let from = positions.flatMap { $0.indices.contains(v.index) ? $0[v.index] : nil }
             let t = Thread {
                 v.run(workload, control: c, from: from)
@@ -109,9 +110,8 @@ public final class SoftVM: @unchecked Sendable {   // control under `controlLock
             }
             t.name = "vcpu\(v.index)"
             t.stackSize = 1 << 20
-            return t
+            t.start()
         }
-        threads.forEach { $0.start() }
     }
 
     /// Pauses every vCPU at its next safe point.
@@ -131,12 +131,15 @@ public final class SoftVM: @unchecked Sendable {   // control under `controlLock
     /// Waits for the workload to end on every vCPU and returns their statistics.
     public func wait(timeout: Double) throws(SoftVMError) -> [VCPUStats] {
         guard let c = control else { throw .notRunning }
+        return try wait(for: c, timeout: timeout)
+    }
+
+    private func wait(for c: RunControl, timeout: Double) throws(SoftVMError) -> [VCPUStats] {
         guard c.waitFinished(timeout: timeout) else {
             throw .timeout("vCPUs still running after \(timeout) s; stop them with stop()")
         }
-        control = nil
-        threads = []
-        workload = nil
+        // Whoever waited first clears the run; a second waiter on the same run returns the same stats.
+        controlLock.withLock { if _control === c { (_control, _workload) = (nil, nil) } }
         return vcpus.map(\.stats)
     }
 
@@ -145,7 +148,7 @@ public final class SoftVM: @unchecked Sendable {   // control under `controlLock
     public func stop(timeout: Double = 10) throws(SoftVMError) -> [VCPUStats] {
         guard let c = control else { throw .notRunning }
         c.stopAll()
-        return try wait(timeout: timeout)
+        return try wait(for: c, timeout: timeout)
     }
 
     /// Runs `workload` to completion.

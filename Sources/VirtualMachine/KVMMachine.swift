@@ -263,8 +263,11 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
         return try stop()
     }
 
-    // Read by other threads (a dirty limiter's throttles, run state) while start and stop change it.
+    // Read by other threads (a dirty limiter's throttles, run state) while start and stop change
+    // it; two threads may stop the guest at once (a failing helper and its owner).
     private let runnerLock = NSLock()
+    /// Held through a start, so two cannot both find the guest stopped.
+    private let startLock = NSLock()
     private var _runner: KVMRunner?
     private var runner: KVMRunner? {
         get { runnerLock.withLock { _runner } }
@@ -279,7 +282,7 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
         }
     }
 
-    private(set) var workload: WorkloadSpec?
+    var workload: WorkloadSpec? { runner?.spec }
 
     func start(_ spec: WorkloadSpec, paused: Bool) throws {
         try start(spec, restoring: nil, paused: paused)
@@ -291,6 +294,7 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
     }
 
     private func start(_ spec: WorkloadSpec, restoring registers: [KVMVCPUState]?, paused: Bool) throws {
+        startLock.lock(); defer { startLock.unlock() }
         guard runner == nil else { throw VMError.failed("the guest is already running: stop it first") }
         try admit(spec)
         try ensureVCPUs()
@@ -299,7 +303,6 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
         }
         runner = KVMRunner(vcpus: vcpus, ram: ram, spec: spec, restored: registers != nil, paused: paused,
                            onRingFull: { [weak self] () throws(KVMError) in try self?.harvestRings() })
-        workload = spec
     }
 
     var runState: RunState { runner.map { $0.control.pauseRequested ? .paused : .running } ?? .stopped }
@@ -320,8 +323,7 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
         guard let runner else { throw VMError.failed("the guest is not running") }
         runner.control.stopAll(kick: runner.kickAll)
         guard runner.control.waitFinished(timeout: 10) else { throw VMError.failed("the vCPUs did not stop within 10 s") }
-        self.runner = nil
-        workload = nil
+        runnerLock.withLock { if _runner === runner { _runner = nil } }
         return try runner.results.values.map { r in
             switch r {
             case let .success(s): return s

@@ -99,6 +99,10 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         _ = try watcher.waitEvent("SHUTDOWN", timeout: 5)
         #expect(served.vm.status == .shutdown && served.vm.machine?.runState == .stopped)
         #expect(!FileManager.default.fileExists(atPath: served.path), "the socket is removed")
+        // The VM's event sink still holds the server: stop itself must close the listening socket
+        // (the kernel lists a bound socket by its name until it closes, unlinked or not).
+        let sockets = try String(contentsOfFile: "/proc/net/unix", encoding: .utf8)
+        #expect(!sockets.contains(served.path), "the listening socket is still open after stop")
     }
 
     /// Bad input gets an error and the VM runs on: malformed JSON, not an object, unknown members and

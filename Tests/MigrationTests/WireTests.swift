@@ -318,9 +318,10 @@ import KVMBackend
         }
         #expect(throws: MigrationError.self) { _ = try ShapedLink.Shape(parsing: "1gbit,20") }
         #expect(throws: MigrationError.self) { _ = try ShapedLink.Shape(parsing: "1gbit,20ms,120%") }
-        let link = try ShapedLink(ShapedLink.Shape(parsing: "200mbit,30ms,1%"))
+        var shaped: ShapedLink? = try ShapedLink(ShapedLink.Shape(parsing: "200mbit,30ms,1%"))
+        #expect(openTUNDevices() == 2)
         let (vm, _) = try guest(memory: 16 << 20)
-        let (report, moved) = try migrateOverLoopback(vm, link: link, options: MigrationOptions(timeout: 10, key: .random()))
+        let (report, moved) = try migrateOverLoopback(vm, link: shaped!, options: MigrationOptions(timeout: 10, key: .random()))
         #expect(memcmp(moved.ram.slots[0].pointer, Array("0123456789abcdef".utf8), 16) == 0)
         #expect(report.setupSeconds >= 0.03, "opening took \(report.setupSeconds * 1e3) ms over a 30 ms round trip")
         // With 1% loss a packet of the pause may be lost: one retransmission timeout (TCP's minimum is
@@ -333,11 +334,20 @@ import KVMBackend
         let spec = WorkloadSpec(pattern: .counter, base: GPA(4 << 20), workingSet: 8 << 20, rate: 20_000, seed: 7, stop: .duration(60))
         try src.start(spec)
         Thread.sleep(forTimeInterval: 0.3)
-        let (post, there) = try migrateOverLoopback(src, link: link, options: MigrationOptions(downtimeLimit: 0.000_1, convergence: .postcopy, timeout: 10))
+        let (post, there) = try migrateOverLoopback(src, link: shaped!, options: MigrationOptions(downtimeLimit: 0.000_1, convergence: .postcopy, timeout: 10))
         Thread.sleep(forTimeInterval: 0.3)
         let runs = try there.stop()
         #expect(post.postcopy != nil && runs.allSatisfy { $0.mismatches == 0 }, "\(post); \(runs.map(\.mismatches))")
         print("post-copy over it: \(post)")
+        // The delay line's threads held it (and its TUN devices) past the link: no longer.
+        shaped = nil
+        #expect(openTUNDevices() == 0, "a removed link left its TUN devices open")
+    }
+
+    /// Descriptors of this process open on /dev/net/tun.
+    func openTUNDevices() -> Int {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return fds.filter { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) == "/dev/net/tun" }.count
     }
 
     /// Files written by earlier versions (committed fixtures, made by the `vmm` of those releases:

@@ -442,6 +442,30 @@ final class StopFlag: @unchecked Sendable {
         #expect(ws.contains { $0 != 0 })
     }
 
+    /// Start and stop may come from several threads at once (a failing helper stops the guest
+    /// while its owner does): of two starts exactly one runs the guest, and two stops both leave it
+    /// stopped, after which it starts again.
+    @Test(arguments: Cell.backends)
+    func racingStartsAndStops(_ backend: BackendKind) throws {
+        let vm = try makeVirtualMachine(VMConfig(backend: backend, memory: 4 << 20, backing: .pages4K, vcpus: 2))
+        let spec = WorkloadSpec(pattern: .uniform, base: vm.workloadBase, workingSet: 1 << 20, seed: 3, stop: .duration(30))
+        for round in 0..<40 {
+            let started = Atomic<Int>(0), stopped = Atomic<Int>(0)
+            DispatchQueue.concurrentPerform(iterations: 2) { _ in
+                if (try? vm.start(spec, paused: false)) != nil { started.add(1, ordering: .relaxed) }
+            }
+            #expect(started.load(ordering: .relaxed) == 1, "round \(round): \(started.load(ordering: .relaxed)) starts ran the guest")
+            DispatchQueue.concurrentPerform(iterations: 2) { _ in
+                if let runs = try? vm.stop(), runs.count == 2 { stopped.add(1, ordering: .relaxed) }
+            }
+            #expect(stopped.load(ordering: .relaxed) >= 1 && vm.runState == .stopped && vm.workload == nil, "round \(round)")
+        }
+        try vm.start(spec, paused: false)
+        Thread.sleep(forTimeInterval: 0.1)
+        let last = try vm.stop()
+        #expect(last.allSatisfy { $0.accesses > 0 }, "\(last)")
+    }
+
     /// A saved state carries the workload and each vCPU's place in it: a second VM given the first
     /// one's memory and state runs the counter guest on without one failed check (started afresh on
     /// the same memory, it fails them at once). A state of another backend, of a newer format, cut
