@@ -388,19 +388,28 @@ import KVMBackend
     }
 
     /// Snapshot chains written by versions 2 and 3 restore, the guest's workload and vCPU state in
-    /// format 0, on both backends; the guest runs on.
-    @Test(arguments: [["snap-v2-soft", "snap-v2-soft.1"], ["snap-v3-soft", "snap-v3-soft.1"], ["snap-v3-kvm"]])
+    /// format 0, on both backends; the guest runs on. Version 5 chains (state format 1) restore
+    /// eagerly and lazily.
+    @Test(arguments: [["snap-v2-soft", "snap-v2-soft.1"], ["snap-v3-soft", "snap-v3-soft.1"], ["snap-v3-kvm"], ["snap-v5-soft", "snap-v5-soft.1"]])
     func earlierSnapshotChainsRestore(_ files: [String]) throws {
         if files[0].hasSuffix("kvm"), case let .failure(e) = KVMSystem.availability() {
             print("KVM TESTS SKIPPED: \(e)")
             return
         }
-        let (vm, state) = try restoreSnapshots(files.map { Self.fixtures + "/" + $0 })
-        #expect(state.format == 0)
+        let paths = files.map { Self.fixtures + "/" + $0 }
+        let (vm, state) = try restoreSnapshots(paths)
+        #expect(state.format == (files[0].contains("-v5-") ? 1 : 0))
         try vm.start(from: state)
         #expect(vm.workload?.workingSet == 64 << 10)
         Thread.sleep(forTimeInterval: 0.05)
         #expect(try vm.stop().allSatisfy { $0.accesses > 0 })
+        guard files[0].contains("-v5-") else { return }
+        let lazy = try LazyRestore(paths)
+        try lazy.start()
+        try lazy.finish()
+        #expect(lazy.vm.workload?.workingSet == 64 << 10)
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(try lazy.vm.stop().allSatisfy { $0.accesses > 0 && $0.mismatches == 0 })
     }
 
     /// Key files: each way one is unusable gets its own message saying what to do; a generated one

@@ -7,8 +7,10 @@ import VirtualMachine
 
 // A snapshot file as `vmm snapshot restore` reads it. The first input byte: bit 0 fixes the record
 // checksums; bit 1 runs the whole eager restore (a new guest as the header describes, if it has at
-// most 16 MiB and 4 vCPUs: records, state, digest), else the header is read and the records are
-// applied by the restore's own code to a reused 1 MiB guest, which keeps most inputs fast.
+// most 16 MiB and 4 vCPUs: records, state, digest); bit 2 (without bit 1) the whole lazy restore of
+// such a guest (the header scan, pages placed on demand and by the filler with bit 3, the digest);
+// else the header is read and the records are applied by the restore's own code to a reused 1 MiB
+// guest, which keeps most inputs fast.
 
 private let path = NSTemporaryDirectory() + "vmm-fuzz-snapshot-\(getpid())"
 private let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -32,10 +34,17 @@ runFuzzer { data, size in
             c = try Connection(file: path, writing: false)
             _ = try SnapshotHeader.read(from: c, path: "fuzz")
         }
+        let small = header.guest.layout.size <= 16 << 20 && header.guest.vcpus <= 4
         if data[0] & 2 != 0 {
-            guard header.guest.layout.size <= 16 << 20, header.guest.vcpus <= 4 else { return 0 }
+            guard small else { return 0 }
             let (restored, _) = try restoreSnapshots([path])
             _ = try? restored.stop()
+        } else if data[0] & 4 != 0 {
+            guard small else { return 0 }
+            let lazy = try LazyRestore([path])
+            try lazy.start(paused: true, prefault: data[0] & 8 != 0)
+            try lazy.finish(timeout: 5)   // a failure cancels the restore and stops the guest
+            _ = try? lazy.vm.stop()
         } else if case let .end(state, _)? = try applyRecords(from: c, into: fuzzGuest, guest: header.guest, written: fuzzWritten,
                                                                digest: PageDigest(pages: fuzzGuest.pages)) {
             _ = state
