@@ -42,6 +42,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
     private let lock = NSLock()
     private var clients: [Client] = []
     private var stopped = false
+    /// Set once the accept thread runs; an init that throws before leaves it false.
+    private var accepting = false
     private let acceptDone = DispatchSemaphore(value: 0)
     /// Events go out from here, so whoever emits (a migration mid-pass) never waits on a client.
     private let eventQueue = DispatchQueue(label: "control-events")
@@ -81,6 +83,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             throw QMPError.generic("--api \(path): \(String(cString: strerror(e)))")
         }
         listening = consume socketFD
+        accepting = true
         let t = Thread { [self] in acceptLoop(fd) }
         t.name = "control-accept"
         t.start()
@@ -103,7 +106,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
     /// Stops accepting, disconnects every client and removes the socket. Waits for the threads.
     public func stop() {
         lock.lock()
-        let already = stopped
+        // An init that threw never listened (the path may be another process's live socket): nothing to undo.
+        let already = stopped || !accepting
         stopped = true
         let all = clients
         lock.unlock()

@@ -18,6 +18,8 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
     private let registered = Atomic<Bool>(true)
     /// Zeros one granule long, for backings UFFDIO_ZEROPAGE does not serve (hugetlb).
     private let zeroMapping: Mapping
+    /// Readable once `wake` was called: ends a `waitForFaults` at once rather than at its timeout.
+    private let wakeEvent: FileDescriptor
     private let zeros: UnsafeMutableRawPointer?
 
     /// Registers every slot of `ram`. Pages present now stay; absent ones fault from here on.
@@ -25,6 +27,9 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
         self.ram = ram
         granule = ram.backing == .thp ? PageSize.bytes4K : ram.backing.hostPageSize.bytes
         uffd = try Self.open()
+        let event = cvmm_eventfd()
+        guard event >= 0 else { throw .systemCall("eventfd", errno: errno) }
+        wakeEvent = FileDescriptor(owning: event)
         // Anonymous memory reads as zeros without being allocated (one granule, whatever the backing).
         do {
             zeroMapping = try Mapping(size: Int(granule), protection: PROT_READ, flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, what: "zeros")
@@ -95,14 +100,21 @@ public final class MissingPages: @unchecked Sendable {   // the fd is used from 
     /// they came (a page may come more than once: several threads, or a retried fault); empty when
     /// none came.
     public func waitForFaults(timeout: Double) throws(GuestMemoryError) -> [UInt64] {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let rc = poll(&p, 1, Int32(timeout * 1000))
+        var p = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wakeEvent.raw, events: Int16(POLLIN), revents: 0)]
+        let rc = poll(&p, 2, Int32(timeout * 1000))
         if rc < 0 && errno != EINTR { throw .systemCall("poll(userfaultfd)", errno: errno) }
-        guard rc > 0 else { return [] }
+        guard rc > 0, p[1].revents == 0 else { return [] }
         var addresses = [UInt64](repeating: 0, count: 64)
         let n = addresses.withUnsafeMutableBufferPointer { cvmm_uffd_read_faults(fd, $0.baseAddress, 64) }
         guard n >= 0 else { throw .systemCall("read(userfaultfd)", errno: -n) }
         return addresses.prefix(Int(n)).compactMap(page(at:))
+    }
+
+    /// Ends every `waitForFaults`, now and from now on, at once (with no faults): whoever serves
+    /// the faults is stopping and should not wait out its poll.
+    public func wake() {
+        var one: UInt64 = 1
+        _ = write(wakeEvent.raw, &one, 8)
     }
 
     /// The RAM page at host address `a`, if it lies in guest RAM.

@@ -1,5 +1,6 @@
 import CVMMSys
 import Glibc
+import Synchronization
 import HostSystem
 import GuestMemory
 
@@ -125,7 +126,12 @@ public final class KVMVCPU: @unchecked Sendable {   // KVM_RUN on its own thread
     }
 
     /// Clears a previous kick before the next run.
-    public func clearKick() { kvmRun.pointee.immediate_exit = 0 }
+    public func clearKick() {
+        kvmRun.pointee.immediate_exit = 0
+        // Ordered before the caller's next look at the stop and pause flags: a kick between the two
+        // is then either seen in the flags or leaves immediate_exit set.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+    }
 
     /// SIGUSR1, with a handler that does nothing, installed once without SA_RESTART so KVM_RUN returns.
     static let kickSignal: Int32 = {

@@ -107,9 +107,10 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
         }
         if prefault { spawn { [self] in try fill() } }
         do {
+            try checkGoing()
             try vm.start(from: state, paused: paused)
-            // A page that failed before the guest was up stopped nothing: stop it now.
-            if let failed = condition.withLock({ failure }) { throw failed }
+            // A failure or a cancel before the guest was up stopped nothing: stop it now.
+            try checkGoing()
         } catch {
             cancel()
             throw error
@@ -119,8 +120,13 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
     /// Gives up: stops the guest and the threads serving it. The guest's memory is then not the
     /// snapshot's.
     public func cancel() {
-        condition.lock(); stopping = true; condition.broadcast(); condition.unlock()
+        condition.withLock {
+            if failure == nil { failure = MigrationError.cancelled }
+            stopping = true
+            condition.broadcast()
+        }
         faults.release()
+        faults.wake()
         _ = try? vm.stop()
         condition.lock()
         while threads > 0 { condition.wait() }
@@ -140,6 +146,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             }
             let failed = failure ?? (left > 0 ? MigrationError.cancelled : nil)
             stopping = true
+            faults.wake()
             while threads > 0 { condition.wait() }
             condition.unlock()
             if let failed { throw failed }
@@ -149,6 +156,11 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
             cancel()
             throw error
         }
+    }
+
+    /// Throws the first failure, or `cancelled` once `cancel` was called.
+    private func checkGoing() throws {
+        if let failed = condition.withLock({ failure ?? (stopping ? MigrationError.cancelled : nil) }) { throw failed }
     }
 
     private var isStopping: Bool { condition.lock(); defer { condition.unlock() }; return stopping || failure != nil }
@@ -167,6 +179,7 @@ public final class LazyRestore: @unchecked Sendable {   // shared state under `c
                 // guest at once, before it runs on far on memory that is not the snapshot's.
                 if first {
                     faults.release()
+                    faults.wake()
                     _ = try? vm.stop()
                 }
             }

@@ -24,7 +24,8 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
         // if the path changes meanwhile. Non-blocking, so a FIFO there cannot hang the open.
         let file = try Self.open(path)
         var st = stat()
-        guard fstat(file.raw, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { throw MigrationError(.badKey, "the key file \(path) is not a regular file") }
+        do { _ = try system("fstat(\(path))") { fstat(file.raw, &st) } } catch { throw MigrationError(.badKey, "cannot use the key file \(path)", cause: error) }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw MigrationError(.badKey, "the key file \(path) is not a regular file") }
         guard st.st_mode & 0o077 == 0 else {
             throw MigrationError(.badKey, "the key file \(path) is open to other users (mode \(String(st.st_mode & 0o777, radix: 8))): "
                                  + "make it private with `chmod 600 \(path)`")
@@ -46,7 +47,7 @@ public struct MigrationKey: @unchecked Sendable {   // SymmetricKey (not Sendabl
     }
 
     private static func open(_ path: String) throws -> FileDescriptor {
-        do { return try FileDescriptor(opening: path, O_RDONLY | O_NONBLOCK) } catch {
+        do { return try FileDescriptor(opening: path, O_RDONLY | O_NONBLOCK | O_NOCTTY) } catch {
             if error.errno == ENOENT {
                 throw MigrationError(.badKey, "the key file \(path) does not exist: make one with `vmm key generate \(path)` and copy it to both hosts")
             }

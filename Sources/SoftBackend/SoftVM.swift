@@ -31,6 +31,8 @@ public final class SoftVM: @unchecked Sendable {   // control under `controlLock
     private let controlLock = NSLock()
     private var _control: RunControl?
     private var _workload: WorkloadSpec?
+    /// The last run's statistics, for a second caller waiting on that same run.
+    private var lastRun: (control: RunControl, stats: [VCPUStats])?
     private var control: RunControl? { controlLock.withLock { _control } }
     /// What the vCPUs run, while started.
     public var workload: WorkloadSpec? { controlLock.withLock { _workload } }
@@ -138,9 +140,15 @@ public final class SoftVM: @unchecked Sendable {   // control under `controlLock
         guard c.waitFinished(timeout: timeout) else {
             throw .timeout("vCPUs still running after \(timeout) s; stop them with stop()")
         }
-        // Whoever waited first clears the run; a second waiter on the same run returns the same stats.
-        controlLock.withLock { if _control === c { (_control, _workload) = (nil, nil) } }
-        return vcpus.map(\.stats)
+        // Whoever waited first clears the run and keeps its statistics (read before another run can
+        // start); a second waiter on the same run returns the same.
+        return controlLock.withLock {
+            if _control === c {
+                lastRun = (c, vcpus.map(\.stats))
+                (_control, _workload) = (nil, nil)
+            }
+            return lastRun?.control === c ? lastRun!.stats : vcpus.map(\.stats)
+        }
     }
 
     /// Asks the vCPUs to stop and waits for them.

@@ -101,8 +101,30 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(!FileManager.default.fileExists(atPath: served.path), "the socket is removed")
         // The VM's event sink still holds the server: stop itself must close the listening socket
         // (the kernel lists a bound socket by its name until it closes, unlinked or not).
-        let sockets = try String(contentsOfFile: "/proc/net/unix", encoding: .utf8)
-        #expect(!sockets.contains(served.path), "the listening socket is still open after stop")
+        // (Accepted sockets carry the name too: only a listening one, flag __SO_ACCEPTCON, counts.)
+        let sockets = try String(contentsOfFile: "/proc/net/unix", encoding: .utf8).split(separator: "\n")
+        #expect(!sockets.contains { $0.hasSuffix(served.path) && $0.split(separator: " ")[3] == "00010000" },
+                "the listening socket is still open after stop")
+    }
+
+    /// A socket path that cannot be served is refused at once, saying why, and nothing is removed:
+    /// a path too long for a Unix socket, a regular file there, another server's live socket (which
+    /// keeps serving).
+    @Test(.timeLimit(.minutes(1))) func unusableSocketPathsAreRefused() throws {
+        let served = try Served.started()
+        let file = NSTemporaryDirectory() + "vmm-ctl-file-\(getpid())"
+        _ = FileManager.default.createFile(atPath: file, contents: Data([1]))
+        defer { unlink(file) }
+        for (path, says) in [(String(repeating: "a", count: 200), "a Unix socket path is at most"),
+                             (file, "exists and is not a socket"), (served.path, "another process serves that socket")] {
+            #expect(throws: QMPError.self, "\(path)") { _ = try ControlServer(path: path, handler: served.vm, version: "test") }
+            do { _ = try ControlServer(path: path, handler: served.vm, version: "test") } catch {
+                #expect("\(error)".contains(says), "\(error)")
+            }
+        }
+        #expect(FileManager.default.fileExists(atPath: file))
+        #expect(try served.client().execute("query-status").get()["status"] == .string("running"), "the live server still serves")
+        try served.quitAndWait()
     }
 
     /// Bad input gets an error and the VM runs on: malformed JSON, not an object, unknown members and

@@ -8,8 +8,9 @@ import VirtualMachine
 // A snapshot file as `vmm snapshot restore` reads it. The first input byte: bit 0 fixes the record
 // checksums; bit 1 runs the whole eager restore (a new guest as the header describes, if it has at
 // most 16 MiB and 4 vCPUs: records, state, digest); bit 2 (without bit 1) the whole lazy restore of
-// such a guest (the header scan, pages placed on demand and by the filler with bit 3, the digest);
-// else the header is read and the records are applied by the restore's own code to a reused 1 MiB
+// such a guest (the header scan, pages placed by the filler with bit 3, on the running guest's
+// first touch with bit 4, the rest by `finish`, the digest);
+// else the header is read and the records are applied by the restore's own code to a reused 4 MiB
 // guest, which keeps most inputs fast.
 
 private let path = NSTemporaryDirectory() + "vmm-fuzz-snapshot-\(getpid())"
@@ -42,7 +43,7 @@ runFuzzer { data, size in
         } else if data[0] & 4 != 0 {
             guard small else { return 0 }
             let lazy = try LazyRestore([path])
-            try lazy.start(paused: true, prefault: data[0] & 8 != 0)
+            try lazy.start(paused: data[0] & 16 == 0, prefault: data[0] & 8 != 0)
             try lazy.finish(timeout: 5)   // a failure cancels the restore and stops the guest
             _ = try? lazy.vm.stop()
         } else if case let .end(state, _)? = try applyRecords(from: c, into: fuzzGuest, guest: header.guest, written: fuzzWritten,
@@ -50,7 +51,7 @@ runFuzzer { data, size in
             _ = state
         }
     } catch {
-        _ = "\(error)"
+        describe(error)
     }
     return 0
 }

@@ -14,49 +14,64 @@ import VirtualMachine
 //   bit 3  makes the records a further channel's;
 //   bit 4  skips the handshake: the input's records (hostile plaintext) are sealed under a session
 //          key as a source holding it seals them, and read through the destination's unsealing;
-//   bit 5  splits the records between the main channel and a further one at the offset in the next
-//          two input bytes, read at once by two threads meeting at one pass barrier, as a
-//          destination reads its channels (the rules that span channels).
+//   bit 5  deals the records to the main channel and a further one, read at once by two threads
+//          meeting at one pass barrier, as a destination reads its channels: PAGES records
+//          alternate, SYNC goes to both (so a good stream stays good), the rest to the main one;
+//          the next input byte's bit k sends the k-th SYNC to one channel only (the rules that span
+//          channels: they must agree on every pass).
 
 private let key = try! MigrationKey(bytes: [UInt8](repeating: 7, count: 32))
 // One session's key to the destination (the nonces are arbitrary: any session's keys do).
 nonisolated(unsafe) private let sessionKey = Handshake.sessionKeys(key, nonceS: [UInt8](repeating: 1, count: 32), nonceD: [UInt8](repeating: 2, count: 32)).toDestination
-private let guest = GuestDescription(layout: RAMLayout(size: 1 << 20), vcpus: 1, backend: 0, backing: 0)
+/// The guest a stream without a GUEST record (sealed mode) describes: the version 3 fixture's.
+private let fixtureGuest = {
+    var g = GuestDescription(layout: RAMLayout(size: 4 << 20), vcpus: 1, backend: 0, backing: 0)
+    g.legacySpec = "pattern=zipf:0.8,base=0x0,ws=64K,write=0.3,size=8,seed=1,duration=3600.0s"
+    return g
+}()
 
 runFuzzer { data, size in
     guard let data, size > 0 else { return 0 }
     let mode = data[0]
     var bytes = Array(UnsafeBufferPointer(start: data + 1, count: size - 1))
-    var split: Int?
+    var lone: UInt8?
     if mode & 32 != 0 {
-        guard bytes.count >= 2 else { return 0 }
-        split = Int(bytes[0]) | Int(bytes[1]) << 8
-        bytes.removeFirst(2)
+        guard !bytes.isEmpty else { return 0 }
+        lone = bytes.removeFirst()
     }
     do {
         if mode & 16 != 0 {
             if mode & 1 != 0 { fixChecksums(&bytes, from: 0) }
-            let (records, further) = divide(bytes, at: split)
-            try apply(sealed(records), further.map(sealed), mode: mode)
+            let (records, further) = deal(bytes, from: 0, lone: lone)
+            guard let main = try sealed(records) else { return 0 }
+            var other: (Connection, Connection)?
+            if let further {
+                guard let f = try sealed(further) else { return 0 }
+                other = f
+            }
+            try apply(main, other, guest: fixtureGuest, mode: mode)
         } else {
             if mode & 1 != 0 { fixStreamChecksums(&bytes) }
-            let (opened, further) = divide(bytes, at: split.map { $0 + recordsStart(bytes) })
+            let (opened, further) = deal(bytes, from: recordsStart(bytes), lone: lone)
             let (c, writer) = connection(carrying: opened)
             defer { withExtendedLifetime(writer) {} }
+            var guest = fixtureGuest
             switch try Handshake.readOpening(c) {
             case .legacy(let prefix):
-                _ = try Version2Header.read(from: c, prefix: prefix)   // the guest description is in it; records follow
+                guest = try Version2Header.read(from: c, prefix: prefix).guest   // records follow
             case .open(let open):
                 try Handshake.accept(c, open: open, key: mode & 2 != 0 ? key : nil)
                 // The GUEST record as the destination reads it, then what follows.
                 let first = try Record.read(from: c, pageLimit: 0)
                 _ = first.error(from: .source)
-                if first.type == .guest { _ = try? GuestDescription.decode(first.payload, version: open.version, context: "") }
+                if first.type == .guest { guest = try GuestDescription.decode(first.payload, version: open.version, context: "") }
             }
-            try apply((c, writer), further.map { connection(carrying: $0) }, mode: mode)
+            // Its memory is the reused guest's: a description of another size is read, not applied.
+            guard guest.layout.size == fuzzGuest.ram.size else { return 0 }
+            try apply((c, writer), further.map { connection(carrying: $0) }, guest: guest, mode: mode)
         }
     } catch {
-        _ = "\(error)"   // every error must describe itself without trapping
+        describe(error)
     }
     return 0
 }
@@ -79,16 +94,50 @@ private func fixStreamChecksums(_ bytes: inout [UInt8]) {
     fixChecksums(&bytes, from: start)
 }
 
-/// `bytes` cut at `offset` (clamped): the main channel's part and, with an offset, the other's.
-private func divide(_ bytes: [UInt8], at offset: Int?) -> ([UInt8], [UInt8]?) {
-    guard let offset else { return (bytes, nil) }
-    let cut = min(offset, bytes.count)
-    return (Array(bytes[..<cut]), Array(bytes[cut...]))
+/// The records of `bytes` from `start` walked by their headers (the last one cut short), each
+/// with its type byte.
+private func records(_ bytes: [UInt8], from start: Int) -> [(type: UInt8, bytes: ArraySlice<UInt8>)] {
+    var out: [(UInt8, ArraySlice<UInt8>)] = []
+    var o = start
+    while o < bytes.count {
+        let end = o + Record.headerSize <= bytes.count ? min(bytes.count, o + Record.headerSize + Int(bytes.le(UInt32.self, at: o + 16))) : bytes.count
+        out.append((bytes[o], bytes[o..<end]))
+        o = end
+    }
+    return out
+}
+
+/// Without `lone`, `bytes` as they are, on one channel. With it, what precedes `start` and the
+/// records after it dealt to a main and a further channel: PAGES alternate, SYNC goes to both
+/// (the k-th to one only where bit k of `lone` is set, alternating), the rest to the main one.
+private func deal(_ bytes: [UInt8], from start: Int, lone: UInt8?) -> ([UInt8], [UInt8]?) {
+    guard let lone else { return (bytes, nil) }
+    var main = Array(bytes[..<min(start, bytes.count)]), further: [UInt8] = []
+    var pages = 0, syncs = 0
+    for (type, record) in records(bytes, from: min(start, bytes.count)) {
+        switch type {
+        case RecordType.pages.rawValue:
+            if pages % 2 == 0 { main += record } else { further += record }
+            pages += 1
+        case RecordType.sync.rawValue:
+            if syncs < 8 && lone & (1 << syncs) != 0 {
+                if syncs % 2 == 0 { main += record } else { further += record }
+            } else {
+                main += record
+                further += record
+            }
+            syncs += 1
+        default:
+            main += record
+        }
+    }
+    return (main, further)
 }
 
 /// A connection carrying `records` (24-byte headers, payloads as long as they say, the last cut
-/// short) sealed one by one as a source's session seals them, already unsealing on its reading end.
-private func sealed(_ records: [UInt8]) throws -> (Connection, Connection) {
+/// short) sealed one by one as a source's session seals them, already unsealing on its reading end;
+/// nil if sealed they would outgrow what a socket pair holds unread (each seal adds 16 bytes).
+private func sealed(_ records: [UInt8]) throws -> (Connection, Connection)? {
     let cipher = RecordCipher(key: sessionKey)
     var out: [UInt8] = []
     var o = 0
@@ -108,6 +157,7 @@ private func sealed(_ records: [UInt8]) throws -> (Connection, Connection) {
             out += tag
         }
     }
+    guard out.count <= 256 << 10 else { return nil }
     let (c, writer) = connection(carrying: out)
     c.receiveCipher = RecordCipher(key: sessionKey)
     return (c, writer)
@@ -115,11 +165,11 @@ private func sealed(_ records: [UInt8]) throws -> (Connection, Connection) {
 
 /// Applies the records on `main` (and on `further`, a second channel on a thread of its own, as a
 /// destination reads its channels) to the reused guest.
-private func apply(_ main: (Connection, Connection), _ further: (Connection, Connection)?, mode: UInt8) throws {
+private func apply(_ main: (Connection, Connection), _ further: (Connection, Connection)?, guest: GuestDescription, mode: UInt8) throws {
     defer { withExtendedLifetime((main.1, further?.1)) {} }
     let postcopy = mode & 4 != 0
     let digest = PageDigest(pages: fuzzGuest.pages)
-    let barrier = PassBarrier(parties: further == nil ? 1 : 2, timeout: 1)
+    let barrier = PassBarrier(parties: further == nil ? 1 : 2, timeout: 0.2)   // a lone SYNC waits this long
     @Sendable func records(_ c: Connection, main: Bool) throws {
         _ = try applyRecords(from: c, into: fuzzGuest, guest: guest, written: fuzzWritten, digest: digest, barrier: barrier,
                              main: main, postcopy: postcopy)

@@ -1,10 +1,11 @@
+import Glibc
 @testable import Migration
 import GuestMemory
 import VirtualMachine
 
-/// A small guest the harnesses apply records to, made once and reused (its memory's content does
-/// not matter), and the bitmap of what records wrote into it.
-nonisolated(unsafe) public let fuzzGuest = try! makeVirtualMachine(VMConfig(backend: .soft, memory: 1 << 20, backing: .pages4K, vcpus: 1))
+/// A small guest the harnesses apply records to (4 MiB, as the fixtures' guests), made once and
+/// reused (its memory's content does not matter), and the bitmap of what records wrote into it.
+nonisolated(unsafe) public let fuzzGuest = try! makeVirtualMachine(VMConfig(backend: .soft, memory: 4 << 20, backing: .pages4K, vcpus: 1))
 nonisolated(unsafe) public let fuzzWritten = DirtyBitmap(pages: fuzzGuest.pages)
 
 /// Makes a fuzz input's record checksums right, so mutations reach what lies behind the checksum
@@ -33,3 +34,12 @@ public func connection(carrying bytes: [UInt8]) -> (reader: Connection, writer: 
     writer.fence(within: 0)
     return (reader, writer)
 }
+
+/// Describes an error the way every error of the library must be describable (without trapping);
+/// with FUZZ_VERBOSE set, prints it: where an input stopped (`FUZZ_VERBOSE=1 TARGET FILE`).
+public func describe(_ error: any Error) {
+    let text = "\(error)"
+    if verbose { print("stopped: \(text)") }
+}
+
+private let verbose = getenv("FUZZ_VERBOSE") != nil

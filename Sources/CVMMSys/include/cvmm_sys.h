@@ -77,6 +77,11 @@ static inline int cvmm_accept_cloexec(int fd) {
     return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, SOCK_CLOEXEC);
 }
 
+/// An eventfd (close-on-exec, non-blocking) whose write wakes a poll on it.
+static inline int cvmm_eventfd(void) {
+    return (int)syscall(SYS_eventfd2, 0, O_CLOEXEC | O_NONBLOCK);
+}
+
 static inline int cvmm_tun_open(const char *name) {
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return -errno;
