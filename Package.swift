@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "HostSystem"),
         .target(name: "GuestMemory", dependencies: ["CVMMSys", "HostSystem"]),
         .target(name: "DirtyLog", dependencies: ["GuestMemory"]),
-        .target(name: "Stage2", dependencies: ["GuestMemory", "DirtyLog"]),
+        .target(name: "Stage2", dependencies: ["HostSystem", "GuestMemory", "DirtyLog"]),
         .target(name: "Workload", dependencies: ["GuestMemory"]),
         .target(name: "SoftBackend", dependencies: ["GuestMemory", "DirtyLog", "Stage2", "Workload"]),
         .target(name: "KVMBackend", dependencies: ["CVMMSys", "HostSystem", "GuestMemory", "DirtyLog", "Workload"]),

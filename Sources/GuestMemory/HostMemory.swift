@@ -54,7 +54,9 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
             // THP: start on a 2 MiB boundary, else the kernel cannot place PMD-sized pages and the
             // stage-2 cannot use 2 MiB blocks congruent with them.
             let align = max(alignment, backing == .thp ? PageSize.bytes2M : PageSize.bytes4K)
-            let m = try Self.host { () throws(SystemCallError) in try Self.mapAligned(size, align) }
+            let m = try Self.host { () throws(SystemCallError) in
+                try Mapping(size: Int(size), alignment: Int(align), flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, what: formatBytes(size))
+            }
             let advice = backing == .thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE
             _ = try Self.host { () throws(SystemCallError) in
                 try system(backing == .thp ? "madvise(MADV_HUGEPAGE)" : "madvise(MADV_NOHUGEPAGE)") { madvise(m.base, m.size, advice) }
@@ -94,21 +96,6 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
     /// `body`'s system-call failure as this type's error.
     private static func host<T: ~Copyable>(_ body: () throws(SystemCallError) -> T) throws(GuestMemoryError) -> T {
         do { return try body() } catch { throw .systemCall(error.call, errno: error.errno) }
-    }
-
-    /// Anonymous private memory starting at a multiple of `align`: over-map by `align`, give the
-    /// ends back, own the middle.
-    private static func mapAligned(_ size: UInt64, _ align: UInt64) throws(SystemCallError) -> Mapping {
-        let total = Int(size + align)
-        guard let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), p != MAP_FAILED else {
-            throw SystemCallError("mmap(\(formatBytes(size)))", errno: errno)
-        }
-        let raw = UInt64(UInt(bitPattern: p))
-        let head = Int(((raw + align - 1) & ~(align - 1)) - raw)
-        if head > 0 { munmap(p, head) }
-        let tail = total - head - Int(size)
-        if tail > 0 { munmap(p + head + Int(size), tail) }
-        return Mapping(owning: p + head, size: Int(size))
     }
 
     /// Drops the host pages of a range (the memory reads back as zeros). The caller must first have

@@ -26,9 +26,16 @@ public struct Mapping: ~Copyable, @unchecked Sendable {   // the pointer is the 
         return p
     }
 
-    /// Takes ownership of `size` bytes mapped at `base`.
-    package init(owning base: UnsafeMutableRawPointer, size: Int) {
-        self.base = base
+    /// Maps `size` bytes of anonymous memory (mmap's `flags`) starting at a multiple of `alignment`
+    /// (a power of two): over-maps by `alignment`, gives the ends back, owns the middle.
+    package init(size: Int, alignment: Int, flags: Int32, what: @autoclosure () -> String) throws(SystemCallError) {
+        let total = size + alignment
+        let p = try Self.map(total, PROT_READ | PROT_WRITE, flags, -1, 0, what)
+        let head = (alignment - Int(bitPattern: UInt(bitPattern: p)) & (alignment - 1)) & (alignment - 1)
+        if head > 0 { munmap(p, head) }
+        let tail = total - head - size
+        if tail > 0 { munmap(p + head + size, tail) }
+        base = p + head
         self.size = size
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import GuestMemory
+import HostSystem
 import DirtyLog
 import VirtualMachine
 
@@ -305,8 +306,8 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
     private var requested: [UInt64]
     /// When each outstanding request went (by its first page), for the latency.
     private var asked: [UInt64: UInt64] = [:]
-    /// hugetlb: granules being filled, by first page (a buffer and the pages in it).
-    private var filling: [UInt64: (UnsafeMutableRawPointer, UInt64)] = [:]
+    /// hugetlb: granules being filled, by first page.
+    private var filling: [UInt64: Staging] = [:]
     private let granule: UInt64
     private let condition = NSCondition()
     private let sendLock = NSLock()
@@ -329,7 +330,6 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         do { faults = try MissingPages(ram: ram) } catch { throw MigrationError.vm("post-copy needs userfaultfd", cause: error) }
     }
 
-    deinit { for (_, (buffer, _)) in filling { munmap(buffer, Int(granule << PageSize.shift4K)) } }
 
     /// Serves faults and places pages until END and the last page; checks the digest, stops
     /// faulting and answers COMPLETE. On any failure the guest is stopped here (it cannot go on
@@ -494,24 +494,24 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
                 condition.unlock()
                 throw MigrationError.badStream("page \(p) sent twice, or not one the destination fetches")
             }
-            var (buffer, n): (UnsafeMutableRawPointer, UInt64)
-            if let f = filling[g] {
-                (buffer, n) = f
+            let staging: Staging
+            if let s = filling[g] {
+                staging = s
             } else {
-                // Anonymous memory: zeros until written, so a zero run needs no copy.
-                guard let b = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), b != MAP_FAILED else {
+                do { staging = try Staging(bytes: bytes) } catch {
                     condition.unlock()
-                    throw MigrationError.vm("no memory for a huge page's buffer")
+                    throw MigrationError.vm("no memory for a huge page's buffer", cause: error)
                 }
-                (buffer, n) = (b, 0)
+                filling[g] = staging
             }
+            let buffer = staging.buffer.base
             if let data { (buffer + Int((p - g) << PageSize.shift4K)).copyMemory(from: data + Int((p - first) << PageSize.shift4K), byteCount: 4096) }
-            n += 1
-            let full = n == granule
-            filling[g] = full ? nil : (buffer, n)
+            staging.pages += 1
+            let full = staging.pages == granule
+            if full { filling[g] = nil }
             condition.unlock()
+            // Unmapped when the last reference goes: here once it is placed, or with the session.
             guard full else { continue }
-            defer { munmap(buffer, bytes) }
             let done: Bool
             do { done = try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g)", cause: error) }
             guard done else { throw MigrationError.vm("huge page \(g) was present where post-copy dropped it") }
@@ -637,4 +637,15 @@ private func stoppedReason(_ c: Connection) -> MigrationError? {
         guard r.type == .request else { return nil }
     }
     return nil
+}
+
+/// A huge page's 4 KiB pages gathered as they arrive (hugetlb post-copy), until the whole granule
+/// can be placed at once. Anonymous memory: zeros until written, so a zero run needs no copy.
+private final class Staging {
+    let buffer: Mapping
+    var pages: UInt64 = 0
+
+    init(bytes: Int) throws(SystemCallError) {
+        buffer = try Mapping(size: bytes, flags: MAP_PRIVATE | MAP_ANONYMOUS, what: "a huge page's staging buffer (\(formatBytes(UInt64(bytes))))")
+    }
 }

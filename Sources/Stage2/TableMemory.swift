@@ -1,5 +1,6 @@
 import Glibc
 import GuestMemory
+import HostSystem
 import Synchronization
 
 /// A 4 KiB stage-2 table: 512 descriptors, each updated atomically in place.
@@ -65,17 +66,13 @@ public final class TableAllocator: Sendable {
     /// Free tables by address: addresses are Sendable, so they pass the lock without copying.
     private struct Pool {
         var free: [UInt] = []
-        var chunks: [UnsafeMutableRawPointer] = []
+        var chunks: [Chunk] = []
     }
     private let pool = Mutex(Pool())
     private let inUse = Atomic<Int>(0)
     static let chunkBytes = 2 << 20
 
     public init() {}
-
-    deinit {
-        pool.withLock { p in for c in p.chunks { munmap(c, Self.chunkBytes) } }
-    }
 
     /// Tables currently handed out.
     public var tablesInUse: Int { inUse.load(ordering: .relaxed) }
@@ -105,13 +102,20 @@ public final class TableAllocator: Sendable {
         inUse.subtract(tables.count, ordering: .relaxed)
     }
 
+    /// One 2 MiB mapping tables are carved from, unmapped with the pool.
+    private final class Chunk: Sendable {
+        let mapping: Mapping
+        init() throws(SystemCallError) { mapping = try Mapping(size: TableAllocator.chunkBytes, flags: MAP_PRIVATE | MAP_ANONYMOUS, what: "stage-2 tables") }
+    }
+
     private static func grow(_ p: inout Pool) {
-        guard let c = mmap(nil, chunkBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-              c != MAP_FAILED else {
-            fatalError("stage-2 table memory: mmap of \(chunkBytes) bytes failed (errno \(errno)); the host is out of memory")
+        let chunk: Chunk
+        do { chunk = try Chunk() } catch {
+            fatalError("stage-2 table memory: \(error); the host is out of memory")
         }
+        let c = chunk.mapping.base
         _ = c.bindMemory(to: Atomic<UInt64>.self, capacity: chunkBytes / 8)
-        p.chunks.append(c)
+        p.chunks.append(chunk)
         for i in stride(from: chunkBytes - DescriptorTable.bytes, through: 0, by: -DescriptorTable.bytes) {
             p.free.append(UInt(bitPattern: c + i))
         }
