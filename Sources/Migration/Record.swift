@@ -90,9 +90,12 @@ public struct Record {
             h = Array(plain)
             length = Int(h.le(UInt32.self, at: 16))
             try check(h, pageLimit: pageLimit)
-            if buffer.count < length { buffer = [UInt8](repeating: 0, count: max(length, maxPayload)) }
+            // Both grown in doublings up to the largest record, as below.
+            if buffer.count < length { buffer = [UInt8](repeating: 0, count: max(length, min(maxPayload, buffer.count * 2))) }
             if length > 0 {
-                if c.openBuffer.count < length + RecordCipher.tagSize { c.openBuffer = [UInt8](repeating: 0, count: maxPayload + RecordCipher.tagSize) }
+                if c.openBuffer.count < length + RecordCipher.tagSize {
+                    c.openBuffer = [UInt8](repeating: 0, count: max(length, min(maxPayload, c.openBuffer.count * 2)) + RecordCipher.tagSize)
+                }
                 try c.openBuffer.withUnsafeMutableBytes { b in
                     try c.receive(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<(length + RecordCipher.tagSize)]), deadline: deadline)
                 }
