@@ -242,11 +242,13 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
     }
 
     /// Waits until the socket is ready for `events`, in slices so a cancel is seen, until `deadline`.
-    private func wait(_ events: Int16, until deadline: Date, doing what: String) throws {
+    /// `what` is built only for the timeout's message: a receiver that catches up with its sender
+    /// waits here once per read, and building it each time cost thousands of allocations a migration.
+    private func wait(_ events: Int16, until deadline: Date, doing what: @autoclosure () -> String) throws {
         while true {
             try checkStopped(sending: events == Int16(POLLOUT))
             let left = deadline.timeIntervalSinceNow
-            guard left > 0 else { throw failure(.timeout("\(what) within \(formatDuration(timeout))")) }
+            guard left > 0 else { throw failure(.timeout("\(what()) within \(formatDuration(timeout))")) }
             var p = pollfd(fd: fd, events: events, revents: 0)
             let rc = poll(&p, 1, Int32(min(left, 0.1) * 1000) + 1)
             if rc > 0 { return }
