@@ -47,6 +47,9 @@ public final class HostMemory: @unchecked Sendable {   // immutable mapping; gue
     public init(size: UInt64, backing: Backing, alignment: UInt64 = 0) throws(GuestMemoryError) {
         guard size > 0 else { throw .zeroSize }
         guard size % PageSize.bytes4K == 0 else { throw .unalignedSize(size, alignment: PageSize.bytes4K) }
+        guard alignment & (alignment &- 1) == 0, alignment <= 1 << 40 else {
+            throw .badLayout("a start alignment of \(alignment) bytes: give a power of two up to 1 TiB (or 0)")
+        }
         self.size = size
         self.backing = backing
         switch backing {

@@ -29,7 +29,10 @@ public struct Mapping: ~Copyable, @unchecked Sendable {   // the pointer is the 
     /// Maps `size` bytes of anonymous memory (mmap's `flags`) starting at a multiple of `alignment`
     /// (a power of two): over-maps by `alignment`, gives the ends back, owns the middle.
     package init(size: Int, alignment: Int, flags: Int32, what: @autoclosure () -> String) throws(SystemCallError) {
-        let total = size + alignment
+        precondition(alignment >= 4096 && alignment & (alignment - 1) == 0 && size % 4096 == 0 && flags & MAP_HUGETLB == 0,
+                     "an aligned mapping: whole 4 KiB pages, a power-of-two alignment, no hugetlb")
+        let (total, overflow) = size.addingReportingOverflow(alignment)
+        guard !overflow else { throw SystemCallError("mmap(\(what()))", errno: ENOMEM) }
         let p = try Self.map(total, PROT_READ | PROT_WRITE, flags, -1, 0, what)
         let head = (alignment - Int(bitPattern: UInt(bitPattern: p)) & (alignment - 1)) & (alignment - 1)
         if head > 0 { munmap(p, head) }

@@ -330,7 +330,6 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
         do { faults = try MissingPages(ram: ram) } catch { throw MigrationError.vm("post-copy needs userfaultfd", cause: error) }
     }
 
-
     /// Serves faults and places pages until END and the last page; checks the digest, stops
     /// faulting and answers COMPLETE. On any failure the guest is stopped here (it cannot go on
     /// without the source) and the error thrown.
@@ -510,14 +509,17 @@ final class PostcopyDestination: @unchecked Sendable {   // state under `conditi
             let full = staging.pages == granule
             if full { filling[g] = nil }
             condition.unlock()
-            // Unmapped when the last reference goes: here once it is placed, or with the session.
             guard full else { continue }
-            let done: Bool
-            do { done = try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g)", cause: error) }
-            guard done else { throw MigrationError.vm("huge page \(g) was present where post-copy dropped it") }
-            var sums = DigestSums()
-            for i in 0..<granule { digest.set(g + i, buffer + Int(i << PageSize.shift4K), &sums) }
-            placed(g, granule, sums)
+            // Out of `filling`, the buffer is this thread's alone; it is unmapped once placed (kept
+            // alive to here explicitly: only a reference, not the raw pointer, holds it).
+            try withExtendedLifetime(staging) {
+                let done: Bool
+                do { done = try faults.place(page: g, count: granule, from: buffer) } catch { throw MigrationError.vm("placing huge page \(g)", cause: error) }
+                guard done else { throw MigrationError.vm("huge page \(g) was present where post-copy dropped it") }
+                var sums = DigestSums()
+                for i in 0..<granule { digest.set(g + i, buffer + Int(i << PageSize.shift4K), &sums) }
+                placed(g, granule, sums)
+            }
         }
     }
 

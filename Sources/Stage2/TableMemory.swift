@@ -105,7 +105,7 @@ public final class TableAllocator: Sendable {
     /// One 2 MiB mapping tables are carved from, unmapped with the pool.
     private final class Chunk: Sendable {
         let mapping: Mapping
-        init() throws(SystemCallError) { mapping = try Mapping(size: TableAllocator.chunkBytes, flags: MAP_PRIVATE | MAP_ANONYMOUS, what: "stage-2 tables") }
+        init() throws(SystemCallError) { mapping = try Mapping(size: TableAllocator.chunkBytes, flags: MAP_PRIVATE | MAP_ANONYMOUS, what: "2 MiB of stage-2 tables") }
     }
 
     private static func grow(_ p: inout Pool) {
