@@ -38,7 +38,6 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
     /// A lazy restore still placing pages: until it ends, the guest's memory may not be the
     /// snapshot's, so it is not copied anywhere.
     private var restoring = false
-    private var incomingThread: Thread?
     private let parameters = MigrationTuning(downtimeLimit: 0.3, maxBandwidth: nil)
     private let eventLock = NSLock()
     private var sink: (String, JSON) -> Void = { _, _ in }
@@ -90,9 +89,10 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
     /// Waits on `listener` for a migration (again after one that fails) and runs the guest it brings.
     public init(incoming listener: Listener, options: ReceiveOptions) {
         _status = .inmigrate
+        // The thread holds the manager until its loop ends (not the other way round: a manager that
+        // kept its thread would never be freed).
         let t = Thread { [self] in receiveLoop(listener, options) }
         t.name = "incoming"
-        incomingThread = t
         t.start()
     }
 

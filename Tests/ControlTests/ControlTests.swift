@@ -107,6 +107,21 @@ func skipKVM(_ backend: BackendKind) -> Bool {
                 "the listening socket is still open after stop")
     }
 
+    /// A manager waiting for a migration that quits is freed once its threads end (found by
+    /// FuzzControl's leak check: it kept its own receiving thread, which held it).
+    @Test func aManagerThatQuitIsFreed() throws {
+        weak var released: ManagedVM?
+        do {
+            let listener = try Listener(.unix(path: NSTemporaryDirectory() + "vmm-ctl-in-\(getpid())"))
+            let vm = ManagedVM(incoming: listener, options: ReceiveOptions(timeout: 1, acceptTimeout: 3600))
+            released = vm
+            vm.shutdown()
+            #expect(vm.status == .shutdown)
+        }
+        try waitUntil(10) { released == nil }
+        #expect(released == nil, "the manager outlived its shutdown")
+    }
+
     /// A socket path that cannot be served is refused at once, saying why, and nothing is removed:
     /// a path too long for a Unix socket, a regular file there, another server's live socket (which
     /// keeps serving).
