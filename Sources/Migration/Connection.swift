@@ -123,8 +123,8 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
     }
 
     deinit {
-        output.deallocate()
-        input.deallocate()
+        outputBuffer?.deallocate()
+        inputBuffer?.deallocate()
     }
 
     /// The `channels` connections of one migration to `address`: the main one and the others.
@@ -175,12 +175,20 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
     }
 
     /// Small writes are gathered here and go out in one system call (a pass over scattered dirty pages
-    /// is many small records); reads are served from `input` the same way.
+    /// is many small records); reads are served from `input` the same way. Each is made on first use:
+    /// a snapshot file, read or written, needs only one.
     private static let bufferSize = 256 << 10
-    private let output = UnsafeMutableRawPointer.allocate(byteCount: Connection.bufferSize, alignment: 64)
+    private var outputBuffer: UnsafeMutableRawPointer?, inputBuffer: UnsafeMutableRawPointer?
+    private var output: UnsafeMutableRawPointer { outputBuffer ?? Self.makeBuffer(&outputBuffer) }
+    private var input: UnsafeMutableRawPointer { inputBuffer ?? Self.makeBuffer(&inputBuffer) }
     private var outputCount = 0
-    private let input = UnsafeMutableRawPointer.allocate(byteCount: Connection.bufferSize, alignment: 64)
     private var inputStart = 0, inputEnd = 0
+
+    private static func makeBuffer(_ buffer: inout UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer {
+        let made = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 64)
+        buffer = made
+        return made
+    }
 
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
         if outputCount + bytes.count > Self.bufferSize { try flush() }

@@ -62,8 +62,9 @@ public final class DirtyRing: @unchecked Sendable {   // single producer (its vC
         precondition(capacity > 0)
         self.capacity = capacity
         size = capacity + Self.slack
+        // Left untouched: entries are plain values, written before they are read, so a ring's pages
+        // are committed only as it fills (a VM that never logs into rings pays nothing for them).
         slots = .allocate(capacity: size)
-        slots.initialize(repeating: DirtyRingEntry(slot: 0, page: 0), count: size)
     }
 
     deinit { slots.deallocate() }
