@@ -73,7 +73,7 @@ public enum DirtyLogError: Error, Equatable, CustomStringConvertible {
         case .ringTakesNoManualProtect:
             return "dirty rings are harvested and reset, not got and cleared: manual protect and initially-all-set apply to the bitmap strategies only"
         case let .clearOutOfRange(s, f, n, total):
-            return "clear of pages \(f)..<\(f + n) is outside memslot \(s), which has \(total) pages"
+            return "clear of \(n) pages from page \(f) is outside memslot \(s), which has \(total) pages"
         case let .unalignedClear(f): return "clear must start at a multiple of 64 pages (got page \(f))"
         case let .outsideGuestMemory(g, n): return "\(n) bytes at \(g) are not all inside one memslot"
         }

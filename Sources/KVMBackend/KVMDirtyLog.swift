@@ -33,36 +33,42 @@ extension KVMVM {
     /// KVM_CLEAR_DIRTY_LOG: forgets and re-protects the pages `bitmap` names, bit 0 being page
     /// `firstPage` (a multiple of 64) of the slot; the VMM's own log forgets them too.
     public func clearDirtyLog(slot: UInt32, firstPage: UInt64, bitmap: [UInt64]) throws(KVMError) {
-        guard let slotPages = memory(slot: slot).map({ $0.size >> 12 }), firstPage < slotPages else {
-            throw .refused("clear of pages from \(firstPage) is outside memslot \(slot)")
+        try withSlots { (slots) throws(KVMError) in
+            guard let slotPages = slots[slot].map({ $0.memory.size >> 12 }), firstPage < slotPages else {
+                throw .refused("clear of pages from \(firstPage) is outside memslot \(slot)")
+            }
+            var words = bitmap
+            let rc = words.withUnsafeMutableBytes { buf -> Int32 in
+                var c = kvm_clear_dirty_log()
+                c.slot = slot
+                // KVM wants the count to end at the slot's end when it is not a multiple of 64.
+                c.num_pages = UInt32(min(UInt64(bitmap.count) * 64, slotPages - firstPage))
+                c.first_page = firstPage
+                c.dirty_bitmap = buf.baseAddress
+                return cvmm_ioctl(fd.raw, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
+            }
+            guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
         }
-        var words = bitmap
-        let rc = words.withUnsafeMutableBytes { buf -> Int32 in
-            var c = kvm_clear_dirty_log()
-            c.slot = slot
-            // KVM wants the count to end at the slot's end when it is not a multiple of 64.
-            c.num_pages = UInt32(min(UInt64(bitmap.count * 64), slotPages - firstPage))
-            c.first_page = firstPage
-            c.dirty_bitmap = buf.baseAddress
-            return cvmm_ioctl(fd.raw, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
-        }
-        guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
         vmmWrites.forget(slot: Int(slot), bitmap: bitmap, firstPage: firstPage)
     }
 
-    /// KVM_GET_DIRTY_LOG for `slot` of `pages` pages: the bitmap (bit i of word w = page 64w+i), which
-    /// KVM clears and re-protects as it returns it (or, under manual protect, keeps until a clear), with
-    /// the pages the VMM wrote itself merged in.
-    public func getDirtyLog(slot: UInt32, pages: UInt64) throws(KVMError) -> [UInt64] {
-        var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-        let rc = words.withUnsafeMutableBytes { buf -> Int32 in
-            var log = kvm_dirty_log()
-            log.slot = slot
-            log.dirty_bitmap = buf.baseAddress
-            return cvmm_ioctl(fd.raw, cvmm_KVM_GET_DIRTY_LOG, &log)
+    /// KVM_GET_DIRTY_LOG for `slot`: the bitmap (bit i of word w = page 64w+i), which KVM clears and
+    /// re-protects as it returns it (or, under manual protect, keeps until a clear), with the pages the
+    /// VMM wrote itself merged in. Sized and fetched under the slot lock: KVM writes one bit per page
+    /// of the slot as it is at the call, so a slot re-created larger in between must not be reached.
+    public func getDirtyLog(slot: UInt32) throws(KVMError) -> [UInt64] {
+        try withSlots { (slots) throws(KVMError) -> [UInt64] in
+            guard let memory = slots[slot]?.memory else { throw .refused("memslot \(slot) does not exist") }
+            var words = [UInt64](repeating: 0, count: Int((memory.size >> 12 + 63) / 64))
+            let rc = words.withUnsafeMutableBytes { buf -> Int32 in
+                var log = kvm_dirty_log()
+                log.slot = slot
+                log.dirty_bitmap = buf.baseAddress
+                return cvmm_ioctl(fd.raw, cvmm_KVM_GET_DIRTY_LOG, &log)
+            }
+            guard rc == 0 else { throw .ioctl("KVM_GET_DIRTY_LOG(slot \(slot))", errno: errno) }
+            takeVMMDirty(slot: slot, into: &words)
+            return words
         }
-        guard rc == 0 else { throw .ioctl("KVM_GET_DIRTY_LOG(slot \(slot))", errno: errno) }
-        takeVMMDirty(slot: slot, into: &words)
-        return words
     }
 }

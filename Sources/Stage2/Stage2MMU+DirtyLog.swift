@@ -140,7 +140,7 @@ extension Stage2MMU {
         guard let log = dirtyLog(slot: id) else { throw .notLogging(slot: id) }
         let pages = UInt64(bitmap.count) * 64
         let last = bitmap.lastIndex { $0 != 0 }.map { UInt64($0) * 64 + 64 - UInt64(bitmap[$0].leadingZeroBitCount) } ?? 0
-        guard firstPage + last <= log.slot.pageCount else {
+        guard firstPage <= log.slot.pageCount, last <= log.slot.pageCount - firstPage else {   // without overflow
             throw .clearOutOfRange(slot: id, firstPage: firstPage, pages: pages, slotPages: log.slot.pageCount)
         }
         log.bitmap.clear(bitmap: bitmap, firstPage: firstPage)
@@ -252,7 +252,10 @@ extension Stage2MMU {
                     if let i = bitmaps.firstIndex(where: { $0.id == e.slot }) {
                         current = i
                     } else {
-                        guard let log = dirtyLogs[e.slot] else { return }
+                        // A slot that logs with another strategy now (deleted and added again, or
+                        // logging stopped and restarted) keeps its dirty state elsewhere: DBM's is the
+                        // leaves' W bits, which a re-protect here would forget.
+                        guard let log = dirtyLogs[e.slot], log.usesRings else { return }
                         bitmaps.append((e.slot, log.slot.pageCount, log, [UInt64](repeating: 0, count: log.bitmap.wordCount)))
                         current = bitmaps.count - 1
                     }
@@ -275,13 +278,13 @@ extension Stage2MMU {
 
     /// Moves every ring entry into its slot's bitmap and resets the rings: what getDirtyLog does under
     /// the ring strategy, and what a VMM does when a vCPU exits on a full ring. Entries of slots
-    /// deleted or no longer logging are dropped.
+    /// deleted, no longer logging, or logging with another strategy are dropped.
     public func drainDirtyRings() {
         var entries: [DirtyRingEntry] = []
         for ring in rings.withLock({ $0 }) { _ = ring.harvest(into: &entries) }
         lock.shared {
             for e in entries {
-                if let log = dirtyLogs[e.slot], log.slot.contains(page: e.page) { log.bitmap.set(e.page) }
+                if let log = dirtyLogs[e.slot], log.usesRings, log.slot.contains(page: e.page) { log.bitmap.set(e.page) }
             }
         }
         resetDirtyRings()

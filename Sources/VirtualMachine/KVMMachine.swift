@@ -49,9 +49,16 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
         }
     }
 
-    /// vCPUs are created on first use: a dirty ring must be enabled before any exists.
+    /// vCPUs are created on first use: a dirty ring must be enabled before any exists. Under
+    /// `changeLock`, so a ring enabled at the same time is on before the first vCPU is made or refused
+    /// after (a vCPU made in between would have a ring nobody reads); and under `ringLock`, which
+    /// harvests read `vcpus` under.
     private func ensureVCPUs() throws {
-        if vcpus.isEmpty { vcpus = try (0..<vcpuTotal).map { i throws(KVMError) in try vm.createVCPU(id: Int32(i)) } }
+        try changeLock.withLock {
+            guard vcpus.isEmpty else { return }
+            let made = try (0..<vcpuTotal).map { i throws(KVMError) in try vm.createVCPU(id: Int32(i)) }
+            ringLock.withLock { vcpus = made }
+        }
     }
 
     var capabilities: VMCapabilities {
@@ -223,7 +230,7 @@ final class KVMMachine: VirtualMachine, @unchecked Sendable {   // mutable state
             vm.takeVMMDirty(slot: UInt32(slot), into: &words)
             return words
         }
-        return try vm.getDirtyLog(slot: UInt32(slot), pages: s.size >> 12)
+        return try vm.getDirtyLog(slot: UInt32(slot))
     }
 
     /// Collects every vCPU ring into the slot logs, then resets the rings (re-protecting those pages)

@@ -262,6 +262,7 @@ extension VirtualMachine {
 
     /// clearDirtyLog over RAM: bit 0 of `bitmap` is RAM page `firstPage` (a multiple of 64).
     public func clearDirtyLog(firstPage: UInt64, bitmap: [UInt64]) throws {
+        guard firstPage % 64 == 0 else { throw DirtyLogError.unalignedClear(firstPage: firstPage) }
         try ram.forEachSlot(firstPage: firstPage, bitmap: bitmap) { s, first, part in
             try clearDirtyLog(slot: s, firstPage: first, bitmap: part)
         }
@@ -325,8 +326,8 @@ extension VirtualMachine {
         }
         guard firstPage % 64 == 0 else { throw DirtyLogError.unalignedClear(firstPage: firstPage) }
         guard let w = bitmap.lastIndex(where: { $0 != 0 }) else { return false }
-        let end = firstPage + UInt64(w) * 64 + 64 - UInt64(bitmap[w].leadingZeroBitCount)
-        guard end <= s.size >> 12 else {
+        let span = UInt64(w) * 64 + 64 - UInt64(bitmap[w].leadingZeroBitCount)   // pages from firstPage to the last set bit
+        guard firstPage <= s.size >> 12, span <= s.size >> 12 - firstPage else {   // without overflow, for any firstPage
             throw DirtyLogError.clearOutOfRange(slot: id, firstPage: firstPage, pages: UInt64(bitmap.count) * 64, slotPages: s.size >> 12)
         }
         return true

@@ -209,7 +209,7 @@ struct BenchDirtyLog: ParsableCommand {
                 p.reported = reported
             } else {
                 var bitmap: [UInt64] = []
-                p.get = try timeMs { bitmap = try vm.getDirtyLog(slot: 0, pages: slotPages) }
+                p.get = try timeMs { bitmap = try vm.getDirtyLog(slot: 0) }
                 p.clear = try timeMs { try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }
                 // Reported pages of the measured range (the program's own pages below 1 MiB left out).
                 var reported = 0

@@ -37,7 +37,7 @@ import DirtyLog
         let vcpu = try vm.createVCPU(id: 0)
         try vcpu.loadWorkload(spec, index: 0, memory: kmem)
         let kstats = try vcpu.runWorkload(index: 0, memory: kmem, timeout: 60)
-        let kvmPages = pages(try vm.getDirtyLog(slot: 0, pages: Self.memory >> 12))
+        let kvmPages = pages(try vm.getDirtyLog(slot: 0))
 
         // soft
         let soft = SoftVM(vcpus: 1)
@@ -117,7 +117,7 @@ import DirtyLog
         }
         #expect(failures.all.isEmpty, "\(failures.all)")
         var kvmPages = Set<UInt64>()
-        forEachSetBit(try vm.getDirtyLog(slot: 0, pages: 2048)) { if $0 >= 256 { kvmPages.insert($0) } }
+        forEachSetBit(try vm.getDirtyLog(slot: 0)) { if $0 >= 256 { kvmPages.insert($0) } }
 
         let soft = SoftVM(vcpus: 2)
         try soft.addMemory(slot: 0, gpa: GPA(0), size: 8 << 20, backing: .pages4K)

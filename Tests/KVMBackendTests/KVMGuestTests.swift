@@ -144,7 +144,7 @@ import Testing
         let data = [UInt8](repeating: 7, count: 5000)
         try data.withUnsafeBytes { try vm.writeGuest(GPA(0x20_0F00), $0) }
         var pages: [UInt64] = []
-        forEachSetBit(try vm.getDirtyLog(slot: 0, pages: 1024)) { pages.append($0) }
+        forEachSetBit(try vm.getDirtyLog(slot: 0)) { pages.append($0) }
         #expect(pages == [0x200, 0x201, 0x202])
         #expect(mem.pointer.load(fromByteOffset: 0x20_1000, as: UInt8.self) == 7)
         #expect(throws: KVMError.self) { try data.withUnsafeBytes { try vm.writeGuest(GPA(4 << 20), $0) } }
@@ -180,7 +180,7 @@ import Testing
         try vm.enableManualProtect(initiallySet: true)
         let mem = try HostMemory(size: 4 << 20, backing: .pages4K)
         try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem, logDirty: true)
-        let all = try vm.getDirtyLog(slot: 0, pages: 1024)
+        let all = try vm.getDirtyLog(slot: 0)
         #expect(all.reduce(0) { $0 + $1.nonzeroBitCount } == 1024, "initially all set")
         try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: all)
         let vcpu = try vm.createVCPU(id: 0)
@@ -192,7 +192,7 @@ import Testing
         var g = WorkloadGenerator(spec: spec, vcpu: 0)
         for _ in 0..<100 { written.insert(g.next().gpa.raw >> 12) }
         var reported = Set<UInt64>()
-        forEachSetBit(try vm.getDirtyLog(slot: 0, pages: 1024)) { if $0 >= 256 { reported.insert($0) } }
+        forEachSetBit(try vm.getDirtyLog(slot: 0)) { if $0 >= 256 { reported.insert($0) } }
         #expect(reported == written)
         print("KVM: manual protect with initially-set, \(reported.count) pages")
     }

@@ -166,6 +166,22 @@ import DirtyLog
         #expect(vm.mmu.harvestDirtyRings() == [DirtyRingEntry(slot: 0, page: 8)])
     }
 
+    /// Ring entries harvested before the slot's logging turned to DBM must not be reset onto it (found
+    /// in review): under DBM a page's only dirty record is its leaf's W bit, which the re-protect of a
+    /// reset would forget.
+    @Test(arguments: [Backing.pages4K, .thp])
+    func aStaleRingResetLeavesADBMSlotsPagesDirty(backing: Backing) throws {
+        let (vm, v, _) = try makeVM(backing)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .ring))
+        v.write(GPA(5 << 12), 1)
+        #expect(vm.mmu.harvestDirtyRings().map(\.page) == [5])   // harvested, not yet reset
+        try vm.mmu.disableDirtyLogging(slot: 0)
+        try vm.mmu.enableDirtyLogging(slot: 0, DirtyLogConfig(strategy: .dbm))
+        v.write(GPA(5 << 12), 2)
+        #expect(vm.mmu.resetDirtyRings() == 1, "the entry's room is freed")
+        #expect(pages(try vm.mmu.getDirtyLog(slot: 0)) == [5])
+    }
+
     @Test func fullRingStopsTheVCPUUntilReset() throws {
         let vm = SoftVM(vcpus: 1, ringCapacity: 64)
         try vm.addMemory(slot: 0, gpa: GPA(0), size: 4 << 20, backing: .pages4K)

@@ -373,6 +373,42 @@ final class StopFlag: @unchecked Sendable {
         }
         try vm.clearDirtyLog(slot: 0, firstPage: 8192, bitmap: [0])
         try vm.writeGuest(GPA(0x20_0000), UnsafeRawBufferPointer(start: nil, count: 0))
+        // Bad clears are errors, not traps (found in review): a first page where page + span overflows,
+        // and a RAM-wide clear that does not start on a multiple of 64 pages.
+        #expect(throws: DirtyLogError.clearOutOfRange(slot: 0, firstPage: UInt64.max - 63, pages: 64, slotPages: 4096)) {
+            try vm.clearDirtyLog(slot: 0, firstPage: UInt64.max - 63, bitmap: [1])
+        }
+        #expect(throws: DirtyLogError.unalignedClear(firstPage: 1)) { try vm.clearDirtyLog(firstPage: 1, bitmap: [1]) }
+    }
+
+    /// A get of a slot that another thread deletes and adds again, larger, with the same id (found in
+    /// review: KVM's get was sized from the slot as it was a moment before, and KVM wrote the larger
+    /// slot's bitmap past it). Each get answers for one slot or says there is none.
+    @Test(arguments: Cell.plain.filter { $0.log.strategy == .writeProtect })
+    func getRacingASlotMadeAgainLarger(_ cell: Cell) throws {
+        let vm = try makeContractVM(cell, vcpus: 1)
+        let sizes: [UInt64] = [256 << 10, 64 << 20]
+        let memories = try sizes.map { try HostMemory(size: $0, backing: .pages4K) }
+        try vm.addSlot(id: 9, gpa: GPA(2 << 30), memory: memories[0], flags: [.dirtyLogging])
+        let done = Atomic<Bool>(false), gets = Atomic<Int>(0), odd = Atomic<Int>(0)
+        let getter = Thread {
+            while !done.load(ordering: .relaxed) {
+                guard let words = try? vm.getDirtyLog(slot: 9) else { continue }
+                gets.add(1, ordering: .relaxed)
+                if words.count != 1 && words.count != 256 { odd.add(1, ordering: .relaxed) }   // 64 or 16,384 pages
+            }
+        }
+        getter.start()
+        let until = Date(timeIntervalSinceNow: 0.5)
+        var i = 0
+        while Date() < until || gets.load(ordering: .relaxed) < 100 {
+            try vm.deleteSlot(id: 9)
+            i += 1
+            try vm.addSlot(id: 9, gpa: GPA(2 << 30), memory: memories[i % 2], flags: [.dirtyLogging])
+        }
+        done.store(true, ordering: .relaxed)
+        while !getter.isFinished { usleep(1000) }
+        #expect(gets.load(ordering: .relaxed) > 0 && odd.load(ordering: .relaxed) == 0)
     }
 
     /// Ring logging turned off and on again reports nothing written before: the entries still
