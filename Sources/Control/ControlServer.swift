@@ -225,6 +225,10 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         private let writeLock = NSLock()
         private var buffer: [UInt8] = []
         private var discarding = false
+        /// How far `frameEnd` has read `buffer`, and what it was inside there: kept across reads, and
+        /// across the bytes dropped from a request too long, so framing never restarts mid-object.
+        private var scan = FrameScan()
+        struct FrameScan { var at = 0, depth = 0, inString = false, escaped = false }
         private var closed = false
         let done = DispatchSemaphore(value: 0)
         /// Set once, by the client's own thread; read by emitters.
@@ -248,20 +252,23 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         /// Where the next frame in `buffer` ends: at a newline, or at the brace or bracket that closes
         /// a top-level object or array (outside strings), whichever comes first.
         private func frameEnd() -> (end: Int, consumed: Int)? {
-            var depth = 0, inString = false, escaped = false
-            for (k, b) in buffer.enumerated() {
-                if b == 0x0A { return (k, k + 1) }
-                if inString {
-                    if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
+            var s = scan
+            defer { scan = s }
+            while s.at < buffer.count {
+                let k = s.at, b = buffer[k]
+                s.at += 1
+                if b == 0x0A { s = FrameScan(); return (k, k + 1) }
+                if s.inString {
+                    if s.escaped { s.escaped = false } else if b == UInt8(ascii: "\\") { s.escaped = true } else if b == UInt8(ascii: "\"") { s.inString = false }
                     continue
                 }
                 switch b {
-                case UInt8(ascii: "\""): inString = true
-                case UInt8(ascii: "{"), UInt8(ascii: "["): depth += 1
+                case UInt8(ascii: "\""): s.inString = true
+                case UInt8(ascii: "{"), UInt8(ascii: "["): s.depth += 1
                 case UInt8(ascii: "}"), UInt8(ascii: "]"):
-                    depth -= 1
-                    if depth == 0 { return (k + 1, k + 1) }
-                    if depth < 0 { depth = 0 }   // a stray closer: the newline ends this garbage
+                    s.depth -= 1
+                    if s.depth == 0 { s = FrameScan(); return (k + 1, k + 1) }
+                    if s.depth < 0 { s.depth = 0 }   // a stray closer: the newline ends this garbage
                 default: break
                 }
             }
@@ -281,6 +288,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
                 }
                 if buffer.count > ControlServer.maxLine {
                     buffer.removeAll(keepingCapacity: true)
+                    scan.at = 0
                     discarding = true
                 }
                 let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
