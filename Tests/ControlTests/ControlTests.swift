@@ -304,6 +304,18 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(try ca.execute("query-migrate").get()["status"] == .string("cancelled"))
         try waitUntil { try cb.execute("query-migrate").get()["status"] == .string("setup") }
 
+        // 2b. A limit lowered mid-flight below what sends a record within the timeout fails the
+        // migration at once, saying so (found in review: it slept off days of debt, and a cancel
+        // waited for the record); the source runs on.
+        _ = try ca.execute("migrate", .object([("uri", .string(bURI)), ("max-passes", .int(100))])).get()
+        try waitUntil { if case let .array(p)? = try ca.execute("query-migrate").get()["passes"] { p.count >= 1 } else { false } }
+        _ = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(1))])).get()
+        while try ca.waitEvent("MIGRATION", timeout: 30)["data"]?["status"] != .string("failed") {}
+        let starved = try ca.execute("query-migrate").get()
+        #expect(starved["error-desc"]?.string?.contains("max-bandwidth") == true, "\(starved)")
+        #expect(try ca.execute("query-status").get()["status"] == .string("running"))
+        try waitUntil { try cb.execute("query-migrate").get()["status"] == .string("setup") }
+
         // 3. Unlimited: it completes; A hands over, B runs.
         _ = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(0))])).get()
         _ = try ca.execute("migrate", .object([("uri", .string(bURI))])).get()
