@@ -85,13 +85,25 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
         return try body()
     }
 
-    /// Opens a snapshot file for writing (created, truncated) or reading.
+    /// Opens a snapshot file for writing (created, truncated) or reading. Only a regular file: a FIFO
+    /// or a device found at the path would block the open or the writes (the VM manager's commands
+    /// wait on them), so it is opened without blocking and checked before use.
     public init(file path: String, writing: Bool) throws {
         do {
-            descriptor = try FileDescriptor(opening: path, writing ? O_WRONLY | O_CREAT | O_TRUNC : O_RDONLY, mode: 0o644)
-        } catch { throw MigrationError.connection("cannot open \(path)", cause: error) }
+            descriptor = try FileDescriptor(opening: path, (writing ? O_WRONLY | O_CREAT | O_TRUNC : O_RDONLY) | O_NONBLOCK | O_NOCTTY, mode: 0o644)
+        } catch {
+            // ENXIO: a FIFO nobody reads, or a device with nothing behind it.
+            throw error.errno == ENXIO ? Self.notAFile(path) : MigrationError.connection("cannot open \(path)", cause: error)
+        }
+        var st = stat()
+        guard fstat(descriptor.raw, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { throw Self.notAFile(path) }
+        _ = fcntl(descriptor.raw, F_SETFL, fcntl(descriptor.raw, F_GETFL) & ~O_NONBLOCK)
         isFile = true
         timeout = .infinity
+    }
+
+    private static func notAFile(_ path: String) -> MigrationError {
+        .connection("\(path) is not a regular file: snapshots are written to and read from files")
     }
 
     /// Makes what was written durable (a snapshot is complete only after this).

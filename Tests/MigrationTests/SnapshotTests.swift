@@ -86,6 +86,17 @@ import KVMBackend
         }
     }
 
+    /// A FIFO or a device where a snapshot is written or read is refused at once (found in review: the
+    /// open of a FIFO with no reader blocked, and with it every command of the VM manager).
+    @Test(.timeLimit(.minutes(1))) func onlyRegularFilesHoldSnapshots() throws {
+        let (vm, _) = try runningVM()
+        #expect(mkfifo(dir + "/f.partial", 0o600) == 0)
+        let e = try #require(Result { try SnapshotChain(vm: vm).take(to: dir + "/f") }.failure as? MigrationError)
+        #expect(e.message.contains("not a regular file"), "\(e)")
+        _ = try vm.stop()
+        #expect(throws: MigrationError.self) { _ = try restoreSnapshots(["/dev/zero"]) }
+    }
+
     /// A snapshot that fails to write loses nothing: what it would have held reaches the next diff.
     /// For a failed diff, its dirty pages; for a full one failing in the middle of a chain, the page
     /// written before it (it was harvested and dropped, and the running digest, which does not read
