@@ -470,7 +470,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             emit("MIGRATION", .object([("status", .string(status.rawValue))]))
         }
         do {
-            let (main, more) = try Connection.connect(to: address, channels: options.connections, timeout: min(options.timeout, 30))
+            let (main, more) = try Connection.connect(to: address, channels: options.connections, timeout: min(options.timeout, 30),
+                                                     cancellation: job.cancellation)
             for c in [main] + more { job.cancellation.watch(c) }
             let report = try Migration.migrate(vm, over: main, more: more, options: options) { [self] p in
                 track(job, p)

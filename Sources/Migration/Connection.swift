@@ -140,22 +140,24 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
     }
 
     /// The `channels` connections of one migration to `address`: the main one and the others.
-    public static func connect(to address: MigrationAddress, channels: Int, timeout: Double = 10) throws -> (Connection, [Connection]) {
+    public static func connect(to address: MigrationAddress, channels: Int, timeout: Double = 10,
+                               cancellation: Cancellation? = nil) throws -> (Connection, [Connection]) {
         guard (1...Int(maxChannels)).contains(channels) else {
             throw MigrationError.connection("\(channels) connections: give 1 to \(maxChannels) (post-copy takes one of them for the pages the destination asks for)")
         }
-        let main = try connect(to: address, timeout: timeout)
-        return (main, try (1..<channels).map { _ in try connect(to: address, timeout: timeout) })
+        let main = try connect(to: address, timeout: timeout, cancellation: cancellation)
+        return (main, try (1..<channels).map { _ in try connect(to: address, timeout: timeout, cancellation: cancellation) })
     }
 
     /// Connects to `address` (each address it resolves to in turn), retrying while nobody listens
-    /// yet, for up to `timeout` seconds.
-    public static func connect(to address: MigrationAddress, timeout: Double = 10) throws -> Connection {
+    /// yet, for up to `timeout` seconds, or until `cancellation` is cancelled.
+    public static func connect(to address: MigrationAddress, timeout: Double = 10, cancellation: Cancellation? = nil) throws -> Connection {
         let targets = try address.resolve(passive: false)
         let deadline = Date().addingTimeInterval(timeout)
         var last = "no address"
         while true {
             for t in targets {
+                if cancellation?.isCancelled == true { throw MigrationError.cancelled }
                 let raw = socket(t.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
                 guard raw >= 0 else { last = "socket: \(String(cString: strerror(errno)))"; continue }
                 let owned = FileDescriptor(owning: raw)   // closed unless a connection takes it
@@ -165,12 +167,19 @@ public final class Connection: @unchecked Sendable {   // one reader and one wri
                 _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
                 var e: Int32 = t.withSockaddr({ Glibc.connect(fd, $0, $1) }) == 0 ? 0 : errno
                 if e == EINPROGRESS {
+                    // In slices, so a cancel is seen while an unreachable host keeps us waiting.
                     var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                    if poll(&p, 1, Int32(max(0, deadline.timeIntervalSinceNow) * 1000) + 1) > 0 {
-                        var len = socklen_t(MemoryLayout<Int32>.size)
-                        getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len)
-                    } else {
-                        e = ETIMEDOUT
+                    e = ETIMEDOUT
+                    while true {
+                        if cancellation?.isCancelled == true { throw MigrationError.cancelled }
+                        let left = deadline.timeIntervalSinceNow
+                        let rc = poll(&p, 1, Int32(min(max(0, left), 0.1) * 1000) + 1)
+                        if rc > 0 {
+                            var len = socklen_t(MemoryLayout<Int32>.size)
+                            getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len)
+                            break
+                        }
+                        if left <= 0 { break }
                     }
                 }
                 if e == 0 {
