@@ -31,6 +31,10 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
     private var _status: Status
     private let started = Date()
     private var migration: MigrationJob?
+    /// An incoming VM's receive under way or waiting for a source. `migration`, what query-migrate
+    /// shows, becomes it once a source gets somewhere: until then the last source's outcome (failed,
+    /// and why) stays on show.
+    private var incoming: MigrationJob?
     private var dirtyRate: DirtyRateJob?
     /// The snapshot chain diffs continue; a migration or a dirty-rate measurement ends it (they
     /// need the dirty log), so the next snapshot is a full one.
@@ -136,7 +140,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         case "migrate-cancel":
             try a.only([])
             // An incoming VM drops the source it is receiving from and waits for the next.
-            lock.withLock { migration }?.cancellation.cancel()
+            lock.withLock { _status == .inmigrate ? incoming : migration }?.cancellation.cancel()
             return .object([])
         case "query-migrate":
             try a.only([])
@@ -491,8 +495,14 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
 
     private func track(_ job: MigrationJob, _ p: MigrationProgress) {
         let (changed, passes) = job.update(p)
+        if job.incoming && changed != nil { show(job) }
         if let changed { emit("MIGRATION", .object([("status", .string(changed.rawValue))])) }
         for pass in passes { emit("MIGRATION_PASS", .object([("pass", .int(Int64(pass.pass)))])) }
+    }
+
+    /// Makes an incoming job the one query-migrate shows, unless a later one has begun.
+    private func show(_ job: MigrationJob) {
+        lock.withLock { if incoming === job { migration = job } }
     }
 
     private func receiveLoop(_ listener: Listener, _ options: ReceiveOptions) {
@@ -500,7 +510,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             let job = MigrationJob(incoming: true, totalBytes: 0)
             guard lock.withLock({ () -> Bool in
                 guard _status == .inmigrate else { return false }
-                migration = job
+                incoming = job
+                if migration?.isActive != false { migration = job }   // the first wait shows setup
                 return true
             }) else { return }
             do {
@@ -509,6 +520,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                 let running = vm.runState == .running
                 let kept = lock.withLock { () -> Bool in
                     job.finish(.completed)
+                    migration = job
                     guard _status == .inmigrate else { return false }
                     self.vm = vm
                     _status = running ? .running : .paused
@@ -521,6 +533,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             } catch let doubt as SwitchoverInDoubt {
                 let kept = lock.withLock { () -> Bool in
                     job.finish(.failed, error: doubt.description)
+                    migration = job
                     guard _status == .inmigrate else { return false }
                     vm = doubt.vm
                     _status = .paused
@@ -535,6 +548,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                 // migrate-cancel: report it and wait for the next (until the VM shuts down).
                 if e.code == .timeout && job.status == .setup { continue }
                 job.finish(job.cancellation.isCancelled ? .cancelled : .failed, error: job.cancellation.isCancelled ? nil : e.description)
+                show(job)
                 emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
             }
         }
@@ -552,10 +566,11 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         // Cancelled, each ends at its next step: a record boundary, a slice of a measurement step.
         let deadline = Date().addingTimeInterval(35)
         while true {
-            let (job, measuring) = lock.withLock { (migration, dirtyRate) }
+            let (job, receiving, measuring) = lock.withLock { (migration, incoming, dirtyRate) }
             job?.cancellation.cancel()
+            receiving?.cancellation.cancel()
             measuring?.cancellation.cancel()
-            let busy = job?.isActive == true || measuring?.status == .measuring
+            let busy = job?.isActive == true || receiving?.isActive == true || measuring?.status == .measuring
             guard busy && Date() < deadline else { break }
             Thread.sleep(forTimeInterval: 0.01)
         }
