@@ -48,8 +48,10 @@ extension KVMVM {
                 return cvmm_ioctl(fd.raw, cvmm_KVM_CLEAR_DIRTY_LOG, &c)
             }
             guard rc == 0 else { throw .ioctl("KVM_CLEAR_DIRTY_LOG(slot \(slot), pages \(firstPage)+\(bitmap.count * 64))", errno: errno) }
+            // Under the lock too: a VMM write (which takes it) landing between the clear and this
+            // would otherwise be forgotten unreported.
+            vmmWrites.forget(slot: Int(slot), bitmap: bitmap, firstPage: firstPage)
         }
-        vmmWrites.forget(slot: Int(slot), bitmap: bitmap, firstPage: firstPage)
     }
 
     /// KVM_GET_DIRTY_LOG for `slot`: the bitmap (bit i of word w = page 64w+i), which KVM clears and
