@@ -509,7 +509,11 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         while true {
             let job = MigrationJob(incoming: true, totalBytes: 0)
             guard lock.withLock({ () -> Bool in
-                guard _status == .inmigrate else { return false }
+                guard _status == .inmigrate else {
+                    // A wait that timed out as the VM shut down: ended, so shutdown does not wait on it.
+                    if incoming?.status == .setup { incoming?.finish(.cancelled) }
+                    return false
+                }
                 incoming = job
                 if migration?.isActive != false { migration = job }   // the first wait shows setup
                 return true
