@@ -54,7 +54,7 @@ public final class ControlClient {
     public func execute(_ command: String, _ arguments: JSON = .object([])) throws -> Result<JSON, QMPError> {
         var request: [(String, JSON)] = [("execute", .string(command))]
         if case let .object(a) = arguments, !a.isEmpty { request.append(("arguments", arguments)) }
-        try send(raw: Array((JSON.object(request).description + "\n").utf8))
+        try send(raw: JSON.object(request).utf8 + [0x0A])
         return try readAnswer()
     }
 

@@ -224,6 +224,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         var fd: Int32 { socket.raw }
         private let writeLock = NSLock()
         private var buffer: [UInt8] = []
+        private var head = 0   // where the bytes not yet framed begin in `buffer`
+        private var chunk: [UInt8] = []   // what one recv reads into, made on the first
         private var discarding = false
         /// How far `frameEnd` has read `buffer`, and what it was inside there: kept across reads, and
         /// across the bytes dropped from a request too long, so framing never restarts mid-object.
@@ -257,7 +259,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             while s.at < buffer.count {
                 let k = s.at, b = buffer[k]
                 s.at += 1
-                if b == 0x0A { s = FrameScan(); return (k, k + 1) }
+                if b == 0x0A { s = FrameScan(at: k + 1); return (k, k + 1) }
                 if s.inString {
                     if s.escaped { s.escaped = false } else if b == UInt8(ascii: "\\") { s.escaped = true } else if b == UInt8(ascii: "\"") { s.inString = false }
                     continue
@@ -267,7 +269,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
                 case UInt8(ascii: "{"), UInt8(ascii: "["): s.depth += 1
                 case UInt8(ascii: "}"), UInt8(ascii: "]"):
                     s.depth -= 1
-                    if s.depth == 0 { s = FrameScan(); return (k + 1, k + 1) }
+                    if s.depth == 0 { s = FrameScan(at: k + 1); return (k + 1, k + 1) }
                     if s.depth < 0 { s.depth = 0 }   // a stray closer: the newline ends this garbage
                 default: break
                 }
@@ -276,21 +278,26 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         }
 
         /// The next frame, or nil once the client is gone (or the server stops: `close` shuts the socket).
+        /// Frames are taken from `head` on, and the rest moved down only before a read, so a burst of
+        /// many requests costs no more than its bytes.
         func readLine() -> Line? {
-            var chunk = [UInt8](repeating: 0, count: 16 << 10)
             while true {
                 if let (end, consumed) = frameEnd() {
-                    let line = Array(buffer[..<end])
-                    buffer.removeSubrange(..<consumed)
+                    let line = Array(buffer[head..<end])
+                    head = consumed
                     if discarding { discarding = false; return .tooLong }
                     if line.count > ControlServer.maxLine { return .tooLong }
                     return .text(line)
                 }
+                buffer.removeSubrange(..<head)
+                scan.at -= head
+                head = 0
                 if buffer.count > ControlServer.maxLine {
                     buffer.removeAll(keepingCapacity: true)
                     scan.at = 0
                     discarding = true
                 }
+                if chunk.isEmpty { chunk = [UInt8](repeating: 0, count: 16 << 10) }
                 let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
                 if n < 0 && errno == EINTR { continue }
                 guard n > 0 else { return nil }
@@ -299,7 +306,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         }
 
         func send(_ message: JSON) {
-            let bytes = Array((message.description + "\r\n").utf8)
+            var bytes = message.utf8
+            bytes += [0x0D, 0x0A]
             writeLock.lock()
             defer { writeLock.unlock() }
             guard !closed else { return }

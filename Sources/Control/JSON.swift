@@ -58,55 +58,63 @@ public enum JSON: Equatable, Sendable, CustomStringConvertible {
     }
 
     /// Compact JSON text, on one line.
-    public var description: String {
-        var out = ""
+    public var description: String { String(decoding: utf8, as: UTF8.self) }
+
+    /// The compact text as UTF-8, as it goes on the wire.
+    public var utf8: [UInt8] {
+        var out: [UInt8] = []
         write(to: &out)
         return out
     }
 
-    func write(to out: inout String) {
+    func write(to out: inout [UInt8]) {
         switch self {
-        case .null: out += "null"
-        case let .bool(b): out += b ? "true" : "false"
-        case let .int(i): out += String(i)
+        case .null: out += "null".utf8
+        case let .bool(b): out += (b ? "true" : "false").utf8
+        case let .int(i): out += String(i).utf8
         case let .double(d):
-            if d.isFinite { out += d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : "\(d)" } else { out += "null" }
+            if d.isFinite { out += (d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : "\(d)").utf8 } else { out += "null".utf8 }
         case let .string(s): JSON.quote(s, into: &out)
         case let .array(a):
-            out += "["
+            out.append(UInt8(ascii: "["))
             for (i, v) in a.enumerated() {
-                if i > 0 { out += ", " }
+                if i > 0 { out += ", ".utf8 }
                 v.write(to: &out)
             }
-            out += "]"
+            out.append(UInt8(ascii: "]"))
         case let .object(pairs):
-            out += "{"
+            out.append(UInt8(ascii: "{"))
             for (i, (k, v)) in pairs.enumerated() {
-                if i > 0 { out += ", " }
+                if i > 0 { out += ", ".utf8 }
                 JSON.quote(k, into: &out)
-                out += ": "
+                out += ": ".utf8
                 v.write(to: &out)
             }
-            out += "}"
+            out.append(UInt8(ascii: "}"))
         }
     }
 
-    static func quote(_ s: String, into out: inout String) {
-        out += "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where u.value < 0x20:
-                let hex = String(u.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(u)
+    /// `s` as a JSON string. Byte by byte: a String's UTF-8 is valid, so only quotes, backslashes and
+    /// control characters need escapes (a reply may echo a long hostile request, so no per-character
+    /// String appends).
+    static func quote(_ s: String, into out: inout [UInt8]) {
+        let hex: StaticString = "0123456789abcdef"
+        out.append(UInt8(ascii: "\""))
+        for b in s.utf8 {
+            switch b {
+            case UInt8(ascii: "\""): out += #"\""#.utf8
+            case UInt8(ascii: "\\"): out += #"\\"#.utf8
+            case 0x0A: out += #"\n"#.utf8
+            case 0x0D: out += #"\r"#.utf8
+            case 0x09: out += #"\t"#.utf8
+            case 0..<0x20:
+                out += #"\u00"#.utf8
+                out.append(hex.utf8Start[Int(b >> 4)])
+                out.append(hex.utf8Start[Int(b & 15)])
+            default: out.append(b)
             }
         }
-        out += "\""
+        out.append(UInt8(ascii: "\""))
     }
 }
 

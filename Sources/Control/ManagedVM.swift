@@ -147,8 +147,11 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             return lock.withLock { migration }?.json ?? .object([])
         case "migrate-set-parameters":
             try a.only(["downtime-limit", "max-bandwidth"])
-            let apply = try parameterChanges(a)
-            lock.withLock { apply() }
+            let change = try ParameterChange(a)
+            try lock.withLock {
+                try change.check(parameters, for: migration.flatMap { $0.isActive ? $0.options : nil })
+                change.apply(to: parameters)
+            }
             return .object([])
         case "snapshot-create":
             return try snapshot(a)
@@ -396,16 +399,33 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
 
     // MARK: Migration
 
-    /// The migration parameters `a` names (migrate-set-parameters, and migrate's own), checked:
-    /// applying them keeps them for later migrations, and a running one takes them at its next pass.
-    private func parameterChanges(_ a: Arguments) throws -> () -> Void {
-        let ms = try a.int("downtime-limit"), bw = try a.int("max-bandwidth")
-        if let ms, !(1...2_000_000).contains(ms) { throw QMPError.generic("downtime-limit is in milliseconds, 1 to 2000000") }
-        if let bw, !(0...(1 << 50)).contains(bw) { throw QMPError.generic("max-bandwidth is in bytes per second, 0 (unlimited) to 2^50") }
-        return { [parameters] in
-            if let ms { parameters.downtimeLimit = Double(ms) / 1e3 }
-            if let bw { parameters.maxBandwidth = bw == 0 ? nil : Double(bw) }
+    /// Migration parameters a command sets (migrate-set-parameters, and migrate's own), checked; nil
+    /// where it leaves one as it is. Applied, they are kept for later migrations, and a running one
+    /// takes them at its next pass.
+    private struct ParameterChange {
+        let downtimeLimit: Int64?   // milliseconds
+        let maxBandwidth: Int64?    // bytes per second; 0: unlimited
+
+        init(_ a: Arguments) throws {
+            downtimeLimit = try a.int("downtime-limit")
+            maxBandwidth = try a.int("max-bandwidth")
+            if let ms = downtimeLimit, !(1...2_000_000).contains(ms) { throw QMPError.generic("downtime-limit is in milliseconds, 1 to 2000000") }
+            if let bw = maxBandwidth, !(0...(1 << 50)).contains(bw) { throw QMPError.generic("max-bandwidth is in bytes per second, 0 (unlimited) to 2^50") }
         }
+
+        /// Throws unless the bandwidth it leaves lets `migration` (running, or about to start) deliver
+        /// its records in time: refused here rather than failing the migration at its next pass.
+        func check(_ p: MigrationTuning, for migration: MigrationOptions?) throws {
+            guard let migration else { return }
+            try MigrationOptions.checkBandwidth(bandwidth(p), connections: migration.connections, timeout: migration.timeout)
+        }
+
+        func apply(to p: MigrationTuning) {
+            if let ms = downtimeLimit { p.downtimeLimit = Double(ms) / 1e3 }
+            p.maxBandwidth = bandwidth(p)
+        }
+
+        private func bandwidth(_ p: MigrationTuning) -> Double? { maxBandwidth.map { $0 == 0 ? nil : Double($0) } ?? p.maxBandwidth }
     }
 
     private func migrate(_ a: Arguments) throws {
@@ -413,7 +433,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         let uri = try a.required("uri", a.string)
         let address: MigrationAddress
         do { address = try MigrationAddress(parsing: uri) } catch { throw QMPError.generic("uri: \(error)") }
-        let applyParameters = try parameterChanges(a)
+        let change = try ParameterChange(a)
         var options = MigrationOptions()
         options.tuning = parameters
         if let c = try a.int("channels") {
@@ -441,13 +461,14 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         (job, vm) = try lock.withLock {
             let vm = try guest(for: "migrate")
             try refuseWhileRestoring("migrate")
+            try change.check(parameters, for: options)
             try takeDirtyLog(for: "migrate")
             // Every argument checked and the VM free: only now do the parameters change.
-            applyParameters()
+            change.apply(to: parameters)
             options.downtimeLimit = parameters.downtimeLimit
             options.maxBandwidth = parameters.maxBandwidth
             options.dirtyLog = logStrategy
-            let job = MigrationJob(incoming: false, totalBytes: vm.ram.size)
+            let job = MigrationJob(incoming: false, totalBytes: vm.ram.size, options: options)
             migration = job
             return (job, vm)
         }

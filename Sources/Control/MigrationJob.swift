@@ -11,6 +11,8 @@ final class MigrationJob: Sendable {
 
     let cancellation = Cancellation()
     let incoming: Bool
+    /// An outgoing migration's options (a change of its bandwidth is checked against them).
+    let options: MigrationOptions?
     private struct State {
         var status = Status.setup
         var progress = MigrationProgress()
@@ -22,8 +24,9 @@ final class MigrationJob: Sendable {
     private let started = Date()
     private let totalBytes: UInt64
 
-    init(incoming: Bool, totalBytes: UInt64) {
+    init(incoming: Bool, totalBytes: UInt64, options: MigrationOptions? = nil) {
         self.incoming = incoming
+        self.options = options
         self.totalBytes = totalBytes
     }
 

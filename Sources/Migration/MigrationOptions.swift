@@ -48,6 +48,17 @@ public struct MigrationOptions: Sendable {
         self.maxBandwidth = maxBandwidth
         self.channels = channels
     }
+
+    /// Throws unless `limit` (bytes per second over `connections`) lets a record reach the destination
+    /// within `timeout`. The source checks it at the start and for each change while it runs; a
+    /// controller checks a change before taking it, so a bad value is refused rather than failing the
+    /// migration at its next pass.
+    public static func checkBandwidth(_ limit: Double?, connections: Int, timeout: Double) throws {
+        guard let limit, limit / Double(connections) * timeout < Double(Record.maxPayload) * 1.5 else { return }
+        throw MigrationError(.badOption, "max-bandwidth \(formatBytes(UInt64(limit)))/s cannot deliver a record of "
+                             + "\(formatBytes(UInt64(Record.maxPayload))) within the \(formatDuration(timeout)) timeout: "
+                             + "give at least \(formatBytes(UInt64(Double(Record.maxPayload) * 1.5 * Double(connections) / timeout)))/s")
+    }
 }
 
 /// The parameters a running migration takes from its controller at every pass (QMP's

@@ -34,15 +34,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
         c.timeout = options.timeout
         c.maxBandwidth = options.maxBandwidth.map { $0 / Double(all.count) }
     }
-    // A record must reach the destination within the timeout (checked again for each change of the
-    // limit while it runs), and the first pass alone sends all memory.
-    func checkBandwidth(_ limit: Double?) throws {
-        guard let limit, limit / Double(all.count) * options.timeout < Double(Record.maxPayload) * 1.5 else { return }
-        throw MigrationError(.badOption, "max-bandwidth \(formatBytes(UInt64(limit)))/s cannot deliver a record of "
-                             + "\(formatBytes(UInt64(Record.maxPayload))) within the \(formatDuration(options.timeout)) timeout: "
-                             + "give at least \(formatBytes(UInt64(Double(Record.maxPayload) * 1.5 * Double(all.count) / options.timeout)))/s")
-    }
-    try checkBandwidth(options.maxBandwidth)
+    try MigrationOptions.checkBandwidth(options.maxBandwidth, connections: all.count, timeout: options.timeout)
     if let limit = options.maxBandwidth {
         let firstPass = Double(vm.ram.size) / limit
         if firstPass > 60 {
@@ -77,7 +69,7 @@ public func migrate(_ vm: any VirtualMachine, over connection: Connection, more:
             if let tuning = options.tuning {
                 // migrate-set-parameters: the controller's latest values, taken between passes.
                 downtimeLimit = tuning.downtimeLimit
-                try checkBandwidth(tuning.maxBandwidth)
+                try MigrationOptions.checkBandwidth(tuning.maxBandwidth, connections: all.count, timeout: options.timeout)
                 let perChannel = tuning.maxBandwidth.map { $0 / Double(all.count) }
                 for c in all { c.maxBandwidth = perChannel }
             }

@@ -326,15 +326,23 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(try ca.execute("query-migrate").get()["status"] == .string("cancelled"))
         try waitUntil { try cb.execute("query-migrate").get()["status"] != .string("active") }
 
-        // 2b. A limit lowered mid-flight below what sends a record within the timeout fails the
-        // migration at once, saying so (found in review: it slept off days of debt, and a cancel
-        // waited for the record); the source runs on.
+        // 2b. A limit below what sends a record within the timeout is refused, by migrate and by
+        // migrate-set-parameters mid-flight, saying what would do (it was taken, and failed the
+        // migration at its next pass); the migration and the parameters stay as they were.
+        guard case let .failure(slow) = try ca.execute("migrate", .object([("uri", .string(bURI)), ("max-bandwidth", .int(1))])) else {
+            Issue.record("a migrate at 1 byte/s started"); return
+        }
+        #expect(slow.desc.contains("give at least"), "\(slow.desc)")
         _ = try ca.execute("migrate", .object([("uri", .string(bURI)), ("max-passes", .int(100))])).get()
         try waitUntil { if case let .array(p)? = try ca.execute("query-migrate").get()["passes"] { p.count >= 1 } else { false } }
-        _ = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(1))])).get()
-        while try ca.waitEvent("MIGRATION", timeout: 30)["data"]?["status"] != .string("failed") {}
-        let starved = try ca.execute("query-migrate").get()
-        #expect(starved["error-desc"]?.string?.contains("max-bandwidth") == true, "\(starved)")
+        guard case let .failure(starved) = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(1))])) else {
+            Issue.record("max-bandwidth 1 was taken mid-flight"); return
+        }
+        #expect(starved.desc.contains("max-bandwidth") && starved.desc.contains("give at least"), "\(starved.desc)")
+        #expect(try ca.execute("query-migrate-parameters").get()["max-bandwidth"] == .int(8 << 20), "step 1 set it")
+        #expect(try ca.execute("query-migrate").get()["status"] == .string("active"))
+        _ = try ca.execute("migrate-cancel").get()
+        while try ca.waitEvent("MIGRATION", timeout: 30)["data"]?["status"] != .string("cancelled") {}
         #expect(try ca.execute("query-status").get()["status"] == .string("running"))
         try waitUntil { try cb.execute("query-migrate").get()["status"] != .string("active") }
 
@@ -598,5 +606,6 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         #expect(throws: JSONError.self) { try JSON.parse("1e400") }
         #expect(try JSON.parse(#""\ud83d\ude00""#) == .string("😀"))
         #expect(JSON.double(1e300).int == nil && JSON.double(.greatestFiniteMagnitude).description.contains("e"))
+        #expect(JSON.object([("k\u{1F}", .string("a\u{1}\"\\\n\r\té😀"))]).description == #"{"k\u001f": "a\u0001\"\\\n\r\té😀"}"#)
     }
 }
