@@ -149,7 +149,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             try a.only(["downtime-limit", "max-bandwidth"])
             let change = try ParameterChange(a)
             try lock.withLock {
-                try change.check(parameters, for: migration.flatMap { $0.isActive ? $0.options : nil })
+                try change.check(parameters, for: migration.flatMap { $0.isActive ? $0.limits : nil })
                 change.apply(to: parameters)
             }
             return .object([])
@@ -415,7 +415,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
 
         /// Throws unless the bandwidth it leaves lets `migration` (running, or about to start) deliver
         /// its records in time: refused here rather than failing the migration at its next pass.
-        func check(_ p: MigrationTuning, for migration: MigrationOptions?) throws {
+        func check(_ p: MigrationTuning, for migration: (connections: Int, timeout: Double)?) throws {
             guard let migration else { return }
             try MigrationOptions.checkBandwidth(bandwidth(p), connections: migration.connections, timeout: migration.timeout)
         }
@@ -461,7 +461,7 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         (job, vm) = try lock.withLock {
             let vm = try guest(for: "migrate")
             try refuseWhileRestoring("migrate")
-            try change.check(parameters, for: options)
+            try change.check(parameters, for: (options.connections, options.timeout))
             try takeDirtyLog(for: "migrate")
             // Every argument checked and the VM free: only now do the parameters change.
             change.apply(to: parameters)

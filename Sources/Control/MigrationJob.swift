@@ -11,8 +11,9 @@ final class MigrationJob: Sendable {
 
     let cancellation = Cancellation()
     let incoming: Bool
-    /// An outgoing migration's options (a change of its bandwidth is checked against them).
-    let options: MigrationOptions?
+    /// An outgoing migration's connections and timeout (a change of its bandwidth is checked against
+    /// them); not the whole options, which hold the key.
+    let limits: (connections: Int, timeout: Double)?
     private struct State {
         var status = Status.setup
         var progress = MigrationProgress()
@@ -26,7 +27,7 @@ final class MigrationJob: Sendable {
 
     init(incoming: Bool, totalBytes: UInt64, options: MigrationOptions? = nil) {
         self.incoming = incoming
-        self.options = options
+        limits = options.map { ($0.connections, $0.timeout) }
         self.totalBytes = totalBytes
     }
 

@@ -54,10 +54,11 @@ public struct MigrationOptions: Sendable {
     /// controller checks a change before taking it, so a bad value is refused rather than failing the
     /// migration at its next pass.
     public static func checkBandwidth(_ limit: Double?, connections: Int, timeout: Double) throws {
-        guard let limit, limit / Double(connections) * timeout < Double(Record.maxPayload) * 1.5 else { return }
+        let least = (Double(Record.maxPayload) * 1.5 * Double(connections) / timeout).rounded(.up)
+        guard let limit, limit < least else { return }
         throw MigrationError(.badOption, "max-bandwidth \(formatBytes(UInt64(limit)))/s cannot deliver a record of "
                              + "\(formatBytes(UInt64(Record.maxPayload))) within the \(formatDuration(timeout)) timeout: "
-                             + "give at least \(formatBytes(UInt64(Double(Record.maxPayload) * 1.5 * Double(connections) / timeout)))/s")
+                             + "give at least \(UInt64(least)) bytes/s (\(formatBytes(UInt64(least)))/s)")
     }
 }
 

@@ -196,6 +196,13 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         if case let .failure(e) = try c.readAnswer() { #expect(e.desc.contains("longer than")) } else { Issue.record("a request too long was not refused") }
         try c.send(raw: Array(#"{"execute": "query-status", "id": "after-long"}"#.utf8))
         #expect(try c.readMessage()["id"] == .string("after-long"))
+        // The same with its end and two more requests (one ended by its brace, one by a newline) in one send.
+        let long = Array((#"{"execute": "query-status", "arguments": {"x": ""# + String(repeating: "b", count: 90_000)).utf8)
+        try c.send(raw: Array(long.prefix(70_000)))
+        try c.send(raw: Array(long.dropFirst(70_000)) + Array(#""}}{"execute": "query-status", "id": "x1"}{"execute": "query-status", "id": "x2"}"#.utf8) + [0x0A])
+        if case let .failure(e) = try c.readAnswer() { #expect(e.desc.contains("longer than")) } else { Issue.record("a request too long was not refused") }
+        #expect(try c.readMessage()["id"] == .string("x1"))
+        #expect(try c.readMessage()["id"] == .string("x2"))
         // The id comes back as sent.
         try c.send(raw: Array("{\"execute\": \"query-status\", \"id\": {\"n\": [1, \"two\"]}}\n".utf8))
         let m = try c.readMessage()
@@ -340,6 +347,13 @@ func skipKVM(_ backend: BackendKind) -> Bool {
         }
         #expect(starved.desc.contains("max-bandwidth") && starved.desc.contains("give at least"), "\(starved.desc)")
         #expect(try ca.execute("query-migrate-parameters").get()["max-bandwidth"] == .int(8 << 20), "step 1 set it")
+        // The least it names is taken, and a byte less is not (found in review: it named a rounded-down
+        // value that was itself refused).
+        let least = Int64(starved.desc.split(separator: "give at least ").last?.split(separator: " ").first ?? "") ?? -1
+        if case let .failure(e) = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(least - 1))])) {
+            #expect(e.desc.contains("give at least \(least) bytes/s"), "\(e.desc)")
+        } else { Issue.record("a byte/s below the least named (\(least)) was taken") }
+        _ = try ca.execute("migrate-set-parameters", .object([("max-bandwidth", .int(least))])).get()
         #expect(try ca.execute("query-migrate").get()["status"] == .string("active"))
         _ = try ca.execute("migrate-cancel").get()
         while try ca.waitEvent("MIGRATION", timeout: 30)["data"]?["status"] != .string("cancelled") {}
