@@ -454,6 +454,9 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             }
             options.convergence = policy
         }
+        guard options.connections <= Connection.maxChannels else {
+            throw QMPError.generic("channels: 1 to \(Connection.maxChannels - 1) with postcopy, which takes one more connection")
+        }
         if let path = try a.string("key-file") {
             do { options.key = try MigrationKey(file: path) } catch { throw QMPError.generic("\(error)") }
         }

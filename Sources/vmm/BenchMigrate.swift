@@ -41,6 +41,9 @@ struct BenchMigrate: ParsableCommand {
         guard workingSet.bytes <= memory.bytes else { throw ValidationError("--working-set must fit in --memory") }
         guard rates.split(separator: ",").allSatisfy({ Int($0) != nil }) else { throw ValidationError("--rates is a comma-separated list of MiB/s") }
         guard (1...Int(Connection.maxChannels)).contains(channels) else { throw ValidationError("--channels must be 1...\(Connection.maxChannels)") }
+        guard convergence != .postcopy || channels < Connection.maxChannels else {
+            throw ValidationError("--channels must be 1...\(Connection.maxChannels - 1) with --convergence postcopy, which takes one more connection")
+        }
     }
 
     func run() throws {

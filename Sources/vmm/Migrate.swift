@@ -43,6 +43,9 @@ struct Migrate: ParsableCommand {
 
     func validate() throws {
         guard (1...Connection.maxChannels).contains(channels) else { throw ValidationError("--channels must be 1...\(Connection.maxChannels)") }
+        guard convergence != .postcopy || channels < Connection.maxChannels else {
+            throw ValidationError("--channels must be 1...\(Connection.maxChannels - 1) with --convergence postcopy, which takes one more connection")
+        }
         guard maxPasses >= 1 else { throw ValidationError("--max-passes must be at least 1") }
     }
 
