@@ -3,7 +3,7 @@ import FuzzSupport
 import Glibc
 import Migration
 
-// A key file as `--key FILE` reads it: a private regular file of at least 16 bytes.
+// A key file as `--key-file FILE` reads it: a private regular file of at least 16 bytes.
 
 private let path = NSTemporaryDirectory() + "vmm-fuzz-key-\(getpid())"
 
