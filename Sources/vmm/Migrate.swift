@@ -47,6 +47,10 @@ struct Migrate: ParsableCommand {
             throw ValidationError("--channels must be 1...\(Connection.maxChannels - 1) with --convergence postcopy, which takes one more connection")
         }
         guard maxPasses >= 1 else { throw ValidationError("--max-passes must be at least 1") }
+        // Before anything is made or connected: the destination would see only a connection closed.
+        let connections = MigrationOptions(convergence: convergence, channels: channels).connections
+        do { try MigrationOptions.checkBandwidth(maxBandwidth.map { Double($0.bytes) }, connections: connections, timeout: timeout.value) }
+        catch { throw ValidationError("--\(error)") }
     }
 
     func run() throws {
