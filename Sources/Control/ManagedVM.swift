@@ -100,7 +100,9 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         t.start()
     }
 
-    /// Where events go (the control server's `emit`).
+    /// Where events go (the control server's `emit`, which queues them). It is called under the VM's
+    /// lock, so events keep the order of the changes they report: it must not block or call back into
+    /// this VM.
     public func onEvent(_ sink: @escaping (String, JSON) -> Void) { eventLock.withLock { self.sink = sink } }
     private func emit(_ event: String, _ data: JSON = .object([])) { eventLock.withLock { sink }(event, data) }
 
@@ -337,16 +339,16 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
     /// `stop` (pause the vCPUs, event STOP) and `cont` (resume them, event RESUME); a VM already so
     /// is left alone.
     func setRunning(_ run: Bool) throws {
-        let changed: Bool = try lock.withLock {
+        try lock.withLock {
             let vm = try guest(for: run ? "resume the guest" : "stop the guest")
-            guard _status == (run ? .paused : .running) else { return false }
+            guard _status == (run ? .paused : .running) else { return }
             do { try run ? vm.resume() : vm.pause() } catch {
                 throw QMPError.generic("the vCPUs did not \(run ? "resume" : "pause"): \(error)")
             }
             _status = run ? .running : .paused
-            return true
+            // Under the lock, so two clients' stop and cont say STOP and RESUME in the order they ran.
+            emit(run ? "RESUME" : "STOP")
         }
-        if changed { emit(run ? "RESUME" : "STOP") }
     }
 
     private func queryVM() -> JSON {
@@ -486,16 +488,19 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         let wasRunning = vm.runState == .running
         // The job and the VM's status change together, so no command sees a finished migration
         // with the status before it (a set-workload then would restart a guest that runs elsewhere).
-        func end(_ status: MigrationJob.Status, report: MigrationReport? = nil, error: String? = nil, vmStatus: Status) {
+        // Its events go out under the lock too, so they keep their order with those of the commands
+        // the new status lets in (a cont's RESUME after this STOP).
+        func end(_ status: MigrationJob.Status, report: MigrationReport? = nil, error: String? = nil, vmStatus: Status, stopped: Bool = false) {
             let limiter = lock.withLock {
                 job.finish(status, report: report, error: error)
                 if _status != .shutdown { _status = vmStatus }
+                emit("MIGRATION", .object([("status", .string(status.rawValue))]))
+                if stopped { emit("STOP") }
                 return self.limiter
             }
             // The guest gone, its limits go; else the limiter takes the log back.
             if status == .completed { limiter?.stop() } else { limiter?.giveBack() }
             job.cancellation.forget()
-            emit("MIGRATION", .object([("status", .string(status.rawValue))]))
         }
         do {
             let (main, more) = try Connection.connect(to: address, channels: options.connections, timeout: min(options.timeout, 30),
@@ -504,11 +509,9 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             let report = try Migration.migrate(vm, over: main, more: more, options: options) { [self] p in
                 track(job, p)
             }
-            end(.completed, report: report, vmStatus: .postmigrate)
-            if wasRunning { emit("STOP") }
+            end(.completed, report: report, vmStatus: .postmigrate, stopped: wasRunning)
         } catch let doubt as SwitchoverInDoubt {
-            end(.failed, error: doubt.description, vmStatus: .paused)
-            if wasRunning { emit("STOP") }
+            end(.failed, error: doubt.description, vmStatus: .paused, stopped: wasRunning)
         } catch {
             let e = MigrationError(describing: error)
             // A cancel while connecting shows as the connection's failure: it is still a cancel.
@@ -552,11 +555,12 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                     guard _status == .inmigrate else { return false }
                     self.vm = vm
                     _status = running ? .running : .paused
+                    // Under the lock: a stop let in by the new status says STOP after this RESUME.
+                    emit("MIGRATION", .object([("status", .string("completed"))]))
+                    if running { emit("RESUME") }
                     return true
                 }
-                if !kept { _ = try? vm.stop(); return }
-                emit("MIGRATION", .object([("status", .string("completed"))]))
-                if running { emit("RESUME") }
+                if !kept { _ = try? vm.stop() }
                 return
             } catch let doubt as SwitchoverInDoubt {
                 let kept = lock.withLock { () -> Bool in
@@ -565,10 +569,10 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                     guard _status == .inmigrate else { return false }
                     vm = doubt.vm
                     _status = .paused
+                    emit("MIGRATION", .object([("status", .string("failed"))]))
                     return true
                 }
-                if !kept { _ = try? doubt.vm.stop(); return }
-                emit("MIGRATION", .object([("status", .string("failed"))]))
+                if !kept { _ = try? doubt.vm.stop() }
                 return
             } catch {
                 let e = MigrationError(describing: error)

@@ -56,9 +56,11 @@ struct Start: ParsableCommand {
         let quit = DispatchSemaphore(value: 0)
         managed.onQuit = { quit.signal() }
         let server = try ControlServer(path: api, handler: managed, version: "0.4")
+        // Called under the VM's lock: nothing here may block (stderr could), so the line is queued.
+        let eventLog = DispatchQueue(label: "event-log")
         managed.onEvent { name, data in
             server.emit(name, data)
-            warn("vmm: event \(name) \(data)")
+            eventLog.async { warn("vmm: event \(name) \(data)") }
         }
         warn("vmm: control socket on \(api) (try: vmm ctl \(api) query-status)")
         // Ctrl-C and SIGTERM quit as the quit command does.
