@@ -75,6 +75,7 @@ struct Start: ParsableCommand {
         }
         quit.wait()
         server.stop()
+        eventLog.sync {}   // the last events' lines (SHUTDOWN) before ours
         warn("vmm: shut down")
     }
 }
