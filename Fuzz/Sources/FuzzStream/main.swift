@@ -86,12 +86,8 @@ private func recordsStart(_ bytes: [UInt8]) -> Int {
 
 /// Fixes a version 2 header's checksum, if the stream has one, and every record's.
 private func fixStreamChecksums(_ bytes: inout [UInt8]) {
-    let start = recordsStart(bytes)
-    if bytes.count >= 32, bytes.le(UInt32.self, at: 8) == 2 {
-        let sum = RecordChecksum.checksum(Array(bytes[0..<28]) + bytes[32..<start])
-        for k in 0..<4 { bytes[28 + k] = UInt8(truncatingIfNeeded: sum >> (8 * k)) }
-    }
-    fixChecksums(&bytes, from: start)
+    if bytes.count >= 12, bytes.le(UInt32.self, at: 8) == 2 { fixSealedHeader(&bytes, fixedSize: 24) }
+    fixChecksums(&bytes, from: recordsStart(bytes))
 }
 
 /// The records of `bytes` from `start` walked by their headers (the last one cut short), each

@@ -25,6 +25,18 @@ public func fixChecksums(_ bytes: inout [UInt8], from offset: Int) {
     }
 }
 
+/// Makes a sealed header's checksum right (fixed fields of `fixedSize` bytes, then the length of
+/// what follows, the checksum, and what follows) and returns where the header ends; nil if `bytes`
+/// are too short to hold the length word.
+@discardableResult
+public func fixSealedHeader(_ bytes: inout [UInt8], fixedSize: Int) -> Int? {
+    guard bytes.count >= fixedSize + 8 else { return nil }
+    let end = min(bytes.count, fixedSize + 8 + Int(min(bytes.le(UInt32.self, at: fixedSize), 8192)))
+    let sum = RecordChecksum.checksum(Array(bytes[0..<(fixedSize + 4)]) + bytes[(fixedSize + 8)..<end])
+    for k in 0..<4 { bytes[fixedSize + 4 + k] = UInt8(truncatingIfNeeded: sum >> (8 * k)) }
+    return end
+}
+
 /// `bytes` sent down a fresh socket pair whose writing end then stops: the reading end sees them,
 /// then the end of the stream. Answers the reader writes go into the socket buffer, unread.
 public func connection(carrying bytes: [UInt8]) -> (reader: Connection, writer: Connection) {
