@@ -25,7 +25,7 @@ let package = Package(
         // Only what Swift cannot reach: syscall wrappers that glibc does not export to Swift.
         .target(name: "CVMMSys"),
         // The system layer: the system-call wrapper and the owners of descriptors and mappings.
-        .target(name: "HostSystem"),
+        .target(name: "HostSystem", dependencies: ["CVMMSys"]),
         .target(name: "GuestMemory", dependencies: ["CVMMSys", "HostSystem"]),
         .target(name: "DirtyLog", dependencies: ["GuestMemory"]),
         .target(name: "Stage2", dependencies: ["HostSystem", "GuestMemory", "DirtyLog"]),

@@ -45,6 +45,8 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
     /// Set once the accept thread runs; an init that throws before leaves it false.
     private var accepting = false
     private let acceptDone = DispatchSemaphore(value: 0)
+    /// Ends the accept thread's wait when the server stops.
+    private let stopping: WakeEvent
     /// Events go out from here, so whoever emits (a migration mid-pass) never waits on a client.
     private let eventQueue = DispatchQueue(label: "control-events")
 
@@ -52,6 +54,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
     public init(path: String, handler: CommandHandler, version: String) throws {
         self.path = path
         self.handler = handler
+        stopping = try WakeEvent()
         greeting = .object([("QMP", .object([
             ("version", .object([("qemu", .object([("micro", .int(0)), ("minor", .int(0)), ("major", .int(0))])),
                                  ("package", .string("vmm \(version)"))])),
@@ -112,6 +115,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         let all = clients
         lock.unlock()
         if already { return }
+        stopping.signal()
         acceptDone.wait()
         eventQueue.sync {}   // the last events (SHUTDOWN) go out first
         for c in all { c.close() }
@@ -126,10 +130,13 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
 
     private func acceptLoop(_ fd: Int32) {
         while !isStopped {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&p, 1, 100) > 0 else { continue }
+            var p = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopping.raw, events: Int16(POLLIN), revents: 0)]
+            guard poll(&p, 2, -1) > 0, p[1].revents == 0 else { continue }
             let c = cvmm_accept_cloexec(fd)
-            guard c >= 0 else { continue }
+            guard c >= 0 else {
+                if errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS { usleep(100_000) }   // do not spin while out of them
+                continue
+            }
             let client = Client(fd: c)
             lock.lock()
             let full = clients.count >= Self.maxClients || stopped

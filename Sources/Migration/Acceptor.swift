@@ -1,4 +1,5 @@
 import Foundation
+import HostSystem
 import Glibc
 import Synchronization
 
@@ -23,12 +24,15 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
     private static let maxOpening = 32
     private let onRefusal: ((String) -> Void)?
     private let acceptLoopDone = DispatchSemaphore(value: 0)
+    /// Ends the accepting thread's wait when the door closes.
+    private let stopping: WakeEvent
 
-    init(listener: Listener, key: MigrationKey?, timeout: Double, onRefusal: ((String) -> Void)? = nil) {
+    init(listener: Listener, key: MigrationKey?, timeout: Double, onRefusal: ((String) -> Void)? = nil) throws {
         self.listener = listener
         self.key = key
         self.timeout = timeout
         self.onRefusal = onRefusal
+        stopping = try WakeEvent()
         Thread { [self] in
             defer { acceptLoopDone.signal() }
             while !isStopped {
@@ -36,7 +40,8 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
                 if let waiting = listener.takeBack() {
                     c = waiting
                 } else {
-                    do { c = try listener.accept(timeout: 0.1, ioTimeout: timeout) } catch let e as MigrationError where e.code == .timeout {
+                    do { c = try listener.accept(timeout: 3600, ioTimeout: timeout, wake: stopping) } catch let e as MigrationError
+                        where e.code == .timeout || e.code == .cancelled {
                         continue
                     } catch {
                         usleep(100_000)   // out of descriptors, say: do not spin
@@ -71,6 +76,7 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
         stopped = true
         condition.broadcast()
         condition.unlock()
+        stopping.signal()
         if !already { acceptLoopDone.wait() }
     }
 
@@ -156,9 +162,23 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
         condition.unlock()
     }
 
+    /// Has `cancellation` wake this door's waiters (they look at it before each wait, under the
+    /// condition's lock, so a cancel cannot fall between their look and their wait); returns the undo.
+    private func wakeOnCancel(_ cancellation: Cancellation?) -> () -> Void {
+        guard let cancellation else { return {} }
+        let id = cancellation.whenCancelled { [condition] in
+            condition.lock()
+            condition.broadcast()
+            condition.unlock()
+        }
+        return { cancellation.stopWaking(id) }
+    }
+
     /// The first source's main connection, opened, within `seconds`.
     func waitForMain(seconds: Double, cancellation: Cancellation?) throws -> (Connection, Handshake.Opening) {
         let deadline = Date().addingTimeInterval(seconds)
+        let waking = wakeOnCancel(cancellation)
+        defer { waking() }
         condition.lock()
         defer { condition.unlock() }
         while main == nil {
@@ -167,7 +187,7 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
             guard Date() < deadline else {
                 throw MigrationError.timeout("no source connected to \(listener.address) within \(formatDuration(seconds))")
             }
-            _ = condition.wait(until: min(deadline, Date().addingTimeInterval(0.1)))
+            _ = condition.wait(until: deadline)
         }
         return main!
     }
@@ -184,6 +204,8 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
         for (_, c) in others {
             try? c.sendError(MigrationError(.busy, "this channel names a migration the destination is not receiving: it is receiving another"))
         }
+        let waking = wakeOnCancel(cancellation)
+        defer { waking() }
         condition.lock()
         defer { condition.unlock() }
         while (further[t]?.count ?? 0) < count - 1 {
@@ -191,7 +213,7 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
             guard Date() < deadline else {
                 throw MigrationError.timeout("\(further[t]?.count ?? 0) of the source's \(count - 1) further channels connected within \(formatDuration(timeout))")
             }
-            _ = condition.wait(until: min(deadline, Date().addingTimeInterval(0.1)))
+            _ = condition.wait(until: deadline)
         }
         let got = (further[t] ?? []).sorted { $0.0 < $1.0 }
         guard got.map(\.0) == (1..<UInt32(count)).map({ $0 }) else {

@@ -451,12 +451,17 @@ public final class Listener: Sendable {
     }
 
     /// Accepts one connection within `timeout` seconds; its sends and receives get `ioTimeout`.
-    public func accept(timeout: Double, ioTimeout: Double? = nil) throws -> Connection {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let rc = poll(&p, 1, Int32(max(0, timeout) * 1000))
+    /// A signal on `wake` ends the wait at once (cleared, thrown as `.cancelled`).
+    public func accept(timeout: Double, ioTimeout: Double? = nil, wake: WakeEvent? = nil) throws -> Connection {
+        var p = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wake?.raw ?? -1, events: Int16(POLLIN), revents: 0)]
+        let rc = poll(&p, 2, Int32(min(max(0, timeout), 86_400) * 1000))
         guard rc > 0 else {
             throw rc == 0 ? MigrationError.timeout("no source connected to \(address) within \(formatDuration(timeout))")
                           : MigrationError.connection("poll: \(String(cString: strerror(errno)))")
+        }
+        if p[1].revents != 0 {
+            wake?.clear()
+            throw MigrationError.cancelled
         }
         let c = cvmm_accept_cloexec(fd)
         guard c >= 0 else { throw MigrationError.connection("accept: \(String(cString: strerror(errno)))") }
@@ -467,19 +472,34 @@ public final class Listener: Sendable {
 /// Cancels a migration from any thread (Ctrl-C): every connection it watches is cancelled, and so
 /// is any it watches later. The side rolls back and tells its peer.
 public final class Cancellation: Sendable {
-    private let state = Mutex<(connections: [Connection], cancelled: Bool)>(([], false))
+    private let state = Mutex<(connections: [Connection], waiters: [Int: @Sendable () -> Void], next: Int, cancelled: Bool)>(([], [:], 0, false))
 
     public init() {}
 
     public var isCancelled: Bool { state.withLock { $0.cancelled } }
 
     public func cancel() {
-        let all = state.withLock { s in
+        let (all, waiters) = state.withLock { s in
             s.cancelled = true
-            return s.connections
+            return (s.connections, s.waiters.values)
         }
         for c in all { c.cancel() }
+        for wake in waiters { wake() }
     }
+
+    /// Calls `wake` on `cancel` (at once if cancelled already) until `stopWaking` with the number it
+    /// returns: a thread waiting on a condition for something else looks at the cancellation then.
+    func whenCancelled(_ wake: @escaping @Sendable () -> Void) -> Int {
+        let (id, now) = state.withLock { s in
+            s.next += 1
+            s.waiters[s.next] = wake
+            return (s.next, s.cancelled)
+        }
+        if now { wake() }
+        return id
+    }
+
+    func stopWaking(_ id: Int) { _ = state.withLock { $0.waiters.removeValue(forKey: id) } }
 
     public func watch(_ c: Connection) {
         let now = state.withLock { s in

@@ -32,7 +32,7 @@ public func receive(on listener: Listener, options: ReceiveOptions = ReceiveOpti
                     progress: ((MigrationProgress) -> Void)? = nil) throws -> any VirtualMachine {
     let out = ProgressReporter(progress)
     // The door stays open until this returns, answering "busy" to any other source.
-    let acceptor = Acceptor(listener: listener, key: options.key, timeout: options.timeout, onRefusal: { why in out.report(event: why) })
+    let acceptor = try Acceptor(listener: listener, key: options.key, timeout: options.timeout, onRefusal: { why in out.report(event: why) })
     defer { acceptor.stop() }
     let (connection, opening) = try acceptor.waitForMain(seconds: options.acceptTimeout, cancellation: cancellation)
     return try receive(connection, opening, options: options, cancellation: cancellation, out: out) { token, count in
