@@ -134,7 +134,7 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
             guard poll(&p, 2, -1) > 0, p[1].revents == 0 else { continue }
             let c = cvmm_accept_cloexec(fd)
             guard c >= 0 else {
-                if errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS { usleep(100_000) }   // do not spin while out of them
+                if errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS { stopping.sleep(0.1) }   // do not spin while out of them
                 continue
             }
             let client = Client(fd: c)

@@ -582,6 +582,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                 job.finish(job.cancellation.isCancelled ? .cancelled : .failed, error: job.cancellation.isCancelled ? nil : e.description)
                 show(job)
                 emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
+                // A failure that comes back at once (out of descriptors) must not spin the loop.
+                Thread.sleep(forTimeInterval: 0.1)
             }
         }
     }

@@ -20,6 +20,12 @@ public final class WakeEvent: Sendable {
         _ = write(descriptor.raw, &one, 8)
     }
 
+    /// Sleeps `seconds`, or less if signalled (a back-off that a stop still ends at once).
+    public func sleep(_ seconds: Double) {
+        var p = pollfd(fd: descriptor.raw, events: Int16(POLLIN), revents: 0)
+        _ = poll(&p, 1, Int32(min(max(0, seconds), 86_400) * 1000))
+    }
+
     /// Makes it unreadable again (after a poll it ended).
     public func clear() {
         var count: UInt64 = 0

@@ -44,7 +44,7 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
                         where e.code == .timeout || e.code == .cancelled {
                         continue
                     } catch {
-                        usleep(100_000)   // out of descriptors, say: do not spin
+                        stopping.sleep(0.1)   // out of descriptors, say: do not spin
                         continue
                     }
                 }
@@ -187,7 +187,7 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
             guard Date() < deadline else {
                 throw MigrationError.timeout("no source connected to \(listener.address) within \(formatDuration(seconds))")
             }
-            _ = condition.wait(until: deadline)
+            _ = condition.wait(until: min(deadline, Date().addingTimeInterval(3600)))   // a `--wait inf` would trap it
         }
         return main!
     }
@@ -213,7 +213,7 @@ final class Acceptor: @unchecked Sendable {   // its state under `condition`
             guard Date() < deadline else {
                 throw MigrationError.timeout("\(further[t]?.count ?? 0) of the source's \(count - 1) further channels connected within \(formatDuration(timeout))")
             }
-            _ = condition.wait(until: deadline)
+            _ = condition.wait(until: min(deadline, Date().addingTimeInterval(3600)))   // a `--wait inf` would trap it
         }
         let got = (further[t] ?? []).sorted { $0.0 < $1.0 }
         guard got.map(\.0) == (1..<UInt32(count)).map({ $0 }) else {

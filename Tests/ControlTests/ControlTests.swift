@@ -168,10 +168,11 @@ func skipKVM(_ backend: BackendKind) -> Bool {
 
     /// `quit` on a VM waiting for a source, then the server's stop, end at once: the waits they end
     /// (for the source, the door's accept, the server's accept) are woken, not left to their timeouts
-    /// (an hour here). Without a wake, shutdown gives up on the receive after 35 s, or stop hangs.
+    /// (forever here, as `--wait inf` asks). Without a wake, shutdown gives up on the receive after
+    /// 35 s, or stop hangs.
     @Test(.timeLimit(.minutes(1))) func quitWhileWaitingForASourceEndsAtOnce() throws {
         let listener = try Listener(.unix(path: NSTemporaryDirectory() + "vmm-ctl-wake-\(getpid())"))
-        let vm = ManagedVM(incoming: listener, options: ReceiveOptions(timeout: 3600, acceptTimeout: 3600))
+        let vm = ManagedVM(incoming: listener, options: ReceiveOptions(timeout: 3600, acceptTimeout: .infinity))
         let server = try ControlServer(path: NSTemporaryDirectory() + "vmm-ctl-wake-api-\(getpid())", handler: vm, version: "test")
         try waitUntil(10) { (try? ControlClient(path: server.path).execute("query-migrate").get()["status"]) == .string("setup") }
         let start = Date()
