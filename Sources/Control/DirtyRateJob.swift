@@ -11,6 +11,8 @@ final class DirtyRateJob: Sendable {
     let strategy: DirtyStrategy
     let window: Double
     let cancellation = Cancellation()
+    /// Opens when it finishes.
+    let ended = Latch()
     private struct State {
         var status = Status.measuring
         var samples: [DirtyRateReport.Sample] = []
@@ -34,6 +36,7 @@ final class DirtyRateJob: Sendable {
             case let .failure(e): s.error = "\(e)"; s.status = .failed
             }
         }
+        ended.release()
     }
 
     /// The mean rate in MiB/s, once measured.

@@ -582,8 +582,9 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                 job.finish(job.cancellation.isCancelled ? .cancelled : .failed, error: job.cancellation.isCancelled ? nil : e.description)
                 show(job)
                 emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
-                // A failure that comes back at once (out of descriptors) must not spin the loop.
-                Thread.sleep(forTimeInterval: 0.1)
+                // A failure that comes back at once (out of descriptors) must not spin the loop;
+                // a cancelled wait goes straight back (to end, if the VM shuts down).
+                if !job.cancellation.isCancelled { Thread.sleep(forTimeInterval: 0.1) }
             }
         }
     }
@@ -604,9 +605,8 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
             job?.cancellation.cancel()
             receiving?.cancellation.cancel()
             measuring?.cancellation.cancel()
-            let busy = job?.isActive == true || receiving?.isActive == true || measuring?.status == .measuring
-            guard busy && Date() < deadline else { break }
-            Thread.sleep(forTimeInterval: 0.01)
+            guard let running = [job?.ended, receiving?.ended, measuring?.ended].first(where: { $0?.isOpen == false }) ?? nil,
+                  running.wait(until: deadline) else { break }
         }
         lock.withLock { limiter }?.stop()
         if let vm = lock.withLock({ vm }), vm.runState != .stopped { _ = try? vm.stop() }

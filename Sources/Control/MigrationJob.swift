@@ -10,6 +10,8 @@ final class MigrationJob: Sendable {
     enum Status: String { case setup, active, postcopyActive = "postcopy-active", completed, failed, cancelled }
 
     let cancellation = Cancellation()
+    /// Opens when it finishes.
+    let ended = Latch()
     let incoming: Bool
     /// An outgoing migration's connections and timeout (a change of its bandwidth is checked against
     /// them); not the whole options, which hold the key.
@@ -59,6 +61,7 @@ final class MigrationJob: Sendable {
             s.error = error
             s.finished = Date()
         }
+        ended.release()
     }
 
     /// query-migrate's answer.

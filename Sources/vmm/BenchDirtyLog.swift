@@ -189,7 +189,6 @@ struct BenchDirtyLog: ParsableCommand {
         try vm.setMemory(slot: 0, gpa: GPA(0), memory: mem)
         let populate = try timeMs { try pass() }
         let floor = floorPass(mem, pages: workPages, offset: reserved)
-        let slotPages = mem.size >> 12
         say("")
         say(ring ? "strategy ring (KVM dirty ring, \(vcpu.dirtyRing!.entries) entries); \(mem.report())"
                    : "strategy wp (KVM dirty bitmap, manual protect); \(mem.report())")
