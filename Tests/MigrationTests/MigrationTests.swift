@@ -67,6 +67,23 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         try SoftMachine.decode(try vm.saveState(), vcpus: vm.vcpuCount).1
     }
 
+    /// Whether the paused guest's vCPUs (every one, or any) get on from where they are, given up to
+    /// 10 s in growing windows: under load, a short window can pass before a woken vCPU runs at all.
+    func keepsRunning(_ vm: any VirtualMachine, every: Bool) throws -> Bool {
+        let before = try positions(vm)
+        let deadline = Date().addingTimeInterval(10)
+        var window = 0.02
+        while true {
+            try vm.resume()
+            Thread.sleep(forTimeInterval: window)
+            try vm.pause()
+            let moved = zip(before, try positions(vm)).map { $0.done < $1.done }
+            if every ? moved.allSatisfy({ $0 }) : moved.contains(true) { return true }
+            if Date() >= deadline { return false }
+            window = min(window * 2, 1)
+        }
+    }
+
     /// Over real loopback TCP: the destination's memory equals the source's at the pause (the digest
     /// it checks), and the workload goes on there from where it stopped.
     @Test(arguments: [Backing.thp, .pages4K])
@@ -88,12 +105,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         #expect(report.iterations >= 1 && report.pagesSent >= src.pages)
         // The source is stopped; the guest goes on at the destination from the positions it had.
         try vm2.pause()
-        let before = try positions(vm2)
-        try vm2.resume()
-        Thread.sleep(forTimeInterval: 0.05)
-        try vm2.pause()
-        let after = try positions(vm2)
-        #expect(zip(before, after).allSatisfy { $0.done < $1.done }, "the workload continues on the destination")
+        #expect(try keepsRunning(vm2, every: true), "the workload continues on the destination")
         _ = try vm2.stop()
         print("migration (\(backing)): \(report)")
     }
@@ -119,7 +131,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         // goes out, so a slot whose dirty pages went missing would show.
         Thread.sleep(forTimeInterval: 0.35)
         let (report, moved) = try migrateOverLoopback(vm, options: MigrationOptions(key: .random(), channels: channels))
-        Thread.sleep(forTimeInterval: 0.6)
+        Thread.sleep(forTimeInterval: 1.2)   // a full pass takes 0.2-0.4 s; the rest is for a loaded host
         let runs = try moved.stop()
         print("counter guest (\(backend), \(layout), \(channels) channel(s)): \(report); on the destination \(runs.map(\.accesses)) accesses")
         expectCounterGuestWhole(moved, spec, backend, runs)
@@ -227,11 +239,7 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
         #expect(throws: (any Error).self) { _ = try dest() }
         #expect(throws: (any Error).self) { _ = try src.getDirtyLog() }
         try src.pause()
-        let p0 = try positions(src)
-        try src.resume()
-        Thread.sleep(forTimeInterval: 0.02)
-        try src.pause()
-        #expect(zip(p0, try positions(src)).contains { $0.done < $1.done }, "the source guest keeps running")
+        #expect(try keepsRunning(src, every: false), "the source guest keeps running")
         try src.resume()
         _ = try src.stop()
     }
@@ -306,8 +314,12 @@ func pacedGuestKeepsItsRateAfterMigration(_ backend: BackendKind) throws {
     try vm.start(WorkloadSpec(pattern: .uniform, base: vm.workloadBase, workingSet: 32 << 20, writeFraction: 0.5, rate: 25_600, stop: .duration(60)))
     Thread.sleep(forTimeInterval: 0.7)
     let (_, moved) = try migrateOverLoopback(vm, options: MigrationOptions(timeout: 10))
+    let arrived = Date()
     Thread.sleep(forTimeInterval: 0.5)
-    let accesses = try moved.stop().reduce(0) { $0 + $1.accesses }
-    print("paced guest (\(backend)): \(accesses) accesses in its first 0.5 s on the destination, 12,800 expected")
-    #expect(accesses > 12_800 * 7 / 10 && accesses < 12_800 * 13 / 10)
+    let accesses = Double(try moved.stop().reduce(0) { $0 + $1.accesses })
+    // The window as it was (a loaded host oversleeps); a host that took the core away for a while
+    // costs accesses the pacer does not catch up, so the lower bound is looser than the upper.
+    let expected = 25_600 * Date().timeIntervalSince(arrived)
+    print("paced guest (\(backend)): \(Int(accesses)) accesses in its first \(Int(expected / 25.6)) ms on the destination, \(Int(expected)) expected")
+    #expect(accesses > expected * 0.5 && accesses < expected * 1.3)
 }

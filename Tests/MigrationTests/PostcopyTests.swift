@@ -37,7 +37,7 @@ import KVMBackend
         var options = MigrationOptions(downtimeLimit: 0.000_1, convergence: .postcopy, key: .random(), maxBandwidth: Double(12 << 20))
         options.timeout = 10
         let (report, moved) = try migrateOverLoopback(vm, options: options)
-        Thread.sleep(forTimeInterval: 0.6)
+        Thread.sleep(forTimeInterval: 1.2)   // a full pass takes 0.2-0.4 s; the rest is for a loaded host
         let runs = try moved.stop()
         print("post-copy counter guest (\(backend), \(layout), \(backing)): \(report); on the destination \(runs.map(\.accesses)) accesses")
         let post = try #require(report.postcopy, "the migration switched to post-copy")

@@ -59,7 +59,7 @@ import KVMBackend
         #expect(restored.ram.slots[last].pointer.load(fromByteOffset: 0x10_0000, as: UInt64.self) == 0xC0FFEE, "the VMM's write is in the chain")
         try restored.start(from: state)
         #expect(restored.workload == spec, "the workload comes back with the vCPUs' state")
-        Thread.sleep(forTimeInterval: 0.05)
+        Thread.sleep(forTimeInterval: 0.3)   // long enough that a loaded host has run every vCPU
         let runs = try restored.stop()
         #expect(runs.allSatisfy { $0.accesses > 0 }, "the restored guest runs on")
         #expect(throws: MigrationError.self) { _ = try restoreSnapshots([dir + "/base", dir + "/d2"]) }

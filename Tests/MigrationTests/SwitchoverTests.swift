@@ -83,7 +83,7 @@ extension Result {
     }
 
     /// One migration through a proxy with `plan`; returns both results and the proxy.
-    static func run(_ config: Config, plan: FaultProxy.Plan?) throws -> (any VirtualMachine, Result<MigrationReport, Error>,
+    static func run(_ config: Config, plan: FaultProxy.Plan?, timeout: Double = timeout) throws -> (any VirtualMachine, Result<MigrationReport, Error>,
                                                                       Result<any VirtualMachine, Error>, FaultProxy) {
         let (src, _) = try guest(config)
         let key: MigrationKey? = config.keyed ? .random() : nil
@@ -100,7 +100,8 @@ extension Result {
 
     /// The bytes each direction of a clean run carries, and the sizes of the records at their ends.
     static func calibrate(_ config: Config) throws -> (toDestination: Int, toSource: Int) {
-        let (src, source, destination, proxy) = try run(config, plan: nil)
+        // A clean run: a long timeout, so a loaded host cannot fail it (the offsets do not depend on it).
+        let (src, source, destination, proxy) = try run(config, plan: nil, timeout: 10)
         _ = try source.get()
         cleanUp(src, destination)
         return (proxy.bytes(channel: 0, .toDestination), proxy.bytes(channel: 0, .toSource))

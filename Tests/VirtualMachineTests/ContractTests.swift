@@ -471,7 +471,7 @@ final class StopFlag: @unchecked Sendable {
         #expect(ws.allSatisfy { $0 == 0 }, "a paused guest wrote its memory")
         try vm.resume()
         #expect(vm.runState == .running)
-        Thread.sleep(forTimeInterval: 0.1)
+        Thread.sleep(forTimeInterval: 0.3)   // long enough that a loaded host has run every vCPU
         let runs = try vm.stop()
         #expect(vm.runState == .stopped)
         #expect(runs.allSatisfy { $0.accesses > 0 })
@@ -497,7 +497,7 @@ final class StopFlag: @unchecked Sendable {
             #expect(stopped.load(ordering: .relaxed) >= 1 && vm.runState == .stopped && vm.workload == nil, "round \(round)")
         }
         try vm.start(spec, paused: false)
-        Thread.sleep(forTimeInterval: 0.1)
+        Thread.sleep(forTimeInterval: 0.3)
         let last = try vm.stop()
         #expect(last.allSatisfy { $0.accesses > 0 }, "\(last)")
     }
@@ -528,12 +528,12 @@ final class StopFlag: @unchecked Sendable {
         let b = try copy()
         try b.start(from: state)
         #expect(b.workload == spec)
-        Thread.sleep(forTimeInterval: 0.1)
+        Thread.sleep(forTimeInterval: 0.3)
         let runs = try b.stop()
         #expect(runs.allSatisfy { $0.accesses > 0 } && runs.allSatisfy { $0.mismatches == 0 }, "\(runs)")
         let fresh = try copy()
         try fresh.start(spec)
-        Thread.sleep(forTimeInterval: 0.05)
+        Thread.sleep(forTimeInterval: 0.3)
         #expect(try fresh.stop().contains { $0.mismatches > 0 }, "without the state the guest starts over and its checks fail")
 
         #expect(throws: VMError.self, "a working set beyond RAM") { try a.start(WorkloadSpec(base: a.workloadBase, workingSet: 8 << 20)) }

@@ -23,8 +23,19 @@ import Testing
     }
 
     @Test func throttleSlowsAPacedVCPU() {
-        let free = run(rate: 20_000, seconds: 0.5, throttle: 0)
-        let half = run(rate: 20_000, seconds: 0.5, throttle: 50)
+        // The most of up to three runs: a loaded host can take the core for part of one, which
+        // only lowers a count (the upper bounds, which catch a burst, see every run).
+        func most(throttle: Int, atLeast: Double) -> UInt64 {
+            var best: UInt64 = 0
+            for _ in 0..<3 where Double(best) <= atLeast {
+                let n = run(rate: 20_000, seconds: 0.5, throttle: throttle)
+                #expect(Double(n) < (throttle == 0 ? 10_000 * 1.1 : 5000 * 1.3), "\(n) accesses at throttle \(throttle)%")
+                best = max(best, n)
+            }
+            return best
+        }
+        let free = most(throttle: 0, atLeast: 10_000 * 0.9)
+        let half = most(throttle: 50, atLeast: 5000 * 0.7)
         print("paced at 20,000/s for 0.5 s: \(free) accesses unthrottled, \(half) throttled by 50%")
         #expect(Double(free) > 10_000 * 0.9 && Double(free) < 10_000 * 1.1)
         #expect(Double(half) > 5000 * 0.7 && Double(half) < 5000 * 1.3, "a 50% throttle leaves about half the accesses")
