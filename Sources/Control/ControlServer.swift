@@ -161,10 +161,12 @@ public final class ControlServer: @unchecked Sendable {   // clients under its l
         acceptDone.signal()
     }
 
-    /// One client's session: greeting, then a request per line until it leaves.
+    /// One client's session: greeting, then a request per line until it leaves or `stop` shuts its
+    /// socket. Not before: a session that ended when it saw the server stopping would close its
+    /// client before `stop` sent the last events (SHUTDOWN, found by a test of quit's events).
     func serve(_ client: Client) {
         client.send(greeting)
-        while !isStopped, let line = client.readLine() {
+        while let line = client.readLine() {
             switch line {
             case .tooLong:
                 client.send(.object([("error", QMPError.generic("a line longer than \(Self.maxLine) bytes was discarded").json)]))

@@ -309,9 +309,13 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
         }
         let chosen = strategy
         let t = Thread { [self] in
-            job.finish(Result { try measureDirtyRate(vm, window: window, steps: steps, strategy: chosen, cancellation: job.cancellation) { job.add($0) } })
+            let result = Result { try measureDirtyRate(vm, window: window, steps: steps, strategy: chosen, cancellation: job.cancellation) { job.add($0) } }
             giveBackDirtyLog()
-            emit("DIRTY_RATE", .object([("status", .string(job.status.rawValue))] + (job.rate.map { [("dirty-rate", .double(($0 * 10).rounded() / 10))] } ?? [])))
+            // Under the lock, as the event goes out: a quit woken by the finish says SHUTDOWN after it.
+            lock.withLock {
+                job.finish(result)
+                emit("DIRTY_RATE", .object([("status", .string(job.status.rawValue))] + (job.rate.map { [("dirty-rate", .double(($0 * 10).rounded() / 10))] } ?? [])))
+            }
         }
         t.name = "dirty-rate"
         t.start()
@@ -579,9 +583,12 @@ public final class ManagedVM: CommandHandler, @unchecked Sendable {   // state u
                 // Nobody came: wait on. A source that failed, was refused or was dropped by
                 // migrate-cancel: report it and wait for the next (until the VM shuts down).
                 if e.code == .timeout && job.status == .setup { continue }
-                job.finish(job.cancellation.isCancelled ? .cancelled : .failed, error: job.cancellation.isCancelled ? nil : e.description)
-                show(job)
-                emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
+                // Under the lock, as the event goes out: a quit woken by the finish says SHUTDOWN after it.
+                lock.withLock {
+                    job.finish(job.cancellation.isCancelled ? .cancelled : .failed, error: job.cancellation.isCancelled ? nil : e.description)
+                    if incoming === job { migration = job }
+                    emit("MIGRATION", .object([("status", .string(job.status.rawValue))]))
+                }
                 // A failure that comes back at once (out of descriptors) must not spin the loop;
                 // a cancelled wait goes straight back (to end, if the VM shuts down).
                 if !job.cancellation.isCancelled { Thread.sleep(forTimeInterval: 0.1) }

@@ -176,18 +176,23 @@ func skipKVM(_ backend: BackendKind) -> Bool {
     /// `quit` on a VM waiting for a source, then the server's stop, end at once: the waits they end
     /// (for the source, the door's accept, the server's accept) are woken, not left to their timeouts
     /// (forever here, as `--wait inf` asks). Without a wake, shutdown gives up on the receive after
-    /// 35 s, or stop hangs.
+    /// 35 s, or stop hangs. The cancelled wait says MIGRATION before SHUTDOWN (found in review: the
+    /// wait's end woke the quit before its event went out, which the server's stop then dropped).
     @Test(.timeLimit(.minutes(1))) func quitWhileWaitingForASourceEndsAtOnce() throws {
-        let listener = try Listener(.unix(path: NSTemporaryDirectory() + "vmm-ctl-wake-\(getpid())"))
-        let vm = ManagedVM(incoming: listener, options: ReceiveOptions(timeout: 3600, acceptTimeout: .infinity))
-        let server = try ControlServer(path: NSTemporaryDirectory() + "vmm-ctl-wake-api-\(getpid())", handler: vm, version: "test")
-        try waitUntil(10) { (try? ControlClient(path: server.path).execute("query-migrate").get()["status"]) == .string("setup") }
-        let start = Date()
-        vm.shutdown()
-        server.stop()
-        let took = Date().timeIntervalSince(start)
-        #expect(took < 5, "quit and stop took \(took) s")
-        #expect(vm.status == .shutdown)
+        for round in 0..<10 {
+            let listener = try Listener(.unix(path: NSTemporaryDirectory() + "vmm-ctl-wake-\(getpid())-\(round)"))
+            let served = try Served(ManagedVM(incoming: listener, options: ReceiveOptions(timeout: 3600, acceptTimeout: .infinity)))
+            let watcher = try served.client()
+            try waitUntil(10) { (try? watcher.execute("query-migrate").get()["status"]) == .string("setup") }
+            let start = Date()
+            try served.quitAndWait()
+            let took = Date().timeIntervalSince(start)
+            #expect(took < 5, "quit and stop took \(took) s")
+            #expect(served.vm.status == .shutdown)
+            // Each wait keeps the events after the one it finds: a SHUTDOWN before the MIGRATION is gone.
+            #expect(try watcher.waitEvent("MIGRATION", timeout: 5)["data"]?["status"] == .string("cancelled"), "round \(round)")
+            #expect(throws: Never.self, "round \(round): SHUTDOWN came before MIGRATION") { _ = try watcher.waitEvent("SHUTDOWN", timeout: 5) }
+        }
     }
 
     /// A socket path that cannot be served is refused at once, saying why, and nothing is removed:

@@ -318,8 +318,8 @@ func pacedGuestKeepsItsRateAfterMigration(_ backend: BackendKind) throws {
     Thread.sleep(forTimeInterval: 0.5)
     let accesses = Double(try moved.stop().reduce(0) { $0 + $1.accesses })
     // The window as it was (a loaded host oversleeps); a host that took the core away for a while
-    // costs accesses the pacer does not catch up, so the lower bound is looser than the upper.
+    // costs accesses the pacer does not catch up, so the lower bound is a little looser than the upper.
     let expected = 25_600 * Date().timeIntervalSince(arrived)
     print("paced guest (\(backend)): \(Int(accesses)) accesses in its first \(Int(expected / 25.6)) ms on the destination, \(Int(expected)) expected")
-    #expect(accesses > expected * 0.5 && accesses < expected * 1.3)
+    #expect(accesses > expected * 0.65 && accesses < expected * 1.3)
 }
