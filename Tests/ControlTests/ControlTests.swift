@@ -5,6 +5,7 @@ import Testing
 import GuestMemory
 import KVMBackend
 @testable import Migration
+import Synchronization
 import VirtualMachine
 import Workload
 
@@ -16,8 +17,7 @@ final class Served {
     private let quit = DispatchSemaphore(value: 0)
 
     init(_ vm: ManagedVM) throws {
-        let n = Served.counter
-        Served.counter += 1
+        let n = Served.counter.add(1, ordering: .relaxed).oldValue
         path = NSTemporaryDirectory() + "vmm-ctl-\(getpid())-\(n).sock"
         self.vm = vm
         let server = try ControlServer(path: path, handler: vm, version: "test")
@@ -26,7 +26,8 @@ final class Served {
         let q = quit
         vm.onQuit = { q.signal() }
     }
-    nonisolated(unsafe) static var counter = 0
+    /// Tests run in parallel: each socket path must be one no other test takes.
+    static let counter = Atomic<Int>(0)
 
     static func started(_ backend: BackendKind = .soft, memory: UInt64 = 16 << 20, spec: ((any VirtualMachine) -> WorkloadSpec)? = nil) throws -> Served {
         let machine = try makeVirtualMachine(VMConfig(backend: backend, memory: memory, backing: .pages4K, vcpus: 2))
