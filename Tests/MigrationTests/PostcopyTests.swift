@@ -102,8 +102,9 @@ import KVMBackend
             .init(channel: 1, direction: .toDestination, offset: served / 3, fault: .cut),
             .init(channel: 1, direction: .toDestination, offset: served / 2, fault: .drop),
         ]
-        for plan in plans {
-            let (src, source, destination, proxy) = try Self.run(backend, plan: plan)
+        // Six at a time: the guests are paced, the push is held to 8 MiB/s, and the faults wait out timeouts.
+        for (plan, run) in zip(plans, concurrently(plans, width: 6, { try Self.run(backend, plan: $0) })) {
+            let (src, source, destination, proxy) = try run.get()
             let label = "\(backend): \(plan) (fired: \(proxy.faultFired))"
             print("\(label): source \(source.map { "\($0)" }), destination \(destination.map { "\($0.backend) guest" })")
             try expectOneOwner(source: source, destination: destination, src, label)

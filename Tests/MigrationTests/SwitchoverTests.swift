@@ -126,8 +126,10 @@ extension Result {
     @Test(arguments: configs)
     func neverTwoOwners(_ config: Config) throws {
         var outcomes: [String: Int] = [:]
-        for plan in try Self.plans(config) {
-            let (src, source, destination, proxy) = try Self.run(config, plan: plan)
+        let plans = try Self.plans(config)
+        // Eight at a time: the guests are paused, and most runs wait out a timeout.
+        for (plan, run) in zip(plans, concurrently(plans, width: 8, { try Self.run(config, plan: $0) })) {
+            let (src, source, destination, proxy) = try run.get()
             #expect(proxy.faultFired, "\(plan) never fired")
             try expectOneOwner(source: source, destination: destination, src, "\(config): \(plan)", sourceState: .paused)
             let owner = destination.failure == nil ? "destination" : source.failure is SwitchoverInDoubt ? "neither (both in doubt)" : "source"

@@ -25,7 +25,6 @@ import Testing
             Thread {
                 v.enterGuest()
                 var x = UInt64(v.index + 1) &* 0x9E37_79B9_7F4A_7C15
-                var n = 0
                 while !stop.load(ordering: .relaxed) {
                     for _ in 0..<256 {
                         x ^= x >> 12; x ^= x << 25; x ^= x >> 27
@@ -33,10 +32,10 @@ import Testing
                         v.store(gpa, gpa.raw | 1)
                         v.tlb.safePoint()
                     }
-                    n += 256
+                    // Counted as they go: the disturber runs on until enough stores were made.
+                    stores.add(256, ordering: .relaxed)
                 }
                 v.exitGuest()
-                stores.add(n, ordering: .relaxed)
                 group.leave()
             }.start()
         }
