@@ -10,7 +10,7 @@ import Synchronization
 /// other end half the round trip later, or dropped with the loss probability. TCP runs end to end
 /// over it (this is a router, not a relay), so both ends see the real round trip and retransmit
 /// what is lost.
-final class DelayLine: @unchecked Sendable {   // immutable; the threads share only `Wire`
+final class DelayLine: Sendable {
     private let a: FileDescriptor, b: FileDescriptor
     private let wire: Wire
     private let done = DispatchGroup()

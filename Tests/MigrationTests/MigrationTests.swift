@@ -54,16 +54,22 @@ func background<T>(_ body: @escaping @Sendable () throws -> T) -> () throws -> T
     }
 }
 
-/// `body` on each item, `width` items at a time on threads of their own; the results in the items'
-/// order. For fault-injection runs, which mostly wait out timeouts: one after another they took
-/// minutes of the suite.
-func concurrently<T: Sendable, R>(_ items: [T], width: Int, _ body: @escaping @Sendable (T) throws -> R) -> [Result<R, Error>] {
-    var out: [Result<R, Error>] = []
+/// `body` on each item, `width` items at a time on threads of their own, for fault-injection runs,
+/// which mostly wait out timeouts (one after another they took minutes of the suite). `check` gets
+/// each result in the items' order on the caller's thread, a batch's all before the next batch
+/// starts, so at most `width` runs are alive at once; the first error it throws comes out after the
+/// rest of its batch is checked (and cleaned up).
+func concurrently<T: Sendable, R>(_ items: [T], width: Int, _ body: @escaping @Sendable (T) throws -> R,
+                                  check: (T, Result<R, Error>) throws -> Void) throws {
     for start in stride(from: 0, to: items.count, by: width) {
-        let batch = items[start..<min(start + width, items.count)].map { item in background { try body(item) } }
-        out += batch.map { result in Result { try result() } }
+        let batch = items[start..<min(start + width, items.count)]
+        let results = batch.map { item in background { try body(item) } }
+        var first: Error?
+        for (item, result) in zip(batch, results) {
+            do { try check(item, Result { try result() }) } catch { first = first ?? error }
+        }
+        if let first { throw first }
     }
-    return out
 }
 
 @Suite(.serialized) struct MigrationTests {

@@ -103,8 +103,9 @@ import KVMBackend
             .init(channel: 1, direction: .toDestination, offset: served / 2, fault: .drop),
         ]
         // Six at a time: the guests are paced, the push is held to 8 MiB/s, and the faults wait out timeouts.
-        for (plan, run) in zip(plans, concurrently(plans, width: 6, { try Self.run(backend, plan: $0) })) {
+        try concurrently(plans, width: 6, { try Self.run(backend, plan: $0) }) { plan, run in
             let (src, source, destination, proxy) = try run.get()
+            defer { cleanUp(src, destination) }
             let label = "\(backend): \(plan) (fired: \(proxy.faultFired))"
             print("\(label): source \(source.map { "\($0)" }), destination \(destination.map { "\($0.backend) guest" })")
             try expectOneOwner(source: source, destination: destination, src, label)
@@ -115,7 +116,6 @@ import KVMBackend
                 let runs = try owner.stop()
                 #expect(runs.allSatisfy { $0.mismatches == 0 }, "\(label): the guest's checks failed: \(runs.map(\.mismatches))")
             }
-            cleanUp(src, destination)
         }
     }
 }

@@ -128,13 +128,13 @@ extension Result {
         var outcomes: [String: Int] = [:]
         let plans = try Self.plans(config)
         // Eight at a time: the guests are paused, and most runs wait out a timeout.
-        for (plan, run) in zip(plans, concurrently(plans, width: 8, { try Self.run(config, plan: $0) })) {
+        try concurrently(plans, width: 8, { try Self.run(config, plan: $0) }) { plan, run in
             let (src, source, destination, proxy) = try run.get()
+            defer { cleanUp(src, destination) }
             #expect(proxy.faultFired, "\(plan) never fired")
             try expectOneOwner(source: source, destination: destination, src, "\(config): \(plan)", sourceState: .paused)
             let owner = destination.failure == nil ? "destination" : source.failure is SwitchoverInDoubt ? "neither (both in doubt)" : "source"
             outcomes[owner, default: 0] += 1
-            cleanUp(src, destination)
         }
         print("switchover faults (\(config)): the guest ends on \(outcomes.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
     }
